@@ -1,0 +1,73 @@
+//! Protocol and product constants, in one place, with where they come from.
+
+use std::time::Duration;
+
+/// Default UDP port for WireGuard and join frames (the WireGuard convention).
+pub const DEFAULT_PORT: u16 = 51820;
+/// Default mesh range; one /24 per node, so it holds 256 nodes.
+pub const DEFAULT_CIDR: &str = "10.210.0.0/16";
+/// Default TUN interface name.
+pub const DEFAULT_TUN: &str = "mesh0";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+/// Default mesh DNS domain (never a whole TLD: `.internal` is shared with cloud providers).
+pub const DEFAULT_DOMAIN: &str = "mesh.internal";
+
+/// TUN MTU: 1500 minus the worst-case WireGuard overhead over IPv6
+/// (40 IPv6 + 8 UDP + 32 WireGuard data header/tag = 80), as wg-quick does.
+pub const TUN_MTU: u16 = 1420;
+
+/// Gossip (chitchat) UDP port, bound on the node's mesh address only.
+pub const GOSSIP_PORT: u16 = 7946;
+/// How often chitchat gossips. With the phi threshold below, a silent node is declared dead
+/// after about `PHI_THRESHOLD * mean heartbeat interval` (~4-8 s), inside the 15 s budget.
+pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
+/// chitchat's phi-accrual threshold (its default; Cassandra uses the same).
+pub const PHI_THRESHOLD: f64 = 8.0;
+/// Prior mean heartbeat interval for the failure detector before samples exist.
+pub const FD_INITIAL_INTERVAL: Duration = Duration::from_secs(1);
+/// After this long dead, chitchat forgets a node's gossip state. The member cache keeps the
+/// node (offline, holding its subnet) independently of this.
+pub const DEAD_NODE_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// WireGuard persistent keepalive, seconds (the usual NAT-friendly value).
+pub const PERSISTENT_KEEPALIVE: u16 = 25;
+/// How often `update_timers` runs for every peer (boringtun's device uses 250 ms).
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// WireGuard REKEY_TIMEOUT (whitepaper 6.1): an unanswered initiation is retried after this.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session older than REJECT_AFTER_TIME (whitepaper 6.1) is unusable.
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// How often a peer whose handshakes gave up (REKEY_ATTEMPT_TIME) is tried again.
+pub const RETRY_EXPIRED_PEER: Duration = Duration::from_secs(15);
+/// Handshake messages per second across all peers before cookies are demanded. boringtun's
+/// device uses 100; `decapsulate` counts each handshake once more, hence twice that.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 200;
+
+/// UDP socket buffers. The kernel default (208 KiB) drops tens of thousands of packets per
+/// 10 s of iperf3 at the receiver; 8 MiB absorbs bursts at multi-gigabit rates.
+pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
+
+/// Default join token lifetime.
+pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How many live members a token lists as bootstrap endpoints.
+pub const TOKEN_BOOTSTRAP_MEMBERS: usize = 3;
+/// Join requests older than this (by the joiner's clock) are refused as replays.
+pub const JOIN_REQUEST_MAX_AGE: Duration = Duration::from_secs(300);
+/// How long a joiner waits for an answer from one bootstrap endpoint before trying the next.
+pub const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How many passes a joiner makes over the bootstrap endpoints.
+pub const JOIN_ROUNDS: usize = 3;
+
+/// How often the membership view is reconciled with gossip and pushed to the data plane.
+pub const RECONCILE_TICK: Duration = Duration::from_millis(200);
+/// How often the machine's own addresses are re-read for the endpoint list.
+pub const ENDPOINT_RESCAN: Duration = Duration::from_secs(30);
+/// A member admitted by a seed that never shows up in gossip is forgotten after this.
+pub const PENDING_MEMBER_TTL: Duration = Duration::from_secs(600);
+/// A member not seen alive for this long is dropped from the member cache (and its slot freed).
+pub const MEMBER_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Maximum length of a datagram the join protocol will accept.
+pub const MAX_JOIN_FRAME: usize = 16 * 1024;

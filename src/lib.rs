@@ -1,0 +1,22 @@
+//! meshd: a self-hosted mesh VPN with no central server.
+//!
+//! Every machine runs the same binary. Nodes authenticate each other through a chain of
+//! signatures rooted in the mesh root key ([`trust`]), derive their /24 deterministically
+//! ([`mesh::addressing`]), carry traffic over userspace WireGuard ([`mesh`]) and learn about each
+//! other by gossip inside the tunnels ([`gossip`]). [`node`] wires the pieces together; the
+//! binaries in `src/bin/` are thin shells over [`cli`].
+
+pub mod cli;
+pub mod constants;
+pub mod control;
+pub mod demo;
+pub mod dns;
+pub mod gossip;
+pub mod join;
+pub mod mesh;
+pub mod netns;
+pub mod node;
+pub mod proxy;
+pub mod state;
+pub mod trust;
+pub mod util;

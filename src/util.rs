@@ -1,0 +1,128 @@
+//! Small formatting helpers shared by logs, status output and errors.
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock now as unix seconds. Only the edges call this; logic takes `now` as a parameter.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Wall-clock now as unix milliseconds (record sequence numbers).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Standard base64 of a key, as WireGuard tools print it.
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// URL-safe base64 without padding (tokens, gossip values).
+pub fn b64url(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn from_b64url(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    URL_SAFE_NO_PAD.decode(s.trim())
+}
+
+/// A key abbreviated for humans and logs: `AbCd…WxYz`.
+pub fn short_key(bytes: &[u8]) -> String {
+    let s = b64(bytes);
+    if s.len() <= 10 {
+        return s;
+    }
+    format!("{}…{}", &s[..4], &s[s.len() - 5..s.len() - 1])
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// "12s ago", "4m ago", "3h ago", "2d ago".
+pub fn ago(d: Duration) -> String {
+    format!("{} ago", human_duration(d))
+}
+
+/// "12s", "4m", "3h", "2d".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else if s < 86400 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{}d", s / 86400)
+    }
+}
+
+/// "0 B", "512 B", "1.2 KiB", "3.4 MiB", "1.0 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Whether `name` is a valid DNS label as meshd uses node names: 1-63 characters of
+/// `a-z`, `0-9` and `-`, not starting or ending with `-`.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_durations_and_sizes() {
+        assert_eq!(ago(Duration::from_secs(12)), "12s ago");
+        assert_eq!(human_duration(Duration::from_secs(240)), "4m");
+        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 5)), "3h");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1229), "1.2 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 + 400 * 1024), "3.4 MiB");
+    }
+
+    #[test]
+    fn short_keys_keep_both_ends() {
+        let k = [7u8; 32];
+        let s = short_key(&k);
+        assert!(s.contains('…'));
+        assert!(b64(&k).starts_with(&s[..4]));
+    }
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "db1", "node-7", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64), "é"] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+}
