@@ -1,0 +1,649 @@
+//! The data plane loops (DESIGN "Data plane"): TUN -> encapsulate -> UDP, UDP -> demultiplex ->
+//! decapsulate -> allowed-IP check -> TUN, and the WireGuard timers. The device owns no policy:
+//! the control plane tells it which peers exist ([`Device::set_peers`]) and receives the
+//! control frames (join) that arrive on the shared UDP port.
+
+use super::addressing::MeshRange;
+use super::io::{TunIo, UdpIo};
+use super::packet::{classify, ipv4_dst, FrameKind};
+use super::peer::{Peer, PeerSpec, PeerStats};
+use crate::constants::{
+    HANDSHAKE_RATE_LIMIT, PERSISTENT_KEEPALIVE, RETRY_EXPIRED_PEER, TIMER_TICK,
+};
+use crate::trust::{Key32, NodeId};
+use crate::util::short_key;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Largest IP packet handled (TUN MTU is 1420; leave room for larger local MTUs).
+const MAX_PACKET: usize = 65535;
+/// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
+const OUT_BUF: usize = MAX_PACKET + 64;
+
+/// A control frame (join request/answer) received on the mesh port.
+pub type ControlFrame = (Vec<u8>, SocketAddr);
+
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    pub dropped_no_peer: AtomicU64,
+    pub dropped_bad_source: AtomicU64,
+    pub dropped_unknown_frame: AtomicU64,
+    pub dropped_unknown_peer: AtomicU64,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_slot: HashMap<u32, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    by_key: HashMap<Key32, Arc<Peer>>,
+}
+
+pub struct Device<T, U> {
+    tun: T,
+    udp: U,
+    secret: StaticSecret,
+    public: PublicKey,
+    range: MeshRange,
+    own_slot: AtomicU32,
+    table: RwLock<PeerTable>,
+    limiter: Arc<RateLimiter>,
+    next_index: AtomicU32,
+    control_tx: mpsc::Sender<ControlFrame>,
+    pub counters: DeviceCounters,
+}
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    pub fn new(
+        tun: T,
+        udp: U,
+        secret: StaticSecret,
+        range: MeshRange,
+        own_slot: u32,
+    ) -> (Arc<Self>, mpsc::Receiver<ControlFrame>) {
+        let public = PublicKey::from(&secret);
+        let (control_tx, control_rx) = mpsc::channel(256);
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let dev = Device {
+            tun,
+            udp,
+            secret,
+            public,
+            range,
+            own_slot: AtomicU32::new(own_slot),
+            table: RwLock::new(PeerTable::default()),
+            limiter,
+            next_index: AtomicU32::new(rand_index()),
+            control_tx,
+            counters: DeviceCounters::default(),
+        };
+        (Arc::new(dev), control_rx)
+    }
+
+    pub fn udp(&self) -> &U {
+        &self.udp
+    }
+
+    pub fn set_own_slot(&self, slot: u32) {
+        self.own_slot.store(slot, Ordering::Relaxed);
+    }
+
+    /// Run the data plane until `shutdown` fires or an edge breaks for good.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let a = tokio::spawn(self.clone().tun_loop());
+        let b = tokio::spawn(self.clone().udp_loop());
+        let c = tokio::spawn(self.clone().timer_loop());
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            r = a => warn!(result = ?r, "tun loop ended"),
+            r = b => warn!(result = ?r, "udp loop ended"),
+            r = c => warn!(result = ?r, "timer loop ended"),
+        }
+    }
+
+    /// Reconcile the peer set with what the control plane wants. New peers get a handshake
+    /// initiation right away, so tunnels are up before the first packet needs them.
+    pub async fn set_peers(&self, specs: &[PeerSpec]) {
+        let mut fresh = Vec::new();
+        {
+            let mut t = self.table.write().unwrap();
+            let wanted: HashMap<Key32, &PeerSpec> = specs.iter().map(|s| (s.wg, s)).collect();
+            let gone: Vec<Arc<Peer>> = t
+                .by_key
+                .values()
+                .filter(|p| !wanted.contains_key(&p.wg))
+                .cloned()
+                .collect();
+            for p in gone {
+                info!(peer = %p.name(), key = %short_key(&p.wg), "peer removed");
+                t.by_key.remove(&p.wg);
+                t.by_index.remove(&p.index);
+                if t.by_slot.get(&p.slot()).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    t.by_slot.remove(&p.slot());
+                }
+            }
+            let now = Instant::now();
+            for s in specs {
+                if s.wg == self.public.to_bytes() {
+                    continue;
+                }
+                if let Some(p) = t.by_key.get(&s.wg).cloned() {
+                    if p.slot() != s.slot {
+                        if t.by_slot.get(&p.slot()).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                            t.by_slot.remove(&p.slot());
+                        }
+                        p.set_slot(s.slot);
+                    }
+                    t.by_slot.insert(s.slot, p.clone());
+                    *p.name.lock().unwrap() = s.name.clone();
+                    p.endpoints
+                        .lock()
+                        .unwrap()
+                        .set_candidates(s.endpoints.clone(), now);
+                    continue;
+                }
+                let index = self.alloc_index(&t);
+                let tunn = Tunn::new(
+                    self.secret.clone(),
+                    PublicKey::from(s.wg),
+                    None,
+                    Some(PERSISTENT_KEEPALIVE),
+                    index,
+                    Some(self.limiter.clone()),
+                );
+                let p = Arc::new(Peer::new(s, index, tunn));
+                info!(peer = %s.name, key = %short_key(&s.wg), slot = s.slot, endpoints = ?s.endpoints, "peer added");
+                t.by_key.insert(s.wg, p.clone());
+                t.by_index.insert(index, p.clone());
+                t.by_slot.insert(s.slot, p.clone());
+                fresh.push(p);
+            }
+        }
+        let mut out = vec![0u8; 256];
+        for p in fresh {
+            let len = match p
+                .tunn
+                .lock()
+                .unwrap()
+                .format_handshake_initiation(&mut out, false)
+            {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => continue,
+            };
+            self.send_to_peer(&p, &out[..len]).await;
+        }
+    }
+
+    /// Send a control frame (join answer) from the mesh port.
+    pub async fn send_control(&self, frame: &[u8], to: SocketAddr) {
+        if let Err(e) = self.udp.send_to(frame, to).await {
+            debug!(%to, error = %e, "control frame send failed");
+        }
+    }
+
+    /// Per-peer statistics.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        let peers: Vec<Arc<Peer>> = self
+            .table
+            .read()
+            .unwrap()
+            .by_key
+            .values()
+            .cloned()
+            .collect();
+        peers
+            .iter()
+            .map(|p| {
+                let (hs, tx, rx, _, _) = p.tunn.lock().unwrap().stats();
+                PeerStats {
+                    node_id: p.node_id,
+                    name: p.name(),
+                    wg: p.wg,
+                    slot: p.slot(),
+                    endpoint: p.endpoint(),
+                    last_handshake: hs,
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                    dropped_bad_source: p.counters.dropped_bad_source.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    pub fn peer_by_node(&self, node: &NodeId) -> Option<Arc<Peer>> {
+        self.table
+            .read()
+            .unwrap()
+            .by_key
+            .values()
+            .find(|p| p.node_id == *node)
+            .cloned()
+    }
+
+    fn alloc_index(&self, t: &PeerTable) -> u32 {
+        loop {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            if !t.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    async fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+        let is_initiation = datagram.first() == Some(&1);
+        let to = {
+            let mut ep = peer.endpoints.lock().unwrap();
+            if is_initiation {
+                ep.for_initiation(Instant::now())
+            } else {
+                ep.current()
+            }
+        };
+        match to {
+            Some(to) => {
+                if let Err(e) = self.udp.send_to(datagram, to).await {
+                    debug!(peer = %peer.name(), %to, error = %e, "send failed");
+                } else {
+                    peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
+        }
+    }
+
+    async fn tun_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; OUT_BUF];
+        loop {
+            let n = match self.tun.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    warn!(error = %e, "reading the TUN device failed");
+                    return;
+                }
+            };
+            self.outbound(&buf[..n], &mut out).await;
+        }
+    }
+
+    async fn outbound(&self, packet: &[u8], out: &mut [u8]) {
+        let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
+            return;
+        };
+        if slot == self.own_slot.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(peer) = self.table.read().unwrap().by_slot.get(&slot).cloned() else {
+            self.counters
+                .dropped_no_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let len = match peer.tunn.lock().unwrap().encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            TunnResult::Err(e) => {
+                debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
+                return;
+            }
+            _ => return,
+        };
+        self.send_to_peer(&peer, &out[..len]).await;
+    }
+
+    async fn udp_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; OUT_BUF];
+        loop {
+            let (n, from) = match self.udp.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    warn!(error = %e, "reading the UDP socket failed");
+                    return;
+                }
+            };
+            let d = &buf[..n];
+            match classify(d) {
+                FrameKind::WireGuard => self.inbound(d, from, &mut out).await,
+                FrameKind::Control => {
+                    if self.control_tx.try_send((d.to_vec(), from)).is_err() {
+                        debug!(%from, "control queue full; frame dropped");
+                    }
+                }
+                FrameKind::Unknown => {
+                    self.counters
+                        .dropped_unknown_frame
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn find_peer(&self, packet: &Packet) -> Option<Arc<Peer>> {
+        let t = self.table.read().unwrap();
+        match packet {
+            Packet::HandshakeInit(p) => {
+                let half = parse_handshake_anon(&self.secret, &self.public, p).ok()?;
+                t.by_key.get(&half.peer_static_public).cloned()
+            }
+            Packet::HandshakeResponse(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Packet::PacketCookieReply(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Packet::PacketData(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        }
+    }
+
+    async fn inbound(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            self.counters
+                .dropped_unknown_frame
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let roams = !matches!(packet, Packet::PacketCookieReply(_));
+        let Some(peer) = self.find_peer(&packet) else {
+            self.counters
+                .dropped_unknown_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+
+        enum Action {
+            Nothing,
+            Tun(usize, IpAddr),
+            Net(Vec<Vec<u8>>),
+        }
+        let action = {
+            let mut t = peer.tunn.lock().unwrap();
+            match t.decapsulate(Some(from.ip()), datagram, out) {
+                TunnResult::WriteToNetwork(d) => {
+                    let mut replies = vec![d.to_vec()];
+                    // Flush packets queued while the handshake was in flight.
+                    let mut guard = 0;
+                    while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], out) {
+                        replies.push(d.to_vec());
+                        guard += 1;
+                        if guard > 1024 {
+                            break;
+                        }
+                    }
+                    Action::Net(replies)
+                }
+                TunnResult::WriteToTunnelV4(d, src) => Action::Tun(d.len(), IpAddr::V4(src)),
+                TunnResult::WriteToTunnelV6(d, src) => Action::Tun(d.len(), IpAddr::V6(src)),
+                TunnResult::Done => Action::Nothing,
+                TunnResult::Err(WireGuardError::DuplicateCounter) => return,
+                TunnResult::Err(e) => {
+                    debug!(peer = %peer.name(), %from, error = ?e, "decapsulate failed");
+                    return;
+                }
+            }
+        };
+        // Authenticated: follow the peer to wherever it now sends from.
+        if roams
+            && peer
+                .endpoints
+                .lock()
+                .unwrap()
+                .authenticated(from, Instant::now())
+        {
+            info!(peer = %peer.name(), endpoint = %from, "peer endpoint changed");
+        }
+        match action {
+            Action::Nothing => {}
+            Action::Net(replies) => {
+                for r in replies {
+                    self.send_to_peer(&peer, &r).await;
+                }
+            }
+            Action::Tun(len, src) => {
+                let allowed = match src {
+                    IpAddr::V4(s) => self.range.slot_of(s) == Some(peer.slot()),
+                    IpAddr::V6(_) => false,
+                };
+                if !allowed {
+                    peer.counters
+                        .dropped_bad_source
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .dropped_bad_source
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
+                    return;
+                }
+                peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.tun.send(&out[..len]).await {
+                    debug!(error = %e, "writing to the TUN device failed");
+                }
+            }
+        }
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = vec![0u8; OUT_BUF];
+        let mut last_reset = Instant::now();
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            if now.duration_since(last_reset) >= Duration::from_secs(1) {
+                self.limiter.reset_count();
+                last_reset = now;
+            }
+            let peers: Vec<Arc<Peer>> = self
+                .table
+                .read()
+                .unwrap()
+                .by_key
+                .values()
+                .cloned()
+                .collect();
+            for p in peers {
+                let len = {
+                    let mut t = p.tunn.lock().unwrap();
+                    match t.update_timers(&mut out) {
+                        TunnResult::WriteToNetwork(d) => Some(d.len()),
+                        TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                            // boringtun gave up (REKEY_ATTEMPT_TIME). This peer is still a
+                            // member, so keep knocking at a slower pace.
+                            let mut last = p.last_retry.lock().unwrap();
+                            if last.is_none_or(|l| now.duration_since(l) >= RETRY_EXPIRED_PEER) {
+                                *last = Some(now);
+                                match t.format_handshake_initiation(&mut out, false) {
+                                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                                    _ => None,
+                                }
+                            } else {
+                                None
+                            }
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(len) = len {
+                    self.send_to_peer(&p, &out[..len]).await;
+                }
+            }
+        }
+    }
+}
+
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        Interrupted | WouldBlock | ConnectionRefused | ConnectionReset | OutOfMemory
+    ) || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+fn rand_index() -> u32 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32() & 0x00ff_ffff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::io::{MemNet, MemTun, MemTunHandle, MemUdp};
+    use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
+    use std::net::Ipv4Addr;
+    use tokio::time::timeout;
+
+    struct TestNode {
+        dev: Arc<Device<MemTun, MemUdp>>,
+        tun: MemTunHandle,
+        wg: Key32,
+        slot: u32,
+        addr: SocketAddr,
+        _ctl: mpsc::Receiver<ControlFrame>,
+    }
+
+    fn range() -> MeshRange {
+        "10.210.0.0/16".parse().unwrap()
+    }
+
+    fn node(net: &MemNet, host: u8, slot: u32, stop: &CancellationToken) -> TestNode {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let wg = PublicKey::from(&secret).to_bytes();
+        let addr = SocketAddr::from(([192, 0, 2, host], 51820));
+        let (tun, handle) = MemTun::new();
+        let (dev, ctl) = Device::new(tun, net.bind(addr).unwrap(), secret, range(), slot);
+        tokio::spawn(dev.clone().run(stop.clone()));
+        TestNode {
+            dev,
+            tun: handle,
+            wg,
+            slot,
+            addr,
+            _ctl: ctl,
+        }
+    }
+
+    fn spec(n: &TestNode, endpoints: Vec<SocketAddr>) -> PeerSpec {
+        let mut id = [0u8; 8];
+        id[..4].copy_from_slice(&n.slot.to_le_bytes());
+        PeerSpec {
+            node_id: NodeId(id),
+            name: format!("n{}", n.slot),
+            wg: n.wg,
+            slot: n.slot,
+            endpoints,
+        }
+    }
+
+    fn ip(slot: u32, host: u8) -> Ipv4Addr {
+        let r = range();
+        Ipv4Addr::from(u32::from(r.subnet(slot)) + host as u32)
+    }
+
+    async fn expect_delivery(n: &mut TestNode, payload: &[u8]) -> Vec<u8> {
+        loop {
+            let p = timeout(Duration::from_secs(10), n.tun.delivered.recv())
+                .await
+                .expect("packet delivered within 10 s")
+                .expect("tun open");
+            if p.ends_with(payload) {
+                return p;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
+        let net = MemNet::new();
+        let stop = CancellationToken::new();
+        let mut a = node(&net, 1, 3, &stop);
+        let mut b = node(&net, 2, 7, &stop);
+        a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+        b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+        net.start_capture();
+
+        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1000, 2000, b"hello-b");
+        a.tun.inject.send(p.clone()).await.unwrap();
+        assert_eq!(expect_delivery(&mut b, b"hello-b").await, p);
+        let q = build_ipv4_udp(ip(7, 5), ip(3, 9), 2000, 1000, b"hello-a");
+        b.tun.inject.send(q.clone()).await.unwrap();
+        assert_eq!(expect_delivery(&mut a, b"hello-a").await, q);
+
+        // Nothing crossed the underlay in clear.
+        for (_, _, d) in net.captured() {
+            assert_eq!(classify(&d), FrameKind::WireGuard);
+            assert!(!d.windows(7).any(|w| w == b"hello-b" || w == b"hello-a"));
+        }
+
+        // B sends with a source outside its /24: A drops and counts it.
+        let spoofed = build_ipv4_udp(ip(9, 1), ip(3, 1), 1, 1, b"spoof");
+        b.tun.inject.send(spoofed).await.unwrap();
+        let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after");
+        b.tun.inject.send(marker).await.unwrap();
+        let got = expect_delivery(&mut a, b"after").await;
+        assert_eq!(ipv4_src(&got), Some(ip(7, 1)));
+        let st = a.dev.stats();
+        assert_eq!(st[0].dropped_bad_source, 1);
+        assert_eq!(a.dev.counters.dropped_bad_source.load(Ordering::Relaxed), 1);
+        assert!(st[0].last_handshake.is_some());
+        assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_dead_first_candidate_is_skipped() {
+        let net = MemNet::new();
+        let stop = CancellationToken::new();
+        let a = node(&net, 1, 3, &stop);
+        let mut b = node(&net, 2, 7, &stop);
+        // A only knows a stale address of B first, then the right one.
+        let stale = SocketAddr::from(([192, 0, 2, 99], 51820));
+        a.dev.set_peers(&[spec(&b, vec![stale, b.addr])]).await;
+        b.dev.set_peers(&[spec(&a, vec![])]).await;
+        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"rotated");
+        a.tun.inject.send(p).await.unwrap();
+        // boringtun retries after 5 s, to the next candidate.
+        expect_delivery(&mut b, b"rotated").await;
+        assert_eq!(a.dev.stats()[0].endpoint, Some(b.addr));
+        // B learnt A's address from the authenticated handshake (roaming).
+        assert_eq!(b.dev.stats()[0].endpoint, Some(a.addr));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn removed_peers_are_unreachable_and_unknown_keys_are_ignored() {
+        let net = MemNet::new();
+        let stop = CancellationToken::new();
+        let a = node(&net, 1, 3, &stop);
+        let mut b = node(&net, 2, 7, &stop);
+        // B knows A, A does not know B: B's handshakes go nowhere.
+        b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+        let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"x");
+        b.tun.inject.send(p).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.dev.counters.dropped_unknown_peer.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "A never saw B's initiation");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(a.dev.stats().is_empty());
+        // Once removed, nothing is routed to the peer any more.
+        b.dev.set_peers(&[]).await;
+        let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"y");
+        let before = b.dev.counters.dropped_no_peer.load(Ordering::Relaxed);
+        b.tun.inject.send(p).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.dev.counters.dropped_no_peer.load(Ordering::Relaxed) == before {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = b.tun.delivered.try_recv();
+        stop.cancel();
+    }
+}
