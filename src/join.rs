@@ -1,1 +1,554 @@
-//! TODO
+//! The join exchange: the only conversation outside the tunnels (DESIGN "Gossip rides inside the
+//! tunnels"). The joiner sends its certificate chain, signed with its identity key, to a
+//! bootstrap endpoint; the seed verifies it against the mesh root and the mesh's state, assigns
+//! the joiner's slot with the deterministic rule and answers with a signed acceptance, or with a
+//! refusal that says why. No secret crosses the wire.
+//!
+//! Frames are `MSHD` + kind byte + bincode body, on the mesh UDP port.
+
+use crate::constants::{JOIN_ATTEMPT_TIMEOUT, JOIN_REQUEST_MAX_AGE, JOIN_ROUNDS, MAX_JOIN_FRAME};
+use crate::gossip::Membership;
+use crate::mesh::io::UdpIo;
+use crate::mesh::packet::CONTROL_MAGIC;
+use crate::trust::{
+    decode, encode, Cert, Context, Key32, MeshId, NodeId, NodeKeys, NodeRecord, Signed, Token,
+    TrustError,
+};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+const KIND_REQUEST: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
+const KIND_REFUSE: u8 = 3;
+
+/// What a joiner asks, signed with its identity key (proof it holds the key its certificate
+/// names).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub cert: Signed,
+    pub endpoints: Vec<SocketAddr>,
+    pub sent_at: u64,
+    pub nonce: [u8; 16],
+}
+
+/// The seed's answer, signed with the seed's identity key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAccept {
+    pub nonce: [u8; 16],
+    /// The joiner this answers (its identity key).
+    pub joiner: Key32,
+    /// The slot candidate index assigned to the joiner.
+    pub slot_k: u32,
+    /// The joiner's address as the seed saw it.
+    pub observed: SocketAddr,
+    pub seed_cert: Signed,
+    pub seed_record: Signed,
+    /// A few other members (certificate, record) so the joiner's tunnels come up without waiting
+    /// for gossip; gossip delivers the rest.
+    pub members: Vec<(Signed, Option<Signed>)>,
+    pub revocations: Vec<Signed>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    Malformed,
+    WrongMesh,
+    BadSignature,
+    Expired,
+    UsedUp,
+    Revoked,
+    NameTaken,
+    MeshFull,
+    Stale,
+}
+
+/// A refusal. Unsigned: it changes nothing, and the joiner reports it as what that endpoint said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRefuse {
+    pub nonce: [u8; 16],
+    pub reason: RefuseReason,
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub enum Frame {
+    Request(Signed),
+    Accept(Signed),
+    Refuse(JoinRefuse),
+}
+
+pub fn encode_frame(f: &Frame) -> Vec<u8> {
+    let (kind, body) = match f {
+        Frame::Request(s) => (KIND_REQUEST, encode(s)),
+        Frame::Accept(s) => (KIND_ACCEPT, encode(s)),
+        Frame::Refuse(r) => (KIND_REFUSE, encode(r)),
+    };
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.extend_from_slice(CONTROL_MAGIC);
+    out.push(kind);
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn decode_frame(d: &[u8]) -> Result<Frame, TrustError> {
+    let malformed = |detail: &str| TrustError::Malformed {
+        what: "join frame",
+        detail: detail.into(),
+    };
+    if d.len() > MAX_JOIN_FRAME {
+        return Err(malformed("too large"));
+    }
+    let rest = d
+        .strip_prefix(CONTROL_MAGIC.as_slice())
+        .ok_or_else(|| malformed("bad magic"))?;
+    let (&kind, body) = rest.split_first().ok_or_else(|| malformed("empty"))?;
+    match kind {
+        KIND_REQUEST => Ok(Frame::Request(decode(body, "join request")?)),
+        KIND_ACCEPT => Ok(Frame::Accept(decode(body, "join answer")?)),
+        KIND_REFUSE => Ok(Frame::Refuse(decode(body, "join refusal")?)),
+        _ => Err(malformed("unknown kind")),
+    }
+}
+
+/// A verified request the seed has decided to admit.
+#[derive(Debug)]
+pub struct Admission {
+    pub cert: Cert,
+    pub request: JoinRequest,
+    pub slot_k: u32,
+}
+
+fn refuse(nonce: [u8; 16], reason: RefuseReason, message: impl Into<String>) -> JoinRefuse {
+    JoinRefuse {
+        nonce,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The seed's decision on a join request: pure, over this node's membership view.
+pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinRefuse> {
+    let no_nonce = [0u8; 16];
+    let peek: JoinRequest = raw
+        .peek("join request")
+        .map_err(|e| refuse(no_nonce, RefuseReason::Malformed, e.to_string()))?;
+    let nonce = peek.nonce;
+    let ours = m.params.mesh;
+    if let Some(theirs) = Cert::peek_mesh(&peek.cert) {
+        if theirs != ours {
+            return Err(refuse(
+                nonce,
+                RefuseReason::WrongMesh,
+                format!(
+                    "this node belongs to mesh {ours}, but the token is for mesh {theirs}; \
+                     use a token of mesh {ours}, or a bootstrap endpoint of mesh {theirs}"
+                ),
+            ));
+        }
+    }
+    let cert = Cert::verify(&peek.cert, &ours).map_err(|e| match e {
+        TrustError::WrongMesh { .. } => refuse(nonce, RefuseReason::WrongMesh, e.to_string()),
+        TrustError::BadSignature { .. } => refuse(
+            nonce,
+            RefuseReason::BadSignature,
+            format!("{e}: the token was altered, or is not from this mesh's administrator"),
+        ),
+        _ => refuse(nonce, RefuseReason::Malformed, e.to_string()),
+    })?;
+    let req: JoinRequest = raw
+        .verify(Context::JoinRequest, &cert.identity, "join request")
+        .map_err(|e| refuse(nonce, RefuseReason::BadSignature, e.to_string()))?;
+    if now > cert.invite.expires_at {
+        return Err(refuse(
+            nonce,
+            RefuseReason::Expired,
+            TrustError::Expired {
+                expired_at: cert.invite.expires_at,
+                now,
+            }
+            .to_string()
+                + "; ask an administrator for a new one (meshctl invite)",
+        ));
+    }
+    if req.sent_at + JOIN_REQUEST_MAX_AGE.as_secs() < now
+        || req.sent_at > now + JOIN_REQUEST_MAX_AGE.as_secs()
+    {
+        return Err(refuse(
+            nonce,
+            RefuseReason::Stale,
+            "the join request's clock is more than 5 minutes off this node's; fix the clock (NTP) and retry",
+        ));
+    }
+    if m.is_revoked(&cert.node_id, &cert.wireguard) {
+        return Err(refuse(
+            nonce,
+            RefuseReason::Revoked,
+            format!("node {} was removed from this mesh", cert.name),
+        ));
+    }
+    if m.is_tombstoned(&cert.node_id) {
+        return Err(refuse(
+            nonce,
+            RefuseReason::Revoked,
+            format!(
+                "node {} left this mesh; join again with a fresh state directory",
+                cert.name
+            ),
+        ));
+    }
+    let existing = m.get(&cert.node_id).filter(|x| x.cert.raw == cert.raw);
+    if let Some(max) = cert.invite.max_uses {
+        if existing.is_none()
+            && m.invite_uses(&cert.invite.invite_key, &cert.node_id) >= max as usize
+        {
+            return Err(refuse(
+                nonce,
+                RefuseReason::UsedUp,
+                format!(
+                    "this token was made for {max} use{} and has been used; ask for a new one (meshctl invite)",
+                    if max == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+    }
+    if let Some(holder) = m.name_holder(&cert.name, &cert.node_id) {
+        return Err(refuse(
+            nonce,
+            RefuseReason::NameTaken,
+            format!(
+                "the name {:?} is already used by another member (node {}); pick another with --name",
+                cert.name, holder.cert.node_id
+            ),
+        ));
+    }
+    // A retried request gets the same answer.
+    let slot_k = match existing.and_then(|x| x.claim_k()) {
+        Some(k) => k,
+        None => m.claim_for_newcomer(&cert.wireguard).ok_or_else(|| {
+            refuse(
+                nonce,
+                RefuseReason::MeshFull,
+                format!("the mesh range {} has no free /24 left", m.params.range),
+            )
+        })?,
+    };
+    Ok(Admission {
+        cert,
+        request: req,
+        slot_k,
+    })
+}
+
+/// What a successful join yields.
+pub struct JoinOutcome {
+    pub seed: Cert,
+    pub seed_addr: SocketAddr,
+    pub accept: JoinAccept,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{addr} refused the join: {message}")]
+    Refused {
+        addr: SocketAddr,
+        reason: RefuseReason,
+        message: String,
+    },
+    #[error(
+        "no bootstrap endpoint answered ({tried}); check that one of them is running meshd and that \
+         UDP to its port is not blocked, or pass a live member with --bootstrap ADDR:PORT"
+    )]
+    NoAnswer { tried: String },
+    #[error("the token lists no bootstrap endpoint; pass one with --bootstrap ADDR:PORT")]
+    NoBootstrap,
+    #[error("sending the join request: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Build the signed request.
+pub fn make_request(
+    keys: &NodeKeys,
+    cert: &Signed,
+    endpoints: Vec<SocketAddr>,
+    now: u64,
+) -> (Signed, [u8; 16]) {
+    use rand_core::RngCore;
+    let mut nonce = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut nonce);
+    let req = JoinRequest {
+        cert: cert.clone(),
+        endpoints,
+        sent_at: now,
+        nonce,
+    };
+    (
+        Signed::sign(Context::JoinRequest, &req, &keys.identity),
+        nonce,
+    )
+}
+
+/// Verify an acceptance: signed by a member of the token's mesh (and, where the token named the
+/// endpoint's key, by that very node), answering our nonce and our identity.
+pub fn verify_accept(
+    raw: &Signed,
+    mesh: &MeshId,
+    nonce: &[u8; 16],
+    identity: &Key32,
+    expected_wg: Option<&Key32>,
+) -> Result<(Cert, JoinAccept), TrustError> {
+    let peek: JoinAccept = raw.peek("join answer")?;
+    let seed = Cert::verify(&peek.seed_cert, mesh)?;
+    let acc: JoinAccept = raw.verify(Context::JoinAccept, &seed.identity, "join answer")?;
+    if acc.nonce != *nonce || acc.joiner != *identity {
+        return Err(TrustError::Malformed {
+            what: "join answer",
+            detail: "it answers another request".into(),
+        });
+    }
+    if let Some(wg) = expected_wg {
+        if *wg != seed.wireguard {
+            return Err(TrustError::Malformed {
+                what: "join answer",
+                detail: "it comes from another node than the token names".into(),
+            });
+        }
+    }
+    Ok((seed, acc))
+}
+
+/// The joiner's side: try each bootstrap endpoint in turn, a few rounds, until one accepts or
+/// one refuses for a reason every member would agree on.
+pub async fn join<U: UdpIo>(
+    udp: &U,
+    token: &Token,
+    keys: &NodeKeys,
+    cert: &Signed,
+    endpoints: Vec<SocketAddr>,
+    extra_bootstrap: &[SocketAddr],
+    now: u64,
+) -> Result<JoinOutcome, JoinError> {
+    let mut targets: Vec<(SocketAddr, Option<Key32>)> =
+        extra_bootstrap.iter().map(|a| (*a, None)).collect();
+    targets.extend(token.bootstrap.iter().map(|b| (b.addr, Some(b.wireguard))));
+    if targets.is_empty() {
+        return Err(JoinError::NoBootstrap);
+    }
+    let (req, nonce) = make_request(keys, cert, endpoints, now);
+    let frame = encode_frame(&Frame::Request(req));
+    let identity = keys.identity_public();
+    let mut buf = vec![0u8; MAX_JOIN_FRAME + 1];
+    for _round in 0..JOIN_ROUNDS {
+        for (addr, wg) in &targets {
+            if let Err(e) = udp.send_to(&frame, *addr).await {
+                tracing::debug!(%addr, error = %e, "join request not sent");
+                continue;
+            }
+            let deadline = Instant::now() + JOIN_ATTEMPT_TIMEOUT;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let Ok(r) = tokio::time::timeout(left, udp.recv_from(&mut buf)).await else {
+                    break;
+                };
+                let (n, from) = r?;
+                if from != *addr {
+                    continue;
+                }
+                match decode_frame(&buf[..n]) {
+                    Ok(Frame::Accept(raw)) => {
+                        match verify_accept(&raw, &token.mesh(), &nonce, &identity, wg.as_ref()) {
+                            Ok((seed, accept)) => {
+                                return Ok(JoinOutcome {
+                                    seed,
+                                    seed_addr: *addr,
+                                    accept,
+                                })
+                            }
+                            Err(e) => {
+                                tracing::warn!(%addr, error = %e, "ignoring an answer that does not verify");
+                            }
+                        }
+                    }
+                    Ok(Frame::Refuse(r)) if r.nonce == nonce || r.nonce == [0; 16] => {
+                        return Err(JoinError::Refused {
+                            addr: *addr,
+                            reason: r.reason,
+                            message: r.message,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Err(JoinError::NoAnswer {
+        tried: targets
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// The identity a request claims, for logs (unverified).
+pub fn peek_request_node(raw: &Signed) -> Option<(NodeId, String)> {
+    let req: JoinRequest = raw.peek("join request").ok()?;
+    let body: crate::trust::NodeCertBody = req.cert.peek("node certificate").ok()?;
+    Some((NodeId::of_identity(&body.identity), body.name))
+}
+
+/// Sign a record for this node.
+pub fn sign_record(keys: &NodeKeys, rec: &NodeRecord) -> Signed {
+    Signed::sign(Context::Record, rec, &keys.identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gossip::MeshParams;
+    use crate::trust::cert::tests::{cert, invite};
+    use crate::trust::{Revocation, RevocationBody, RootKey};
+    use proptest::prelude::*;
+
+    fn setup(max_uses: Option<u32>) -> (RootKey, Membership, Signed, ed25519_dalek::SigningKey) {
+        let root = RootKey::generate();
+        let (_, inv, secret) = invite(&root, 10_000, max_uses);
+        let k = NodeKeys::generate();
+        let c = Cert::verify(
+            &cert(&inv, &secret, &k, "seed", 100),
+            &MeshId(root.public()),
+        )
+        .unwrap();
+        let mut m = Membership::new(
+            MeshParams {
+                mesh: MeshId(root.public()),
+                range: "10.210.0.0/16".parse().unwrap(),
+                domain: "mesh.internal".into(),
+            },
+            c.clone(),
+            0,
+        );
+        m.set_admitted_k(c.node_id, 0);
+        (root, m, inv, secret)
+    }
+
+    fn request(
+        inv: &Signed,
+        secret: &ed25519_dalek::SigningKey,
+        name: &str,
+        now: u64,
+    ) -> (NodeKeys, Signed) {
+        let k = NodeKeys::generate();
+        let c = cert(inv, secret, &k, name, now);
+        let (r, _) = make_request(&k, &c, vec![], now);
+        (k, r)
+    }
+
+    #[test]
+    fn admits_a_valid_joiner_and_answers_retries_identically() {
+        let (_, mut m, inv, secret) = setup(None);
+        let (_, r) = request(&inv, &secret, "db1", 1000);
+        let a = decide(&m, &r, 1000).unwrap();
+        assert_eq!(a.cert.name, "db1");
+        m.ingest_cert(&a.cert.raw, 1000).unwrap();
+        m.set_admitted_k(a.cert.node_id, a.slot_k);
+        let again = decide(&m, &r, 1001).unwrap();
+        assert_eq!(again.slot_k, a.slot_k);
+        // The slot does not collide with the seed's.
+        let asg = m.assignments();
+        assert_ne!(asg[&a.cert.node_id].slot, asg[&m.self_id].slot);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let (root, mut m, inv, secret) = setup(Some(1));
+        // Expired.
+        let (_, r) = request(&inv, &secret, "late", 9_000);
+        assert_eq!(
+            decide(&m, &r, 10_001).unwrap_err().reason,
+            RefuseReason::Expired
+        );
+        // Another mesh.
+        let other = RootKey::generate();
+        let (_, oinv, osecret) = invite(&other, 10_000, None);
+        let (_, r) = request(&oinv, &osecret, "x", 1000);
+        let e = decide(&m, &r, 1000).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::WrongMesh);
+        assert!(
+            e.message.contains("another") || e.message.contains("token is for mesh"),
+            "{}",
+            e.message
+        );
+        // Used up: the seed itself used this one-use invite in this test world.
+        let (_, r) = request(&inv, &secret, "second", 1000);
+        assert_eq!(
+            decide(&m, &r, 1000).unwrap_err().reason,
+            RefuseReason::UsedUp
+        );
+        // A request signed by a key other than the certificate's.
+        let (_, inv2, secret2) = invite(&root, 10_000, None);
+        let k = NodeKeys::generate();
+        let c = cert(&inv2, &secret2, &k, "imposter", 1000);
+        let (forged, _) = make_request(&NodeKeys::generate(), &c, vec![], 1000);
+        assert_eq!(
+            decide(&m, &forged, 1000).unwrap_err().reason,
+            RefuseReason::BadSignature
+        );
+        // Name taken by a live member.
+        let (_, r) = request(&inv2, &secret2, "seed", 1000);
+        assert_eq!(
+            decide(&m, &r, 1000).unwrap_err().reason,
+            RefuseReason::NameTaken
+        );
+        // Revoked.
+        let (kr, r) = request(&inv2, &secret2, "gone", 1000);
+        let rev = Revocation::issue(
+            &root.0,
+            RevocationBody {
+                mesh: MeshId(root.public()),
+                identity: kr.identity_public(),
+                wireguard: kr.wg_public(),
+                name: "gone".into(),
+                revoked_at: 1,
+            },
+        );
+        m.ingest_revocation(&rev.raw).unwrap();
+        assert_eq!(
+            decide(&m, &r, 1000).unwrap_err().reason,
+            RefuseReason::Revoked
+        );
+        // Replayed from long ago.
+        let (_, r) = request(&inv2, &secret2, "old", 1000);
+        assert_eq!(
+            decide(&m, &r, 5000).unwrap_err().reason,
+            RefuseReason::Stale
+        );
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let r = JoinRefuse {
+            nonce: [1; 16],
+            reason: RefuseReason::Expired,
+            message: "m".into(),
+        };
+        let d = encode_frame(&Frame::Refuse(r.clone()));
+        match decode_frame(&d).unwrap() {
+            Frame::Refuse(x) => assert_eq!(x, r),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_frame_never_panics(d in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&d);
+            let mut framed = CONTROL_MAGIC.to_vec();
+            framed.extend_from_slice(&d);
+            let _ = decode_frame(&framed);
+        }
+    }
+}

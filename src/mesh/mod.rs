@@ -5,6 +5,7 @@
 pub mod addressing;
 pub mod device;
 pub mod io;
+pub mod linux;
 pub mod packet;
 pub mod peer;
 

@@ -2,7 +2,7 @@
 //! node-signed records and root-signed revocations. Everything here is pure: bytes in,
 //! verified values or a [`TrustError`] out, with `now` passed in where time matters.
 
-mod cert;
+pub(crate) mod cert;
 mod keys;
 mod record;
 mod revocation;

@@ -1,0 +1,160 @@
+//! Wire types of the control API. Field names are part of the `meshctl status --json` contract.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    #[serde(rename = "self")]
+    pub me: SelfStatus,
+    pub mesh: MeshStatus,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelfStatus {
+    pub name: String,
+    pub node_id: String,
+    pub mesh_ip: String,
+    pub subnet: String,
+    /// WireGuard public key, base64.
+    pub wg_key: String,
+    pub port: u16,
+    pub endpoints: Vec<String>,
+    /// Whether this node holds the mesh root key (can invite and remove).
+    pub admin: bool,
+    pub tun: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub id: String,
+    pub range: String,
+    pub domain: String,
+    /// Active members, this node included.
+    pub members: usize,
+    pub revoked: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Gossip hears it and the tunnel has a live session.
+    Online,
+    /// Gossip hears it (directly or through others) but no tunnel session yet.
+    Connecting,
+    /// Silent: the failure detector declared it dead. It keeps its subnet.
+    Offline,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub name: String,
+    pub node_id: String,
+    pub mesh_ip: String,
+    pub subnet: String,
+    pub state: PeerState,
+    pub online: bool,
+    pub endpoint: Option<String>,
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub dropped_bad_source: u64,
+    pub wg_key: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InviteRequest {
+    pub expires_secs: Option<u64>,
+    pub uses: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteResponse {
+    pub token: String,
+    pub expires_at: u64,
+    pub uses: Option<u32>,
+    pub bootstrap: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// Node name or node id.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub name: String,
+    pub node_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaveResponse {
+    pub name: String,
+    pub subnet: String,
+}
+
+/// Error body of every failed call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: String,
+}
+
+/// A request as the node's main loop sees it.
+#[derive(Debug)]
+pub enum ApiRequest {
+    Status,
+    Invite(InviteRequest),
+    Remove(RemoveRequest),
+    Leave,
+}
+
+/// A failure with its HTTP status.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiFailure {
+    pub fn bad_request(m: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            status: 403,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            status: 404,
+            message: m.into(),
+        }
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            status: 409,
+            message: m.into(),
+        }
+    }
+    pub fn internal(m: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            status: 500,
+            message: m.into(),
+        }
+    }
+}
+
+pub type ApiResult = Result<serde_json::Value, ApiFailure>;
+
+/// One call, with the channel its answer goes back on.
+#[derive(Debug)]
+pub struct ApiCall {
+    pub request: ApiRequest,
+    pub reply: oneshot::Sender<ApiResult>,
+}

@@ -1,0 +1,153 @@
+//! The control socket server: HTTP/1.1 (hyper) on a Unix socket, mode 0600. Each request becomes
+//! an [`ApiCall`] answered by the node's main loop. Connections are capped; a stuck client only
+//! holds its own connection.
+
+use super::api::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+const MAX_CONNECTIONS: usize = 32;
+const MAX_BODY: usize = 64 * 1024;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bind the control socket: refuse if a live meshd serves it, replace a stale file.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another meshd is already serving the control socket {}; stop it, or give this one \
+                 its own --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("binding control socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve until `shutdown`; removes the socket file on the way out.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    calls: mpsc::Sender<ApiCall>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { debug!(error = %e, "control accept failed"); continue; }
+            },
+        };
+        let calls = calls.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, calls.clone()));
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!(error = %e, "control connection"); },
+                _ = stop.cancelled() => {},
+            }
+            drop(permit);
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+fn json(status: StatusCode, v: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(v).expect("serializable");
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn error(status: u16, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &ApiErrorBody {
+            error: message.into(),
+        },
+    )
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, Response<Full<Bytes>>> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| error(400, format!("invalid JSON body: {e}")))
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    calls: mpsc::Sender<ApiCall>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Ok(error(413, format!("request body rejected: {e}"))),
+    };
+    let request = match (&parts.method, parts.uri.path()) {
+        (&Method::GET, "/v1/status") => ApiRequest::Status,
+        (&Method::POST, "/v1/invite") => match parse::<InviteRequest>(&body) {
+            Ok(r) => ApiRequest::Invite(r),
+            Err(resp) => return Ok(resp),
+        },
+        (&Method::POST, "/v1/remove") => match serde_json::from_slice::<RemoveRequest>(&body) {
+            Ok(r) => ApiRequest::Remove(r),
+            Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
+        },
+        (&Method::POST, "/v1/leave") => ApiRequest::Leave,
+        (_, p) => {
+            return Ok(error(
+                404,
+                format!("no such endpoint: {} {p}", parts.method),
+            ))
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    if calls.send(ApiCall { request, reply: tx }).await.is_err() {
+        return Ok(error(503, "meshd is shutting down"));
+    }
+    Ok(match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        Ok(Ok(Ok(v))) => json(StatusCode::OK, &v),
+        Ok(Ok(Err(f))) => error(f.status, f.message),
+        Ok(Err(_)) => error(503, "meshd is shutting down"),
+        Err(_) => error(504, "meshd did not answer in time"),
+    })
+}

@@ -1,0 +1,254 @@
+//! chitchat, run the meshd way: listening on the node's mesh address with the socket bound to
+//! the TUN device (so gossip only ever arrives through a WireGuard tunnel, whose allowed-IP check
+//! authenticated the sender's mesh address), short node ids, tuned failure detection, and every
+//! value treated as an untrusted claim until [`Membership`] has verified its signature.
+
+use super::membership::{Liveness, Membership, Reject};
+use crate::constants::{DEAD_NODE_GRACE, FD_INITIAL_INTERVAL, GOSSIP_INTERVAL, PHI_THRESHOLD};
+use crate::trust::{NodeId, Signed};
+use async_trait::async_trait;
+use chitchat::transport::{Socket, Transport};
+use chitchat::{
+    spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
+    ProtocolVersion,
+};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// This node's certificate.
+pub const KEY_CERT: &str = "cert";
+/// This node's signed record.
+pub const KEY_RECORD: &str = "rec";
+/// Revocations this node knows, one key each: `rev.<node id>`.
+pub const PREFIX_REVOCATION: &str = "rev.";
+
+/// A member not heard in gossip this long after gossip started is shown offline.
+const UNHEARD_GRACE: Duration = Duration::from_secs(10);
+
+/// chitchat's UDP transport, with the socket bound to a device. chitchat keeps its envelope
+/// codec private, so this opens chitchat's own socket and then applies `SO_BINDTODEVICE` to it,
+/// finding the descriptor by its bound address.
+pub struct DeviceBoundUdp {
+    pub ifname: String,
+}
+
+#[async_trait]
+impl Transport for DeviceBoundUdp {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let sock = chitchat::transport::UdpSocket::open(listen_addr).await?;
+        bind_open_socket_to_device(listen_addr, &self.ifname).map_err(|e| {
+            anyhow::anyhow!(
+                "binding gossip socket {listen_addr} to {}: {e}",
+                self.ifname
+            )
+        })?;
+        Ok(Box::new(sock))
+    }
+}
+
+/// Apply `SO_BINDTODEVICE` to this process's UDP socket bound to exactly `addr`.
+fn bind_open_socket_to_device(addr: SocketAddr, ifname: &str) -> std::io::Result<()> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for the calls below; if it was closed in the
+        // meantime the calls fail with EBADF and we move on.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&borrowed);
+        let is_udp = matches!(sock.r#type(), Ok(t) if t == socket2::Type::DGRAM);
+        if is_udp && sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr) {
+            return sock.bind_device(Some(ifname.as_bytes()));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "gossip socket not found",
+    ))
+}
+
+pub struct GossipConfig {
+    pub node_id: NodeId,
+    /// Where this node gossips: its mesh address and the gossip port.
+    pub addr: SocketAddr,
+    pub cluster_id: String,
+    pub seeds: Vec<SocketAddr>,
+    pub initial: Vec<(String, String)>,
+}
+
+/// A running chitchat instance and the bookkeeping to feed [`Membership`] incrementally.
+pub struct Gossip {
+    handle: ChitchatHandle,
+    started: Instant,
+    /// Last (node, key) -> version processed, so unchanged values are not re-verified.
+    seen: HashMap<(ChitchatId, String), u64>,
+    rejected_logged: HashSet<(ChitchatId, String, u64)>,
+}
+
+impl Gossip {
+    pub async fn start(cfg: GossipConfig, transport: &dyn Transport) -> anyhow::Result<Gossip> {
+        let generation = crate::util::unix_now_ms();
+        let chitchat_id = ChitchatId::new(cfg.node_id.to_string(), generation, cfg.addr);
+        let config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: cfg.cluster_id,
+            gossip_interval: GOSSIP_INTERVAL,
+            listen_addr: cfg.addr,
+            seed_nodes: cfg.seeds.iter().map(|s| s.to_string()).collect(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: PHI_THRESHOLD,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: FD_INITIAL_INTERVAL,
+                dead_node_grace_period: DEAD_NODE_GRACE,
+            },
+            marked_for_deletion_grace_period: DEAD_NODE_GRACE,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        };
+        let handle = spawn_chitchat(config, cfg.initial, transport).await?;
+        Ok(Gossip {
+            handle,
+            started: Instant::now(),
+            seen: HashMap::new(),
+            rejected_logged: HashSet::new(),
+        })
+    }
+
+    pub async fn set(&self, key: &str, value: String) {
+        let cc = self.handle.chitchat();
+        let mut cc = cc.lock().await;
+        let st = cc.self_node_state();
+        if st.get(key) != Some(value.as_str()) {
+            st.set(key, value);
+        }
+    }
+
+    /// Ask chitchat to gossip with `addr` now (a member just admitted).
+    pub fn gossip_now(&self, addr: SocketAddr) {
+        let _ = self.handle.gossip(addr);
+    }
+
+    /// Feed everything new in chitchat into the membership view and update liveness.
+    /// Returns whether the view changed.
+    pub async fn poll(&mut self, m: &mut Membership, now: u64) -> bool {
+        let cc = self.handle.chitchat();
+        let cc = cc.lock().await;
+        let me = cc.self_chitchat_id().clone();
+        let mut changed = false;
+        // Collect (id, key, version, value) for keys whose version moved.
+        let mut todo: Vec<(ChitchatId, String, u64, String)> = Vec::new();
+        for (cid, st) in cc.node_states() {
+            if *cid == me {
+                continue;
+            }
+            for (k, v) in st.key_values() {
+                if k != KEY_CERT && k != KEY_RECORD && !k.starts_with(PREFIX_REVOCATION) {
+                    continue;
+                }
+                let Some(vv) = st.get_versioned(k) else {
+                    continue;
+                };
+                if self.seen.get(&(cid.clone(), k.to_string())) == Some(&vv.version) {
+                    continue;
+                }
+                todo.push((cid.clone(), k.to_string(), vv.version, v.to_string()));
+            }
+        }
+        let live: HashSet<NodeId> = cc
+            .live_nodes()
+            .filter(|c| **c != me)
+            .filter_map(|c| NodeId::parse(&c.node_id))
+            .collect();
+        let known: HashSet<NodeId> = cc
+            .node_states()
+            .keys()
+            .filter_map(|c| NodeId::parse(&c.node_id))
+            .collect();
+        drop(cc);
+
+        // Revocations first, then certificates, then records: each may depend on the previous.
+        let rank = |k: &str| {
+            if k.starts_with(PREFIX_REVOCATION) {
+                0
+            } else if k == KEY_CERT {
+                1
+            } else {
+                2
+            }
+        };
+        todo.sort_by_key(|t| rank(&t.1));
+        for (cid, key, version, value) in todo {
+            let Some(under) = NodeId::parse(&cid.node_id) else {
+                self.seen.insert((cid, key), version);
+                continue;
+            };
+            let result: Result<bool, Reject> = Signed::from_b64(&value, "gossip value")
+                .map_err(Reject::from)
+                .and_then(|raw| {
+                    if key.starts_with(PREFIX_REVOCATION) {
+                        m.ingest_revocation(&raw)
+                    } else if key == KEY_CERT {
+                        let id = m.ingest_cert(&raw, now)?;
+                        if id != under {
+                            return Err(Reject::IdMismatch { claimed: id, under });
+                        }
+                        Ok(true)
+                    } else {
+                        m.ingest_record(under, &raw)
+                    }
+                });
+            match result {
+                Ok(c) => {
+                    changed |= c;
+                    self.seen.insert((cid, key), version);
+                }
+                // The certificate may simply not have been processed yet: retry next time.
+                Err(Reject::UnknownNode(_)) => {}
+                Err(Reject::Stale) => {
+                    self.seen.insert((cid, key), version);
+                }
+                Err(e) => {
+                    if self
+                        .rejected_logged
+                        .insert((cid.clone(), key.clone(), version))
+                    {
+                        warn!(node = %under, key = %key, error = %e, "ignoring gossip that does not verify");
+                    }
+                    self.seen.insert((cid, key), version);
+                }
+            }
+        }
+
+        let past_grace = self.started.elapsed() > UNHEARD_GRACE;
+        let ids: Vec<(NodeId, Liveness)> = m.all().map(|x| (x.cert.node_id, x.liveness)).collect();
+        for (id, before) in ids {
+            let now_l = if live.contains(&id) {
+                Liveness::Alive
+            } else if known.contains(&id) || past_grace {
+                Liveness::Dead
+            } else {
+                before
+            };
+            if now_l != before {
+                changed = true;
+            }
+            m.set_liveness(id, now_l, now);
+        }
+        changed
+    }
+
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            debug!(error = %e, "gossip shutdown");
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The membership view: everything this node believes about the mesh, built only from verified
+//! statements (certificates chained to the root, records signed by their node, root-signed
+//! revocations) plus liveness from the failure detector. Pure logic with `now` passed in: the
+//! gossip task feeds it, the data plane and DNS read from it.
+
+use crate::constants::{MEMBER_CACHE_TTL, PENDING_MEMBER_TTL};
+use crate::mesh::addressing::{self, Assignment, MeshRange, SlotClaim};
+use crate::mesh::PeerSpec;
+use crate::state::{CachedMember, InviteUse, MemberCache, Tombstone, STATE_VERSION};
+use crate::trust::{
+    Cert, Context, Key32, MeshId, NodeId, NodeRecord, Revocation, Signed, TrustError,
+};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+
+/// Mesh-wide settings, from the root-signed invite every certificate carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshParams {
+    pub mesh: MeshId,
+    pub range: MeshRange,
+    pub domain: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// The failure detector hears its heartbeats.
+    Alive,
+    /// Known, but silent: offline. It keeps its subnet.
+    Dead,
+    /// Known from the cache or a join, not (yet) heard in gossip.
+    Unknown,
+}
+
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub cert: Cert,
+    pub record: Option<NodeRecord>,
+    pub record_raw: Option<Signed>,
+    /// Slot candidate index assigned at admission, used until the node's own record arrives.
+    pub admitted_k: Option<u32>,
+    pub liveness: Liveness,
+    /// Unix seconds this member was last known alive (or first seen).
+    pub last_seen: u64,
+    pub first_seen: u64,
+}
+
+impl Member {
+    pub fn claim_k(&self) -> Option<u32> {
+        self.record.as_ref().map(|r| r.slot_k).or(self.admitted_k)
+    }
+    pub fn left(&self) -> bool {
+        self.record.as_ref().is_some_and(|r| r.left)
+    }
+}
+
+/// Why a statement was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Reject {
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error("node {0} was removed from the mesh")]
+    Revoked(NodeId),
+    #[error("node {0} left the mesh")]
+    Left(NodeId),
+    #[error("record for unknown node {0}")]
+    UnknownNode(NodeId),
+    #[error("record is older than the one already known")]
+    Stale,
+    #[error("statement is for node {claimed}, but came under id {under}")]
+    IdMismatch { claimed: NodeId, under: NodeId },
+}
+
+pub struct Membership {
+    pub params: MeshParams,
+    pub self_id: NodeId,
+    members: BTreeMap<NodeId, Member>,
+    revocations: BTreeMap<NodeId, Revocation>,
+    revoked_wg: HashSet<Key32>,
+    tombstones: BTreeMap<NodeId, u64>,
+    invite_uses: BTreeSet<InviteUse>,
+    /// Set whenever something worth persisting changed.
+    pub dirty: bool,
+}
+
+impl Membership {
+    pub fn new(params: MeshParams, own: Cert, now: u64) -> Membership {
+        let self_id = own.node_id;
+        let mut m = Membership {
+            params,
+            self_id,
+            members: BTreeMap::new(),
+            revocations: BTreeMap::new(),
+            revoked_wg: HashSet::new(),
+            tombstones: BTreeMap::new(),
+            invite_uses: BTreeSet::new(),
+            dirty: true,
+        };
+        m.insert_cert(own, now);
+        if let Some(me) = m.members.get_mut(&self_id) {
+            me.liveness = Liveness::Alive;
+        }
+        m
+    }
+
+    /// Rebuild from the persisted cache, re-verifying every statement. Returns what had to be
+    /// skipped, as warnings for the log: a tampered cache entry must not take the node down.
+    pub fn load_cache(&mut self, cache: &MemberCache, now: u64) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for r in &cache.revocations {
+            match Signed::from_b64(r, "revocation")
+                .map_err(Reject::from)
+                .and_then(|s| self.ingest_revocation(&s))
+            {
+                Ok(_) => {}
+                Err(e) => warnings.push(format!("skipping cached revocation: {e}")),
+            }
+        }
+        for t in &cache.tombstones {
+            if let Some(id) = NodeId::parse(&t.node_id) {
+                self.tombstones.insert(id, t.at);
+            }
+        }
+        self.invite_uses.extend(cache.invite_uses.iter().cloned());
+        for c in &cache.members {
+            let cert = match Signed::from_b64(&c.cert, "node certificate")
+                .and_then(|s| Cert::verify(&s, &self.params.mesh))
+            {
+                Ok(cert) => cert,
+                Err(e) => {
+                    warnings.push(format!("skipping cached member: {e}"));
+                    continue;
+                }
+            };
+            let id = cert.node_id;
+            if id == self.self_id {
+                continue;
+            }
+            if let Err(e) = self.ingest_cert(&cert.raw, now) {
+                warnings.push(format!("skipping cached member {}: {e}", cert.name));
+                continue;
+            }
+            if let Some(r) = &c.record {
+                if let Err(e) = Signed::from_b64(r, "node record")
+                    .map_err(Reject::from)
+                    .and_then(|s| self.ingest_record(id, &s))
+                {
+                    warnings.push(format!("skipping cached record of {}: {e}", cert.name));
+                }
+            }
+            if let Some(m) = self.members.get_mut(&id) {
+                m.last_seen = c.last_seen;
+                m.first_seen = c.first_seen;
+                m.liveness = Liveness::Unknown;
+            }
+        }
+        self.dirty = false;
+        warnings
+    }
+
+    pub fn to_cache(&self) -> MemberCache {
+        MemberCache {
+            version: STATE_VERSION,
+            members: self
+                .members
+                .values()
+                .filter(|m| m.cert.node_id != self.self_id)
+                .map(|m| CachedMember {
+                    cert: m.cert.raw.to_b64(),
+                    record: m.record_raw.as_ref().map(|r| r.to_b64()),
+                    last_seen: m.last_seen,
+                    first_seen: m.first_seen,
+                })
+                .collect(),
+            tombstones: self
+                .tombstones
+                .iter()
+                .map(|(id, at)| Tombstone {
+                    node_id: id.to_string(),
+                    at: *at,
+                })
+                .collect(),
+            revocations: self.revocations.values().map(|r| r.raw.to_b64()).collect(),
+            invite_uses: self.invite_uses.iter().cloned().collect(),
+        }
+    }
+
+    fn insert_cert(&mut self, cert: Cert, now: u64) {
+        if let Some(max) = cert.invite.max_uses {
+            let u = InviteUse {
+                invite: crate::util::hex(&cert.invite.invite_key),
+                expires_at: cert.invite.expires_at,
+                max_uses: max,
+                node_id: cert.node_id.to_string(),
+                issued_at: cert.issued_at,
+            };
+            if self.invite_uses.insert(u) {
+                self.dirty = true;
+            }
+        }
+        let id = cert.node_id;
+        self.members.entry(id).or_insert_with(|| Member {
+            cert,
+            record: None,
+            record_raw: None,
+            admitted_k: None,
+            liveness: Liveness::Unknown,
+            last_seen: now,
+            first_seen: now,
+        });
+        self.dirty = true;
+    }
+
+    /// Accept a certificate (from gossip, the cache or a join). Idempotent.
+    pub fn ingest_cert(&mut self, raw: &Signed, now: u64) -> Result<NodeId, Reject> {
+        let cert = Cert::verify(raw, &self.params.mesh)?;
+        let id = cert.node_id;
+        if self.revocations.contains_key(&id) || self.revoked_wg.contains(&cert.wireguard) {
+            return Err(Reject::Revoked(id));
+        }
+        if self.tombstones.contains_key(&id) {
+            return Err(Reject::Left(id));
+        }
+        if let Some(m) = self.members.get(&id) {
+            if m.cert.raw == *raw {
+                return Ok(id);
+            }
+            // Same identity, different certificate: keep the earlier one (a node cannot move
+            // itself ahead in slot priority by re-issuing).
+            if m.cert.issued_at <= cert.issued_at {
+                return Ok(id);
+            }
+            self.members.remove(&id);
+        }
+        self.insert_cert(cert, now);
+        Ok(id)
+    }
+
+    /// Accept a node's signed record. Returns whether anything changed.
+    pub fn ingest_record(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
+        let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
+        let rec: NodeRecord = raw.verify(Context::Record, &m.cert.identity, "node record")?;
+        if rec.identity != m.cert.identity {
+            return Err(Reject::IdMismatch {
+                claimed: NodeId::of_identity(&rec.identity),
+                under: id,
+            });
+        }
+        if let Some(old) = &m.record {
+            if rec.seq < old.seq {
+                return Err(Reject::Stale);
+            }
+            if rec == *old {
+                return Ok(false);
+            }
+        }
+        let left = rec.left;
+        m.record = Some(rec);
+        m.record_raw = Some(raw.clone());
+        self.dirty = true;
+        if left && id != self.self_id {
+            self.tombstones.insert(id, m.last_seen);
+        }
+        Ok(true)
+    }
+
+    /// Accept a root-signed revocation. Returns whether it was new.
+    pub fn ingest_revocation(&mut self, raw: &Signed) -> Result<bool, Reject> {
+        let r = Revocation::verify(raw, &self.params.mesh)?;
+        if self.revocations.contains_key(&r.node_id) {
+            return Ok(false);
+        }
+        self.revoked_wg.insert(r.body.wireguard);
+        if r.node_id != self.self_id {
+            self.members.remove(&r.node_id);
+        }
+        self.revocations.insert(r.node_id, r);
+        self.dirty = true;
+        Ok(true)
+    }
+
+    /// Remember the slot a seed assigned to a member it admitted.
+    pub fn set_admitted_k(&mut self, id: NodeId, k: u32) {
+        if let Some(m) = self.members.get_mut(&id) {
+            if m.admitted_k != Some(k) {
+                m.admitted_k = Some(k);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Liveness from the failure detector.
+    pub fn set_liveness(&mut self, id: NodeId, live: Liveness, now: u64) {
+        if id == self.self_id {
+            return;
+        }
+        if let Some(m) = self.members.get_mut(&id) {
+            m.liveness = live;
+            if live == Liveness::Alive {
+                // Persist last-seen coarsely; it only matters on a scale of days.
+                if now.saturating_sub(m.last_seen) > 3600 {
+                    self.dirty = true;
+                }
+                m.last_seen = now;
+            }
+        }
+    }
+
+    /// Forget admitted members that never showed up and members silent for a month; their
+    /// slots are freed.
+    pub fn prune(&mut self, now: u64) -> Vec<String> {
+        let self_id = self.self_id;
+        let gone: Vec<NodeId> = self
+            .members
+            .values()
+            .filter(|m| m.cert.node_id != self_id)
+            .filter(|m| {
+                let never_seen = m.record.is_none() && m.liveness != Liveness::Alive;
+                (never_seen && now.saturating_sub(m.first_seen) > PENDING_MEMBER_TTL.as_secs())
+                    || (m.liveness != Liveness::Alive
+                        && now.saturating_sub(m.last_seen) > MEMBER_CACHE_TTL.as_secs())
+            })
+            .map(|m| m.cert.node_id)
+            .collect();
+        let names = gone
+            .iter()
+            .filter_map(|id| self.members.remove(id).map(|m| m.cert.name))
+            .collect::<Vec<_>>();
+        if !names.is_empty() {
+            self.dirty = true;
+        }
+        names
+    }
+
+    pub fn get(&self, id: &NodeId) -> Option<&Member> {
+        self.members.get(id)
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.members[&self.self_id]
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    pub fn revocations(&self) -> impl Iterator<Item = &Revocation> {
+        self.revocations.values()
+    }
+
+    pub fn is_revoked(&self, id: &NodeId, wg: &Key32) -> bool {
+        self.revocations.contains_key(id) || self.revoked_wg.contains(wg)
+    }
+
+    pub fn is_tombstoned(&self, id: &NodeId) -> bool {
+        self.tombstones.contains_key(id)
+    }
+
+    /// Members beyond their invite's use limit: the earliest certificates win.
+    fn overused(&self) -> HashSet<String> {
+        let mut by_invite: BTreeMap<&str, Vec<&InviteUse>> = BTreeMap::new();
+        for u in &self.invite_uses {
+            by_invite.entry(&u.invite).or_default().push(u);
+        }
+        let mut out = HashSet::new();
+        for (_, mut uses) in by_invite {
+            uses.sort_by(|a, b| (a.issued_at, &a.node_id).cmp(&(b.issued_at, &b.node_id)));
+            let max = uses[0].max_uses as usize;
+            for u in uses.into_iter().skip(max) {
+                out.insert(u.node_id.clone());
+            }
+        }
+        out
+    }
+
+    /// How many distinct nodes used an invite, not counting `except`.
+    pub fn invite_uses(&self, invite_key: &Key32, except: &NodeId) -> usize {
+        let inv = crate::util::hex(invite_key);
+        let except = except.to_string();
+        self.invite_uses
+            .iter()
+            .filter(|u| u.invite == inv && u.node_id != except)
+            .count()
+    }
+
+    /// Members that count: not left, not over their invite's limit. (Revoked and tombstoned
+    /// nodes are never in `members` in the first place.)
+    pub fn active(&self) -> impl Iterator<Item = &Member> {
+        let overused = self.overused();
+        self.members
+            .values()
+            .filter(move |m| !m.left() && !overused.contains(&m.cert.node_id.to_string()))
+    }
+
+    /// Every active member's slot, by the deterministic rule.
+    pub fn assignments(&self) -> BTreeMap<NodeId, Assignment> {
+        let claims: Vec<SlotClaim> = self
+            .active()
+            .filter_map(|m| {
+                Some(SlotClaim {
+                    node: m.cert.node_id,
+                    wg: m.cert.wireguard,
+                    issued_at: m.cert.issued_at,
+                    k: m.claim_k()?,
+                })
+            })
+            .collect();
+        addressing::resolve(&self.params.mesh, &self.params.range, &claims)
+    }
+
+    /// The slot candidate a newcomer would get from this node's view.
+    pub fn claim_for_newcomer(&self, wg: &Key32) -> Option<u32> {
+        let taken: HashSet<u32> = self.assignments().values().map(|a| a.slot).collect();
+        addressing::first_free_from(&self.params.mesh, wg, 0, self.params.range.slots(), &taken)
+            .map(|a| a.k)
+    }
+
+    /// An active member other than `except` already using `name`.
+    pub fn name_holder(&self, name: &str, except: &NodeId) -> Option<&Member> {
+        self.active()
+            .find(|m| m.cert.name == name && m.cert.node_id != *except)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Member> {
+        self.members.values().find(|m| m.cert.name == name)
+    }
+
+    /// The mesh address of a member, if it has a slot.
+    pub fn mesh_ip(&self, id: &NodeId) -> Option<Ipv4Addr> {
+        self.assignments()
+            .get(id)
+            .map(|a| self.params.range.node_ip(a.slot))
+    }
+
+    /// What the data plane should have: every active member but this node, with a slot.
+    pub fn peer_specs(&self, hints: &BTreeMap<NodeId, std::net::SocketAddr>) -> Vec<PeerSpec> {
+        let assign = self.assignments();
+        self.active()
+            .filter(|m| m.cert.node_id != self.self_id)
+            .filter_map(|m| {
+                let a = assign.get(&m.cert.node_id)?;
+                let mut endpoints = m
+                    .record
+                    .as_ref()
+                    .map(|r| r.endpoints.clone())
+                    .unwrap_or_default();
+                if let Some(h) = hints.get(&m.cert.node_id) {
+                    if !endpoints.contains(h) {
+                        endpoints.insert(0, *h);
+                    }
+                }
+                Some(PeerSpec {
+                    node_id: m.cert.node_id,
+                    name: m.cert.name.clone(),
+                    wg: m.cert.wireguard,
+                    slot: a.slot,
+                    endpoints,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::cert::tests::{cert, invite};
+    use crate::trust::{NodeKeys, RevocationBody, RootKey};
+
+    struct World {
+        root: RootKey,
+        inv: Signed,
+        secret: ed25519_dalek::SigningKey,
+    }
+
+    fn world(max_uses: Option<u32>) -> World {
+        let root = RootKey::generate();
+        let (_, inv, secret) = invite(&root, 10_000, max_uses);
+        World { root, inv, secret }
+    }
+
+    fn params(w: &World) -> MeshParams {
+        MeshParams {
+            mesh: MeshId(w.root.public()),
+            range: "10.210.0.0/16".parse().unwrap(),
+            domain: "mesh.internal".into(),
+        }
+    }
+
+    fn node(w: &World, name: &str, at: u64) -> (NodeKeys, Cert) {
+        let k = NodeKeys::generate();
+        let raw = cert(&w.inv, &w.secret, &k, name, at);
+        let c = Cert::verify(&raw, &MeshId(w.root.public())).unwrap();
+        (k, c)
+    }
+
+    fn record(k: &NodeKeys, seq: u64, slot_k: u32, left: bool) -> Signed {
+        Signed::sign(
+            Context::Record,
+            &NodeRecord {
+                identity: k.identity_public(),
+                seq,
+                endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
+                slot_k,
+                left,
+            },
+            &k.identity,
+        )
+    }
+
+    #[test]
+    fn records_must_be_signed_by_their_node_and_fresh() {
+        let w = world(None);
+        let (ka, a) = node(&w, "a", 100);
+        let (kb, b) = node(&w, "b", 200);
+        let mut m = Membership::new(params(&w), a.clone(), 0);
+        m.ingest_record(a.node_id, &record(&ka, 1, 0, false))
+            .unwrap();
+        let bid = m.ingest_cert(&b.raw, 0).unwrap();
+        // B's record signed by A is refused.
+        assert!(matches!(
+            m.ingest_record(bid, &record(&ka, 5, 0, false)),
+            Err(Reject::Trust(_))
+        ));
+        assert!(m.ingest_record(bid, &record(&kb, 5, 0, false)).unwrap());
+        // Replaying an older record changes nothing.
+        assert_eq!(
+            m.ingest_record(bid, &record(&kb, 4, 3, false)),
+            Err(Reject::Stale)
+        );
+        assert_eq!(m.get(&bid).unwrap().claim_k(), Some(0));
+        let specs = m.peer_specs(&BTreeMap::new());
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].name, "b");
+    }
+
+    #[test]
+    fn revocation_removes_and_keeps_out_across_restarts() {
+        let w = world(None);
+        let (ka, a) = node(&w, "a", 100);
+        let (kb, b) = node(&w, "b", 200);
+        let mut m = Membership::new(params(&w), a.clone(), 0);
+        m.ingest_record(a.node_id, &record(&ka, 1, 0, false))
+            .unwrap();
+        m.ingest_cert(&b.raw, 0).unwrap();
+        m.ingest_record(b.node_id, &record(&kb, 1, 0, false))
+            .unwrap();
+        let rev = Revocation::issue(
+            &w.root.0,
+            RevocationBody {
+                mesh: MeshId(w.root.public()),
+                identity: kb.identity_public(),
+                wireguard: kb.wg_public(),
+                name: "b".into(),
+                revoked_at: 5,
+            },
+        );
+        assert!(m.ingest_revocation(&rev.raw).unwrap());
+        assert!(m.peer_specs(&BTreeMap::new()).is_empty());
+        assert_eq!(m.ingest_cert(&b.raw, 0), Err(Reject::Revoked(b.node_id)));
+        // A restarted node, from its cache, still refuses B.
+        let cache = m.to_cache();
+        let mut m2 = Membership::new(params(&w), a, 0);
+        assert!(m2.load_cache(&cache, 0).is_empty());
+        assert_eq!(m2.ingest_cert(&b.raw, 0), Err(Reject::Revoked(b.node_id)));
+        assert!(m2.is_revoked(&b.node_id, &kb.wg_public()));
+    }
+
+    #[test]
+    fn a_left_node_frees_its_slot_and_cannot_return() {
+        let w = world(None);
+        let (ka, a) = node(&w, "a", 100);
+        let (kb, b) = node(&w, "b", 200);
+        let mut m = Membership::new(params(&w), a.clone(), 0);
+        m.ingest_record(a.node_id, &record(&ka, 1, 0, false))
+            .unwrap();
+        m.ingest_cert(&b.raw, 0).unwrap();
+        m.ingest_record(b.node_id, &record(&kb, 1, 0, false))
+            .unwrap();
+        let b_slot = m.assignments()[&b.node_id].slot;
+        m.ingest_record(b.node_id, &record(&kb, 2, 0, true))
+            .unwrap();
+        assert!(!m.assignments().contains_key(&b.node_id));
+        assert!(m.peer_specs(&BTreeMap::new()).is_empty());
+        // A newcomer with B's key would now be offered B's old slot.
+        assert_eq!(
+            addressing::candidate(
+                &m.params.mesh,
+                &kb.wg_public(),
+                m.claim_for_newcomer(&kb.wg_public()).unwrap(),
+                256
+            ),
+            b_slot
+        );
+        let mut m2 = Membership::new(params(&w), a, 0);
+        m2.load_cache(&m.to_cache(), 0);
+        assert_eq!(m2.ingest_cert(&b.raw, 0), Err(Reject::Left(b.node_id)));
+    }
+
+    #[test]
+    fn a_one_use_invite_admits_only_the_earliest_certificate() {
+        let w = world(Some(1));
+        let (_, a) = node(&w, "a", 100);
+        let (_, b) = node(&w, "b", 200);
+        let (_, c) = node(&w, "c", 300);
+        let mut m = Membership::new(params(&w), a.clone(), 0);
+        m.ingest_cert(&b.raw, 0).unwrap();
+        m.set_admitted_k(b.node_id, 0);
+        m.ingest_cert(&c.raw, 0).unwrap();
+        m.set_admitted_k(c.node_id, 0);
+        let active: Vec<String> = m.active().map(|m| m.cert.name.clone()).collect();
+        // a, b and c share the invite in this test world; only the first certificate counts.
+        assert_eq!(active, vec!["a".to_string()]);
+        assert_eq!(m.invite_uses(&a.invite.invite_key, &c.node_id), 2);
+    }
+
+    #[test]
+    fn prune_forgets_members_that_never_showed_up() {
+        let w = world(None);
+        let (_, a) = node(&w, "a", 100);
+        let (_, b) = node(&w, "b", 200);
+        let mut m = Membership::new(params(&w), a, 1000);
+        m.ingest_cert(&b.raw, 1000).unwrap();
+        assert!(m.prune(1000 + 60).is_empty());
+        assert_eq!(
+            m.prune(1000 + PENDING_MEMBER_TTL.as_secs() + 1),
+            vec!["b".to_string()]
+        );
+    }
+}
