@@ -1,1 +1,24 @@
-//! TODO
+//! The two binaries' command lines. `src/bin/*.rs` only call [`meshd_main`] and [`meshctl_main`];
+//! parsing lives in [`args`], commands in [`meshd`] and [`meshctl`], output formatting in
+//! [`format`].
+
+pub mod args;
+pub mod format;
+pub mod meshctl;
+pub mod meshd;
+
+pub use meshctl::main as meshctl_main;
+pub use meshd::main as meshd_main;
+
+/// Logs go to stderr; `MESHD_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+pub fn init_logging(default: &str) {
+    let filter = std::env::var("MESHD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}

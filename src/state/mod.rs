@@ -262,9 +262,10 @@ impl StateDir {
         Ok(())
     }
 
-    /// Whether a node lives here.
+    /// Whether a node lives here. `node.json` is written last when a node is created, so a
+    /// directory where creation was interrupted does not count.
     pub fn is_initialized(&self) -> bool {
-        self.file(NODE_KEY).exists() || self.file(NODE_JSON).exists()
+        self.file(NODE_JSON).exists()
     }
 
     /// Refuse to create a node where one exists (naming it).

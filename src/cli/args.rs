@@ -1,0 +1,124 @@
+//! Command-line definitions (clap). The forms here are a contract: tests, docs and users
+//! depend on them.
+
+use crate::constants::*;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshd", version, about = "meshd: a self-hosted mesh VPN with no central server")]
+pub struct MeshdCli {
+    #[command(subcommand)]
+    pub command: MeshdCommand,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Paths {
+    /// State directory (keys, certificate, member cache).
+    #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR, global = true)]
+    pub state_dir: PathBuf,
+    /// Control socket meshctl talks to.
+    #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    pub socket: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Node name, a DNS label (default: the hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// UDP port for WireGuard and joins.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// How other nodes reach this one, ADDR:PORT; repeat for several
+    /// (default: this machine's non-loopback addresses with the port).
+    #[arg(long = "endpoint", value_name = "ADDR:PORT")]
+    pub endpoints: Vec<String>,
+    /// TUN interface name.
+    #[arg(long, default_value = DEFAULT_TUN)]
+    pub tun: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MeshdCommand {
+    /// Create a new mesh with this machine as its first node, print a join line, and run.
+    Init {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Mesh range; each node gets a /24 of it.
+        #[arg(long, default_value = DEFAULT_CIDR)]
+        cidr: String,
+        /// Mesh DNS domain.
+        #[arg(long, default_value = DEFAULT_DOMAIN)]
+        domain: String,
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// Join a mesh with a token from `meshd init` or `meshctl invite`, then run.
+    Join {
+        /// The token (the whole `meshd join ...` line works too).
+        token: String,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// A live member to ask first, ADDR:PORT (in addition to the token's bootstrap list).
+        #[arg(long, value_name = "ADDR:PORT")]
+        bootstrap: Vec<String>,
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// Run an existing node (what the systemd unit calls).
+    Run {
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// Leave the mesh for good: announce the departure, release the subnet, delete this node's
+    /// identity. Talks to the running meshd.
+    Leave {
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// Start a real mesh of several nodes in network namespaces on this machine (needs root),
+    /// show it working, and clean everything up on Ctrl-C.
+    Demo {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Stop after showing the mesh instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about = "Inspect and administer the local meshd node")]
+pub struct MeshctlCli {
+    /// Control socket of the meshd to talk to.
+    #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: MeshctlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MeshctlCommand {
+    /// This node and one line per peer.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a join token (needs the mesh root key on this node). Prints `meshd join <TOKEN>`.
+    Invite {
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        /// How many nodes may join with it (default: unlimited until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// Remove a member for good (needs the mesh root key on this node).
+    Remove {
+        /// Node name or node id.
+        node: String,
+    },
+}

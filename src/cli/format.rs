@@ -1,0 +1,155 @@
+//! Human output for `meshctl status` (like `tailscale status` / `innernet show`): one line per
+//! peer, durations as "12s ago", sizes as "1.2 MiB", keys abbreviated.
+
+use crate::control::{PeerState, StatusReport};
+use crate::util::{ago, human_bytes, short_key};
+use base64::Engine;
+use std::fmt::Write;
+use std::time::Duration;
+
+fn short_b64(k: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .decode(k)
+        .map(|b| short_key(&b))
+        .unwrap_or_else(|_| k.to_string())
+}
+
+pub fn status(s: &StatusReport) -> String {
+    let mut o = String::new();
+    let me = &s.me;
+    let _ = writeln!(
+        o,
+        "{}  {}  subnet {}  key {}  port {}{}",
+        me.name,
+        me.mesh_ip,
+        me.subnet,
+        short_b64(&me.wg_key),
+        me.port,
+        if me.admin { "  admin" } else { "" }
+    );
+    let _ = writeln!(
+        o,
+        "mesh {}  range {}  domain {}  {} member{}{}",
+        s.mesh.id,
+        s.mesh.range,
+        s.mesh.domain,
+        s.mesh.members,
+        if s.mesh.members == 1 { "" } else { "s" },
+        if s.mesh.revoked > 0 {
+            format!("  {} removed", s.mesh.revoked)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "endpoints {}",
+        if me.endpoints.is_empty() {
+            "(none found: pass --endpoint)".to_string()
+        } else {
+            me.endpoints.join(", ")
+        }
+    );
+    if s.peers.is_empty() {
+        let _ = writeln!(o, "\nno peers yet: run `meshctl invite` and `meshd join` on another machine");
+        return o;
+    }
+    let rows: Vec<[String; 7]> = s
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                if p.mesh_ip.is_empty() { "-".into() } else { p.mesh_ip.clone() },
+                match p.state {
+                    PeerState::Online => "online",
+                    PeerState::Connecting => "connecting",
+                    PeerState::Offline => "offline",
+                }
+                .into(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                p.last_handshake_secs
+                    .map(|s| ago(Duration::from_secs(s)))
+                    .unwrap_or_else(|| "never".into()),
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "MESH IP", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
+    let mut w = header.map(|h| h.chars().count());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: [&str; 7]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let pad = w[i] - c.chars().count();
+                l.push_str(c);
+                l.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{}", line(header));
+    for r in &rows {
+        let _ = writeln!(o, "{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::*;
+
+    #[test]
+    fn one_line_per_peer_with_human_units() {
+        let s = StatusReport {
+            me: SelfStatus {
+                name: "alpha".into(),
+                node_id: "00".into(),
+                mesh_ip: "10.210.1.1".into(),
+                subnet: "10.210.1.0/24".into(),
+                wg_key: crate::util::b64(&[1; 32]),
+                port: 51820,
+                endpoints: vec!["198.51.100.1:51820".into()],
+                admin: true,
+                tun: "mesh0".into(),
+            },
+            mesh: MeshStatus {
+                id: "abc".into(),
+                range: "10.210.0.0/16".into(),
+                domain: "mesh.internal".into(),
+                members: 2,
+                revoked: 0,
+            },
+            peers: vec![PeerReport {
+                name: "beta".into(),
+                node_id: "01".into(),
+                mesh_ip: "10.210.2.1".into(),
+                subnet: "10.210.2.0/24".into(),
+                state: PeerState::Online,
+                online: true,
+                endpoint: Some("198.51.100.2:51820".into()),
+                last_handshake_secs: Some(12),
+                rx_bytes: 1229,
+                tx_bytes: 10,
+                dropped_bad_source: 0,
+                wg_key: crate::util::b64(&[2; 32]),
+            }],
+        };
+        let out = status(&s);
+        assert!(out.contains("alpha  10.210.1.1  subnet 10.210.1.0/24"));
+        let peer_line = out.lines().find(|l| l.starts_with("beta")).unwrap();
+        for part in ["10.210.2.1", "online", "198.51.100.2:51820", "12s ago", "1.2 KiB", "10 B"] {
+            assert!(peer_line.contains(part), "{peer_line}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! `meshd`: init, join, run, leave, demo.
+
+use super::args::{MeshdCli, MeshdCommand, NodeArgs, Paths};
+use crate::control::client::Client;
+use crate::control::LeaveResponse;
+use crate::mesh::addressing::MeshRange;
+use crate::node::setup::{self, InitParams, JoinParams};
+use crate::node::{self, Exit, NodeOptions, Ready};
+use crate::state::StateDir;
+use crate::trust::Token;
+use crate::util::{is_dns_label, unix_now};
+use clap::Parser;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub fn main() -> ExitCode {
+    let cli = MeshdCli::parse();
+    super::init_logging("info");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        MeshdCommand::Init { node, cidr, domain, paths } => init(node, cidr, domain, paths).await,
+        MeshdCommand::Join { token, node, bootstrap, paths } => join(token, node, bootstrap, paths).await,
+        MeshdCommand::Run { paths } => run_node(&paths, None, |_| {}).await,
+        MeshdCommand::Leave { paths } => leave(&paths).await,
+        MeshdCommand::Demo { nodes, once } => crate::demo::run(nodes, once).await,
+    }
+}
+
+/// The node's name: `--name`, else the hostname, validated as a DNS label.
+fn node_name(arg: &Option<String>) -> anyhow::Result<String> {
+    match arg {
+        Some(n) => {
+            if !is_dns_label(n) {
+                anyhow::bail!(
+                    "--name {n:?} is not a valid node name: use 1-63 lowercase letters, digits and '-', \
+                     not starting or ending with '-'"
+                );
+            }
+            Ok(n.clone())
+        }
+        None => {
+            let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_lowercase();
+            let h = h.split('.').next().unwrap_or("").to_string();
+            if !is_dns_label(&h) {
+                anyhow::bail!(
+                    "the hostname {h:?} is not a valid node name (a DNS label: 1-63 of a-z, 0-9 and '-'); \
+                     pass --name NAME"
+                );
+            }
+            Ok(h)
+        }
+    }
+}
+
+fn endpoints(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    node.endpoints
+        .iter()
+        .map(|e| setup::parse_endpoint(e, node.port).map_err(|m| anyhow::anyhow!("--endpoint: {m}")))
+        .collect()
+}
+
+fn print_join_line(token: &Token) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "meshd join {}", token.encode());
+    let _ = out.flush();
+}
+
+async fn init(node: NodeArgs, cidr: String, domain: String, paths: Paths) -> anyhow::Result<ExitCode> {
+    let name = node_name(&node.name)?;
+    let range: MeshRange = cidr.parse().map_err(|e: String| anyhow::anyhow!("--cidr: {e}"))?;
+    validate_domain(&domain)?;
+    let state = StateDir::new(&paths.state_dir);
+    let p = InitParams {
+        name,
+        range,
+        domain,
+        port: node.port,
+        endpoints: endpoints(&node)?,
+        tun: node.tun.clone(),
+    };
+    let token = setup::create_mesh(&state, &p, unix_now())?;
+    drop(state);
+    run_node(&paths, None, move |r: &Ready| {
+        eprintln!(
+            "created mesh {}; this node is {} at {} ({}). On every other machine run:",
+            token.mesh(),
+            r.name,
+            r.mesh_ip,
+            r.subnet
+        );
+        print_join_line(&token);
+    })
+    .await
+}
+
+fn validate_domain(d: &str) -> anyhow::Result<()> {
+    let labels: Vec<&str> = d.split('.').collect();
+    if labels.len() < 2 || !labels.iter().all(|l| is_dns_label(l)) {
+        anyhow::bail!(
+            "--domain {d:?} is not usable: give at least two DNS labels such as mesh.internal \
+             (never a whole top-level domain)"
+        );
+    }
+    Ok(())
+}
+
+async fn join(token: String, node: NodeArgs, bootstrap: Vec<String>, paths: Paths) -> anyhow::Result<ExitCode> {
+    let token = Token::decode(&token).map_err(|e| {
+        anyhow::anyhow!("this join token is not usable: {e}. Copy the whole line printed by `meshd init` or `meshctl invite`")
+    })?;
+    let name = node_name(&node.name)?;
+    let bootstrap = bootstrap
+        .iter()
+        .map(|b| setup::parse_endpoint(b, crate::constants::DEFAULT_PORT).map_err(|m| anyhow::anyhow!("--bootstrap: {m}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let state = StateDir::new(&paths.state_dir);
+    let p = JoinParams {
+        name,
+        port: node.port,
+        endpoints: endpoints(&node)?,
+        tun: node.tun.clone(),
+        bootstrap,
+    };
+    let udp = setup::join_mesh(&state, &token, &p, unix_now()).await?;
+    drop(state);
+    run_node(&paths, Some(udp), |r: &Ready| {
+        eprintln!("joined mesh {} as {} at {} ({})", token.mesh(), r.name, r.mesh_ip, r.subnet);
+    })
+    .await
+}
+
+async fn run_node(
+    paths: &Paths,
+    udp: Option<crate::mesh::linux::LinuxUdp>,
+    ready: impl FnOnce(&Ready),
+) -> anyhow::Result<ExitCode> {
+    let opts = NodeOptions {
+        state_dir: paths.state_dir.clone(),
+        socket: paths.socket.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    match node::run(&opts, udp, shutdown, ready).await? {
+        Exit::Shutdown => Ok(ExitCode::SUCCESS),
+        Exit::Left => Ok(ExitCode::SUCCESS),
+        Exit::Removed => {
+            eprintln!("meshd: this node was removed from the mesh by an administrator");
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+}
+
+async fn leave(paths: &Paths) -> anyhow::Result<ExitCode> {
+    let c = Client::new(&paths.socket);
+    let r: LeaveResponse = c.post("/v1/leave", &serde_json::json!({})).await?;
+    // Wait for the daemon to finish (it removes its socket on the way out).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while paths.socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{} left the mesh; subnet {} released", r.name, r.subnet);
+    Ok(ExitCode::SUCCESS)
+}

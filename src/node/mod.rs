@@ -1,0 +1,426 @@
+//! The node runtime: loads the state, brings up the TUN device and the data plane, runs gossip
+//! inside the tunnels, answers joins and the control API, and keeps all of them consistent from
+//! one main loop that alone owns the membership view.
+//!
+//! Submodules by concern: [`setup`] creates state (`init`/`join`), [`seed`] answers joiners,
+//! [`admin`] invites and removals, [`report`] builds `meshctl status`.
+
+mod admin;
+mod report;
+mod seed;
+pub mod setup;
+
+use crate::constants::{ENDPOINT_RESCAN, GOSSIP_PORT, RECONCILE_TICK, TUN_MTU};
+use crate::control::{server as api_server, ApiCall, ApiFailure, ApiRequest, ApiResult, LeaveResponse};
+use crate::gossip::chitchat_glue::{DeviceBoundUdp, KEY_CERT, KEY_RECORD, PREFIX_REVOCATION};
+use crate::gossip::{Gossip, GossipConfig, MeshParams, Membership};
+use crate::join::sign_record;
+use crate::mesh::addressing::subnet_string;
+use crate::mesh::linux::{LinuxTun, LinuxUdp, NetConfig};
+use crate::mesh::{Device, PeerSpec};
+use crate::state::{NodeConfig, StateDir};
+use crate::trust::{Cert, NodeId, NodeKeys, NodeRecord, RootKey, Signed};
+use crate::util::{unix_now, unix_now_ms};
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Where a node keeps its state and serves its API.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+/// How the node ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGINT/SIGTERM: state flushed, will come back with `meshd run`.
+    Shutdown,
+    /// `meshd leave`: departure announced, identity deleted.
+    Left,
+    /// Removed by an administrator (`meshctl remove`).
+    Removed,
+}
+
+/// Facts about the running node, given to the caller once it is up.
+pub struct Ready {
+    pub name: String,
+    pub mesh_ip: Ipv4Addr,
+    pub subnet: String,
+}
+
+type Dev = Device<LinuxTun, LinuxUdp>;
+
+struct Node {
+    state: StateDir,
+    socket: PathBuf,
+    keys: NodeKeys,
+    config: NodeConfig,
+    cert: Cert,
+    root: Option<RootKey>,
+    m: Membership,
+    device: Arc<Dev>,
+    net: NetConfig,
+    tun_index: u32,
+    gossip: Option<Gossip>,
+    own_slot: u32,
+    endpoints: Vec<SocketAddr>,
+    record: NodeRecord,
+    record_raw: Signed,
+    /// Addresses joiners were seen at, used as first endpoint candidates.
+    hints: BTreeMap<NodeId, SocketAddr>,
+    last_specs: Vec<PeerSpec>,
+    published_revocations: HashSet<NodeId>,
+    last_persist: Instant,
+}
+
+/// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
+pub async fn run(
+    opts: &NodeOptions,
+    udp: Option<LinuxUdp>,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Ready),
+) -> anyhow::Result<Exit> {
+    let mut state = StateDir::new(&opts.state_dir);
+    if !state.is_initialized() {
+        return Err(crate::state::StateError::NotInitialized {
+            dir: opts.state_dir.clone(),
+        }
+        .into());
+    }
+    state.lock()?;
+    let keys = state.load_keys()?;
+    let config = state.load_node()?;
+    let root = state.load_root()?;
+    let corrupt = |reason: String| crate::state::StateError::Corrupt {
+        path: state.file("node.json"),
+        reason,
+    };
+    let mesh = config.mesh_id().map_err(corrupt)?;
+    let cert_raw = config.cert_signed().map_err(corrupt)?;
+    let cert = Cert::verify(&cert_raw, &mesh).map_err(|e| corrupt(format!("own certificate: {e}")))?;
+    if cert.wireguard != keys.wg_public() || cert.identity != keys.identity_public() {
+        return Err(corrupt("the certificate does not match node.key".into()).into());
+    }
+    let params = MeshParams {
+        mesh,
+        range: cert.invite.range,
+        domain: cert.invite.domain.clone(),
+    };
+    let now = unix_now();
+    let mut m = Membership::new(params.clone(), cert.clone(), now);
+    m.set_admitted_k(cert.node_id, config.slot_k);
+    let cache = state.load_members()?;
+    for w in m.load_cache(&cache, now) {
+        warn!("{w}");
+    }
+    if m.is_revoked(&cert.node_id, &cert.wireguard) {
+        anyhow::bail!(
+            "this node ({}) was removed from mesh {mesh} by an administrator; it cannot come back with \
+             this identity. Move {} away and join again with a new token",
+            cert.name,
+            opts.state_dir.display()
+        );
+    }
+
+    let own_slot = m
+        .assignments()
+        .get(&cert.node_id)
+        .map(|a| a.slot)
+        .ok_or_else(|| anyhow::anyhow!("the mesh range {} has no free /24 for this node", params.range))?;
+    let mesh_ip = params.range.node_ip(own_slot);
+
+    let udp = match udp {
+        Some(u) => u,
+        None => LinuxUdp::bind(config.port)?,
+    };
+    let tun = LinuxTun::create(&config.tun)?;
+    let tun_index = tun.index;
+    let net = NetConfig::new()?;
+    net.configure_tun(tun_index, mesh_ip, params.range.prefix, TUN_MTU).await?;
+    info!(tun = %config.tun, address = %mesh_ip, subnet = %subnet_string(&params.range, own_slot), "TUN device up");
+
+    let (device, control_rx) = Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
+    let dev_stop = CancellationToken::new();
+    tokio::spawn(device.clone().run(dev_stop.clone()));
+
+    let listener = api_server::bind(&opts.socket)?;
+    let (api_tx, api_rx) = mpsc::channel::<ApiCall>(64);
+    let api_stop = CancellationToken::new();
+    tokio::spawn(api_server::serve(listener, opts.socket.clone(), api_tx, api_stop.clone()));
+
+    let endpoints = setup::effective_endpoints(&config.endpoints, config.port, &config.tun, &params.range);
+    let record = NodeRecord {
+        identity: keys.identity_public(),
+        seq: unix_now_ms(),
+        endpoints: endpoints.clone(),
+        slot_k: config.slot_k,
+        left: false,
+    };
+    let record_raw = sign_record(&keys, &record);
+    m.ingest_record(cert.node_id, &record_raw).ok();
+
+    let mut node = Node {
+        state,
+        socket: opts.socket.clone(),
+        keys,
+        config,
+        cert,
+        root,
+        m,
+        device,
+        net,
+        tun_index,
+        gossip: None,
+        own_slot,
+        endpoints,
+        record,
+        record_raw,
+        hints: BTreeMap::new(),
+        last_specs: Vec::new(),
+        published_revocations: HashSet::new(),
+        last_persist: Instant::now(),
+    };
+    node.push_peers().await;
+    node.start_gossip().await?;
+    ready(&Ready {
+        name: node.cert.name.clone(),
+        mesh_ip,
+        subnet: subnet_string(&params.range, own_slot),
+    });
+    info!(name = %node.cert.name, mesh = %params.mesh, address = %mesh_ip, "meshd running");
+
+    let exit = node.main_loop(control_rx, api_rx, &shutdown).await;
+
+    if let Some(g) = node.gossip.take() {
+        g.shutdown().await;
+    }
+    api_stop.cancel();
+    dev_stop.cancel();
+    match &exit {
+        Ok(Exit::Shutdown) | Err(_) => {
+            if let Err(e) = node.persist() {
+                error!(error = %e, "saving the member cache failed");
+            }
+        }
+        Ok(Exit::Left) => {
+            node.state.remove_node()?;
+        }
+        Ok(Exit::Removed) => {
+            let _ = node.persist();
+        }
+    }
+    // Give the API server a moment to remove its socket; the TUN device goes with the process.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while node.socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    exit
+}
+
+impl Node {
+    async fn main_loop(
+        &mut self,
+        mut control_rx: mpsc::Receiver<crate::mesh::device::ControlFrame>,
+        mut api_rx: mpsc::Receiver<ApiCall>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Exit> {
+        let mut tick = tokio::time::interval(RECONCILE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(ENDPOINT_RESCAN);
+        rescan.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                _ = tick.tick() => {
+                    if let Some(exit) = self.reconcile().await? {
+                        return Ok(exit);
+                    }
+                }
+                Some((frame, from)) = control_rx.recv() => self.on_control_frame(&frame, from).await,
+                Some(call) = api_rx.recv() => {
+                    if let Some(exit) = self.on_api(call).await {
+                        return Ok(exit);
+                    }
+                }
+                _ = rescan.tick() => self.refresh_endpoints().await,
+            }
+        }
+    }
+
+    fn mesh_ip(&self) -> Ipv4Addr {
+        self.m.params.range.node_ip(self.own_slot)
+    }
+
+    async fn start_gossip(&mut self) -> anyhow::Result<()> {
+        let me = self.cert.node_id;
+        let assign = self.m.assignments();
+        let seeds: Vec<SocketAddr> = assign
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, a)| SocketAddr::from((self.m.params.range.node_ip(a.slot), GOSSIP_PORT)))
+            .collect();
+        let mut initial = vec![
+            (KEY_CERT.to_string(), self.cert.raw.to_b64()),
+            (KEY_RECORD.to_string(), self.record_raw.to_b64()),
+        ];
+        self.published_revocations.clear();
+        for r in self.m.revocations() {
+            initial.push((format!("{PREFIX_REVOCATION}{}", r.node_id), r.raw.to_b64()));
+            self.published_revocations.insert(r.node_id);
+        }
+        let cfg = GossipConfig {
+            node_id: me,
+            addr: SocketAddr::from((self.mesh_ip(), GOSSIP_PORT)),
+            cluster_id: format!("meshd-{}", self.m.params.mesh.short()),
+            seeds,
+            initial,
+        };
+        let transport = DeviceBoundUdp {
+            ifname: self.config.tun.clone(),
+        };
+        self.gossip = Some(Gossip::start(cfg, &transport).await?);
+        Ok(())
+    }
+
+    /// Sign and publish a new version of this node's record.
+    async fn publish_record(&mut self) {
+        self.record.seq = unix_now_ms().max(self.record.seq + 1);
+        self.record.endpoints = self.endpoints.clone();
+        self.record.slot_k = self.config.slot_k;
+        self.record_raw = sign_record(&self.keys, &self.record);
+        let _ = self.m.ingest_record(self.cert.node_id, &self.record_raw);
+        if let Some(g) = &self.gossip {
+            g.set(KEY_RECORD, self.record_raw.to_b64()).await;
+        }
+    }
+
+    async fn push_peers(&mut self) {
+        let specs = self.m.peer_specs(&self.hints);
+        if specs != self.last_specs {
+            self.device.set_peers(&specs).await;
+            self.last_specs = specs;
+        }
+    }
+
+    fn persist(&mut self) -> anyhow::Result<()> {
+        self.state.save_members(&self.m.to_cache())?;
+        self.m.dirty = false;
+        self.last_persist = Instant::now();
+        Ok(())
+    }
+
+    async fn reconcile(&mut self) -> anyhow::Result<Option<Exit>> {
+        let now = unix_now();
+        if let Some(g) = &mut self.gossip {
+            g.poll(&mut self.m, now).await;
+        }
+        for name in self.m.prune(now) {
+            info!(member = %name, "forgetting a member that has not been seen for too long");
+        }
+        if self.m.is_revoked(&self.cert.node_id, &self.cert.wireguard) {
+            error!("this node was removed from the mesh by an administrator; shutting down");
+            return Ok(Some(Exit::Removed));
+        }
+        self.follow_own_slot().await?;
+        self.push_peers().await;
+        // Spread every revocation this node knows.
+        if let Some(g) = &self.gossip {
+            let new: Vec<_> = self
+                .m
+                .revocations()
+                .filter(|r| !self.published_revocations.contains(&r.node_id))
+                .map(|r| (r.node_id, r.raw.to_b64()))
+                .collect();
+            for (id, raw) in new {
+                g.set(&format!("{PREFIX_REVOCATION}{id}"), raw).await;
+                self.published_revocations.insert(id);
+            }
+        }
+        if self.m.dirty && self.last_persist.elapsed() >= Duration::from_secs(1) {
+            if let Err(e) = self.persist() {
+                error!(error = %e, "saving the member cache failed");
+            }
+        }
+        Ok(None)
+    }
+
+    /// If the deterministic rule moved this node (it lost a slot conflict), follow: new claim,
+    /// new address, gossip restarted on it.
+    async fn follow_own_slot(&mut self) -> anyhow::Result<()> {
+        let Some(a) = self.m.assignments().get(&self.cert.node_id).copied() else {
+            return Ok(());
+        };
+        if a.k == self.config.slot_k && a.slot == self.own_slot {
+            return Ok(());
+        }
+        warn!(
+            from = %subnet_string(&self.m.params.range, self.own_slot),
+            to = %subnet_string(&self.m.params.range, a.slot),
+            "subnet conflict lost to an earlier member; moving"
+        );
+        self.config.slot_k = a.k;
+        self.state.save_node(&self.config)?;
+        self.m.set_admitted_k(self.cert.node_id, a.k);
+        if a.slot != self.own_slot {
+            self.own_slot = a.slot;
+            let ip = self.mesh_ip();
+            self.net.replace_address(self.tun_index, ip, self.m.params.range.prefix).await?;
+            self.device.set_own_slot(a.slot);
+            if let Some(g) = self.gossip.take() {
+                g.shutdown().await;
+            }
+            self.start_gossip().await?;
+        }
+        self.publish_record().await;
+        Ok(())
+    }
+
+    async fn refresh_endpoints(&mut self) {
+        let e = setup::effective_endpoints(&self.config.endpoints, self.config.port, &self.config.tun, &self.m.params.range);
+        if e != self.endpoints {
+            info!(endpoints = ?e, "endpoints changed");
+            self.endpoints = e;
+            self.publish_record().await;
+        }
+    }
+
+    async fn on_api(&mut self, call: ApiCall) -> Option<Exit> {
+        let (result, exit): (ApiResult, Option<Exit>) = match call.request {
+            ApiRequest::Status => (Ok(serde_json::to_value(self.status()).expect("serializable")), None),
+            ApiRequest::Invite(r) => (self.invite(r), None),
+            ApiRequest::Remove(r) => (self.remove(r).await, None),
+            ApiRequest::Leave => match self.leave().await {
+                Ok(v) => (Ok(v), Some(Exit::Left)),
+                Err(e) => (Err(e), None),
+            },
+        };
+        let _ = call.reply.send(result);
+        exit
+    }
+
+    /// Announce the departure and give gossip a few rounds to carry it.
+    async fn leave(&mut self) -> ApiResult {
+        self.record.left = true;
+        self.publish_record().await;
+        let others_alive = self
+            .m
+            .active()
+            .any(|x| x.cert.node_id != self.cert.node_id && x.liveness == crate::gossip::Liveness::Alive);
+        if others_alive {
+            tokio::time::sleep(crate::constants::GOSSIP_INTERVAL * 5).await;
+        }
+        info!("left the mesh");
+        serde_json::to_value(LeaveResponse {
+            name: self.cert.name.clone(),
+            subnet: subnet_string(&self.m.params.range, self.own_slot),
+        })
+        .map_err(|e| ApiFailure::internal(e.to_string()))
+    }
+}

@@ -1,0 +1,91 @@
+//! Answering joiners: any member can be the seed.
+
+use super::Node;
+use crate::join::{decide, decode_frame, encode_frame, peek_request_node, Frame, JoinAccept};
+use crate::trust::{Context, Signed};
+use crate::util::unix_now;
+use std::net::SocketAddr;
+use tracing::{debug, info, warn};
+
+/// Keep acceptances well inside one datagram: members beyond this come by gossip.
+const ACCEPT_BUDGET: usize = 8 * 1024;
+
+impl Node {
+    pub(super) async fn on_control_frame(&mut self, frame: &[u8], from: SocketAddr) {
+        let raw = match decode_frame(frame) {
+            Ok(Frame::Request(raw)) => raw,
+            Ok(_) => return, // answers for a joiner, not for a running node
+            Err(e) => {
+                debug!(%from, error = %e, "ignoring a malformed control frame");
+                return;
+            }
+        };
+        let now = unix_now();
+        match decide(&self.m, &raw, now) {
+            Ok(adm) => {
+                let id = adm.cert.node_id;
+                let name = adm.cert.name.clone();
+                if let Err(e) = self.m.ingest_cert(&adm.cert.raw, now) {
+                    warn!(%from, error = %e, "join passed checks but the certificate was not accepted");
+                    return;
+                }
+                self.m.set_admitted_k(id, adm.slot_k);
+                self.hints.insert(id, from);
+                let accept = self.acceptance(&adm.cert.identity, adm.request.nonce, adm.slot_k, from, &id);
+                let signed = Signed::sign(Context::JoinAccept, &accept, &self.keys.identity);
+                self.push_peers().await;
+                self.device.send_control(&encode_frame(&Frame::Accept(signed)), from).await;
+                info!(node = %name, %from, slot_k = adm.slot_k, "admitted a new member");
+                let _ = self.persist();
+            }
+            Err(refusal) => {
+                let who = peek_request_node(&raw).map(|(_, n)| n).unwrap_or_else(|| "?".into());
+                warn!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
+                self.device.send_control(&encode_frame(&Frame::Refuse(refusal)), from).await;
+            }
+        }
+    }
+
+    fn acceptance(
+        &self,
+        joiner: &[u8; 32],
+        nonce: [u8; 16],
+        slot_k: u32,
+        observed: SocketAddr,
+        joiner_id: &crate::trust::NodeId,
+    ) -> JoinAccept {
+        let mut budget = ACCEPT_BUDGET;
+        let revocations: Vec<Signed> = self
+            .m
+            .revocations()
+            .map(|r| r.raw.clone())
+            .take_while(|r| {
+                let n = r.body.len() + r.sig.len() + 8;
+                budget = budget.saturating_sub(n);
+                budget > 0
+            })
+            .collect();
+        let mut members = Vec::new();
+        for x in self.m.active() {
+            if x.cert.node_id == self.cert.node_id || x.cert.node_id == *joiner_id || x.record_raw.is_none() {
+                continue;
+            }
+            let n = x.cert.raw.body.len() + x.record_raw.as_ref().map_or(0, |r| r.body.len()) + 160;
+            if n > budget {
+                break;
+            }
+            budget -= n;
+            members.push((x.cert.raw.clone(), x.record_raw.clone()));
+        }
+        JoinAccept {
+            nonce,
+            joiner: *joiner,
+            slot_k,
+            observed,
+            seed_cert: self.cert.raw.clone(),
+            seed_record: self.record_raw.clone(),
+            members,
+            revocations,
+        }
+    }
+}
