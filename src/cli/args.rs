@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "meshd", version, about = "meshd: a self-hosted mesh VPN with no central server")]
+#[command(
+    name = "meshd",
+    version,
+    about = "meshd: a self-hosted mesh VPN with no central server"
+)]
 pub struct MeshdCli {
     #[command(subcommand)]
     pub command: MeshdCommand,
@@ -90,7 +94,11 @@ pub enum MeshdCommand {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "meshctl", version, about = "Inspect and administer the local meshd node")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Inspect and administer the local meshd node"
+)]
 pub struct MeshctlCli {
     /// Control socket of the meshd to talk to.
     #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET, global = true)]

@@ -51,7 +51,10 @@ pub fn status(s: &StatusReport) -> String {
         }
     );
     if s.peers.is_empty() {
-        let _ = writeln!(o, "\nno peers yet: run `meshctl invite` and `meshd join` on another machine");
+        let _ = writeln!(
+            o,
+            "\nno peers yet: run `meshctl invite` and `meshd join` on another machine"
+        );
         return o;
     }
     let rows: Vec<[String; 7]> = s
@@ -60,7 +63,11 @@ pub fn status(s: &StatusReport) -> String {
         .map(|p| {
             [
                 p.name.clone(),
-                if p.mesh_ip.is_empty() { "-".into() } else { p.mesh_ip.clone() },
+                if p.mesh_ip.is_empty() {
+                    "-".into()
+                } else {
+                    p.mesh_ip.clone()
+                },
                 match p.state {
                     PeerState::Online => "online",
                     PeerState::Connecting => "connecting",
@@ -76,7 +83,15 @@ pub fn status(s: &StatusReport) -> String {
             ]
         })
         .collect();
-    let header = ["NAME", "MESH IP", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
+    let header = [
+        "NAME",
+        "MESH IP",
+        "STATE",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ];
     let mut w = header.map(|h| h.chars().count());
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -99,7 +114,11 @@ pub fn status(s: &StatusReport) -> String {
     let _ = writeln!(o);
     let _ = writeln!(o, "{}", line(header));
     for r in &rows {
-        let _ = writeln!(o, "{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
+        let _ = writeln!(
+            o,
+            "{}",
+            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]])
+        );
     }
     o
 }
@@ -148,7 +167,14 @@ mod tests {
         let out = status(&s);
         assert!(out.contains("alpha  10.210.1.1  subnet 10.210.1.0/24"));
         let peer_line = out.lines().find(|l| l.starts_with("beta")).unwrap();
-        for part in ["10.210.2.1", "online", "198.51.100.2:51820", "12s ago", "1.2 KiB", "10 B"] {
+        for part in [
+            "10.210.2.1",
+            "online",
+            "198.51.100.2:51820",
+            "12s ago",
+            "1.2 KiB",
+            "10 B",
+        ] {
             assert!(peer_line.contains(part), "{peer_line}");
         }
     }

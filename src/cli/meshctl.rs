@@ -64,7 +64,10 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
         }
         MeshctlCommand::Remove { node } => {
             let r: RemoveResponse = c.post("/v1/remove", &RemoveRequest { node }).await?;
-            println!("removed {} ({}); the revocation is spreading to every member", r.name, r.node_id);
+            println!(
+                "removed {} ({}); the revocation is spreading to every member",
+                r.name, r.node_id
+            );
         }
     }
     Ok(())

@@ -33,8 +33,18 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        MeshdCommand::Init { node, cidr, domain, paths } => init(node, cidr, domain, paths).await,
-        MeshdCommand::Join { token, node, bootstrap, paths } => join(token, node, bootstrap, paths).await,
+        MeshdCommand::Init {
+            node,
+            cidr,
+            domain,
+            paths,
+        } => init(node, cidr, domain, paths).await,
+        MeshdCommand::Join {
+            token,
+            node,
+            bootstrap,
+            paths,
+        } => join(token, node, bootstrap, paths).await,
         MeshdCommand::Run { paths } => run_node(&paths, None, |_| {}).await,
         MeshdCommand::Leave { paths } => leave(&paths).await,
         MeshdCommand::Demo { nodes, once } => crate::demo::run(nodes, once).await,
@@ -73,7 +83,9 @@ fn node_name(arg: &Option<String>) -> anyhow::Result<String> {
 fn endpoints(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     node.endpoints
         .iter()
-        .map(|e| setup::parse_endpoint(e, node.port).map_err(|m| anyhow::anyhow!("--endpoint: {m}")))
+        .map(|e| {
+            setup::parse_endpoint(e, node.port).map_err(|m| anyhow::anyhow!("--endpoint: {m}"))
+        })
         .collect()
 }
 
@@ -83,9 +95,16 @@ fn print_join_line(token: &Token) {
     let _ = out.flush();
 }
 
-async fn init(node: NodeArgs, cidr: String, domain: String, paths: Paths) -> anyhow::Result<ExitCode> {
+async fn init(
+    node: NodeArgs,
+    cidr: String,
+    domain: String,
+    paths: Paths,
+) -> anyhow::Result<ExitCode> {
     let name = node_name(&node.name)?;
-    let range: MeshRange = cidr.parse().map_err(|e: String| anyhow::anyhow!("--cidr: {e}"))?;
+    let range: MeshRange = cidr
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--cidr: {e}"))?;
     validate_domain(&domain)?;
     let state = StateDir::new(&paths.state_dir);
     let p = InitParams {
@@ -122,14 +141,22 @@ fn validate_domain(d: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn join(token: String, node: NodeArgs, bootstrap: Vec<String>, paths: Paths) -> anyhow::Result<ExitCode> {
+async fn join(
+    token: String,
+    node: NodeArgs,
+    bootstrap: Vec<String>,
+    paths: Paths,
+) -> anyhow::Result<ExitCode> {
     let token = Token::decode(&token).map_err(|e| {
         anyhow::anyhow!("this join token is not usable: {e}. Copy the whole line printed by `meshd init` or `meshctl invite`")
     })?;
     let name = node_name(&node.name)?;
     let bootstrap = bootstrap
         .iter()
-        .map(|b| setup::parse_endpoint(b, crate::constants::DEFAULT_PORT).map_err(|m| anyhow::anyhow!("--bootstrap: {m}")))
+        .map(|b| {
+            setup::parse_endpoint(b, crate::constants::DEFAULT_PORT)
+                .map_err(|m| anyhow::anyhow!("--bootstrap: {m}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let state = StateDir::new(&paths.state_dir);
     let p = JoinParams {
@@ -142,7 +169,13 @@ async fn join(token: String, node: NodeArgs, bootstrap: Vec<String>, paths: Path
     let udp = setup::join_mesh(&state, &token, &p, unix_now()).await?;
     drop(state);
     run_node(&paths, Some(udp), |r: &Ready| {
-        eprintln!("joined mesh {} as {} at {} ({})", token.mesh(), r.name, r.mesh_ip, r.subnet);
+        eprintln!(
+            "joined mesh {} as {} at {} ({})",
+            token.mesh(),
+            r.name,
+            r.mesh_ip,
+            r.subnet
+        );
     })
     .await
 }
@@ -171,7 +204,10 @@ async fn run_node(
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             return;
         };
         tokio::select! {

@@ -15,6 +15,8 @@ pub fn init_logging(default: &str) {
     let filter = std::env::var("MESHD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_string());
+    // netlink-packet-route warns about every attribute newer kernels add; that is noise here.
+    let filter = format!("netlink_packet_route=error,netlink_packet_core=error,{filter}");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -90,6 +90,9 @@ pub struct Gossip {
     /// Last (node, key) -> version processed, so unchanged values are not re-verified.
     seen: HashMap<(ChitchatId, String), u64>,
     rejected_logged: HashSet<(ChitchatId, String, u64)>,
+    /// When each node was first heard of in gossip. chitchat reports a node as dead until it has
+    /// seen two heartbeats, so a node just heard of is not yet "offline".
+    first_heard: HashMap<NodeId, Instant>,
 }
 
 impl Gossip {
@@ -120,6 +123,7 @@ impl Gossip {
             started: Instant::now(),
             seen: HashMap::new(),
             rejected_logged: HashSet::new(),
+            first_heard: HashMap::new(),
         })
     }
 
@@ -228,12 +232,23 @@ impl Gossip {
             }
         }
 
+        let now_i = Instant::now();
+        for id in &known {
+            self.first_heard.entry(*id).or_insert(now_i);
+        }
         let past_grace = self.started.elapsed() > UNHEARD_GRACE;
         let ids: Vec<(NodeId, Liveness)> = m.all().map(|x| (x.cert.node_id, x.liveness)).collect();
         for (id, before) in ids {
+            let heard_long_ago = self
+                .first_heard
+                .get(&id)
+                .is_some_and(|t| now_i.duration_since(*t) > UNHEARD_GRACE);
             let now_l = if live.contains(&id) {
                 Liveness::Alive
-            } else if known.contains(&id) || past_grace {
+            } else if before == Liveness::Alive
+                || heard_long_ago
+                || (!known.contains(&id) && past_grace)
+            {
                 Liveness::Dead
             } else {
                 before

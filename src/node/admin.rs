@@ -2,7 +2,9 @@
 
 use super::Node;
 use crate::constants::{DEFAULT_INVITE_TTL, TOKEN_BOOTSTRAP_MEMBERS};
-use crate::control::{ApiFailure, ApiResult, InviteRequest, InviteResponse, RemoveRequest, RemoveResponse};
+use crate::control::{
+    ApiFailure, ApiResult, InviteRequest, InviteResponse, RemoveRequest, RemoveResponse,
+};
 use crate::gossip::Liveness;
 use crate::trust::{Bootstrap, NodeId, Revocation, RevocationBody};
 use crate::util::unix_now;
@@ -19,9 +21,14 @@ impl Node {
                 "{NOT_ADMIN} make invites; run meshctl invite on an admin node (the one that ran meshd init)"
             ))
         })?;
-        let ttl = r.expires_secs.map(Duration::from_secs).unwrap_or(DEFAULT_INVITE_TTL);
+        let ttl = r
+            .expires_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_INVITE_TTL);
         if ttl.is_zero() || ttl > MAX_INVITE_TTL {
-            return Err(ApiFailure::bad_request("--expires must be between 1s and 365d"));
+            return Err(ApiFailure::bad_request(
+                "--expires must be between 1s and 365d",
+            ));
         }
         if r.uses == Some(0) {
             return Err(ApiFailure::bad_request("--uses must be at least 1"));
@@ -44,8 +51,12 @@ impl Node {
             if x.cert.node_id == self.cert.node_id || x.liveness != Liveness::Alive {
                 continue;
             }
-            let live_tunnel = stats.iter().find(|s| s.node_id == x.cert.node_id).and_then(|s| s.endpoint);
-            let addr = live_tunnel.or_else(|| x.record.as_ref().and_then(|r| r.endpoints.first().copied()));
+            let live_tunnel = stats
+                .iter()
+                .find(|s| s.node_id == x.cert.node_id)
+                .and_then(|s| s.endpoint);
+            let addr = live_tunnel
+                .or_else(|| x.record.as_ref().and_then(|r| r.endpoints.first().copied()));
             if let Some(addr) = addr {
                 bootstrap.push(Bootstrap {
                     addr,
@@ -83,7 +94,10 @@ impl Node {
             .and_then(|id| self.m.get(&id))
             .or_else(|| self.m.by_name(&r.node))
             .ok_or_else(|| {
-                ApiFailure::not_found(format!("no member named {:?}; `meshctl status` lists the members", r.node))
+                ApiFailure::not_found(format!(
+                    "no member named {:?}; `meshctl status` lists the members",
+                    r.node
+                ))
             })?;
         if target.cert.node_id == self.cert.node_id {
             return Err(ApiFailure::bad_request(

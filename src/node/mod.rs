@@ -11,9 +11,11 @@ mod seed;
 pub mod setup;
 
 use crate::constants::{ENDPOINT_RESCAN, GOSSIP_PORT, RECONCILE_TICK, TUN_MTU};
-use crate::control::{server as api_server, ApiCall, ApiFailure, ApiRequest, ApiResult, LeaveResponse};
+use crate::control::{
+    server as api_server, ApiCall, ApiFailure, ApiRequest, ApiResult, LeaveResponse,
+};
 use crate::gossip::chitchat_glue::{DeviceBoundUdp, KEY_CERT, KEY_RECORD, PREFIX_REVOCATION};
-use crate::gossip::{Gossip, GossipConfig, MeshParams, Membership};
+use crate::gossip::{Gossip, GossipConfig, Membership, MeshParams};
 use crate::join::sign_record;
 use crate::mesh::addressing::subnet_string;
 use crate::mesh::linux::{LinuxTun, LinuxUdp, NetConfig};
@@ -104,7 +106,8 @@ pub async fn run(
     };
     let mesh = config.mesh_id().map_err(corrupt)?;
     let cert_raw = config.cert_signed().map_err(corrupt)?;
-    let cert = Cert::verify(&cert_raw, &mesh).map_err(|e| corrupt(format!("own certificate: {e}")))?;
+    let cert =
+        Cert::verify(&cert_raw, &mesh).map_err(|e| corrupt(format!("own certificate: {e}")))?;
     if cert.wireguard != keys.wg_public() || cert.identity != keys.identity_public() {
         return Err(corrupt("the certificate does not match node.key".into()).into());
     }
@@ -133,7 +136,12 @@ pub async fn run(
         .assignments()
         .get(&cert.node_id)
         .map(|a| a.slot)
-        .ok_or_else(|| anyhow::anyhow!("the mesh range {} has no free /24 for this node", params.range))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the mesh range {} has no free /24 for this node",
+                params.range
+            )
+        })?;
     let mesh_ip = params.range.node_ip(own_slot);
 
     let udp = match udp {
@@ -143,19 +151,27 @@ pub async fn run(
     let tun = LinuxTun::create(&config.tun)?;
     let tun_index = tun.index;
     let net = NetConfig::new()?;
-    net.configure_tun(tun_index, mesh_ip, params.range.prefix, TUN_MTU).await?;
+    net.configure_tun(tun_index, mesh_ip, params.range.prefix, TUN_MTU)
+        .await?;
     info!(tun = %config.tun, address = %mesh_ip, subnet = %subnet_string(&params.range, own_slot), "TUN device up");
 
-    let (device, control_rx) = Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
+    let (device, control_rx) =
+        Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
     let dev_stop = CancellationToken::new();
     tokio::spawn(device.clone().run(dev_stop.clone()));
 
     let listener = api_server::bind(&opts.socket)?;
     let (api_tx, api_rx) = mpsc::channel::<ApiCall>(64);
     let api_stop = CancellationToken::new();
-    tokio::spawn(api_server::serve(listener, opts.socket.clone(), api_tx, api_stop.clone()));
+    tokio::spawn(api_server::serve(
+        listener,
+        opts.socket.clone(),
+        api_tx,
+        api_stop.clone(),
+    ));
 
-    let endpoints = setup::effective_endpoints(&config.endpoints, config.port, &config.tun, &params.range);
+    let endpoints =
+        setup::effective_endpoints(&config.endpoints, config.port, &config.tun, &params.range);
     let record = NodeRecord {
         identity: keys.identity_public(),
         seq: unix_now_ms(),
@@ -371,7 +387,9 @@ impl Node {
         if a.slot != self.own_slot {
             self.own_slot = a.slot;
             let ip = self.mesh_ip();
-            self.net.replace_address(self.tun_index, ip, self.m.params.range.prefix).await?;
+            self.net
+                .replace_address(self.tun_index, ip, self.m.params.range.prefix)
+                .await?;
             self.device.set_own_slot(a.slot);
             if let Some(g) = self.gossip.take() {
                 g.shutdown().await;
@@ -383,7 +401,12 @@ impl Node {
     }
 
     async fn refresh_endpoints(&mut self) {
-        let e = setup::effective_endpoints(&self.config.endpoints, self.config.port, &self.config.tun, &self.m.params.range);
+        let e = setup::effective_endpoints(
+            &self.config.endpoints,
+            self.config.port,
+            &self.config.tun,
+            &self.m.params.range,
+        );
         if e != self.endpoints {
             info!(endpoints = ?e, "endpoints changed");
             self.endpoints = e;
@@ -393,7 +416,10 @@ impl Node {
 
     async fn on_api(&mut self, call: ApiCall) -> Option<Exit> {
         let (result, exit): (ApiResult, Option<Exit>) = match call.request {
-            ApiRequest::Status => (Ok(serde_json::to_value(self.status()).expect("serializable")), None),
+            ApiRequest::Status => (
+                Ok(serde_json::to_value(self.status()).expect("serializable")),
+                None,
+            ),
             ApiRequest::Invite(r) => (self.invite(r), None),
             ApiRequest::Remove(r) => (self.remove(r).await, None),
             ApiRequest::Leave => match self.leave().await {
@@ -409,10 +435,9 @@ impl Node {
     async fn leave(&mut self) -> ApiResult {
         self.record.left = true;
         self.publish_record().await;
-        let others_alive = self
-            .m
-            .active()
-            .any(|x| x.cert.node_id != self.cert.node_id && x.liveness == crate::gossip::Liveness::Alive);
+        let others_alive = self.m.active().any(|x| {
+            x.cert.node_id != self.cert.node_id && x.liveness == crate::gossip::Liveness::Alive
+        });
         if others_alive {
             tokio::time::sleep(crate::constants::GOSSIP_INTERVAL * 5).await;
         }

@@ -1,8 +1,8 @@
 //! `meshctl status`: this node and one line per peer.
 
 use super::Node;
-use crate::control::{MeshStatus, PeerReport, PeerState, SelfStatus, StatusReport};
 use crate::constants::REJECT_AFTER_TIME;
+use crate::control::{MeshStatus, PeerReport, PeerState, SelfStatus, StatusReport};
 use crate::gossip::Liveness;
 use crate::mesh::addressing::subnet_string;
 use crate::util::b64;
@@ -10,7 +10,12 @@ use std::collections::HashMap;
 
 impl Node {
     pub(super) fn status(&self) -> StatusReport {
-        let stats: HashMap<_, _> = self.device.stats().into_iter().map(|s| (s.node_id, s)).collect();
+        let stats: HashMap<_, _> = self
+            .device
+            .stats()
+            .into_iter()
+            .map(|s| (s.node_id, s))
+            .collect();
         let assign = self.m.assignments();
         let range = &self.m.params.range;
         let mut peers: Vec<PeerReport> = self
@@ -31,7 +36,9 @@ impl Node {
                 PeerReport {
                     name: x.cert.name.clone(),
                     node_id: x.cert.node_id.to_string(),
-                    mesh_ip: slot.map(|s| range.node_ip(s).to_string()).unwrap_or_default(),
+                    mesh_ip: slot
+                        .map(|s| range.node_ip(s).to_string())
+                        .unwrap_or_default(),
                     subnet: slot.map(|s| subnet_string(range, s)).unwrap_or_default(),
                     state,
                     online: state == PeerState::Online,

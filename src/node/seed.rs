@@ -31,17 +31,24 @@ impl Node {
                 }
                 self.m.set_admitted_k(id, adm.slot_k);
                 self.hints.insert(id, from);
-                let accept = self.acceptance(&adm.cert.identity, adm.request.nonce, adm.slot_k, from, &id);
+                let accept =
+                    self.acceptance(&adm.cert.identity, adm.request.nonce, adm.slot_k, from, &id);
                 let signed = Signed::sign(Context::JoinAccept, &accept, &self.keys.identity);
                 self.push_peers().await;
-                self.device.send_control(&encode_frame(&Frame::Accept(signed)), from).await;
+                self.device
+                    .send_control(&encode_frame(&Frame::Accept(signed)), from)
+                    .await;
                 info!(node = %name, %from, slot_k = adm.slot_k, "admitted a new member");
                 let _ = self.persist();
             }
             Err(refusal) => {
-                let who = peek_request_node(&raw).map(|(_, n)| n).unwrap_or_else(|| "?".into());
+                let who = peek_request_node(&raw)
+                    .map(|(_, n)| n)
+                    .unwrap_or_else(|| "?".into());
                 warn!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
-                self.device.send_control(&encode_frame(&Frame::Refuse(refusal)), from).await;
+                self.device
+                    .send_control(&encode_frame(&Frame::Refuse(refusal)), from)
+                    .await;
             }
         }
     }
@@ -67,7 +74,10 @@ impl Node {
             .collect();
         let mut members = Vec::new();
         for x in self.m.active() {
-            if x.cert.node_id == self.cert.node_id || x.cert.node_id == *joiner_id || x.record_raw.is_none() {
+            if x.cert.node_id == self.cert.node_id
+                || x.cert.node_id == *joiner_id
+                || x.record_raw.is_none()
+            {
                 continue;
             }
             let n = x.cert.raw.body.len() + x.record_raw.as_ref().map_or(0, |r| r.body.len()) + 160;

@@ -6,7 +6,9 @@ use crate::constants::{DEFAULT_INVITE_TTL, TOKEN_BOOTSTRAP_MEMBERS};
 use crate::join::{self, JoinError};
 use crate::mesh::addressing::MeshRange;
 use crate::mesh::linux::{local_addresses, LinuxUdp};
-use crate::state::{encode_key, BootstrapEntry, CachedMember, MemberCache, NodeConfig, StateDir, STATE_VERSION};
+use crate::state::{
+    encode_key, BootstrapEntry, CachedMember, MemberCache, NodeConfig, StateDir, STATE_VERSION,
+};
 use crate::trust::{Bootstrap, Cert, InviteBody, MeshId, NodeCertBody, NodeKeys, RootKey, Token};
 use ed25519_dalek::SigningKey;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -30,11 +32,19 @@ pub struct JoinParams {
 }
 
 /// Endpoints to publish: the explicit ones, or the machine's addresses with the port.
-pub fn effective_endpoints(explicit: &[SocketAddr], port: u16, tun: &str, range: &MeshRange) -> Vec<SocketAddr> {
+pub fn effective_endpoints(
+    explicit: &[SocketAddr],
+    port: u16,
+    tun: &str,
+    range: &MeshRange,
+) -> Vec<SocketAddr> {
     if !explicit.is_empty() {
         return explicit.to_vec();
     }
-    local_addresses(tun, range).into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+    local_addresses(tun, range)
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
 }
 
 /// Make an invite and its token. `bootstrap` are members the joiner can contact.
@@ -70,7 +80,15 @@ pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result
     let keys = NodeKeys::generate();
     // The first node joins through an invite of its own, so every certificate has the same
     // chain root -> invite -> node.
-    let own = make_token(&root, p.range, &p.domain, Duration::from_secs(3600), Some(1), vec![], now);
+    let own = make_token(
+        &root,
+        p.range,
+        &p.domain,
+        Duration::from_secs(3600),
+        Some(1),
+        vec![],
+        now,
+    );
     let cert = NodeCertBody {
         invite: own.invite_raw.clone(),
         name: p.name.clone(),
@@ -120,7 +138,12 @@ pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result
 
 /// `meshd join`: ask a bootstrap member to admit this machine, then write its state. Returns the
 /// UDP socket the join used, so the node keeps the port the seed saw.
-pub async fn join_mesh(state: &StateDir, token: &Token, p: &JoinParams, now: u64) -> anyhow::Result<LinuxUdp> {
+pub async fn join_mesh(
+    state: &StateDir,
+    token: &Token,
+    p: &JoinParams,
+    now: u64,
+) -> anyhow::Result<LinuxUdp> {
     if state.is_initialized() {
         if let Ok(c) = state.load_node() {
             if let Ok(m) = c.mesh_id() {
@@ -260,9 +283,20 @@ mod tests {
 
     #[test]
     fn endpoints_parse_with_clear_errors() {
-        assert_eq!(parse_endpoint("192.0.2.1:1", 9).unwrap(), "192.0.2.1:1".parse().unwrap());
-        assert_eq!(parse_endpoint("192.0.2.1", 9).unwrap(), "192.0.2.1:9".parse().unwrap());
-        assert_eq!(parse_endpoint("[2001:db8::1]:5", 9).unwrap(), "[2001:db8::1]:5".parse().unwrap());
-        assert!(parse_endpoint("example.com:5", 9).unwrap_err().contains("ADDRESS:PORT"));
+        assert_eq!(
+            parse_endpoint("192.0.2.1:1", 9).unwrap(),
+            "192.0.2.1:1".parse().unwrap()
+        );
+        assert_eq!(
+            parse_endpoint("192.0.2.1", 9).unwrap(),
+            "192.0.2.1:9".parse().unwrap()
+        );
+        assert_eq!(
+            parse_endpoint("[2001:db8::1]:5", 9).unwrap(),
+            "[2001:db8::1]:5".parse().unwrap()
+        );
+        assert!(parse_endpoint("example.com:5", 9)
+            .unwrap_err()
+            .contains("ADDRESS:PORT"));
     }
 }

@@ -40,6 +40,18 @@ pub struct Token {
     seal_raw: Signed,
 }
 
+/// Never prints the invite secret.
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("mesh", &self.invite.mesh)
+            .field("expires_at", &self.invite.expires_at)
+            .field("max_uses", &self.invite.max_uses)
+            .field("bootstrap", &self.bootstrap)
+            .finish()
+    }
+}
+
 impl Token {
     /// Make a token. `invite.invite_key` must be `secret`'s public key.
     pub fn create(

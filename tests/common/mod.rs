@@ -1,0 +1,339 @@
+//! End-to-end harness: real `meshd` processes, each in its own network namespace on a bridge.
+//!
+//! ```text
+//!   [<lab>-1]          [<lab>-2]          [<lab>-N]        one namespace per machine
+//!   meshd, mesh0       meshd, mesh0       meshd, mesh0
+//!   eth0 198.51.100.1  eth0 198.51.100.2  eth0 198.51.100.N
+//!        \                  |                  /
+//!         +---------- br0 in [<lab>-hub] -----+
+//! ```
+//!
+//! Every wait has a deadline; dropping the [`Lab`] (also when a test panics) stops every daemon
+//! and deletes every namespace it made, and prints the daemons' logs if the test failed.
+
+#![allow(dead_code)]
+
+use meshd::control::StatusReport;
+use meshd::netns::{Lan, Netns};
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+pub const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+pub struct Daemon {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+pub struct Lab {
+    pub name: String,
+    daemons: Vec<Option<Daemon>>,
+    pub lan: Option<Lan>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// A LAN of `hosts` machines for test `name` (unique per test; namespaces are prefixed with
+    /// the process id so concurrent runs never collide).
+    pub fn new(name: &str, hosts: usize) -> Lab {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "end-to-end tests need root: they create network namespaces and TUN devices"
+        );
+        let prefix = format!("mt{}-{name}", std::process::id());
+        let lan =
+            Lan::create(&prefix, hosts, Ipv4Addr::new(198, 51, 100, 0)).expect("create namespaces");
+        Lab {
+            name: prefix,
+            daemons: (0..hosts).map(|_| None).collect(),
+            lan: Some(lan),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn ns(&self, h: usize) -> &Netns {
+        &self.lan.as_ref().expect("lan").hosts[h].ns
+    }
+
+    pub fn addr(&self, h: usize) -> Ipv4Addr {
+        self.lan.as_ref().expect("lan").hosts[h].addr
+    }
+
+    pub fn add_host(&mut self) -> usize {
+        let i = self
+            .lan
+            .as_mut()
+            .expect("lan")
+            .add_host()
+            .expect("add host");
+        self.daemons.push(None);
+        i
+    }
+
+    pub fn state_dir(&self, h: usize) -> PathBuf {
+        self.dir.path().join(format!("h{}", h + 1))
+    }
+
+    pub fn socket(&self, h: usize) -> PathBuf {
+        self.dir.path().join(format!("h{}.sock", h + 1))
+    }
+
+    fn log(&self, h: usize) -> PathBuf {
+        self.dir.path().join(format!("h{}.log", h + 1))
+    }
+
+    /// `meshd ARGS --state-dir .. --socket ..` inside host `h`, as a command.
+    pub fn meshd_cmd(&self, h: usize, args: &[&str]) -> Command {
+        let mut c = self.ns(h).command(MESHD);
+        c.args(args)
+            .arg("--state-dir")
+            .arg(self.state_dir(h))
+            .arg("--socket")
+            .arg(self.socket(h))
+            .env("MESHD_LOG", "info,meshd=debug");
+        c
+    }
+
+    /// Start a long-running meshd in host `h`.
+    pub fn spawn(&mut self, h: usize, args: &[&str]) {
+        assert!(self.daemons[h].is_none(), "host {h} already runs meshd");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(h))
+            .expect("log file");
+        let mut child = self
+            .meshd_cmd(h, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn meshd");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.daemons[h] = Some(Daemon { child, lines: rx });
+    }
+
+    /// `meshd init` on `h`; returns the token from its join line.
+    pub fn init(&mut self, h: usize, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["init", "--name", name];
+        args.extend_from_slice(extra);
+        self.spawn(h, &args);
+        let d = self.daemons[h].as_ref().expect("daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match d.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(t) = l.strip_prefix("meshd join ") {
+                        return t.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("meshd init on host {h} printed no join line within 30 s"),
+            }
+        }
+    }
+
+    pub fn join(&mut self, h: usize, name: &str, token: &str) {
+        self.spawn(h, &["join", token, "--name", name]);
+    }
+
+    pub fn run(&mut self, h: usize) {
+        self.spawn(h, &["run"]);
+    }
+
+    pub fn is_running(&mut self, h: usize) -> bool {
+        match self.daemons[h].as_mut() {
+            Some(d) => d.child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Wait for the daemon on `h` to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, h: usize, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let d = self.daemons[h].as_mut()?;
+        loop {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                self.daemons[h] = None;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self, h: usize) {
+        if let Some(mut d) = self.daemons[h].take() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit.
+    pub fn stop(&mut self, h: usize) {
+        if let Some(mut d) = self.daemons[h].take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = d.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = d.child.wait();
+        }
+    }
+
+    /// `meshctl --socket .. ARGS` in host `h`.
+    pub fn meshctl(&self, h: usize, args: &[&str]) -> Output {
+        self.ns(h)
+            .command(MESHCTL)
+            .arg("--socket")
+            .arg(self.socket(h))
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
+    pub fn try_status(&self, h: usize) -> Option<StatusReport> {
+        let o = self.meshctl(h, &["status", "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    pub fn status(&self, h: usize) -> StatusReport {
+        let o = self.meshctl(h, &["status", "--json"]);
+        assert!(
+            o.status.success(),
+            "meshctl status on host {h}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("status JSON")
+    }
+
+    pub fn mesh_ip(&self, h: usize) -> Ipv4Addr {
+        self.status(h).me.mesh_ip.parse().expect("mesh ip")
+    }
+
+    /// `meshctl invite ARGS` on `h`; returns the token.
+    pub fn invite(&self, h: usize, args: &[&str]) -> String {
+        let mut a = vec!["invite"];
+        a.extend_from_slice(args);
+        let o = self.meshctl(h, &a);
+        assert!(
+            o.status.success(),
+            "meshctl invite: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let s = String::from_utf8(o.stdout).expect("utf8");
+        s.trim()
+            .strip_prefix("meshd join ")
+            .expect("join line")
+            .to_string()
+    }
+
+    /// One ICMP echo over the mesh from host `from`.
+    pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
+        meshd::netns::ping(self.ns(from), to, Duration::from_millis(700)).is_ok()
+    }
+
+    /// Poll `f` until it holds or `timeout` passes; returns how long it took.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            if f() {
+                return start.elapsed();
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for: {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until every listed host reaches every other's mesh address.
+    pub fn wait_all_pairs(&self, hosts: &[usize], timeout: Duration) -> Duration {
+        let start = Instant::now();
+        let ips: Vec<Ipv4Addr> = hosts
+            .iter()
+            .map(|h| {
+                let mut ip = None;
+                self.wait_for(&format!("status of host {h}"), timeout, || {
+                    ip = self.try_status(*h).and_then(|s| s.me.mesh_ip.parse().ok());
+                    ip.is_some()
+                });
+                ip.expect("ip")
+            })
+            .collect();
+        for (i, a) in hosts.iter().enumerate() {
+            for (j, _) in hosts.iter().enumerate() {
+                if i != j {
+                    let left = timeout.saturating_sub(start.elapsed());
+                    self.wait_for(&format!("host {a} reaching {}", ips[j]), left, || {
+                        self.ping(*a, ips[j])
+                    });
+                }
+            }
+        }
+        start.elapsed()
+    }
+
+    pub fn log_text(&self, h: usize) -> String {
+        std::fs::read_to_string(self.log(h)).unwrap_or_default()
+    }
+
+    /// A command run to completion in host `h`.
+    pub fn sh(&self, h: usize, program: &str, args: &[&str]) -> Output {
+        self.ns(h)
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in 0..self.daemons.len() {
+            self.stop(h);
+        }
+        if std::thread::panicking() {
+            for h in 0..self.daemons.len() {
+                let log = self.log_text(h);
+                if !log.is_empty() {
+                    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                    eprintln!(
+                        "----- meshd log, host {} (last {} lines) -----",
+                        h + 1,
+                        tail.len()
+                    );
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        self.lan = None;
+    }
+}

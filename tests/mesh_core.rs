@@ -1,0 +1,143 @@
+//! Core mesh: formation, bootstrap through any member, restart after kill -9, offline detection.
+
+mod common;
+
+use common::Lab;
+use meshd::control::PeerState;
+use std::time::Duration;
+
+#[test]
+fn three_nodes_form_a_mesh_and_every_node_reaches_every_other() {
+    let mut lab = Lab::new("form", 3);
+    let token = lab.init(0, "alpha", &[]);
+    let start = std::time::Instant::now();
+    lab.join(1, "beta", &token);
+    lab.join(2, "gamma", &token);
+    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    println!(
+        "all-pairs reachability {:.2}s after the joins started",
+        start.elapsed().as_secs_f64()
+    );
+
+    // Status shows the mesh from every side, with the documented JSON fields.
+    for h in 0..3 {
+        let s = lab.status(h);
+        assert_eq!(s.peers.len(), 2, "host {h}: {s:?}");
+        assert!(s.me.subnet.ends_with(".0/24"));
+        assert!(s.me.mesh_ip.ends_with(".1"));
+        for p in &s.peers {
+            assert!(p.online, "host {h} sees {} as {:?}", p.name, p.state);
+            assert!(p
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("198.51.100.")));
+            assert!(p.last_handshake_secs.is_some());
+            assert!(p.rx_bytes > 0 && p.tx_bytes > 0);
+        }
+    }
+    let raw = lab.meshctl(0, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    for k in ["name", "mesh_ip", "subnet"] {
+        assert!(v["self"][k].is_string(), "self.{k} missing: {v}");
+    }
+    for k in [
+        "name",
+        "mesh_ip",
+        "subnet",
+        "online",
+        "endpoint",
+        "last_handshake_secs",
+        "rx_bytes",
+        "tx_bytes",
+    ] {
+        assert!(v["peers"][0].get(k).is_some(), "peers[].{k} missing: {v}");
+    }
+    // Subnets are distinct.
+    let subnets: std::collections::HashSet<String> =
+        (0..3).map(|h| lab.status(h).me.subnet).collect();
+    assert_eq!(subnets.len(), 3);
+    // Human output: one line per peer.
+    let human = String::from_utf8(lab.meshctl(1, &["status"]).stdout).unwrap();
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("alpha") && l.contains("online")),
+        "{human}"
+    );
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("gamma") && l.contains("online")),
+        "{human}"
+    );
+}
+
+#[test]
+fn any_member_admits_joiners_while_the_first_node_is_down_and_it_rejoins() {
+    let mut lab = Lab::new("boot", 5);
+    let token = lab.init(0, "n1", &[]);
+    lab.join(1, "n2", &token);
+    lab.join(2, "n3", &token);
+    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    // A token listing live members as bootstrap endpoints.
+    let token2 = lab.invite(0, &["--expires", "1h"]);
+    lab.stop(0);
+    // n4 joins through n2/n3 while n1 (first in the list) is down; n5 after that.
+    lab.join(3, "n4", &token2);
+    lab.wait_all_pairs(&[1, 2, 3], Duration::from_secs(30));
+    lab.join(4, "n5", &token2);
+    lab.wait_all_pairs(&[1, 2, 3, 4], Duration::from_secs(30));
+    // The first node comes back from its state and meets the newcomers through gossip.
+    lab.run(0);
+    lab.wait_all_pairs(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let s = lab.status(0);
+    assert_eq!(s.peers.len(), 4);
+    assert!(s.me.admin);
+}
+
+#[test]
+fn kill9_then_run_comes_back_with_the_same_identity_and_subnet() {
+    let mut lab = Lab::new("kill", 3);
+    let token = lab.init(0, "a", &[]);
+    lab.join(1, "b", &token);
+    lab.join(2, "c", &token);
+    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    let before = lab.status(2).me;
+
+    lab.kill9(2);
+    // Silent node: offline everywhere within 15 s, keeping its subnet.
+    for h in [0, 1] {
+        let took = lab.wait_for(
+            &format!("host {h} to see c offline"),
+            Duration::from_secs(15),
+            || {
+                lab.status(h)
+                    .peers
+                    .iter()
+                    .any(|p| p.name == "c" && p.state == PeerState::Offline)
+            },
+        );
+        println!("host {h} saw c offline after {:.1}s", took.as_secs_f64());
+        let c = lab
+            .status(h)
+            .peers
+            .into_iter()
+            .find(|p| p.name == "c")
+            .unwrap();
+        assert_eq!(c.subnet, before.subnet);
+    }
+
+    lab.run(2);
+    let ip = before.mesh_ip.parse().unwrap();
+    let took = lab.wait_for("a reaching the restarted c", Duration::from_secs(5), || {
+        lab.ping(0, ip)
+    });
+    println!("restarted node reachable after {:.2}s", took.as_secs_f64());
+    let after = lab.status(2).me;
+    assert_eq!(after.wg_key, before.wg_key, "same identity");
+    assert_eq!(after.node_id, before.node_id);
+    assert_eq!(after.subnet, before.subnet, "same subnet");
+    lab.wait_for("c reaching b", Duration::from_secs(10), || {
+        lab.ping(2, lab.mesh_ip(1))
+    });
+}
