@@ -94,18 +94,18 @@ fn demo(exe: PathBuf, n: usize, once: bool) -> anyhow::Result<ExitCode> {
 
     // node1: meshd init; read its join line.
     let mut token = String::new();
-    for i in 0..n {
+    for (i, name) in names.iter().enumerate() {
         let lan = d.lan.as_ref().expect("lan");
         let host = &lan.hosts[i];
         let mut cmd = host.ns.command(&exe);
-        let state = dir.join(&names[i]);
-        let log = std::fs::File::create(dir.join(format!("{}.log", names[i])))?;
+        let state = dir.join(name);
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         if i == 0 {
             cmd.arg("init");
         } else {
             cmd.args(["join", &token]);
         }
-        cmd.args(["--name", &names[i]])
+        cmd.args(["--name", name])
             .arg("--endpoint")
             .arg(format!("{}:51820", host.addr))
             .arg("--state-dir")

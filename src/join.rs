@@ -21,6 +21,7 @@ use std::time::Instant;
 const KIND_REQUEST: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
+const KIND_REVOKED: u8 = 4;
 
 /// What a joiner asks, signed with its identity key (proof it holds the key its certificate
 /// names).
@@ -76,6 +77,9 @@ pub enum Frame {
     Request(Signed),
     Accept(Signed),
     Refuse(JoinRefuse),
+    /// Sent to a removed node that still knocks: its root-signed revocation, so it can verify
+    /// that it was removed and stop.
+    Revoked(Signed),
 }
 
 pub fn encode_frame(f: &Frame) -> Vec<u8> {
@@ -83,6 +87,7 @@ pub fn encode_frame(f: &Frame) -> Vec<u8> {
         Frame::Request(s) => (KIND_REQUEST, encode(s)),
         Frame::Accept(s) => (KIND_ACCEPT, encode(s)),
         Frame::Refuse(r) => (KIND_REFUSE, encode(r)),
+        Frame::Revoked(s) => (KIND_REVOKED, encode(s)),
     };
     let mut out = Vec::with_capacity(5 + body.len());
     out.extend_from_slice(CONTROL_MAGIC);
@@ -107,6 +112,7 @@ pub fn decode_frame(d: &[u8]) -> Result<Frame, TrustError> {
         KIND_REQUEST => Ok(Frame::Request(decode(body, "join request")?)),
         KIND_ACCEPT => Ok(Frame::Accept(decode(body, "join answer")?)),
         KIND_REFUSE => Ok(Frame::Refuse(decode(body, "join refusal")?)),
+        KIND_REVOKED => Ok(Frame::Revoked(decode(body, "revocation notice")?)),
         _ => Err(malformed("unknown kind")),
     }
 }

@@ -104,13 +104,12 @@ fn error(status: u16, message: impl Into<String>) -> Response<Full<Bytes>> {
     )
 }
 
-fn parse<T: serde::de::DeserializeOwned + Default>(
-    body: &[u8],
-) -> Result<T, Response<Full<Bytes>>> {
+/// A JSON body; an empty one means "all defaults".
+fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, String> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| error(400, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
 async fn handle(
@@ -126,7 +125,7 @@ async fn handle(
         (&Method::GET, "/v1/status") => ApiRequest::Status,
         (&Method::POST, "/v1/invite") => match parse::<InviteRequest>(&body) {
             Ok(r) => ApiRequest::Invite(r),
-            Err(resp) => return Ok(resp),
+            Err(m) => return Ok(error(400, m)),
         },
         (&Method::POST, "/v1/remove") => match serde_json::from_slice::<RemoveRequest>(&body) {
             Ok(r) => ApiRequest::Remove(r),

@@ -150,7 +150,7 @@ pub fn resolve(
 ) -> BTreeMap<NodeId, Assignment> {
     let slots = range.slots();
     let mut order: Vec<&SlotClaim> = claims.iter().collect();
-    order.sort_by(|a, b| (a.issued_at, a.node).cmp(&(b.issued_at, b.node)));
+    order.sort_by_key(|a| (a.issued_at, a.node));
     let mut taken = HashSet::new();
     let mut out = BTreeMap::new();
     for c in order {
@@ -254,13 +254,13 @@ mod tests {
             .filter(|(i, j)| i != j)
             .map(|(i, j)| {
                 (
-                    join(&[founder.clone()], i, 200, &r),
-                    join(&[founder.clone()], j, 201, &r),
+                    join(std::slice::from_ref(&founder), i, 200, &r),
+                    join(std::slice::from_ref(&founder), j, 201, &r),
                 )
             })
             .find(|(a, b)| candidate(&mesh(), &a.wg, a.k, 4) == candidate(&mesh(), &b.wg, b.k, 4))
             .expect("some pair collides in 4 slots");
-        let all = vec![founder.clone(), a.clone(), b.clone()];
+        let all = [founder.clone(), a.clone(), b.clone()];
         // Every node sees the claims in its own order; all compute the same answer.
         let views = [
             vec![all[0].clone(), all[1].clone(), all[2].clone()],
@@ -316,7 +316,7 @@ mod tests {
     fn a_full_mesh_leaves_the_extra_node_without_a_slot() {
         let r: MeshRange = "10.0.0.0/23".parse().unwrap(); // 2 slots
         let a = join(&[], 1, 1, &r);
-        let b = join(&[a.clone()], 2, 2, &r);
+        let b = join(std::slice::from_ref(&a), 2, 2, &r);
         let c = claim(3, 3, 0);
         let res = resolve(&mesh(), &r, &[a.clone(), b.clone(), c.clone()]);
         assert_eq!(res.len(), 2);

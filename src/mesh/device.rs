@@ -31,8 +31,15 @@ const MAX_PACKET: usize = 65535;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
 
-/// A control frame (join request/answer) received on the mesh port.
-pub type ControlFrame = (Vec<u8>, SocketAddr);
+/// What the data plane reports to the control plane.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// A control frame (join request/answer) received on the mesh port.
+    Control(Vec<u8>, SocketAddr),
+    /// A valid handshake initiation for this node's key from a key that is not a peer (for
+    /// example a removed node): the control plane may tell it why.
+    UnknownInitiator(Key32, SocketAddr),
+}
 
 #[derive(Debug, Default)]
 pub struct DeviceCounters {
@@ -59,7 +66,7 @@ pub struct Device<T, U> {
     table: RwLock<PeerTable>,
     limiter: Arc<RateLimiter>,
     next_index: AtomicU32,
-    control_tx: mpsc::Sender<ControlFrame>,
+    events: mpsc::Sender<DeviceEvent>,
     pub counters: DeviceCounters,
 }
 
@@ -70,9 +77,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         secret: StaticSecret,
         range: MeshRange,
         own_slot: u32,
-    ) -> (Arc<Self>, mpsc::Receiver<ControlFrame>) {
+    ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
         let public = PublicKey::from(&secret);
-        let (control_tx, control_rx) = mpsc::channel(256);
+        let (events, events_rx) = mpsc::channel(256);
         let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let dev = Device {
             tun,
@@ -84,10 +91,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             table: RwLock::new(PeerTable::default()),
             limiter,
             next_index: AtomicU32::new(rand_index()),
-            control_tx,
+            events,
             counters: DeviceCounters::default(),
         };
-        (Arc::new(dev), control_rx)
+        (Arc::new(dev), events_rx)
     }
 
     pub fn udp(&self) -> &U {
@@ -317,7 +324,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             match classify(d) {
                 FrameKind::WireGuard => self.inbound(d, from, &mut out).await,
                 FrameKind::Control => {
-                    if self.control_tx.try_send((d.to_vec(), from)).is_err() {
+                    if self
+                        .events
+                        .try_send(DeviceEvent::Control(d.to_vec(), from))
+                        .is_err()
+                    {
                         debug!(%from, "control queue full; frame dropped");
                     }
                 }
@@ -330,12 +341,18 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    fn find_peer(&self, packet: &Packet) -> Option<Arc<Peer>> {
+    fn find_peer(&self, packet: &Packet, from: SocketAddr) -> Option<Arc<Peer>> {
         let t = self.table.read().unwrap();
         match packet {
             Packet::HandshakeInit(p) => {
                 let half = parse_handshake_anon(&self.secret, &self.public, p).ok()?;
-                t.by_key.get(&half.peer_static_public).cloned()
+                let peer = t.by_key.get(&half.peer_static_public).cloned();
+                if peer.is_none() {
+                    let _ = self
+                        .events
+                        .try_send(DeviceEvent::UnknownInitiator(half.peer_static_public, from));
+                }
+                peer
             }
             Packet::HandshakeResponse(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
             Packet::PacketCookieReply(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
@@ -351,7 +368,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             return;
         };
         let roams = !matches!(packet, Packet::PacketCookieReply(_));
-        let Some(peer) = self.find_peer(&packet) else {
+        let Some(peer) = self.find_peer(&packet, from) else {
             self.counters
                 .dropped_unknown_peer
                 .fetch_add(1, Ordering::Relaxed);
@@ -506,7 +523,7 @@ mod tests {
         wg: Key32,
         slot: u32,
         addr: SocketAddr,
-        _ctl: mpsc::Receiver<ControlFrame>,
+        _ctl: mpsc::Receiver<DeviceEvent>,
     }
 
     fn range() -> MeshRange {

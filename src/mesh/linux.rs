@@ -176,7 +176,7 @@ impl LinuxUdp {
             }
         };
         let local = sock.local_addr()?;
-        let sock = tokio::net::UdpSocket::from_std(sock.into())?;
+        let sock = tokio::net::UdpSocket::from_std(sock)?;
         Ok(LinuxUdp { sock, v6, local })
     }
 }

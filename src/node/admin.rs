@@ -45,7 +45,7 @@ impl Node {
             .collect();
         let stats = self.device.stats();
         for x in self.m.active() {
-            if bootstrap.len() >= TOKEN_BOOTSTRAP_MEMBERS + 1 {
+            if bootstrap.len() > TOKEN_BOOTSTRAP_MEMBERS {
                 break;
             }
             if x.cert.node_id == self.cert.node_id || x.liveness != Liveness::Alive {

@@ -18,6 +18,7 @@ use crate::gossip::chitchat_glue::{DeviceBoundUdp, KEY_CERT, KEY_RECORD, PREFIX_
 use crate::gossip::{Gossip, GossipConfig, Membership, MeshParams};
 use crate::join::sign_record;
 use crate::mesh::addressing::subnet_string;
+use crate::mesh::device::DeviceEvent;
 use crate::mesh::linux::{LinuxTun, LinuxUdp, NetConfig};
 use crate::mesh::{Device, PeerSpec};
 use crate::state::{NodeConfig, StateDir};
@@ -80,6 +81,8 @@ struct Node {
     last_specs: Vec<PeerSpec>,
     published_revocations: HashSet<NodeId>,
     last_persist: Instant,
+    /// Removed nodes recently told about their revocation.
+    notified: std::collections::HashMap<[u8; 32], Instant>,
 }
 
 /// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
@@ -155,8 +158,7 @@ pub async fn run(
         .await?;
     info!(tun = %config.tun, address = %mesh_ip, subnet = %subnet_string(&params.range, own_slot), "TUN device up");
 
-    let (device, control_rx) =
-        Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
+    let (device, events) = Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
     let dev_stop = CancellationToken::new();
     tokio::spawn(device.clone().run(dev_stop.clone()));
 
@@ -202,6 +204,7 @@ pub async fn run(
         last_specs: Vec::new(),
         published_revocations: HashSet::new(),
         last_persist: Instant::now(),
+        notified: Default::default(),
     };
     node.push_peers().await;
     node.start_gossip().await?;
@@ -212,7 +215,7 @@ pub async fn run(
     });
     info!(name = %node.cert.name, mesh = %params.mesh, address = %mesh_ip, "meshd running");
 
-    let exit = node.main_loop(control_rx, api_rx, &shutdown).await;
+    let exit = node.main_loop(events, api_rx, &shutdown).await;
 
     if let Some(g) = node.gossip.take() {
         g.shutdown().await;
@@ -243,7 +246,7 @@ pub async fn run(
 impl Node {
     async fn main_loop(
         &mut self,
-        mut control_rx: mpsc::Receiver<crate::mesh::device::ControlFrame>,
+        mut events: mpsc::Receiver<DeviceEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Exit> {
@@ -259,7 +262,10 @@ impl Node {
                         return Ok(exit);
                     }
                 }
-                Some((frame, from)) = control_rx.recv() => self.on_control_frame(&frame, from).await,
+                Some(ev) = events.recv() => match ev {
+                    DeviceEvent::Control(frame, from) => self.on_control_frame(&frame, from).await,
+                    DeviceEvent::UnknownInitiator(wg, from) => self.on_unknown_initiator(wg, from).await,
+                },
                 Some(call) = api_rx.recv() => {
                     if let Some(exit) = self.on_api(call).await {
                         return Ok(exit);
@@ -431,15 +437,34 @@ impl Node {
         exit
     }
 
-    /// Announce the departure and give gossip a few rounds to carry it.
+    /// Announce the departure, push it to every member directly, and give gossip a few rounds
+    /// to carry it further.
     async fn leave(&mut self) -> ApiResult {
         self.record.left = true;
         self.publish_record().await;
-        let others_alive = self.m.active().any(|x| {
-            x.cert.node_id != self.cert.node_id && x.liveness == crate::gossip::Liveness::Alive
-        });
-        if others_alive {
-            tokio::time::sleep(crate::constants::GOSSIP_INTERVAL * 5).await;
+        let me = self.cert.node_id;
+        let targets: Vec<SocketAddr> = self
+            .m
+            .assignments()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .filter(|(id, _)| {
+                self.m
+                    .get(id)
+                    .is_some_and(|x| x.liveness != crate::gossip::Liveness::Dead)
+            })
+            .map(|(_, a)| SocketAddr::from((self.m.params.range.node_ip(a.slot), GOSSIP_PORT)))
+            .collect();
+        if !targets.is_empty() {
+            for round in 0..4 {
+                if let Some(g) = &self.gossip {
+                    for t in &targets {
+                        g.gossip_now(*t);
+                    }
+                }
+                tokio::time::sleep(crate::constants::GOSSIP_INTERVAL).await;
+                tracing::debug!(round, "departure pushed");
+            }
         }
         info!("left the mesh");
         serde_json::to_value(LeaveResponse {

@@ -11,9 +11,46 @@ use tracing::{debug, info, warn};
 const ACCEPT_BUDGET: usize = 8 * 1024;
 
 impl Node {
+    /// A node this one does not know tried to handshake. If it was removed, hand it the
+    /// revocation (at most every 30 s per key) so it can stop.
+    pub(super) async fn on_unknown_initiator(&mut self, wg: [u8; 32], from: SocketAddr) {
+        let Some(rev) = self
+            .m
+            .revocations()
+            .find(|r| r.body.wireguard == wg)
+            .map(|r| r.raw.clone())
+        else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if self
+            .notified
+            .get(&wg)
+            .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(30))
+        {
+            return;
+        }
+        self.notified.insert(wg, now);
+        debug!(%from, "telling a removed node about its revocation");
+        self.device
+            .send_control(&encode_frame(&Frame::Revoked(rev)), from)
+            .await;
+    }
+
     pub(super) async fn on_control_frame(&mut self, frame: &[u8], from: SocketAddr) {
         let raw = match decode_frame(frame) {
             Ok(Frame::Request(raw)) => raw,
+            Ok(Frame::Revoked(raw)) => {
+                // Root-signed, so it is safe to take from anyone.
+                match self.m.ingest_revocation(&raw) {
+                    Ok(true) => info!(%from, "learnt of a removal from a member"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!(%from, error = %e, "ignoring a revocation notice that does not verify")
+                    }
+                }
+                return;
+            }
             Ok(_) => return, // answers for a joiner, not for a running node
             Err(e) => {
                 debug!(%from, error = %e, "ignoring a malformed control frame");
