@@ -41,6 +41,10 @@ pub struct NodeArgs {
     /// TUN interface name.
     #[arg(long, default_value = DEFAULT_TUN)]
     pub tun: String,
+    /// Create the node's state and exit instead of running it (then start it with
+    /// `meshd run`, e.g. from the systemd unit).
+    #[arg(long)]
+    pub no_run: bool,
 }
 
 #[derive(Subcommand, Debug)]

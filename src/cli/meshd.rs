@@ -117,6 +117,16 @@ async fn init(
     };
     let token = setup::create_mesh(&state, &p, unix_now())?;
     drop(state);
+    if node.no_run {
+        eprintln!(
+            "created mesh {} in {}; start the node with `meshd run` (or systemctl start meshd). \
+             On every other machine run:",
+            token.mesh(),
+            paths.state_dir.display()
+        );
+        print_join_line(&token);
+        return Ok(ExitCode::SUCCESS);
+    }
     run_node(&paths, None, move |r: &Ready| {
         eprintln!(
             "created mesh {}; this node is {} at {} ({}). On every other machine run:",
@@ -168,6 +178,13 @@ async fn join(
     };
     let udp = setup::join_mesh(&state, &token, &p, unix_now()).await?;
     drop(state);
+    if node.no_run {
+        eprintln!(
+            "joined mesh {}; start the node with `meshd run` (or systemctl start meshd)",
+            token.mesh()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     run_node(&paths, Some(udp), |r: &Ready| {
         eprintln!(
             "joined mesh {} as {} at {} ({})",
