@@ -141,3 +141,55 @@ fn kill9_then_run_comes_back_with_the_same_identity_and_subnet() {
         lab.ping(2, lab.mesh_ip(1))
     });
 }
+
+#[test]
+fn state_problems_are_clear_errors_and_never_reset_the_identity() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut lab = Lab::new("state", 1);
+    lab.init(0, "solo", &[]);
+    lab.wait_for("meshd to answer", Duration::from_secs(10), || {
+        lab.try_status(0).is_some()
+    });
+    let key_before = lab.status(0).me.wg_key;
+    lab.stop(0);
+    let dir = lab.state_dir(0);
+
+    // A secret readable by others is refused, with the fix.
+    let key = dir.join("node.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = lab.meshd_cmd(0, &["run"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(e.contains("chmod 600") && e.contains("node.key"), "{e}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A truncated state file is an error naming it; nothing is rewritten.
+    let node = dir.join("node.json");
+    let good = std::fs::read(&node).unwrap();
+    std::fs::write(&node, &good[..good.len() / 2]).unwrap();
+    let o = lab.meshd_cmd(0, &["run"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(e.contains("node.json") && e.contains("corrupt"), "{e}");
+    assert_eq!(
+        std::fs::read(&node).unwrap(),
+        &good[..good.len() / 2],
+        "left as it was"
+    );
+
+    // Restored, the node comes back as itself.
+    std::fs::write(&node, &good).unwrap();
+    lab.run(0);
+    lab.wait_for("meshd to answer", Duration::from_secs(10), || {
+        lab.try_status(0).is_some()
+    });
+    assert_eq!(lab.status(0).me.wg_key, key_before);
+
+    // init over an existing node is refused.
+    let o = lab
+        .meshd_cmd(0, &["init", "--name", "other"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds node \"solo\""));
+}
