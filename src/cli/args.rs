@@ -41,6 +41,10 @@ pub struct NodeArgs {
     /// TUN interface name.
     #[arg(long, default_value = DEFAULT_TUN)]
     pub tun: String,
+    /// DNS server for names outside the mesh domain, IP[:PORT]; repeat for several
+    /// (default: the host's resolvers from /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "IP[:PORT]")]
+    pub dns_upstream: Vec<String>,
     /// Create the node's state and exit instead of running it (then start it with
     /// `meshd run`, e.g. from the systemd unit).
     #[arg(long)]
@@ -132,5 +136,40 @@ pub enum MeshctlCommand {
     Remove {
         /// Node name or node id.
         node: String,
+    },
+    /// The mesh DNS zone as this node serves it, and how the host uses it.
+    Dns {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish, withdraw and list services (answered as NAME.svc.<domain>).
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Publish a service of this node (replaces one of the same name).
+    Add {
+        /// Service name, a DNS label.
+        name: String,
+        /// TCP port it listens on.
+        #[arg(long)]
+        port: u16,
+        /// An address of this node's /24 (e.g. a container's); default: the node's .1.
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+    },
+    /// Withdraw a service of this node.
+    #[command(alias = "remove")]
+    Rm { name: String },
+    /// Every service in the mesh.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
     },
 }

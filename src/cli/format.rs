@@ -1,7 +1,7 @@
 //! Human output for `meshctl status` (like `tailscale status` / `innernet show`): one line per
 //! peer, durations as "12s ago", sizes as "1.2 MiB", keys abbreviated.
 
-use crate::control::{PeerState, StatusReport};
+use crate::control::{DnsReport, DnsStatus, PeerState, ServiceView, StatusReport};
 use crate::util::{ago, human_bytes, short_key};
 use base64::Engine;
 use std::fmt::Write;
@@ -50,6 +50,7 @@ pub fn status(s: &StatusReport) -> String {
             me.endpoints.join(", ")
         }
     );
+    let _ = writeln!(o, "{}", dns_line(&s.dns));
     if s.peers.is_empty() {
         let _ = writeln!(
             o,
@@ -123,6 +124,99 @@ pub fn status(s: &StatusReport) -> String {
     o
 }
 
+fn dns_line(d: &DnsStatus) -> String {
+    match (&d.listen, &d.error) {
+        (Some(l), _) => format!(
+            "dns {} on {l}, upstream {}; host: {}",
+            d.domain,
+            if d.upstreams.is_empty() {
+                "none".to_string()
+            } else {
+                d.upstreams.join(", ")
+            },
+            d.host
+        ),
+        (None, Some(e)) => format!("dns {} NOT serving: {e}", d.domain),
+        (None, None) => format!("dns {} not serving", d.domain),
+    }
+}
+
+/// Left-aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            l.push_str(c);
+            if i + 1 < cells.len() {
+                l.push_str(&" ".repeat(w[i] - c.chars().count() + 2));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut o = line(header.to_vec());
+    for r in rows {
+        o += &line(r.iter().map(|s| s.as_str()).collect());
+    }
+    o
+}
+
+pub fn dns(r: &DnsReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{}", dns_line(&r.status));
+    if let Some(l) = &r.status.listen {
+        let ip = l.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(l);
+        if !r.status.host.starts_with("systemd-resolved") {
+            let _ = writeln!(
+                o,
+                "to use it: `dig @{ip} NAME.{d}`, or make {ip} this host's resolver (it forwards other \
+                 names upstream); with systemd-resolved meshd registers {d} on its link by itself",
+                d = r.status.domain
+            );
+        }
+    }
+    let _ = writeln!(o);
+    let rows: Vec<Vec<String>> = r
+        .records
+        .iter()
+        .map(|x| {
+            vec![
+                x.name.clone(),
+                x.rtype.clone(),
+                x.ttl.to_string(),
+                x.value.clone(),
+            ]
+        })
+        .collect();
+    o += &table(&["NAME", "TYPE", "TTL", "VALUE"], &rows);
+    o
+}
+
+pub fn services(v: &[ServiceView]) -> String {
+    if v.is_empty() {
+        return "no services; publish one with `meshctl service add NAME --port PORT`\n"
+            .to_string();
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.node.clone() + if s.local { " (this node)" } else { "" },
+                s.address.clone(),
+                s.port.to_string(),
+                if s.live { "live" } else { "offline" }.to_string(),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "NODE", "ADDRESS", "PORT", "STATE"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +257,13 @@ mod tests {
                 dropped_bad_source: 0,
                 wg_key: crate::util::b64(&[2; 32]),
             }],
+            dns: DnsStatus {
+                domain: "mesh.internal".into(),
+                listen: Some("10.210.1.1:53".into()),
+                upstreams: vec!["192.0.2.53:53".into()],
+                host: "not registered".into(),
+                error: None,
+            },
         };
         let out = status(&s);
         assert!(out.contains("alpha  10.210.1.1  subnet 10.210.1.0/24"));

@@ -1,8 +1,11 @@
 //! `meshctl`: a thin client of the control API.
 
-use super::args::{MeshctlCli, MeshctlCommand};
+use super::args::{MeshctlCli, MeshctlCommand, ServiceCommand};
 use crate::control::client::Client;
-use crate::control::{InviteRequest, InviteResponse, RemoveRequest, RemoveResponse, StatusReport};
+use crate::control::{
+    DnsReport, InviteRequest, InviteResponse, RemoveRequest, RemoveResponse, ServiceAddRequest,
+    ServiceRemoveRequest, ServiceView, StatusReport,
+};
 use clap::Parser;
 
 pub fn main() -> std::process::ExitCode {
@@ -69,6 +72,62 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 r.name, r.node_id
             );
         }
+        MeshctlCommand::Dns { json } => {
+            if json {
+                let v: serde_json::Value = c.get("/v1/dns").await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r: DnsReport = c.get("/v1/dns").await?;
+                print!("{}", super::format::dns(&r));
+            }
+        }
+        MeshctlCommand::Service { command } => match command {
+            ServiceCommand::Add {
+                name,
+                port,
+                address,
+            } => {
+                let v: serde_json::Value = c
+                    .post(
+                        "/v1/services",
+                        &ServiceAddRequest {
+                            name,
+                            port,
+                            address,
+                        },
+                    )
+                    .await?;
+                println!(
+                    "{} {} on {}:{}; answers as {}",
+                    if v["replaced"].as_bool() == Some(true) {
+                        "updated"
+                    } else {
+                        "published"
+                    },
+                    v["name"].as_str().unwrap_or(""),
+                    v["address"].as_str().unwrap_or(""),
+                    v["port"],
+                    v["dns"].as_str().unwrap_or("")
+                );
+            }
+            ServiceCommand::Rm { name } => {
+                let _: serde_json::Value = c
+                    .post(
+                        "/v1/services/remove",
+                        &ServiceRemoveRequest { name: name.clone() },
+                    )
+                    .await?;
+                println!("withdrew {name}");
+            }
+            ServiceCommand::Ls { json } => {
+                let v: Vec<ServiceView> = c.get("/v1/services").await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", super::format::services(&v));
+                }
+            }
+        },
     }
     Ok(())
 }

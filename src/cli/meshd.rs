@@ -89,6 +89,13 @@ fn endpoints(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
         .collect()
 }
 
+fn dns_upstreams(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    node.dns_upstream
+        .iter()
+        .map(|e| setup::parse_endpoint(e, 53).map_err(|m| anyhow::anyhow!("--dns-upstream: {m}")))
+        .collect()
+}
+
 fn print_join_line(token: &Token) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "meshd join {}", token.encode());
@@ -114,6 +121,7 @@ async fn init(
         port: node.port,
         endpoints: endpoints(&node)?,
         tun: node.tun.clone(),
+        dns_upstream: dns_upstreams(&node)?,
     };
     let token = setup::create_mesh(&state, &p, unix_now())?;
     drop(state);
@@ -175,6 +183,7 @@ async fn join(
         endpoints: endpoints(&node)?,
         tun: node.tun.clone(),
         bootstrap,
+        dns_upstream: dns_upstreams(&node)?,
     };
     let udp = setup::join_mesh(&state, &token, &p, unix_now()).await?;
     drop(state);

@@ -9,6 +9,60 @@ pub struct StatusReport {
     pub me: SelfStatus,
     pub mesh: MeshStatus,
     pub peers: Vec<PeerReport>,
+    pub dns: DnsStatus,
+}
+
+/// Mesh DNS as this node runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    pub domain: String,
+    /// `IP:53` when serving.
+    pub listen: Option<String>,
+    pub upstreams: Vec<String>,
+    /// How the host resolves the mesh domain: "systemd-resolved (mesh0)" or "not registered".
+    pub host: String,
+    /// Why DNS is not serving, if it is not.
+    pub error: Option<String>,
+}
+
+/// `meshctl dns`: the zone as this node serves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsReport {
+    pub status: DnsStatus,
+    pub records: Vec<DnsRecordView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsRecordView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub ttl: u32,
+    pub value: String,
+}
+
+/// One service instance in the mesh.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub node: String,
+    pub address: String,
+    pub port: u16,
+    /// Whether it is in DNS answers now (its node is not offline).
+    pub live: bool,
+    pub local: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceAddRequest {
+    pub name: String,
+    pub port: u16,
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceRemoveRequest {
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,6 +162,10 @@ pub enum ApiRequest {
     Invite(InviteRequest),
     Remove(RemoveRequest),
     Leave,
+    Dns,
+    Services,
+    ServiceAdd(ServiceAddRequest),
+    ServiceRemove(ServiceRemoveRequest),
 }
 
 /// A failure with its HTTP status.

@@ -132,6 +132,19 @@ async fn handle(
             Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
         },
         (&Method::POST, "/v1/leave") => ApiRequest::Leave,
+        (&Method::GET, "/v1/dns") => ApiRequest::Dns,
+        (&Method::GET, "/v1/services") => ApiRequest::Services,
+        (&Method::POST, "/v1/services") => match serde_json::from_slice::<ServiceAddRequest>(&body)
+        {
+            Ok(r) => ApiRequest::ServiceAdd(r),
+            Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
+        },
+        (&Method::POST, "/v1/services/remove") => {
+            match serde_json::from_slice::<ServiceRemoveRequest>(&body) {
+                Ok(r) => ApiRequest::ServiceRemove(r),
+                Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
+            }
+        }
         (_, p) => {
             return Ok(error(
                 404,

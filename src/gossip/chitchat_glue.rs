@@ -21,6 +21,8 @@ use tracing::{debug, warn};
 pub const KEY_CERT: &str = "cert";
 /// This node's signed record.
 pub const KEY_RECORD: &str = "rec";
+/// This node's signed services.
+pub const KEY_SERVICES: &str = "svc";
 /// Revocations this node knows, one key each: `rev.<node id>`.
 pub const PREFIX_REVOCATION: &str = "rev.";
 
@@ -155,7 +157,11 @@ impl Gossip {
                 continue;
             }
             for (k, v) in st.key_values() {
-                if k != KEY_CERT && k != KEY_RECORD && !k.starts_with(PREFIX_REVOCATION) {
+                if k != KEY_CERT
+                    && k != KEY_RECORD
+                    && k != KEY_SERVICES
+                    && !k.starts_with(PREFIX_REVOCATION)
+                {
                     continue;
                 }
                 let Some(vv) = st.get_versioned(k) else {
@@ -206,6 +212,8 @@ impl Gossip {
                             return Err(Reject::IdMismatch { claimed: id, under });
                         }
                         Ok(true)
+                    } else if key == KEY_SERVICES {
+                        m.ingest_services(under, &raw)
                     } else {
                         m.ingest_record(under, &raw)
                     }

@@ -8,7 +8,8 @@ use crate::mesh::addressing::{self, Assignment, MeshRange, SlotClaim};
 use crate::mesh::PeerSpec;
 use crate::state::{CachedMember, InviteUse, MemberCache, Tombstone, STATE_VERSION};
 use crate::trust::{
-    Cert, Context, Key32, MeshId, NodeId, NodeRecord, Revocation, Signed, TrustError,
+    Cert, Context, Key32, MeshId, NodeId, NodeRecord, Revocation, ServicesRecord, Signed,
+    TrustError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
@@ -36,6 +37,9 @@ pub struct Member {
     pub cert: Cert,
     pub record: Option<NodeRecord>,
     pub record_raw: Option<Signed>,
+    /// The node's published services, verified.
+    pub services: Option<ServicesRecord>,
+    pub services_raw: Option<Signed>,
     /// Slot candidate index assigned at admission, used until the node's own record arrives.
     pub admitted_k: Option<u32>,
     pub liveness: Liveness,
@@ -147,6 +151,14 @@ impl Membership {
                     warnings.push(format!("skipping cached record of {}: {e}", cert.name));
                 }
             }
+            if let Some(r) = &c.services {
+                if let Err(e) = Signed::from_b64(r, "services record")
+                    .map_err(Reject::from)
+                    .and_then(|s| self.ingest_services(id, &s))
+                {
+                    warnings.push(format!("skipping cached services of {}: {e}", cert.name));
+                }
+            }
             if let Some(m) = self.members.get_mut(&id) {
                 m.last_seen = c.last_seen;
                 m.first_seen = c.first_seen;
@@ -167,6 +179,7 @@ impl Membership {
                 .map(|m| CachedMember {
                     cert: m.cert.raw.to_b64(),
                     record: m.record_raw.as_ref().map(|r| r.to_b64()),
+                    services: m.services_raw.as_ref().map(|r| r.to_b64()),
                     last_seen: m.last_seen,
                     first_seen: m.first_seen,
                 })
@@ -202,6 +215,8 @@ impl Membership {
             cert,
             record: None,
             record_raw: None,
+            services: None,
+            services_raw: None,
             admitted_k: None,
             liveness: Liveness::Unknown,
             last_seen: now,
@@ -260,6 +275,31 @@ impl Membership {
         if left && id != self.self_id {
             self.tombstones.insert(id, m.last_seen);
         }
+        Ok(true)
+    }
+
+    /// Accept a node's signed list of services. Returns whether anything changed.
+    pub fn ingest_services(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
+        let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
+        let rec: ServicesRecord =
+            raw.verify(Context::Services, &m.cert.identity, "services record")?;
+        if rec.identity != m.cert.identity {
+            return Err(Reject::IdMismatch {
+                claimed: NodeId::of_identity(&rec.identity),
+                under: id,
+            });
+        }
+        if let Some(old) = &m.services {
+            if rec.seq < old.seq {
+                return Err(Reject::Stale);
+            }
+            if rec == *old {
+                return Ok(false);
+            }
+        }
+        m.services = Some(rec);
+        m.services_raw = Some(raw.clone());
+        self.dirty = true;
         Ok(true)
     }
 

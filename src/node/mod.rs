@@ -6,8 +6,10 @@
 //! [`admin`] invites and removals, [`report`] builds `meshctl status`.
 
 mod admin;
+mod dns;
 mod report;
 mod seed;
+mod services;
 pub mod setup;
 
 use crate::constants::{ENDPOINT_RESCAN, GOSSIP_PORT, RECONCILE_TICK, TUN_MTU};
@@ -83,6 +85,13 @@ struct Node {
     last_persist: Instant,
     /// Removed nodes recently told about their revocation.
     notified: std::collections::HashMap<[u8; 32], Instant>,
+    settings: crate::state::Settings,
+    services_seq: u64,
+    dns: Option<crate::dns::DnsServer>,
+    dns_input: Option<crate::dns::zone::ZoneInput>,
+    dns_error: Option<String>,
+    dns_host: String,
+    resolved: Option<crate::dns::resolved::Resolved>,
 }
 
 /// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
@@ -103,6 +112,7 @@ pub async fn run(
     let keys = state.load_keys()?;
     let config = state.load_node()?;
     let root = state.load_root()?;
+    let settings: crate::state::Settings = state.load_settings()?;
     let corrupt = |reason: String| crate::state::StateError::Corrupt {
         path: state.file("node.json"),
         reason,
@@ -205,9 +215,18 @@ pub async fn run(
         published_revocations: HashSet::new(),
         last_persist: Instant::now(),
         notified: Default::default(),
+        settings,
+        services_seq: 0,
+        dns: None,
+        dns_input: None,
+        dns_error: None,
+        dns_host: String::new(),
+        resolved: None,
     };
     node.push_peers().await;
     node.start_gossip().await?;
+    node.publish_services().await;
+    node.start_dns().await;
     ready(&Ready {
         name: node.cert.name.clone(),
         mesh_ip,
@@ -219,6 +238,10 @@ pub async fn run(
 
     if let Some(g) = node.gossip.take() {
         g.shutdown().await;
+    }
+    node.unregister_dns_from_host().await;
+    if let Some(d) = node.dns.take() {
+        d.stop().await;
     }
     api_stop.cancel();
     dev_stop.cancel();
@@ -352,6 +375,7 @@ impl Node {
         }
         self.follow_own_slot().await?;
         self.push_peers().await;
+        self.refresh_dns();
         // Spread every revocation this node knows.
         if let Some(g) = &self.gossip {
             let new: Vec<_> = self
@@ -401,6 +425,8 @@ impl Node {
                 g.shutdown().await;
             }
             self.start_gossip().await?;
+            self.publish_services().await;
+            self.start_dns().await;
         }
         self.publish_record().await;
         Ok(())
@@ -428,6 +454,16 @@ impl Node {
             ),
             ApiRequest::Invite(r) => (self.invite(r), None),
             ApiRequest::Remove(r) => (self.remove(r).await, None),
+            ApiRequest::Dns => (
+                Ok(serde_json::to_value(self.dns_report()).expect("serializable")),
+                None,
+            ),
+            ApiRequest::Services => (
+                Ok(serde_json::to_value(self.services_view()).expect("serializable")),
+                None,
+            ),
+            ApiRequest::ServiceAdd(r) => (self.service_add(r).await, None),
+            ApiRequest::ServiceRemove(r) => (self.service_remove(r).await, None),
             ApiRequest::Leave => match self.leave().await {
                 Ok(v) => (Ok(v), Some(Exit::Left)),
                 Err(e) => (Err(e), None),

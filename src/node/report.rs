@@ -72,6 +72,7 @@ impl Node {
                 revoked: self.m.revocations().count(),
             },
             peers,
+            dns: self.dns_status(),
         }
     }
 }

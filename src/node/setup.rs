@@ -21,6 +21,7 @@ pub struct InitParams {
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
     pub tun: String,
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 pub struct JoinParams {
@@ -29,6 +30,7 @@ pub struct JoinParams {
     pub endpoints: Vec<SocketAddr>,
     pub tun: String,
     pub bootstrap: Vec<SocketAddr>,
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 /// Endpoints to publish: the explicit ones, or the machine's addresses with the port.
@@ -124,6 +126,7 @@ pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result
         endpoints: p.endpoints.clone(),
         bootstrap: vec![],
         tun: p.tun.clone(),
+        dns_upstream: p.dns_upstream.clone(),
     };
     state.ensure()?;
     state.save_root(&root)?;
@@ -190,6 +193,7 @@ pub async fn join_mesh(
     let mut members = vec![CachedMember {
         cert: acc.seed_cert.to_b64(),
         record: Some(acc.seed_record.to_b64()),
+        services: None,
         last_seen: now,
         first_seen: now,
     }];
@@ -197,6 +201,7 @@ pub async fn join_mesh(
         members.push(CachedMember {
             cert: c.to_b64(),
             record: r.as_ref().map(|r| r.to_b64()),
+            services: None,
             last_seen: now,
             first_seen: now,
         });
@@ -224,6 +229,7 @@ pub async fn join_mesh(
             })
             .collect(),
         tun: p.tun.clone(),
+        dns_upstream: p.dns_upstream.clone(),
     };
     state.ensure()?;
     state.save_keys(&keys)?;
@@ -265,6 +271,7 @@ mod tests {
             port: 51820,
             endpoints: vec!["198.51.100.1:51820".parse().unwrap()],
             tun: "mesh0".into(),
+            dns_upstream: vec![],
         };
         let token = create_mesh(&st, &p, 1000).unwrap();
         assert_eq!(token.bootstrap.len(), 1);

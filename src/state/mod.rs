@@ -130,6 +130,18 @@ pub struct NodeConfig {
     #[serde(default)]
     pub bootstrap: Vec<BootstrapEntry>,
     pub tun: String,
+    /// Upstream resolvers for names outside the mesh domain (`--dns-upstream`); empty means
+    /// "the host's resolvers".
+    #[serde(default)]
+    pub dns_upstream: Vec<SocketAddr>,
+}
+
+/// `settings.json`: what the operator turned on at run time (services, ...). Survives restarts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub version: u32,
+    #[serde(default)]
+    pub services: Vec<crate::trust::ServiceDef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +181,9 @@ pub struct CachedMember {
     pub cert: String,
     #[serde(default)]
     pub record: Option<String>,
+    /// Signed services record (URL-safe base64).
+    #[serde(default)]
+    pub services: Option<String>,
     /// Unix seconds when this member was last known alive.
     pub last_seen: u64,
     /// Unix seconds when this node first learnt of the member.

@@ -32,6 +32,8 @@ pub struct Daemon {
 
 pub struct Lab {
     pub name: String,
+    /// Extra environment for every meshd started.
+    pub env: Vec<(String, String)>,
     daemons: Vec<Option<Daemon>>,
     pub lan: Option<Lan>,
     pub dir: tempfile::TempDir,
@@ -52,6 +54,7 @@ impl Lab {
             Lan::create(&prefix, hosts, Ipv4Addr::new(198, 51, 100, 0)).expect("create namespaces");
         Lab {
             name: prefix,
+            env: Vec::new(),
             daemons: (0..hosts).map(|_| None).collect(),
             lan: Some(lan),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -98,6 +101,9 @@ impl Lab {
             .arg("--socket")
             .arg(self.socket(h))
             .env("MESHD_LOG", "info,meshd=debug");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 

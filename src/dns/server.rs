@@ -1,0 +1,353 @@
+//! hickory-server on the node's mesh address, port 53, UDP and TCP, with sockets bound to the
+//! TUN device: queries from this host and through the tunnels are answered, packets for the
+//! mesh address arriving from the underlay never reach it.
+//!
+//! The catalog holds the mesh zone and its reverse zones as [`LiveZone`]s: hickory's own
+//! in-memory zone handler, rebuilt from membership and swapped in whole, so answers follow
+//! membership without restarting the server. Everything else goes to hickory's forwarder.
+
+use super::zone::{self, ZoneInput};
+use hickory_server::proto::rr::{LowerName, Name, RecordType};
+use hickory_server::resolver::config::{ConnectionConfig, NameServerConfig, ResolverOpts};
+use hickory_server::server::{Request, RequestInfo};
+use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{
+    AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupOptions, ZoneHandler, ZoneType,
+};
+use hickory_server::Server;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tracing::{debug, info};
+
+/// A zone whose contents are replaced wholesale.
+pub struct LiveZone {
+    origin: LowerName,
+    inner: RwLock<Arc<InMemoryZoneHandler>>,
+}
+
+impl LiveZone {
+    fn new(origin: &Name) -> LiveZone {
+        LiveZone {
+            origin: LowerName::new(origin),
+            inner: RwLock::new(Arc::new(InMemoryZoneHandler::empty(
+                origin.clone(),
+                ZoneType::Primary,
+                AxfrPolicy::Deny,
+            ))),
+        }
+    }
+
+    fn replace(&self, records: Vec<hickory_server::proto::rr::Record>, serial: u32) {
+        let mut z = InMemoryZoneHandler::empty(
+            Name::from(&self.origin),
+            ZoneType::Primary,
+            AxfrPolicy::Deny,
+        );
+        for r in records {
+            z.upsert_mut(r, serial);
+        }
+        *self.inner.write().unwrap() = Arc::new(z);
+    }
+
+    fn current(&self) -> Arc<InMemoryZoneHandler> {
+        self.inner.read().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl ZoneHandler for LiveZone {
+    fn zone_type(&self) -> ZoneType {
+        ZoneType::Primary
+    }
+
+    fn axfr_policy(&self) -> AxfrPolicy {
+        AxfrPolicy::Deny
+    }
+
+    fn origin(&self) -> &LowerName {
+        &self.origin
+    }
+
+    async fn lookup(
+        &self,
+        name: &LowerName,
+        rtype: RecordType,
+        request_info: Option<&RequestInfo<'_>>,
+        lookup_options: LookupOptions,
+    ) -> LookupControlFlow<AuthLookup> {
+        self.current()
+            .lookup(name, rtype, request_info, lookup_options)
+            .await
+    }
+
+    async fn search(
+        &self,
+        request: &Request,
+        lookup_options: LookupOptions,
+    ) -> (
+        LookupControlFlow<AuthLookup>,
+        Option<hickory_server::proto::rr::TSigResponseContext>,
+    ) {
+        self.current().search(request, lookup_options).await
+    }
+
+    async fn nsec_records(
+        &self,
+        name: &LowerName,
+        lookup_options: LookupOptions,
+    ) -> LookupControlFlow<AuthLookup> {
+        self.current().nsec_records(name, lookup_options).await
+    }
+}
+
+/// A running mesh DNS server.
+pub struct DnsServer {
+    forward: Arc<LiveZone>,
+    reverse: Vec<(Name, Arc<LiveZone>)>,
+    server: Server<Catalog>,
+    pub listen: SocketAddr,
+    pub upstreams: Vec<SocketAddr>,
+    serial: u32,
+}
+
+impl DnsServer {
+    /// Serve the mesh zone on `ip:port`, bound to `ifname`, forwarding other names upstream.
+    pub async fn start(
+        ip: Ipv4Addr,
+        port: u16,
+        ifname: &str,
+        input: &ZoneInput,
+        upstreams: Vec<SocketAddr>,
+    ) -> anyhow::Result<DnsServer> {
+        let origin = zone::fqdn(&input.domain)?;
+        let forward = Arc::new(LiveZone::new(&origin));
+        let reverse: Vec<(Name, Arc<LiveZone>)> = zone::reverse_origins(&input.range)
+            .into_iter()
+            .map(|o| {
+                let z = Arc::new(LiveZone::new(&o));
+                (o, z)
+            })
+            .collect();
+        let mut catalog = Catalog::new();
+        catalog.upsert(
+            LowerName::new(&origin),
+            vec![forward.clone() as Arc<dyn ZoneHandler>],
+        );
+        for (o, z) in &reverse {
+            catalog.upsert(LowerName::new(o), vec![z.clone() as Arc<dyn ZoneHandler>]);
+        }
+        if !upstreams.is_empty() {
+            catalog.upsert(
+                LowerName::new(&Name::root()),
+                vec![Arc::new(forwarder(&upstreams)?) as Arc<dyn ZoneHandler>],
+            );
+        }
+        let want = SocketAddr::from((ip, port));
+        let udp = crate::mesh::linux::bind_udp_on_device(want, ifname)
+            .map_err(|e| anyhow::anyhow!("binding DNS to {want}/udp on {ifname}: {e}"))?;
+        // Port 0 (tests): TCP takes the port UDP got.
+        let listen = udp.local_addr()?;
+        let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
+            .map_err(|e| anyhow::anyhow!("binding DNS to {listen}/tcp on {ifname}: {e}"))?;
+        let mut server = Server::new(catalog);
+        server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+        server.register_listener(
+            tokio::net::TcpListener::from_std(tcp)?,
+            Duration::from_secs(5),
+            32,
+        );
+        let mut s = DnsServer {
+            forward,
+            reverse,
+            server,
+            listen,
+            upstreams,
+            serial: 0,
+        };
+        s.update(input)?;
+        info!(listen = %listen, domain = %input.domain, upstreams = ?s.upstreams, "mesh DNS serving");
+        Ok(s)
+    }
+
+    /// Replace the zone contents.
+    pub fn update(&mut self, input: &ZoneInput) -> anyhow::Result<()> {
+        self.serial = self
+            .serial
+            .wrapping_add(1)
+            .max(crate::util::unix_now() as u32);
+        let z = zone::build(input, self.serial)?;
+        self.forward.replace(z.forward, self.serial);
+        for (o, live) in &self.reverse {
+            live.replace(z.reverse.get(o).cloned().unwrap_or_default(), self.serial);
+        }
+        debug!(
+            serial = self.serial,
+            nodes = input.nodes.len(),
+            services = input.services.len(),
+            "zone updated"
+        );
+        Ok(())
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+fn forwarder(upstreams: &[SocketAddr]) -> anyhow::Result<ForwardZoneHandler> {
+    let name_servers = upstreams
+        .iter()
+        .map(|u| {
+            NameServerConfig::new(
+                u.ip(),
+                true,
+                [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                    .into_iter()
+                    .map(|mut c| {
+                        c.port = u.port();
+                        c
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    ForwardZoneHandler::builder_tokio(ForwardConfig {
+        name_servers,
+        options: Some(opts),
+    })
+    .build()
+    .map_err(|e| anyhow::anyhow!("DNS forwarder: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::zone::{NodeEntry, ServiceEntry};
+    use hickory_server::proto::op::{Message, Query, ResponseCode};
+    use hickory_server::proto::rr::RData;
+
+    fn input(domain: &str) -> ZoneInput {
+        ZoneInput {
+            domain: domain.into(),
+            range: "10.210.0.0/16".parse().unwrap(),
+            serving: "a".into(),
+            nodes: vec![NodeEntry {
+                name: "a".into(),
+                ip: Ipv4Addr::new(10, 210, 1, 1),
+            }],
+            services: vec![ServiceEntry {
+                service: "web".into(),
+                node: "a".into(),
+                ip: Ipv4Addr::new(10, 210, 1, 1),
+                port: 8080,
+            }],
+        }
+    }
+
+    async fn ask(server: SocketAddr, name: &str, t: RecordType) -> Message {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(zone::fqdn(name).unwrap(), t));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let bytes = m.to_vec().unwrap();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..5 {
+            sock.send_to(&bytes, server).await.unwrap();
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await
+            {
+                return Message::from_vec(&buf[..n]).unwrap();
+            }
+        }
+        panic!("no answer from {server} for {name}");
+    }
+
+    fn a_records(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn answers_the_zone_forwards_the_rest_and_survives_garbage() {
+        let lo = Ipv4Addr::LOCALHOST;
+        // An "upstream" for another domain: a second server.
+        let mut up_input = input("example.test");
+        up_input.nodes[0] = NodeEntry {
+            name: "www".into(),
+            ip: Ipv4Addr::new(203, 0, 113, 7),
+        };
+        up_input.range = "10.99.0.0/16".parse().unwrap();
+        let upstream = DnsServer::start(lo, 0, "lo", &up_input, vec![])
+            .await
+            .unwrap();
+        let mut s = DnsServer::start(lo, 0, "lo", &input("mesh.internal"), vec![upstream.listen])
+            .await
+            .unwrap();
+
+        let r = ask(s.listen, "a.mesh.internal", RecordType::A).await;
+        assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 1, 1)]);
+        assert!(r.metadata.authoritative);
+        let r = ask(s.listen, "_web._tcp.svc.mesh.internal", RecordType::SRV).await;
+        assert!(matches!(&r.answers[0].data, RData::SRV(srv) if srv.port == 8080));
+        let r = ask(s.listen, "1.1.210.10.in-addr.arpa", RecordType::PTR).await;
+        assert!(
+            matches!(&r.answers[0].data, RData::PTR(p) if p.0 == zone::fqdn("a.mesh.internal").unwrap())
+        );
+        let r = ask(s.listen, "nope.mesh.internal", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        let r = ask(s.listen, "www.example.test", RecordType::A).await;
+        assert_eq!(
+            a_records(&r),
+            vec![Ipv4Addr::new(203, 0, 113, 7)],
+            "forwarded upstream"
+        );
+
+        // Garbage and truncated queries, over UDP and TCP, then a good query.
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let good = {
+            let mut m = Message::query();
+            m.add_query(Query::query(
+                zone::fqdn("a.mesh.internal").unwrap(),
+                RecordType::A,
+            ));
+            m.to_vec().unwrap()
+        };
+        for junk in [
+            vec![],
+            vec![0u8; 3],
+            vec![0xff; 512],
+            good[..good.len() - 3].to_vec(),
+        ] {
+            sock.send_to(&junk, s.listen).await.unwrap();
+        }
+        use tokio::io::AsyncWriteExt;
+        let mut t = tokio::net::TcpStream::connect(s.listen).await.unwrap();
+        t.write_all(&[0, 40, 1, 2, 3]).await.unwrap();
+        drop(t);
+
+        // Membership changed: the new zone is served.
+        let mut i = input("mesh.internal");
+        i.nodes.push(NodeEntry {
+            name: "b".into(),
+            ip: Ipv4Addr::new(10, 210, 2, 1),
+        });
+        i.services.clear();
+        s.update(&i).unwrap();
+        let r = ask(s.listen, "b.mesh.internal", RecordType::A).await;
+        assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 2, 1)]);
+        let r = ask(s.listen, "web.svc.mesh.internal", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        s.stop().await;
+        upstream.stop().await;
+    }
+}
