@@ -63,7 +63,11 @@ pub fn status(s: &StatusReport) -> String {
         .iter()
         .map(|p| {
             [
-                p.name.clone(),
+                if p.dns_name != p.name {
+                    format!("{} (dns: {})", p.name, p.dns_name)
+                } else {
+                    p.name.clone()
+                },
                 if p.mesh_ip.is_empty() {
                     "-".into()
                 } else {
@@ -245,6 +249,7 @@ mod tests {
             },
             peers: vec![PeerReport {
                 name: "beta".into(),
+                dns_name: "beta".into(),
                 node_id: "01".into(),
                 mesh_ip: "10.210.2.1".into(),
                 subnet: "10.210.2.0/24".into(),

@@ -104,6 +104,8 @@ pub enum PeerState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerReport {
     pub name: String,
+    /// The name this node answers to in DNS (differs from `name` only after a name race).
+    pub dns_name: String,
     pub node_id: String,
     pub mesh_ip: String,
     pub subnet: String,

@@ -18,6 +18,11 @@ impl Node {
             .collect();
         let assign = self.m.assignments();
         let range = &self.m.params.range;
+        let dns_names = crate::dns::zone::unique_names(
+            self.m
+                .active()
+                .map(|x| (x.cert.name.as_str(), x.cert.issued_at, x.cert.node_id.to_string())),
+        );
         let mut peers: Vec<PeerReport> = self
             .m
             .active()
@@ -35,6 +40,10 @@ impl Node {
                 };
                 PeerReport {
                     name: x.cert.name.clone(),
+                    dns_name: dns_names
+                        .get(&x.cert.node_id.to_string())
+                        .cloned()
+                        .unwrap_or_else(|| x.cert.name.clone()),
                     node_id: x.cert.node_id.to_string(),
                     mesh_ip: slot
                         .map(|s| range.node_ip(s).to_string())
