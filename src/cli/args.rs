@@ -148,6 +148,81 @@ pub enum MeshctlCommand {
         #[command(subcommand)]
         command: ServiceCommand,
     },
+    /// Serve HOSTNAME through the mesh's gateways: connections for it are forwarded to ADDR:PORT
+    /// on this node (TLS is terminated there, not at the gateway).
+    Expose {
+        /// A DNS name, or a wildcard such as *.example.com (matched after exact names).
+        hostname: String,
+        /// Where the workload listens on this node, e.g. 127.0.0.1:8443.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        /// Send a PROXY protocol v2 header so the workload sees the real client address.
+        #[arg(long)]
+        proxy_protocol: bool,
+    },
+    /// Stop serving HOSTNAME.
+    Unexpose { hostname: String },
+    /// This node as a public gateway (HTTPS passed through by SNI, HTTP by Host).
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayCommand,
+    },
+    /// A local SOCKS5/HTTP proxy into the mesh.
+    Proxy {
+        #[command(subcommand)]
+        command: ProxyCommand,
+    },
+    /// Let other members' proxies exit to the networks this node reaches.
+    ExitNode {
+        #[command(subcommand)]
+        command: ToggleCommand,
+    },
+    /// Connect stdin/stdout to HOST:PORT through the mesh (for ssh -o ProxyCommand='meshctl nc %h %p').
+    Nc {
+        /// A mesh name (db1, db1.mesh.internal, api.svc.mesh.internal) or address; anything with --exit.
+        host: String,
+        port: u16,
+        /// Go through this exit node.
+        #[arg(long)]
+        exit: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Start (and keep, across restarts) the gateway listeners.
+    Enable {
+        /// HTTPS listener, ADDR:PORT or "off".
+        #[arg(long, default_value = "0.0.0.0:443")]
+        https: String,
+        /// HTTP listener, ADDR:PORT or "off".
+        #[arg(long, default_value = "0.0.0.0:80")]
+        http: String,
+    },
+    Disable,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProxyCommand {
+    /// Start (and keep, across restarts) the proxy listeners.
+    Enable {
+        /// SOCKS5 listener, ADDR:PORT or "off".
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        socks5: String,
+        /// HTTP proxy listener, ADDR:PORT or "off".
+        #[arg(long, default_value = "127.0.0.1:3128")]
+        http: String,
+        /// Allow listening on non-loopback addresses (anyone reaching them reaches the mesh).
+        #[arg(long)]
+        allow_public: bool,
+    },
+    Disable,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ToggleCommand {
+    Enable,
+    Disable,
 }
 
 #[derive(Subcommand, Debug)]

@@ -51,6 +51,34 @@ pub fn status(s: &StatusReport) -> String {
         }
     );
     let _ = writeln!(o, "{}", dns_line(&s.dns));
+    for e in &s.edge.exposed {
+        let _ = writeln!(
+            o,
+            "exposes {} -> {}{}",
+            e.hostname,
+            e.to,
+            if e.proxy_protocol { " (PROXY v2)" } else { "" }
+        );
+    }
+    if let Some(g) = &s.edge.gateway {
+        let _ = writeln!(
+            o,
+            "gateway https {}, http {}",
+            g.first.as_deref().unwrap_or("off"),
+            g.second.as_deref().unwrap_or("off")
+        );
+    }
+    if let Some(p) = &s.edge.proxy {
+        let _ = writeln!(
+            o,
+            "proxy socks5 {}, http {}",
+            p.first.as_deref().unwrap_or("off"),
+            p.second.as_deref().unwrap_or("off")
+        );
+    }
+    if s.edge.exit_node {
+        let _ = writeln!(o, "exit node: yes");
+    }
     if s.peers.is_empty() {
         let _ = writeln!(
             o,
@@ -250,6 +278,8 @@ mod tests {
             peers: vec![PeerReport {
                 name: "beta".into(),
                 dns_name: "beta".into(),
+                hostnames: vec![],
+                exit_node: false,
                 node_id: "01".into(),
                 mesh_ip: "10.210.2.1".into(),
                 subnet: "10.210.2.0/24".into(),
@@ -269,6 +299,7 @@ mod tests {
                 host: "not registered".into(),
                 error: None,
             },
+            edge: EdgeStatus::default(),
         };
         let out = status(&s);
         assert!(out.contains("alpha  10.210.1.1  subnet 10.210.1.0/24"));

@@ -1,10 +1,13 @@
 //! `meshctl`: a thin client of the control API.
 
-use super::args::{MeshctlCli, MeshctlCommand, ServiceCommand};
+use super::args::{
+    GatewayCommand, MeshctlCli, MeshctlCommand, ProxyCommand, ServiceCommand, ToggleCommand,
+};
 use crate::control::client::Client;
 use crate::control::{
-    DnsReport, InviteRequest, InviteResponse, RemoveRequest, RemoveResponse, ServiceAddRequest,
-    ServiceRemoveRequest, ServiceView, StatusReport,
+    ConnectRequest, DnsReport, ExposeRequest, InviteRequest, InviteResponse, ListenRequest,
+    RemoveRequest, RemoveResponse, ServiceAddRequest, ServiceRemoveRequest, ServiceView,
+    StatusReport, ToggleRequest,
 };
 use clap::Parser;
 
@@ -128,6 +131,138 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 }
             }
         },
+        MeshctlCommand::Expose {
+            hostname,
+            to,
+            proxy_protocol,
+        } => {
+            let to = crate::node::setup::parse_endpoint(&to, 0)
+                .ok()
+                .filter(|a| a.port() != 0)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--to {to:?} must be ADDR:PORT, e.g. 127.0.0.1:8443")
+                })?;
+            let v: serde_json::Value = c
+                .post(
+                    "/v1/expose",
+                    &ExposeRequest {
+                        hostname,
+                        to: Some(to),
+                        proxy_protocol,
+                    },
+                )
+                .await?;
+            println!(
+                "{} {} -> {}{}; gateways pass it through the mesh to this node",
+                if v["replaced"].as_bool() == Some(true) {
+                    "updated"
+                } else {
+                    "exposed"
+                },
+                v["hostname"].as_str().unwrap_or(""),
+                v["to"].as_str().unwrap_or(""),
+                if proxy_protocol {
+                    " (PROXY protocol v2)"
+                } else {
+                    ""
+                }
+            );
+        }
+        MeshctlCommand::Unexpose { hostname } => {
+            let v: serde_json::Value = c
+                .post(
+                    "/v1/unexpose",
+                    &ExposeRequest {
+                        hostname,
+                        to: None,
+                        proxy_protocol: false,
+                    },
+                )
+                .await?;
+            println!("no longer serving {}", v["hostname"].as_str().unwrap_or(""));
+        }
+        MeshctlCommand::Gateway { command } => {
+            let req = match command {
+                GatewayCommand::Enable { https, http } => ListenRequest {
+                    enable: true,
+                    first: Some(https),
+                    second: Some(http),
+                    allow_public: true,
+                },
+                GatewayCommand::Disable => ListenRequest::default(),
+            };
+            let v: serde_json::Value = c.post("/v1/gateway", &req).await?;
+            if v["enabled"].as_bool() == Some(true) {
+                println!(
+                    "gateway listening: https {}, http {}",
+                    v["https"].as_str().unwrap_or("off"),
+                    v["http"].as_str().unwrap_or("off")
+                );
+            } else {
+                println!("gateway disabled");
+            }
+        }
+        MeshctlCommand::Proxy { command } => {
+            let req = match command {
+                ProxyCommand::Enable {
+                    socks5,
+                    http,
+                    allow_public,
+                } => ListenRequest {
+                    enable: true,
+                    first: Some(socks5),
+                    second: Some(http),
+                    allow_public,
+                },
+                ProxyCommand::Disable => ListenRequest::default(),
+            };
+            let v: serde_json::Value = c.post("/v1/proxy", &req).await?;
+            if v["enabled"].as_bool() == Some(true) {
+                println!(
+                    "proxy listening: socks5 {}, http {}",
+                    v["socks5"].as_str().unwrap_or("off"),
+                    v["http"].as_str().unwrap_or("off")
+                );
+            } else {
+                println!("proxy disabled");
+            }
+        }
+        MeshctlCommand::ExitNode { command } => {
+            let enable = matches!(command, ToggleCommand::Enable);
+            let _: serde_json::Value = c.post("/v1/exit-node", &ToggleRequest { enable }).await?;
+            println!(
+                "{}",
+                if enable {
+                    "this node is an exit node: members' proxies may reach the networks it reaches"
+                } else {
+                    "this node is no longer an exit node"
+                }
+            );
+        }
+        MeshctlCommand::Nc { host, port, exit } => {
+            let stream = c.connect(&ConnectRequest { host, port, exit }).await?;
+            nc(stream).await?;
+        }
     }
     Ok(())
+}
+
+/// stdin -> stream, stream -> stdout; stdin's end is passed on as a half-close, and the session
+/// ends when the far side closes.
+async fn nc<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(
+    stream: S,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut r, mut w) = tokio::io::split(stream);
+    let up = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut stdin, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+    let mut stdout = tokio::io::stdout();
+    let res = tokio::io::copy(&mut r, &mut stdout).await;
+    let _ = stdout.flush().await;
+    up.abort();
+    res.map(|_| ())
+        .map_err(|e| anyhow::anyhow!("connection: {e}"))
 }

@@ -10,6 +10,65 @@ pub struct StatusReport {
     pub mesh: MeshStatus,
     pub peers: Vec<PeerReport>,
     pub dns: DnsStatus,
+    pub edge: EdgeStatus,
+}
+
+/// Gateway, serving, proxy and exit roles of this node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeStatus {
+    pub exposed: Vec<ExposedView>,
+    /// Listening addresses of the public gateway, when enabled.
+    pub gateway: Option<ListenView>,
+    /// Listening addresses of the local proxy, when enabled.
+    pub proxy: Option<ListenView>,
+    pub exit_node: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExposedView {
+    pub hostname: String,
+    pub to: String,
+    pub proxy_protocol: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenView {
+    /// HTTPS (gateway) or SOCKS5 (proxy).
+    pub first: Option<String>,
+    /// HTTP.
+    pub second: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    pub hostname: String,
+    pub to: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// Enable (with listen addresses; "off" disables one of the two) or disable a role.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListenRequest {
+    pub enable: bool,
+    pub first: Option<String>,
+    pub second: Option<String>,
+    /// For the proxy: allow non-loopback listen addresses.
+    #[serde(default)]
+    pub allow_public: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ToggleRequest {
+    pub enable: bool,
+}
+
+/// `meshctl nc`: open a stream to HOST:PORT through the mesh (or an exit node).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    pub host: String,
+    pub port: u16,
+    pub exit: Option<String>,
 }
 
 /// Mesh DNS as this node runs it.
@@ -106,6 +165,10 @@ pub struct PeerReport {
     pub name: String,
     /// The name this node answers to in DNS (differs from `name` only after a name race).
     pub dns_name: String,
+    /// Hostnames it serves through gateways.
+    pub hostnames: Vec<String>,
+    /// It offers itself as an exit node.
+    pub exit_node: bool,
     pub node_id: String,
     pub mesh_ip: String,
     pub subnet: String,
@@ -168,6 +231,11 @@ pub enum ApiRequest {
     Services,
     ServiceAdd(ServiceAddRequest),
     ServiceRemove(ServiceRemoveRequest),
+    Expose(ExposeRequest),
+    Unexpose(ExposeRequest),
+    Gateway(ListenRequest),
+    Proxy(ListenRequest),
+    ExitNode(ToggleRequest),
 }
 
 /// A failure with its HTTP status.

@@ -55,6 +55,55 @@ impl Client {
         self.call(Method::POST, path, Bytes::from(b)).await
     }
 
+    /// `POST /v1/connect`: a raw byte stream to `host:port` through the mesh (or `exit`).
+    pub async fn connect(
+        &self,
+        req: &super::api::ConnectRequest,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let r = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/connect")
+            .header("host", "meshd")
+            .header("connection", "upgrade")
+            .header("upgrade", super::server::STREAM_PROTOCOL)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut resp = sender
+            .send_request(r)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("{e} (did meshd stop?)")))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        let up = hyper::upgrade::on(&mut resp)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(TokioIo::new(up))
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -124,7 +173,7 @@ mod tests {
             .contains("already serving"));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ApiCall>(4);
         let stop = CancellationToken::new();
-        tokio::spawn(server::serve(l, sock.clone(), tx, stop.clone()));
+        tokio::spawn(server::serve(l, sock.clone(), tx, None, stop.clone()));
         tokio::spawn(async move {
             while let Some(call) = rx.recv().await {
                 let r = match call.request {

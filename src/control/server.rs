@@ -3,6 +3,7 @@
 //! holds its own connection.
 
 use super::api::*;
+use crate::proxy::dial::{DialRequest, Dialer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -51,10 +52,13 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serve until `shutdown`; removes the socket file on the way out.
+/// With a dialer, `POST /v1/connect` upgrades the connection to a raw stream to the requested
+/// target (`meshctl nc`).
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     calls: mpsc::Sender<ApiCall>,
+    dialer: Option<Arc<dyn Dialer>>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -72,9 +76,12 @@ pub async fn serve(
         };
         let calls = calls.clone();
         let stop = shutdown.clone();
+        let dialer = dialer.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, calls.clone()));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let svc = service_fn(move |req| handle(req, calls.clone(), dialer.clone()));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
             tokio::select! {
                 r = conn => if let Err(e) = r { debug!(error = %e, "control connection"); },
                 _ = stop.cancelled() => {},
@@ -112,10 +119,59 @@ fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Str
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
+/// The upgrade protocol name of `/v1/connect`.
+pub const STREAM_PROTOCOL: &str = "meshd-stream";
+
+async fn connect(
+    mut req: Request<Incoming>,
+    dialer: Option<Arc<dyn Dialer>>,
+) -> Response<Full<Bytes>> {
+    let Some(dialer) = dialer else {
+        return error(503, "this meshd cannot open streams");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(413, format!("request body rejected: {e}")),
+    };
+    let r: ConnectRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(400, format!("invalid JSON body: {e}")),
+    };
+    let dial = DialRequest {
+        host: r.host.clone(),
+        port: r.port,
+        exit: r.exit.clone(),
+    };
+    let mut upstream = match dialer.dial(&dial).await {
+        Ok(u) => u,
+        Err(e) => return error(e.http_status(), e.to_string()),
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut client = TokioIo::new(up);
+                let _ = crate::proxy::splice::splice(&mut client, &mut upstream).await;
+            }
+            Err(e) => debug!(error = %e, "connect upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", STREAM_PROTOCOL)
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
+}
+
 async fn handle(
     req: Request<Incoming>,
     calls: mpsc::Sender<ApiCall>,
+    dialer: Option<Arc<dyn Dialer>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/connect" {
+        return Ok(connect(req, dialer).await);
+    }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),

@@ -23,6 +23,8 @@ pub const KEY_CERT: &str = "cert";
 pub const KEY_RECORD: &str = "rec";
 /// This node's signed services.
 pub const KEY_SERVICES: &str = "svc";
+/// This node's signed hostnames and exit flag.
+pub const KEY_ROUTES: &str = "web";
 /// Revocations this node knows, one key each: `rev.<node id>`.
 pub const PREFIX_REVOCATION: &str = "rev.";
 
@@ -214,6 +216,8 @@ impl Gossip {
                         Ok(true)
                     } else if key == KEY_SERVICES {
                         m.ingest_services(under, &raw)
+                    } else if key == KEY_ROUTES {
+                        m.ingest_routes(under, &raw)
                     } else {
                         m.ingest_record(under, &raw)
                     }

@@ -8,8 +8,8 @@ use crate::mesh::addressing::{self, Assignment, MeshRange, SlotClaim};
 use crate::mesh::PeerSpec;
 use crate::state::{CachedMember, InviteUse, MemberCache, Tombstone, STATE_VERSION};
 use crate::trust::{
-    Cert, Context, Key32, MeshId, NodeId, NodeRecord, Revocation, ServicesRecord, Signed,
-    TrustError,
+    Cert, Key32, MeshId, NodeId, NodeRecord, Revocation, RoutesRecord, SelfStatement,
+    ServicesRecord, Signed, TrustError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
@@ -40,6 +40,9 @@ pub struct Member {
     /// The node's published services, verified.
     pub services: Option<ServicesRecord>,
     pub services_raw: Option<Signed>,
+    /// Hostnames it serves and whether it is an exit node, verified.
+    pub routes: Option<RoutesRecord>,
+    pub routes_raw: Option<Signed>,
     /// Slot candidate index assigned at admission, used until the node's own record arrives.
     pub admitted_k: Option<u32>,
     pub liveness: Liveness,
@@ -159,6 +162,14 @@ impl Membership {
                     warnings.push(format!("skipping cached services of {}: {e}", cert.name));
                 }
             }
+            if let Some(r) = &c.routes {
+                if let Err(e) = Signed::from_b64(r, "routes record")
+                    .map_err(Reject::from)
+                    .and_then(|s| self.ingest_routes(id, &s))
+                {
+                    warnings.push(format!("skipping cached routes of {}: {e}", cert.name));
+                }
+            }
             if let Some(m) = self.members.get_mut(&id) {
                 m.last_seen = c.last_seen;
                 m.first_seen = c.first_seen;
@@ -180,6 +191,7 @@ impl Membership {
                     cert: m.cert.raw.to_b64(),
                     record: m.record_raw.as_ref().map(|r| r.to_b64()),
                     services: m.services_raw.as_ref().map(|r| r.to_b64()),
+                    routes: m.routes_raw.as_ref().map(|r| r.to_b64()),
                     last_seen: m.last_seen,
                     first_seen: m.first_seen,
                 })
@@ -217,6 +229,8 @@ impl Membership {
             record_raw: None,
             services: None,
             services_raw: None,
+            routes: None,
+            routes_raw: None,
             admitted_k: None,
             liveness: Liveness::Unknown,
             last_seen: now,
@@ -253,21 +267,9 @@ impl Membership {
     /// Accept a node's signed record. Returns whether anything changed.
     pub fn ingest_record(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
         let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
-        let rec: NodeRecord = raw.verify(Context::Record, &m.cert.identity, "node record")?;
-        if rec.identity != m.cert.identity {
-            return Err(Reject::IdMismatch {
-                claimed: NodeId::of_identity(&rec.identity),
-                under: id,
-            });
-        }
-        if let Some(old) = &m.record {
-            if rec.seq < old.seq {
-                return Err(Reject::Stale);
-            }
-            if rec == *old {
-                return Ok(false);
-            }
-        }
+        let Some(rec) = verify_statement::<NodeRecord>(&m.cert, raw, m.record.as_ref())? else {
+            return Ok(false);
+        };
         let left = rec.left;
         m.record = Some(rec);
         m.record_raw = Some(raw.clone());
@@ -281,24 +283,24 @@ impl Membership {
     /// Accept a node's signed list of services. Returns whether anything changed.
     pub fn ingest_services(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
         let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
-        let rec: ServicesRecord =
-            raw.verify(Context::Services, &m.cert.identity, "services record")?;
-        if rec.identity != m.cert.identity {
-            return Err(Reject::IdMismatch {
-                claimed: NodeId::of_identity(&rec.identity),
-                under: id,
-            });
-        }
-        if let Some(old) = &m.services {
-            if rec.seq < old.seq {
-                return Err(Reject::Stale);
-            }
-            if rec == *old {
-                return Ok(false);
-            }
-        }
+        let Some(rec) = verify_statement::<ServicesRecord>(&m.cert, raw, m.services.as_ref())?
+        else {
+            return Ok(false);
+        };
         m.services = Some(rec);
         m.services_raw = Some(raw.clone());
+        self.dirty = true;
+        Ok(true)
+    }
+
+    /// Accept a node's signed hostnames and exit flag. Returns whether anything changed.
+    pub fn ingest_routes(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
+        let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
+        let Some(rec) = verify_statement::<RoutesRecord>(&m.cert, raw, m.routes.as_ref())? else {
+            return Ok(false);
+        };
+        m.routes = Some(rec);
+        m.routes_raw = Some(raw.clone());
         self.dirty = true;
         Ok(true)
     }
@@ -500,10 +502,36 @@ impl Membership {
     }
 }
 
+/// Check a node's statement about itself: signed by the node's identity, about that identity,
+/// not older than what is held. `Ok(None)` means "same as held".
+fn verify_statement<T: SelfStatement>(
+    cert: &Cert,
+    raw: &Signed,
+    held: Option<&T>,
+) -> Result<Option<T>, Reject> {
+    let rec: T = raw.verify(T::CONTEXT, &cert.identity, T::WHAT)?;
+    if *rec.identity() != cert.identity {
+        return Err(Reject::IdMismatch {
+            claimed: NodeId::of_identity(rec.identity()),
+            under: cert.node_id,
+        });
+    }
+    if let Some(old) = held {
+        if rec.seq() < old.seq() {
+            return Err(Reject::Stale);
+        }
+        if rec == *old {
+            return Ok(None);
+        }
+    }
+    Ok(Some(rec))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::trust::cert::tests::{cert, invite};
+    use crate::trust::Context;
     use crate::trust::{NodeKeys, RevocationBody, RootKey};
 
     struct World {

@@ -7,6 +7,7 @@
 
 mod admin;
 mod dns;
+mod edge;
 mod report;
 mod seed;
 mod services;
@@ -92,6 +93,7 @@ struct Node {
     dns_error: Option<String>,
     dns_host: String,
     resolved: Option<crate::dns::resolved::Resolved>,
+    edge: edge::Edge,
 }
 
 /// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
@@ -172,6 +174,7 @@ pub async fn run(
     let dev_stop = CancellationToken::new();
     tokio::spawn(device.clone().run(dev_stop.clone()));
 
+    let edge = edge::Edge::new();
     let listener = api_server::bind(&opts.socket)?;
     let (api_tx, api_rx) = mpsc::channel::<ApiCall>(64);
     let api_stop = CancellationToken::new();
@@ -179,6 +182,7 @@ pub async fn run(
         listener,
         opts.socket.clone(),
         api_tx,
+        Some(edge.dialer()),
         api_stop.clone(),
     ));
 
@@ -222,11 +226,13 @@ pub async fn run(
         dns_error: None,
         dns_host: String::new(),
         resolved: None,
+        edge,
     };
     node.push_peers().await;
     node.start_gossip().await?;
     node.publish_services().await;
     node.start_dns().await;
+    node.start_edge().await;
     ready(&Ready {
         name: node.cert.name.clone(),
         mesh_ip,
@@ -239,6 +245,7 @@ pub async fn run(
     if let Some(g) = node.gossip.take() {
         g.shutdown().await;
     }
+    node.edge.stop_all();
     node.unregister_dns_from_host().await;
     if let Some(d) = node.dns.take() {
         d.stop().await;
@@ -376,6 +383,7 @@ impl Node {
         self.follow_own_slot().await?;
         self.push_peers().await;
         self.refresh_dns();
+        self.refresh_edge();
         // Spread every revocation this node knows.
         if let Some(g) = &self.gossip {
             let new: Vec<_> = self
@@ -427,6 +435,7 @@ impl Node {
             self.start_gossip().await?;
             self.publish_services().await;
             self.start_dns().await;
+            self.start_mesh_side();
         }
         self.publish_record().await;
         Ok(())
@@ -464,6 +473,11 @@ impl Node {
             ),
             ApiRequest::ServiceAdd(r) => (self.service_add(r).await, None),
             ApiRequest::ServiceRemove(r) => (self.service_remove(r).await, None),
+            ApiRequest::Expose(r) => (self.expose(r).await, None),
+            ApiRequest::Unexpose(r) => (self.unexpose(r).await, None),
+            ApiRequest::Gateway(r) => (self.gateway_request(r).await, None),
+            ApiRequest::Proxy(r) => (self.proxy_request(r).await, None),
+            ApiRequest::ExitNode(r) => (self.exit_node_request(r).await, None),
             ApiRequest::Leave => match self.leave().await {
                 Ok(v) => (Ok(v), Some(Exit::Left)),
                 Err(e) => (Err(e), None),

@@ -18,11 +18,13 @@ impl Node {
             .collect();
         let assign = self.m.assignments();
         let range = &self.m.params.range;
-        let dns_names = crate::dns::zone::unique_names(
-            self.m
-                .active()
-                .map(|x| (x.cert.name.as_str(), x.cert.issued_at, x.cert.node_id.to_string())),
-        );
+        let dns_names = crate::dns::zone::unique_names(self.m.active().map(|x| {
+            (
+                x.cert.name.as_str(),
+                x.cert.issued_at,
+                x.cert.node_id.to_string(),
+            )
+        }));
         let mut peers: Vec<PeerReport> = self
             .m
             .active()
@@ -40,6 +42,12 @@ impl Node {
                 };
                 PeerReport {
                     name: x.cert.name.clone(),
+                    hostnames: x
+                        .routes
+                        .as_ref()
+                        .map(|r| r.hostnames.clone())
+                        .unwrap_or_default(),
+                    exit_node: x.routes.as_ref().is_some_and(|r| r.exit_node),
                     dns_name: dns_names
                         .get(&x.cert.node_id.to_string())
                         .cloned()
@@ -82,6 +90,7 @@ impl Node {
             },
             peers,
             dns: self.dns_status(),
+            edge: self.edge_status(),
         }
     }
 }

@@ -194,6 +194,7 @@ pub async fn join_mesh(
         cert: acc.seed_cert.to_b64(),
         record: Some(acc.seed_record.to_b64()),
         services: None,
+        routes: None,
         last_seen: now,
         first_seen: now,
     }];
@@ -202,6 +203,7 @@ pub async fn join_mesh(
             cert: c.to_b64(),
             record: r.as_ref().map(|r| r.to_b64()),
             services: None,
+            routes: None,
             last_seen: now,
             first_seen: now,
         });

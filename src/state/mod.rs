@@ -142,6 +142,25 @@ pub struct Settings {
     pub version: u32,
     #[serde(default)]
     pub services: Vec<crate::trust::ServiceDef>,
+    /// Hostnames this node serves for gateways (`meshctl expose`).
+    #[serde(default)]
+    pub exposed: Vec<crate::proxy::serve::Exposed>,
+    /// Public gateway listeners, when enabled.
+    #[serde(default)]
+    pub gateway: Option<ListenPair>,
+    /// Local forward proxy listeners (SOCKS5, HTTP), when enabled.
+    #[serde(default)]
+    pub proxy: Option<ListenPair>,
+    /// Whether this node serves as an exit node.
+    #[serde(default)]
+    pub exit_node: bool,
+}
+
+/// Two optional listen addresses: gateway (HTTPS, HTTP) or proxy (SOCKS5, HTTP).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenPair {
+    pub first: Option<SocketAddr>,
+    pub second: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +203,9 @@ pub struct CachedMember {
     /// Signed services record (URL-safe base64).
     #[serde(default)]
     pub services: Option<String>,
+    /// Signed routes record (URL-safe base64).
+    #[serde(default)]
+    pub routes: Option<String>,
     /// Unix seconds when this member was last known alive.
     pub last_seen: u64,
     /// Unix seconds when this node first learnt of the member.

@@ -36,3 +36,56 @@ pub struct ServicesRecord {
     pub seq: u64,
     pub services: Vec<ServiceDef>,
 }
+
+/// The hostnames a node serves through gateways (`meshctl expose`) and whether it offers itself
+/// as an exit node. Where the connections go on the node stays local.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesRecord {
+    pub identity: [u8; 32],
+    pub seq: u64,
+    /// Hostnames and `*.wildcard` patterns.
+    pub hostnames: Vec<String>,
+    pub exit_node: bool,
+}
+
+/// A statement a node makes about itself: signed with its identity key, replaced by versions
+/// with a higher `seq`.
+pub trait SelfStatement: serde::de::DeserializeOwned + PartialEq {
+    const CONTEXT: super::Context;
+    const WHAT: &'static str;
+    fn identity(&self) -> &[u8; 32];
+    fn seq(&self) -> u64;
+}
+
+impl SelfStatement for NodeRecord {
+    const CONTEXT: super::Context = super::Context::Record;
+    const WHAT: &'static str = "node record";
+    fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl SelfStatement for ServicesRecord {
+    const CONTEXT: super::Context = super::Context::Services;
+    const WHAT: &'static str = "services record";
+    fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl SelfStatement for RoutesRecord {
+    const CONTEXT: super::Context = super::Context::Hostnames;
+    const WHAT: &'static str = "routes record";
+    fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}

@@ -1,0 +1,215 @@
+//! The public gateway: HTTPS routed by the ClientHello's SNI without terminating TLS, and HTTP
+//! routed by Host, each passed through the mesh to a live node serving that name.
+//!
+//! Bounded: a client has [`HELLO_TIMEOUT`] in all to send its ClientHello or request head (a
+//! silent client, or one sending a byte a second, is cut off), concurrent connections are capped
+//! by the accept loop, and every connection is its own task.
+
+use super::dial::connect;
+use super::preamble::{self, Handoff, Kind, HANDOFF_MAGIC};
+use super::routes::{HostRoute, MeshView};
+use super::sni::{self, Sni};
+use super::{http_head, SERVE_PORT};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+/// Time a client has to send its ClientHello (or HTTP request head).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting to a serving node through the mesh.
+pub const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Concurrent client connections per listener.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+pub struct Gateway {
+    pub view: watch::Receiver<Arc<MeshView>>,
+    next: AtomicUsize,
+}
+
+impl Gateway {
+    pub fn new(view: watch::Receiver<Arc<MeshView>>) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            view,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Candidate serving nodes, spreading connections over the best-ranked ones.
+    fn candidates(&self, host: &str) -> Vec<HostRoute> {
+        let view = self.view.borrow().clone();
+        let routes: Vec<HostRoute> = view.route(host).into_iter().cloned().collect();
+        let Some(first) = routes.first() else {
+            return routes;
+        };
+        let rank = |r: &HostRoute| (r.pattern.starts_with("*."), !r.live);
+        let top = routes.iter().take_while(|r| rank(r) == rank(first)).count();
+        let mut out = routes;
+        let shift = self.next.fetch_add(1, Ordering::Relaxed) % top;
+        out[..top].rotate_left(shift);
+        out
+    }
+
+    /// Connect to a serving node for `host`, failing over down the list.
+    async fn backend(&self, host: &str) -> Option<(TcpStream, HostRoute)> {
+        for r in self.candidates(host) {
+            let addr = SocketAddr::from((r.ip, SERVE_PORT));
+            match connect(addr, BACKEND_CONNECT_TIMEOUT).await {
+                Ok(s) => return Some((s, r)),
+                Err(e) => {
+                    debug!(%host, node = %r.node, error = %e, "serving node unreachable; trying the next")
+                }
+            }
+        }
+        None
+    }
+
+    async fn pass(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        kind: Kind,
+        host: String,
+        head: Vec<u8>,
+    ) {
+        let local = client.local_addr().unwrap_or(peer);
+        let Some((mut backend, route)) = self.backend(&host).await else {
+            info!(%host, %peer, "no reachable node serves this name");
+            match kind {
+                Kind::Tls => {
+                    let _ = client.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
+                }
+                Kind::Http => {
+                    let _ = client
+                        .write_all(&not_found(&host, "no reachable mesh node serves"))
+                        .await;
+                }
+            }
+            return;
+        };
+        let handoff = preamble::encode(
+            HANDOFF_MAGIC,
+            &Handoff {
+                kind,
+                hostname: host.clone(),
+                client: peer,
+                gateway: local,
+            },
+        );
+        if backend.write_all(&handoff).await.is_err() || backend.write_all(&head).await.is_err() {
+            return;
+        }
+        debug!(%host, %peer, node = %route.node, "passing through");
+        let _ = super::splice::splice(&mut client, &mut backend).await;
+    }
+}
+
+fn not_found(host: &str, why: &str) -> Vec<u8> {
+    let body = format!("{why} {host}\n");
+    format!(
+        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Read from `s` until `done` says the head is complete, within `HELLO_TIMEOUT` overall.
+async fn read_head<T>(
+    s: &mut TcpStream,
+    max: usize,
+    mut done: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<(T, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(2048);
+    let r = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(v) = done(&buf) {
+                return Some(v);
+            }
+            if buf.len() > max {
+                return None;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(Some(v)) => Some((v, buf)),
+        _ => None,
+    }
+}
+
+/// One HTTPS client.
+pub async fn https_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketAddr) {
+    let verdict = read_head(&mut client, sni::MAX_HELLO + 5 * 8, |b| {
+        match sni::parse(b) {
+            Ok(Sni::NeedMore) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    let Some((verdict, hello)) = verdict else {
+        debug!(%peer, "no ClientHello in time; closed");
+        return;
+    };
+    match verdict {
+        Ok(Sni::Name(host)) => {
+            if gw.view.borrow().route(&host).is_empty() {
+                info!(%host, %peer, "refused: no mesh node serves this name");
+                let _ = client.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
+                return;
+            }
+            gw.pass(client, peer, Kind::Tls, host, hello).await;
+        }
+        Ok(Sni::NoName) => {
+            debug!(%peer, "refused: ClientHello without SNI");
+            let _ = client.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
+        }
+        Ok(Sni::NeedMore) => {}
+        Err(e) => {
+            debug!(%peer, error = %e, "refused: malformed ClientHello");
+            let _ = client.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
+        }
+    }
+}
+
+/// One HTTP client (HTTP-01 challenges, redirects to HTTPS: whatever the workload answers).
+pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketAddr) {
+    let verdict = read_head(
+        &mut client,
+        http_head::MAX_HEAD,
+        |b| match http_head::parse(b) {
+            Ok(None) => None,
+            other => Some(other),
+        },
+    )
+    .await;
+    let Some((verdict, head)) = verdict else {
+        debug!(%peer, "no request head in time; closed");
+        return;
+    };
+    let host = match verdict {
+        Ok(Some(h)) => h.host(),
+        _ => None,
+    };
+    let Some(host) = host else {
+        let _ = client
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmissing or bad Host\r\n\n")
+            .await;
+        return;
+    };
+    if gw.view.borrow().route(&host).is_empty() {
+        let _ = client
+            .write_all(&not_found(&host, "no mesh node serves"))
+            .await;
+        return;
+    }
+    gw.pass(client, peer, Kind::Http, host, head).await;
+}

@@ -1,0 +1,96 @@
+//! The serving side: a node that exposed a hostname accepts gateway handoffs on its mesh
+//! address (socket bound to the TUN device, so only members reach it) and connects them to the
+//! local workload, prefixed with a PROXY v2 header when the route asks for it.
+
+use super::dial::connect;
+use super::preamble::{self, Handoff, HANDOFF_MAGIC};
+use super::proxy_protocol;
+use super::routes::matches;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
+const WORKLOAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One exposed hostname (or `*.pattern`) on this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Exposed {
+    pub hostname: String,
+    pub to: SocketAddr,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// Exact names first, then wildcards.
+pub fn find<'a>(exposed: &'a [Exposed], host: &str) -> Option<&'a Exposed> {
+    exposed.iter().find(|e| e.hostname == host).or_else(|| {
+        exposed
+            .iter()
+            .find(|e| e.hostname.starts_with("*.") && matches(&e.hostname, host))
+    })
+}
+
+pub async fn session(
+    exposed: watch::Receiver<Arc<Vec<Exposed>>>,
+    mut from_gw: TcpStream,
+    peer: SocketAddr,
+) {
+    let h = tokio::time::timeout(
+        HANDOFF_TIMEOUT,
+        preamble::read::<Handoff, _>(HANDOFF_MAGIC, &mut from_gw),
+    )
+    .await;
+    let Ok(Ok((handoff, rest))) = h else {
+        debug!(%peer, "bad or slow gateway handoff; closed");
+        return;
+    };
+    let target = {
+        let list = exposed.borrow().clone();
+        find(&list, &handoff.hostname).cloned()
+    };
+    let Some(target) = target else {
+        info!(host = %handoff.hostname, gateway = %peer, "handoff for a name this node does not expose");
+        return;
+    };
+    let mut workload = match connect(target.to, WORKLOAD_CONNECT_TIMEOUT).await {
+        Ok(w) => w,
+        Err(e) => {
+            info!(host = %handoff.hostname, to = %target.to, error = %e, "the workload is unreachable");
+            return;
+        }
+    };
+    if target.proxy_protocol {
+        let hdr = proxy_protocol::header(handoff.client, handoff.gateway);
+        if workload.write_all(&hdr).await.is_err() {
+            return;
+        }
+    }
+    if !rest.is_empty() && workload.write_all(&rest).await.is_err() {
+        return;
+    }
+    debug!(host = %handoff.hostname, client = %handoff.client, to = %target.to, "serving");
+    let _ = super::splice::splice(&mut from_gw, &mut workload).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_before_wildcard() {
+        let e = |h: &str, p: u16| Exposed {
+            hostname: h.into(),
+            to: SocketAddr::from(([127, 0, 0, 1], p)),
+            proxy_protocol: false,
+        };
+        let list = vec![e("*.example.com", 1), e("app.example.com", 2)];
+        assert_eq!(find(&list, "app.example.com").unwrap().to.port(), 2);
+        assert_eq!(find(&list, "x.example.com").unwrap().to.port(), 1);
+        assert!(find(&list, "example.com").is_none());
+    }
+}
