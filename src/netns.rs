@@ -236,6 +236,22 @@ impl Netns {
         .map_err(|_| io::Error::other("namespace thread panicked"))?
     }
 
+    /// Start a long-lived thread inside the namespace (a test server, say).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<std::thread::JoinHandle<io::Result<T>>> {
+        let file = self.open_fd()?;
+        Ok(std::thread::spawn(move || -> io::Result<T> {
+            // SAFETY: setns on this dedicated thread only.
+            check(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                "setns",
+            )?;
+            Ok(f())
+        }))
+    }
+
     /// Run an async closure on a current-thread runtime inside the namespace.
     pub fn run_async<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
     where

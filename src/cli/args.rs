@@ -156,6 +156,10 @@ pub enum MeshctlCommand {
         /// Where the workload listens on this node, e.g. 127.0.0.1:8443.
         #[arg(long, value_name = "ADDR:PORT")]
         to: String,
+        /// Where plain HTTP requests for the name go (HTTP-01 challenges, redirects); without
+        /// it, HTTP requests are redirected to HTTPS.
+        #[arg(long, value_name = "ADDR:PORT")]
+        http_to: Option<String>,
         /// Send a PROXY protocol v2 header so the workload sees the real client address.
         #[arg(long)]
         proxy_protocol: bool,

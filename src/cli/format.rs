@@ -54,9 +54,13 @@ pub fn status(s: &StatusReport) -> String {
     for e in &s.edge.exposed {
         let _ = writeln!(
             o,
-            "exposes {} -> {}{}",
+            "exposes {} -> {}{}{}",
             e.hostname,
             e.to,
+            e.http_to
+                .as_ref()
+                .map(|h| format!(", http -> {h}"))
+                .unwrap_or_default(),
             if e.proxy_protocol { " (PROXY v2)" } else { "" }
         );
     }

@@ -134,24 +134,26 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
         MeshctlCommand::Expose {
             hostname,
             to,
+            http_to,
             proxy_protocol,
         } => {
-            let to = crate::node::setup::parse_endpoint(&to, 0)
-                .ok()
-                .filter(|a| a.port() != 0)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--to {to:?} must be ADDR:PORT, e.g. 127.0.0.1:8443")
-                })?;
-            let v: serde_json::Value = c
-                .post(
-                    "/v1/expose",
-                    &ExposeRequest {
-                        hostname,
-                        to: Some(to),
-                        proxy_protocol,
-                    },
-                )
-                .await?;
+            let addr = |flag: &str, v: &str| {
+                crate::node::setup::parse_endpoint(v, 0)
+                    .ok()
+                    .filter(|a| a.port() != 0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{flag} {v:?} must be ADDR:PORT, e.g. 127.0.0.1:8443")
+                    })
+            };
+            let to = addr("--to", &to)?;
+            let http_to = http_to.map(|h| addr("--http-to", &h)).transpose()?;
+            let req = ExposeRequest {
+                hostname,
+                to: Some(to),
+                http_to,
+                proxy_protocol,
+            };
+            let v: serde_json::Value = c.post("/v1/expose", &req).await?;
             println!(
                 "{} {} -> {}{}; gateways pass it through the mesh to this node",
                 if v["replaced"].as_bool() == Some(true) {
@@ -169,16 +171,11 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
             );
         }
         MeshctlCommand::Unexpose { hostname } => {
-            let v: serde_json::Value = c
-                .post(
-                    "/v1/unexpose",
-                    &ExposeRequest {
-                        hostname,
-                        to: None,
-                        proxy_protocol: false,
-                    },
-                )
-                .await?;
+            let req = ExposeRequest {
+                hostname,
+                ..Default::default()
+            };
+            let v: serde_json::Value = c.post("/v1/unexpose", &req).await?;
             println!("no longer serving {}", v["hostname"].as_str().unwrap_or(""));
         }
         MeshctlCommand::Gateway { command } => {

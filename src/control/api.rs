@@ -28,6 +28,7 @@ pub struct EdgeStatus {
 pub struct ExposedView {
     pub hostname: String,
     pub to: String,
+    pub http_to: Option<String>,
     pub proxy_protocol: bool,
 }
 
@@ -43,6 +44,8 @@ pub struct ListenView {
 pub struct ExposeRequest {
     pub hostname: String,
     pub to: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub http_to: Option<std::net::SocketAddr>,
     #[serde(default)]
     pub proxy_protocol: bool,
 }

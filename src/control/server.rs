@@ -111,6 +111,11 @@ fn error(status: u16, message: impl Into<String>) -> Response<Full<Bytes>> {
     )
 }
 
+/// A JSON body that must be present.
+fn parse_required<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
 /// A JSON body; an empty one means "all defaults".
 fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, String> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
@@ -178,35 +183,31 @@ async fn handle(
         Err(e) => return Ok(error(413, format!("request body rejected: {e}"))),
     };
     let request = match (&parts.method, parts.uri.path()) {
-        (&Method::GET, "/v1/status") => ApiRequest::Status,
-        (&Method::POST, "/v1/invite") => match parse::<InviteRequest>(&body) {
-            Ok(r) => ApiRequest::Invite(r),
-            Err(m) => return Ok(error(400, m)),
-        },
-        (&Method::POST, "/v1/remove") => match serde_json::from_slice::<RemoveRequest>(&body) {
-            Ok(r) => ApiRequest::Remove(r),
-            Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
-        },
-        (&Method::POST, "/v1/leave") => ApiRequest::Leave,
-        (&Method::GET, "/v1/dns") => ApiRequest::Dns,
-        (&Method::GET, "/v1/services") => ApiRequest::Services,
-        (&Method::POST, "/v1/services") => match serde_json::from_slice::<ServiceAddRequest>(&body)
-        {
-            Ok(r) => ApiRequest::ServiceAdd(r),
-            Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
-        },
+        (&Method::GET, "/v1/status") => Ok(ApiRequest::Status),
+        (&Method::POST, "/v1/invite") => parse(&body).map(ApiRequest::Invite),
+        (&Method::POST, "/v1/remove") => parse_required(&body).map(ApiRequest::Remove),
+        (&Method::POST, "/v1/leave") => Ok(ApiRequest::Leave),
+        (&Method::GET, "/v1/dns") => Ok(ApiRequest::Dns),
+        (&Method::GET, "/v1/services") => Ok(ApiRequest::Services),
+        (&Method::POST, "/v1/services") => parse_required(&body).map(ApiRequest::ServiceAdd),
         (&Method::POST, "/v1/services/remove") => {
-            match serde_json::from_slice::<ServiceRemoveRequest>(&body) {
-                Ok(r) => ApiRequest::ServiceRemove(r),
-                Err(e) => return Ok(error(400, format!("invalid JSON body: {e}"))),
-            }
+            parse_required(&body).map(ApiRequest::ServiceRemove)
         }
+        (&Method::POST, "/v1/expose") => parse_required(&body).map(ApiRequest::Expose),
+        (&Method::POST, "/v1/unexpose") => parse_required(&body).map(ApiRequest::Unexpose),
+        (&Method::POST, "/v1/gateway") => parse_required(&body).map(ApiRequest::Gateway),
+        (&Method::POST, "/v1/proxy") => parse_required(&body).map(ApiRequest::Proxy),
+        (&Method::POST, "/v1/exit-node") => parse_required(&body).map(ApiRequest::ExitNode),
         (_, p) => {
             return Ok(error(
                 404,
                 format!("no such endpoint: {} {p}", parts.method),
             ))
         }
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(m) => return Ok(error(400, m)),
     };
     let (tx, rx) = oneshot::channel();
     if calls.send(ApiCall { request, reply: tx }).await.is_err() {

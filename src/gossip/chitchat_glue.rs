@@ -25,6 +25,8 @@ pub const KEY_RECORD: &str = "rec";
 pub const KEY_SERVICES: &str = "svc";
 /// This node's signed hostnames and exit flag.
 pub const KEY_ROUTES: &str = "web";
+/// The single-valued keys a node publishes about itself; each holds a signed statement.
+const SIGNED_KEYS: [&str; 4] = [KEY_CERT, KEY_RECORD, KEY_SERVICES, KEY_ROUTES];
 /// Revocations this node knows, one key each: `rev.<node id>`.
 pub const PREFIX_REVOCATION: &str = "rev.";
 
@@ -159,11 +161,7 @@ impl Gossip {
                 continue;
             }
             for (k, v) in st.key_values() {
-                if k != KEY_CERT
-                    && k != KEY_RECORD
-                    && k != KEY_SERVICES
-                    && !k.starts_with(PREFIX_REVOCATION)
-                {
+                if !SIGNED_KEYS.contains(&k) && !k.starts_with(PREFIX_REVOCATION) {
                     continue;
                 }
                 let Some(vv) = st.get_versioned(k) else {

@@ -375,6 +375,7 @@ impl Node {
         self.settings.exposed.push(Exposed {
             hostname: host.clone(),
             to,
+            http_to: r.http_to,
             proxy_protocol: r.proxy_protocol,
         });
         self.settings
@@ -491,6 +492,7 @@ impl Node {
                 .map(|e| ExposedView {
                     hostname: e.hostname.clone(),
                     to: e.to.to_string(),
+                    http_to: e.http_to.map(|a| a.to_string()),
                     proxy_protocol: e.proxy_protocol,
                 })
                 .collect(),

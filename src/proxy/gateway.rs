@@ -26,9 +26,14 @@ pub const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Concurrent client connections per listener.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// A serving node that just failed to accept is tried last for this long, so requests do not
+/// each wait out a connect timeout while failure detection catches up.
+const FAILED_BACKEND_PENALTY: Duration = Duration::from_secs(10);
+
 pub struct Gateway {
     pub view: watch::Receiver<Arc<MeshView>>,
     next: AtomicUsize,
+    failed: std::sync::Mutex<std::collections::HashMap<std::net::Ipv4Addr, std::time::Instant>>,
 }
 
 impl Gateway {
@@ -36,6 +41,7 @@ impl Gateway {
         Arc::new(Gateway {
             view,
             next: AtomicUsize::new(0),
+            failed: Default::default(),
         })
     }
 
@@ -51,6 +57,15 @@ impl Gateway {
         let mut out = routes;
         let shift = self.next.fetch_add(1, Ordering::Relaxed) % top;
         out[..top].rotate_left(shift);
+        // Recently failed nodes go last (stable: the order among the others is kept).
+        let now = std::time::Instant::now();
+        let failed = self.failed.lock().unwrap();
+        let recently = |r: &HostRoute| {
+            failed
+                .get(&r.ip)
+                .is_some_and(|t| now.duration_since(*t) < FAILED_BACKEND_PENALTY)
+        };
+        out.sort_by_key(|r| recently(r));
         out
     }
 

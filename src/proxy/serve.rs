@@ -3,7 +3,7 @@
 //! local workload, prefixed with a PROXY v2 header when the route asks for it.
 
 use super::dial::connect;
-use super::preamble::{self, Handoff, HANDOFF_MAGIC};
+use super::preamble::{self, Handoff, Kind, HANDOFF_MAGIC};
 use super::proxy_protocol;
 use super::routes::matches;
 use std::net::SocketAddr;
@@ -21,9 +21,27 @@ const WORKLOAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Exposed {
     pub hostname: String,
+    /// Where TLS connections for the name go.
     pub to: SocketAddr,
+    /// Where plain HTTP requests for the name go; without it they are redirected to HTTPS.
+    #[serde(default)]
+    pub http_to: Option<SocketAddr>,
     #[serde(default)]
     pub proxy_protocol: bool,
+}
+
+/// `308 Permanent Redirect` to the HTTPS form of the request.
+fn redirect_to_https(host: &str, head: &[u8]) -> Vec<u8> {
+    let path = super::http_head::parse(head)
+        .ok()
+        .flatten()
+        .map(|h| h.target)
+        .filter(|t| t.starts_with('/'))
+        .unwrap_or_else(|| "/".into());
+    format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 /// Exact names first, then wildcards.
@@ -57,10 +75,22 @@ pub async fn session(
         info!(host = %handoff.hostname, gateway = %peer, "handoff for a name this node does not expose");
         return;
     };
-    let mut workload = match connect(target.to, WORKLOAD_CONNECT_TIMEOUT).await {
+    let to = match handoff.kind {
+        Kind::Tls => target.to,
+        Kind::Http => match target.http_to {
+            Some(a) => a,
+            None => {
+                let _ = from_gw
+                    .write_all(&redirect_to_https(&handoff.hostname, &rest))
+                    .await;
+                return;
+            }
+        },
+    };
+    let mut workload = match connect(to, WORKLOAD_CONNECT_TIMEOUT).await {
         Ok(w) => w,
         Err(e) => {
-            info!(host = %handoff.hostname, to = %target.to, error = %e, "the workload is unreachable");
+            info!(host = %handoff.hostname, %to, error = %e, "the workload is unreachable");
             return;
         }
     };
@@ -73,7 +103,7 @@ pub async fn session(
     if !rest.is_empty() && workload.write_all(&rest).await.is_err() {
         return;
     }
-    debug!(host = %handoff.hostname, client = %handoff.client, to = %target.to, "serving");
+    debug!(host = %handoff.hostname, client = %handoff.client, %to, "serving");
     let _ = super::splice::splice(&mut from_gw, &mut workload).await;
 }
 
@@ -86,11 +116,23 @@ mod tests {
         let e = |h: &str, p: u16| Exposed {
             hostname: h.into(),
             to: SocketAddr::from(([127, 0, 0, 1], p)),
+            http_to: None,
             proxy_protocol: false,
         };
         let list = vec![e("*.example.com", 1), e("app.example.com", 2)];
         assert_eq!(find(&list, "app.example.com").unwrap().to.port(), 2);
         assert_eq!(find(&list, "x.example.com").unwrap().to.port(), 1);
         assert!(find(&list, "example.com").is_none());
+    }
+
+    #[test]
+    fn http_without_a_target_is_redirected_to_https() {
+        let r = String::from_utf8(redirect_to_https(
+            "app.example.com",
+            b"GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n",
+        ))
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 308"));
+        assert!(r.contains("Location: https://app.example.com/a?b\r\n"));
     }
 }

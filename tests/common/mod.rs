@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod workloads;
+
 use meshd::control::StatusReport;
 use meshd::netns::{Lan, Netns};
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,388 @@
+//! Public HTTPS by SNI (and HTTP by Host) through a gateway node to the nodes serving each name.
+//!
+//! ```text
+//!  [client 198.51.100.4] --TLS--> [gw 198.51.100.1 :443/:80] ==mesh==> [s1] workloads on 127.0.0.1
+//!   not a member                                               ==mesh==> [s2] workloads on 127.0.0.1
+//! ```
+
+mod common;
+
+use common::workloads::{self, Pki};
+use common::Lab;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const GW: usize = 0;
+const S1: usize = 1;
+const S2: usize = 2;
+const CLIENT: usize = 3;
+
+fn mesh(lab: &mut Lab) {
+    let token = lab.init(GW, "gw", &[]);
+    lab.join(S1, "s1", &token);
+    lab.join(S2, "s2", &token);
+    lab.wait_all_pairs(&[GW, S1, S2], Duration::from_secs(30));
+    let o = lab.meshctl(GW, &["gateway", "enable"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn expose(lab: &Lab, h: usize, args: &[&str]) {
+    let mut a = vec!["expose"];
+    a.extend_from_slice(args);
+    let o = lab.meshctl(h, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// curl from the client through the gateway; (success, stdout, stderr).
+fn curl(lab: &Lab, ca: &std::path::Path, url: &str) -> (bool, String, String) {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(['/', ':'])
+        .next()
+        .unwrap();
+    let port = if url.starts_with("https") { 443 } else { 80 };
+    let resolve = format!("{host}:{port}:{}", lab.addr(GW));
+    let o = lab.sh(
+        CLIENT,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            url,
+        ],
+    );
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Raw TCP from the client to the gateway: send `data`, return what comes back before close.
+fn raw(lab: &Lab, port: u16, data: Vec<u8>) -> Vec<u8> {
+    let gw = SocketAddr::from((lab.addr(GW), port));
+    lab.ns(CLIENT)
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&gw, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&data).unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            out
+        })
+        .unwrap()
+}
+
+#[test]
+fn tls_is_passed_through_by_sni_to_the_node_serving_each_name() {
+    let mut lab = Lab::new("gwsni", 4);
+    mesh(&mut lab);
+    let pki = Pki::new();
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let _w1 = workloads::tls(
+        lab.ns(S1),
+        local(8443),
+        &pki,
+        &["app.example.test"],
+        "s1",
+        false,
+    );
+    let _w1h = workloads::http(lab.ns(S1), local(8080), "s1");
+    let _w1p = workloads::tls(
+        lab.ns(S1),
+        local(8444),
+        &pki,
+        &["pp.example.test"],
+        "s1-pp",
+        true,
+    );
+    let _w2 = workloads::tls(
+        lab.ns(S2),
+        local(8443),
+        &pki,
+        &["other.example.test"],
+        "s2",
+        false,
+    );
+    expose(
+        &lab,
+        S1,
+        &[
+            "app.example.test",
+            "--to",
+            "127.0.0.1:8443",
+            "--http-to",
+            "127.0.0.1:8080",
+        ],
+    );
+    expose(
+        &lab,
+        S1,
+        &[
+            "pp.example.test",
+            "--to",
+            "127.0.0.1:8444",
+            "--proxy-protocol",
+        ],
+    );
+    expose(&lab, S2, &["other.example.test", "--to", "127.0.0.1:8443"]);
+    // Invalid names are refused with a clear error.
+    let o = lab.meshctl(S1, &["expose", "not a name", "--to", "127.0.0.1:1"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a valid DNS name"));
+
+    // The page of the node serving the name; the certificate checks out against the test CA,
+    // so TLS ends at the workload, not the gateway.
+    lab.wait_for(
+        "app.example.test through the gateway",
+        Duration::from_secs(15),
+        || curl(&lab, &ca, "https://app.example.test/").1 == "hello from s1 client=-\n",
+    );
+    lab.wait_for(
+        "other.example.test through the gateway",
+        Duration::from_secs(15),
+        || curl(&lab, &ca, "https://other.example.test/").1 == "hello from s2 client=-\n",
+    );
+    // The workload sees the real client through PROXY protocol v2.
+    lab.wait_for(
+        "pp.example.test through the gateway",
+        Duration::from_secs(15),
+        || curl(&lab, &ca, "https://pp.example.test/").0,
+    );
+    let (_, body, _) = curl(&lab, &ca, "https://pp.example.test/");
+    assert!(
+        body.starts_with(&format!("hello from s1-pp client={}:", lab.addr(CLIENT))),
+        "{body}"
+    );
+
+    // HTTP by Host: to the workload's HTTP listener, or redirected to HTTPS when it has none.
+    let (ok, body, err) = curl(
+        &lab,
+        &ca,
+        "http://app.example.test/.well-known/acme-challenge/t",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        body,
+        "hello http from s1 path=/.well-known/acme-challenge/t\n"
+    );
+    let o = lab.sh(
+        CLIENT,
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "--resolve",
+            &format!("other.example.test:80:{}", lab.addr(GW)),
+            "http://other.example.test/p",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "308 https://other.example.test/p"
+    );
+
+    // Unknown names: a TLS unrecognized_name alert; no SNI: the same; garbage: closed.
+    let (ok, _, err) = curl(&lab, &ca, "https://nope.example.test/");
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("unrecognized name"), "{err}");
+    let alert = meshd::proxy::sni::ALERT_UNRECOGNIZED_NAME.to_vec();
+    assert_eq!(
+        raw(&lab, 443, meshd::proxy::sni::client_hello_for(None)),
+        alert
+    );
+    assert_eq!(
+        raw(
+            &lab,
+            443,
+            meshd::proxy::sni::client_hello_for(Some("nope.example.test"))
+        ),
+        alert
+    );
+    let mut bad = vec![22u8, 3, 1, 0, 40];
+    bad.extend_from_slice(&[0xee; 40]);
+    let got = raw(&lab, 443, bad);
+    assert!(
+        got.is_empty() || got == alert,
+        "malformed hello must be refused: {got:?}"
+    );
+    let o = lab.sh(
+        CLIENT,
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &format!("nope.example.test:80:{}", lab.addr(GW)),
+            "http://nope.example.test/",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "404");
+
+    // Withdrawn: refused again.
+    let o = lab.meshctl(S2, &["unexpose", "other.example.test"]);
+    assert!(o.status.success());
+    lab.wait_for(
+        "other.example.test to be refused",
+        Duration::from_secs(15),
+        || {
+            curl(&lab, &ca, "https://other.example.test/")
+                .2
+                .to_lowercase()
+                .contains("unrecognized name")
+        },
+    );
+    let st = lab.status(S1);
+    assert_eq!(st.edge.exposed.len(), 2);
+    assert!(lab.status(GW).edge.gateway.is_some());
+}
+
+#[test]
+fn requests_keep_succeeding_when_one_of_two_serving_nodes_stops() {
+    let mut lab = Lab::new("gwha", 4);
+    mesh(&mut lab);
+    let pki = Pki::new();
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let _w1 = workloads::tls(
+        lab.ns(S1),
+        local(8443),
+        &pki,
+        &["ha.example.test"],
+        "s1",
+        false,
+    );
+    let _w2 = workloads::tls(
+        lab.ns(S2),
+        local(8443),
+        &pki,
+        &["ha.example.test", "*.example.test"],
+        "s2",
+        false,
+    );
+    expose(&lab, S1, &["ha.example.test", "--to", "127.0.0.1:8443"]);
+    expose(&lab, S2, &["*.example.test", "--to", "127.0.0.1:8443"]);
+    expose(&lab, S2, &["ha.example.test", "--to", "127.0.0.1:8443"]);
+    let mut seen = std::collections::HashSet::new();
+    lab.wait_for(
+        "both serving nodes to answer",
+        Duration::from_secs(20),
+        || {
+            let (ok, body, _) = curl(&lab, &ca, "https://ha.example.test/");
+            if ok {
+                seen.insert(body);
+            }
+            seen.len() == 2
+        },
+    );
+    // A wildcard name goes to the node exposing the wildcard.
+    assert_eq!(
+        curl(&lab, &ca, "https://any.example.test/").1,
+        "hello from s2 client=-\n"
+    );
+
+    lab.kill9(S1);
+    let start = Instant::now();
+    for i in 0..10 {
+        let (ok, body, err) = curl(&lab, &ca, "https://ha.example.test/");
+        assert!(ok, "request {i} after s1 stopped failed: {err}");
+        assert_eq!(body, "hello from s2 client=-\n");
+    }
+    println!(
+        "10 requests after s1 stopped took {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn silent_and_slow_clients_do_not_hold_up_others() {
+    let mut lab = Lab::new("gwslow", 4);
+    mesh(&mut lab);
+    let pki = Pki::new();
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let _w = workloads::tls(
+        lab.ns(S1),
+        local(8443),
+        &pki,
+        &["app.example.test"],
+        "s1",
+        false,
+    );
+    expose(&lab, S1, &["app.example.test", "--to", "127.0.0.1:8443"]);
+    lab.wait_for("the name to be served", Duration::from_secs(15), || {
+        curl(&lab, &ca, "https://app.example.test/").0
+    });
+
+    // 40 silent clients and one sending its ClientHello a byte a second, all at once.
+    let gw = SocketAddr::from((lab.addr(GW), 443));
+    let hello = meshd::proxy::sni::client_hello_for(Some("app.example.test"));
+    let abusers = lab
+        .ns(CLIENT)
+        .spawn(move || {
+            let start = Instant::now();
+            let silent: Vec<std::net::TcpStream> = (0..40)
+                .map(|_| std::net::TcpStream::connect_timeout(&gw, Duration::from_secs(5)).unwrap())
+                .collect();
+            let mut slow =
+                std::net::TcpStream::connect_timeout(&gw, Duration::from_secs(5)).unwrap();
+            slow.set_write_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut cut_after = None;
+            for b in hello.iter().take(20) {
+                if slow.write_all(&[*b]).is_err() {
+                    cut_after = Some(start.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            // The gateway closed the silent ones too: reads end.
+            let mut closed = 0;
+            for mut s in silent {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut b = [0u8; 16];
+                if matches!(s.read(&mut b), Ok(0) | Ok(7)) {
+                    closed += 1;
+                }
+            }
+            (cut_after.unwrap_or(start.elapsed()), closed)
+        })
+        .unwrap();
+    // Meanwhile real clients are served promptly.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        let t = Instant::now();
+        let (ok, _, err) = curl(&lab, &ca, "https://app.example.test/");
+        assert!(ok, "request {i} while abusers are connected: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "request {i} took {:?}",
+            t.elapsed()
+        );
+    }
+    let (slow_cut, closed) = abusers.join().unwrap().unwrap();
+    assert_eq!(closed, 40, "every silent client is cut off");
+    assert!(
+        slow_cut < Duration::from_secs(12),
+        "the byte-a-second client was cut after {slow_cut:?}"
+    );
+}
