@@ -213,12 +213,14 @@ impl Dialer for MeshDialer {
 }
 
 type Handler = Box<dyn Fn() -> BoxStream + Send + Sync>;
+/// host, port, exit node.
+type TargetKey = (String, u16, Option<String>);
 
 /// In-memory twin: targets are registered by `host:port` (and exit), each connection gets a
 /// fresh in-memory stream from its handler.
 #[derive(Default)]
 pub struct MemDialer {
-    targets: Mutex<HashMap<(String, u16, Option<String>), Arc<Handler>>>,
+    targets: Mutex<HashMap<TargetKey, Arc<Handler>>>,
     pub dialed: Mutex<Vec<DialRequest>>,
 }
 
