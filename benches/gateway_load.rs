@@ -67,7 +67,9 @@ async fn serve(addr: SocketAddr, name: String) {
         let (s, _) = l.accept().await.unwrap();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let Ok(mut t) = acceptor.accept(s).await else { return };
+            let Ok(mut t) = acceptor.accept(s).await else {
+                return;
+            };
             let mut head = Vec::new();
             let mut b = [0u8; 1024];
             while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -76,9 +78,17 @@ async fn serve(addr: SocketAddr, name: String) {
                     _ => return,
                 }
             }
-            let path = String::from_utf8_lossy(&head).split_whitespace().nth(1).unwrap_or("/").to_string();
-            let n: u64 = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()).unwrap_or(3);
-            let hdr = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
+            let path = String::from_utf8_lossy(&head)
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .to_string();
+            let n: u64 = path
+                .strip_prefix("/bytes/")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(3);
+            let hdr =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
             if t.write_all(hdr.as_bytes()).await.is_err() {
                 return;
             }
@@ -105,12 +115,19 @@ fn connector() -> tokio_rustls::TlsConnector {
 }
 
 /// One request; returns body bytes read.
-async fn get(c: &tokio_rustls::TlsConnector, addr: SocketAddr, name: &str, path: &str) -> std::io::Result<u64> {
+async fn get(
+    c: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+    path: &str,
+) -> std::io::Result<u64> {
     let s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    let sn = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?;
+    let sn =
+        rustls::pki_types::ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?;
     let mut t = c.connect(sn, s).await?;
-    t.write_all(format!("GET {path} HTTP/1.1\r\nHost: {name}\r\n\r\n").as_bytes()).await?;
+    t.write_all(format!("GET {path} HTTP/1.1\r\nHost: {name}\r\n\r\n").as_bytes())
+        .await?;
     let mut total = 0u64;
     let mut b = vec![0u8; 256 * 1024];
     loop {
@@ -135,7 +152,8 @@ async fn rate(addr: SocketAddr, name: String, secs: u64, conc: usize) {
         let (c, name, done, failed) = (c.clone(), name.clone(), done.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < end {
-                match tokio::time::timeout(Duration::from_secs(10), get(&c, addr, &name, "/")).await {
+                match tokio::time::timeout(Duration::from_secs(10), get(&c, addr, &name, "/")).await
+                {
                     Ok(Ok(_)) => done.fetch_add(1, Ordering::Relaxed),
                     _ => failed.fetch_add(1, Ordering::Relaxed),
                 };
@@ -146,13 +164,19 @@ async fn rate(addr: SocketAddr, name: String, secs: u64, conc: usize) {
         let _ = t.await;
     }
     let d = done.load(Ordering::Relaxed);
-    println!("{:.0} {}", d as f64 / secs as f64, failed.load(Ordering::Relaxed));
+    println!(
+        "{:.0} {}",
+        d as f64 / secs as f64,
+        failed.load(Ordering::Relaxed)
+    );
 }
 
 async fn throughput(addr: SocketAddr, name: String, bytes: u64) {
     let c = connector();
     let t0 = Instant::now();
-    let n = get(&c, addr, &name, &format!("/bytes/{bytes}")).await.unwrap();
+    let n = get(&c, addr, &name, &format!("/bytes/{bytes}"))
+        .await
+        .unwrap();
     let s = t0.elapsed().as_secs_f64();
     println!("{:.1} {n}", n as f64 * 8.0 / s / 1e6);
 }
@@ -160,12 +184,24 @@ async fn throughput(addr: SocketAddr, name: String, bytes: u64) {
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a: Vec<String> = std::env::args().collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let usage = "usage: gateway_load serve ADDR NAME | rate ADDR NAME SECONDS CONCURRENCY | throughput ADDR NAME BYTES";
     match a.get(1).map(String::as_str) {
         Some("serve") if a.len() == 4 => rt.block_on(serve(a[2].parse().unwrap(), a[3].clone())),
-        Some("rate") if a.len() == 6 => rt.block_on(rate(a[2].parse().unwrap(), a[3].clone(), a[4].parse().unwrap(), a[5].parse().unwrap())),
-        Some("throughput") if a.len() == 5 => rt.block_on(throughput(a[2].parse().unwrap(), a[3].clone(), a[4].parse().unwrap())),
+        Some("rate") if a.len() == 6 => rt.block_on(rate(
+            a[2].parse().unwrap(),
+            a[3].clone(),
+            a[4].parse().unwrap(),
+            a[5].parse().unwrap(),
+        )),
+        Some("throughput") if a.len() == 5 => rt.block_on(throughput(
+            a[2].parse().unwrap(),
+            a[3].clone(),
+            a[4].parse().unwrap(),
+        )),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
