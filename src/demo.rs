@@ -252,17 +252,7 @@ fn install_signal_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::Ato
     let f = flag.clone();
     let handle = tokio::runtime::Handle::current();
     handle.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
+        crate::util::shutdown_signal().await;
         f.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     Ok(flag)

@@ -11,7 +11,7 @@
 //!     h1 ------------- h2 --- br0 ----------- hN        [prefix-hub]: a bridge
 //! ```
 
-use futures::TryStreamExt;
+use crate::mesh::linux::NetConfig;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -143,7 +143,7 @@ impl Netns {
         // Bring loopback up: processes expect it.
         ns.run_async(|| async {
             let nl = Netlink::new()?;
-            nl.set_up("lo").await
+            nl.set_up_named("lo").await
         })
         .map_err(|e| io::Error::other(format!("{e:#}")))?;
         Ok(ns)
@@ -298,44 +298,33 @@ impl Drop for Netns {
     }
 }
 
-/// A small netlink helper over rtnetlink, used inside namespace threads.
-pub struct Netlink {
-    h: rtnetlink::Handle,
+/// Netlink inside a namespace thread: the data plane's [`NetConfig`] plus bridges and veths.
+pub struct Netlink(NetConfig);
+
+impl std::ops::Deref for Netlink {
+    type Target = NetConfig;
+    fn deref(&self) -> &NetConfig {
+        &self.0
+    }
 }
 
 impl Netlink {
     pub fn new() -> anyhow::Result<Netlink> {
-        let (conn, h, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
-        Ok(Netlink { h })
+        Ok(Netlink(NetConfig::new()?))
     }
 
-    pub async fn index(&self, name: &str) -> anyhow::Result<u32> {
-        let mut l = self.h.link().get().match_name(name.to_string()).execute();
-        Ok(l.try_next()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no link {name}"))?
-            .header
-            .index)
-    }
-
-    pub async fn set_up(&self, name: &str) -> anyhow::Result<()> {
+    pub async fn set_up_named(&self, name: &str) -> anyhow::Result<()> {
         let i = self.index(name).await?;
-        self.h
-            .link()
-            .set(rtnetlink::LinkUnspec::new_with_index(i).up().build())
-            .execute()
-            .await?;
-        Ok(())
+        self.set_up(i).await
     }
 
     pub async fn add_bridge(&self, name: &str) -> anyhow::Result<()> {
-        self.h
+        self.handle()
             .link()
             .add(rtnetlink::LinkBridge::new(name).build())
             .execute()
             .await?;
-        self.set_up(name).await
+        self.set_up_named(name).await
     }
 
     /// A veth pair whose `peer` end moves into `into` (a namespace file descriptor); `local`
@@ -347,14 +336,13 @@ impl Netlink {
         bridge: &str,
         into: RawFd,
     ) -> anyhow::Result<()> {
-        self.h
-            .link()
+        let h = self.handle();
+        h.link()
             .add(rtnetlink::LinkVeth::new(local, peer).build())
             .execute()
             .await?;
         let p = self.index(peer).await?;
-        self.h
-            .link()
+        h.link()
             .set(
                 rtnetlink::LinkUnspec::new_with_index(p)
                     .setns_by_fd(into)
@@ -364,8 +352,7 @@ impl Netlink {
             .await?;
         let l = self.index(local).await?;
         let b = self.index(bridge).await?;
-        self.h
-            .link()
+        h.link()
             .set(
                 rtnetlink::LinkUnspec::new_with_index(l)
                     .controller(b)
@@ -379,7 +366,7 @@ impl Netlink {
 
     pub async fn rename(&self, from: &str, to: &str) -> anyhow::Result<()> {
         let i = self.index(from).await?;
-        self.h
+        self.handle()
             .link()
             .set(
                 rtnetlink::LinkUnspec::new_with_index(i)
@@ -391,14 +378,14 @@ impl Netlink {
         Ok(())
     }
 
-    pub async fn add_address(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+    pub async fn add_address_named(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> anyhow::Result<()> {
         let i = self.index(name).await?;
-        self.h
-            .address()
-            .add(i, addr.into(), prefix)
-            .execute()
-            .await?;
-        Ok(())
+        self.add_address(i, addr, prefix).await
     }
 }
 
@@ -456,8 +443,8 @@ impl Lan {
         ns.run_async(move || async move {
             let nl = Netlink::new()?;
             nl.rename(&peer, "eth0").await?;
-            nl.add_address("eth0", addr, 24).await?;
-            nl.set_up("eth0").await
+            nl.add_address_named("eth0", addr, 24).await?;
+            nl.set_up_named("eth0").await
         })?;
         self.hosts.push(Host { ns, addr });
         Ok(i - 1)

@@ -4,6 +4,21 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Completes on the first SIGINT or SIGTERM (never, if the handlers cannot be installed).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Wall-clock now as unix seconds. Only the edges call this; logic takes `now` as a parameter.
 pub fn unix_now() -> u64 {
     SystemTime::now()

@@ -55,23 +55,31 @@ impl Client {
         self.call(Method::POST, path, Bytes::from(b)).await
     }
 
-    /// `POST /v1/connect`: a raw byte stream to `host:port` through the mesh (or `exit`).
-    pub async fn connect(
+    /// An HTTP/1.1 connection to meshd (driven by a background task that supports upgrades).
+    async fn open(
         &self,
-        req: &super::api::ConnectRequest,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
                 socket: self.socket.clone(),
                 source,
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
+        Ok(sender)
+    }
+
+    /// `POST /v1/connect`: a raw byte stream to `host:port` through the mesh (or `exit`).
+    pub async fn connect(
+        &self,
+        req: &super::api::ConnectRequest,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let mut sender = self.open().await?;
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let r = Request::builder()
             .method(Method::POST)
@@ -87,16 +95,7 @@ impl Client {
             .map_err(|e| ClientError::Protocol(format!("{e} (did meshd stop?)")))?;
         if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-                .to_bytes();
-            let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status, message });
+            return Err(api_error(status, &body_bytes(resp).await?));
         }
         let up = hyper::upgrade::on(&mut resp)
             .await
@@ -110,18 +109,7 @@ impl Client {
         path: &str,
         body: Bytes,
     ) -> Result<T, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut sender = self.open().await?;
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -134,24 +122,30 @@ impl Client {
             .await
             .map_err(|e| ClientError::Protocol(format!("{e} (did meshd stop?)")))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status.as_u16(), &bytes));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Protocol(format!("unexpected answer: {e}")))
     }
+}
+
+async fn body_bytes(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes())
+}
+
+/// The `{"error": ...}` body of a failed call (or its text, if it is not JSON).
+fn api_error(status: u16, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ApiErrorBody>(bytes)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+    ClientError::Api { status, message }
 }
 
 #[cfg(test)]

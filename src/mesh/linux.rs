@@ -72,44 +72,48 @@ impl NetConfig {
         Ok(NetConfig { handle })
     }
 
-    /// MTU, the node's address with the mesh prefix (which also routes the whole mesh range
-    /// to the device), and link up.
-    pub async fn configure_tun(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-        prefix: u8,
-        mtu: u16,
-    ) -> anyhow::Result<()> {
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// The index of interface `name`.
+    pub async fn index(&self, name: &str) -> anyhow::Result<u32> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no network interface named {name}"))
+    }
+
+    pub async fn set_up(&self, index: u32) -> anyhow::Result<()> {
+        use rtnetlink::LinkUnspec;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| anyhow::anyhow!("bringing interface {index} up: {e}"))
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u16) -> anyhow::Result<()> {
         use rtnetlink::LinkUnspec;
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).mtu(mtu as u32).build())
             .execute()
             .await
-            .map_err(|e| anyhow::anyhow!("setting the MTU of the TUN device: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("setting the MTU of interface {index}: {e}"))
+    }
+
+    pub async fn add_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
         self.handle
             .address()
             .add(index, IpAddr::V4(addr), prefix)
             .execute()
             .await
-            .map_err(|e| anyhow::anyhow!("adding {addr}/{prefix} to the TUN device: {e}"))?;
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| anyhow::anyhow!("bringing the TUN device up: {e}"))?;
-        Ok(())
+            .map_err(|e| anyhow::anyhow!("adding {addr}/{prefix} to interface {index}: {e}"))
     }
 
-    /// Remove every IPv4 address from the interface and set `addr` instead (a moved slot).
-    pub async fn replace_address(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-        prefix: u8,
-    ) -> anyhow::Result<()> {
+    /// Remove every address from an interface.
+    pub async fn flush_addresses(&self, index: u32) -> anyhow::Result<()> {
         let mut old = self
             .handle
             .address()
@@ -122,16 +126,35 @@ impl NetConfig {
         }
         for m in msgs {
             if let Err(e) = self.handle.address().del(m).execute().await {
-                warn!(error = %e, "removing an old TUN address failed");
+                warn!(error = %e, "removing an old address failed");
             }
         }
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await
-            .map_err(|e| anyhow::anyhow!("adding {addr}/{prefix} to the TUN device: {e}"))?;
         Ok(())
+    }
+
+    /// MTU, the node's address with the mesh prefix (which also routes the whole mesh range
+    /// to the device), and link up.
+    pub async fn configure_tun(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u16,
+    ) -> anyhow::Result<()> {
+        self.set_mtu(index, mtu).await?;
+        self.add_address(index, addr, prefix).await?;
+        self.set_up(index).await
+    }
+
+    /// Replace the TUN device's address (a moved slot).
+    pub async fn replace_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> anyhow::Result<()> {
+        self.flush_addresses(index).await?;
+        self.add_address(index, addr, prefix).await
     }
 
     pub async fn link_index(&self, name: &str) -> anyhow::Result<Option<u32>> {

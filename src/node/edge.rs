@@ -90,6 +90,35 @@ fn listen_addr(s: Option<&str>, default: SocketAddr) -> Result<Option<SocketAddr
     })
 }
 
+/// The listen addresses a request asks for; `None` to disable the role.
+fn listen_pair(
+    r: &ListenRequest,
+    role: &str,
+    first: SocketAddr,
+    second: SocketAddr,
+) -> Result<Option<ListenPair>, ApiFailure> {
+    if !r.enable {
+        return Ok(None);
+    }
+    let first = listen_addr(r.first.as_deref(), first).map_err(ApiFailure::bad_request)?;
+    let second = listen_addr(r.second.as_deref(), second).map_err(ApiFailure::bad_request)?;
+    if first.is_none() && second.is_none() {
+        return Err(ApiFailure::bad_request(format!(
+            "both listeners are off; use `meshctl {role} disable`"
+        )));
+    }
+    Ok(Some(ListenPair { first, second }))
+}
+
+fn pair_json(p: &Option<ListenPair>, first: &str, second: &str) -> serde_json::Value {
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    serde_json::json!({
+        "enabled": p.is_some(),
+        first: p.as_ref().and_then(|p| addr(p.first)),
+        second: p.as_ref().and_then(|p| addr(p.second)),
+    })
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, ApiFailure> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         let hint = match e.kind() {
@@ -402,73 +431,49 @@ impl Node {
     }
 
     pub(super) async fn gateway_request(&mut self, r: ListenRequest) -> ApiResult {
-        let pair = if r.enable {
-            let https = listen_addr(r.first.as_deref(), SocketAddr::from(([0, 0, 0, 0], 443)))
-                .map_err(ApiFailure::bad_request)?;
-            let http = listen_addr(r.second.as_deref(), SocketAddr::from(([0, 0, 0, 0], 80)))
-                .map_err(ApiFailure::bad_request)?;
-            if https.is_none() && http.is_none() {
-                return Err(ApiFailure::bad_request(
-                    "both listeners are off; use `meshctl gateway disable`",
-                ));
-            }
-            Some(ListenPair {
-                first: https,
-                second: http,
-            })
-        } else {
-            None
-        };
+        let pair = listen_pair(
+            &r,
+            "gateway",
+            ([0, 0, 0, 0], 443).into(),
+            ([0, 0, 0, 0], 80).into(),
+        )?;
         self.apply_gateway(pair.clone()).await?;
         self.settings.gateway = pair.clone();
         self.save_edge_settings()?;
-        Ok(
-            serde_json::json!({ "enabled": pair.is_some(), "https": pair.as_ref().and_then(|p| p.first).map(|a| a.to_string()), "http": pair.as_ref().and_then(|p| p.second).map(|a| a.to_string()) }),
-        )
+        Ok(pair_json(&pair, "https", "http"))
     }
 
     pub(super) async fn proxy_request(&mut self, r: ListenRequest) -> ApiResult {
-        let pair = if r.enable {
-            let socks = listen_addr(r.first.as_deref(), SocketAddr::from(([127, 0, 0, 1], 1080)))
-                .map_err(ApiFailure::bad_request)?;
-            let http = listen_addr(
-                r.second.as_deref(),
-                SocketAddr::from(([127, 0, 0, 1], 3128)),
-            )
-            .map_err(ApiFailure::bad_request)?;
-            let public: Vec<SocketAddr> = [socks, http]
-                .into_iter()
-                .flatten()
-                .filter(|a| !a.ip().is_loopback())
-                .collect();
-            if !public.is_empty() && !r.allow_public {
-                return Err(ApiFailure::bad_request(format!(
-                    "listening on {} would let anyone who reaches that address into the mesh; pass \
-                     --allow-public if that is what you want",
-                    public.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
-                )));
-            }
-            if !public.is_empty() {
-                warn!(addresses = ?public, "the proxy listens on non-loopback addresses: anyone who reaches them reaches the mesh");
-            }
-            if socks.is_none() && http.is_none() {
-                return Err(ApiFailure::bad_request(
-                    "both listeners are off; use `meshctl proxy disable`",
-                ));
-            }
-            Some(ListenPair {
-                first: socks,
-                second: http,
-            })
-        } else {
-            None
-        };
+        let pair = listen_pair(
+            &r,
+            "proxy",
+            ([127, 0, 0, 1], 1080).into(),
+            ([127, 0, 0, 1], 3128).into(),
+        )?;
+        let public: Vec<SocketAddr> = pair
+            .iter()
+            .flat_map(|p| [p.first, p.second])
+            .flatten()
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
+        if !public.is_empty() && !r.allow_public {
+            return Err(ApiFailure::bad_request(format!(
+                "listening on {} would let anyone who reaches that address into the mesh; pass \
+                 --allow-public if that is what you want",
+                public
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !public.is_empty() {
+            warn!(addresses = ?public, "the proxy listens on non-loopback addresses: anyone who reaches them reaches the mesh");
+        }
         self.apply_proxy(pair.clone()).await?;
         self.settings.proxy = pair.clone();
         self.save_edge_settings()?;
-        Ok(
-            serde_json::json!({ "enabled": pair.is_some(), "socks5": pair.as_ref().and_then(|p| p.first).map(|a| a.to_string()), "http": pair.as_ref().and_then(|p| p.second).map(|a| a.to_string()) }),
-        )
+        Ok(pair_json(&pair, "socks5", "http"))
     }
 
     pub(super) async fn exit_node_request(&mut self, r: ToggleRequest) -> ApiResult {
