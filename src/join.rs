@@ -22,6 +22,7 @@ const KIND_REQUEST: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 const KIND_REVOKED: u8 = 4;
+const KIND_CONFLICT: u8 = 5;
 
 /// What a joiner asks, signed with its identity key (proof it holds the key its certificate
 /// names).
@@ -80,6 +81,10 @@ pub enum Frame {
     /// Sent to a removed node that still knocks: its root-signed revocation, so it can verify
     /// that it was removed and stop.
     Revoked(Signed),
+    /// Sent to a member that claims a slot it lost (a collision resolved while it could not
+    /// hear the winner): the winner's certificate and record. All signed, so the receiver needs
+    /// no trust in the sender; once it verifies them it moves on to its next slot.
+    Conflict(Vec<(Signed, Signed)>),
 }
 
 pub fn encode_frame(f: &Frame) -> Vec<u8> {
@@ -88,6 +93,7 @@ pub fn encode_frame(f: &Frame) -> Vec<u8> {
         Frame::Accept(s) => (KIND_ACCEPT, encode(s)),
         Frame::Refuse(r) => (KIND_REFUSE, encode(r)),
         Frame::Revoked(s) => (KIND_REVOKED, encode(s)),
+        Frame::Conflict(v) => (KIND_CONFLICT, encode(v)),
     };
     let mut out = Vec::with_capacity(5 + body.len());
     out.extend_from_slice(CONTROL_MAGIC);
@@ -113,6 +119,7 @@ pub fn decode_frame(d: &[u8]) -> Result<Frame, TrustError> {
         KIND_ACCEPT => Ok(Frame::Accept(decode(body, "join answer")?)),
         KIND_REFUSE => Ok(Frame::Refuse(decode(body, "join refusal")?)),
         KIND_REVOKED => Ok(Frame::Revoked(decode(body, "revocation notice")?)),
+        KIND_CONFLICT => Ok(Frame::Conflict(decode(body, "slot conflict notice")?)),
         _ => Err(malformed("unknown kind")),
     }
 }

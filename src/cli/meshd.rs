@@ -4,6 +4,7 @@ use super::args::{MeshdCli, MeshdCommand, NodeArgs, Paths};
 use crate::control::client::Client;
 use crate::control::LeaveResponse;
 use crate::mesh::addressing::MeshRange;
+use crate::node::platform::LinuxPlatform;
 use crate::node::setup::{self, InitParams, JoinParams};
 use crate::node::{self, Exit, NodeOptions, Ready};
 use crate::state::StateDir;
@@ -122,8 +123,9 @@ async fn init(
         endpoints: endpoints(&node)?,
         tun: node.tun.clone(),
         dns_upstream: dns_upstreams(&node)?,
+        keys: None,
     };
-    let token = setup::create_mesh(&state, &p, unix_now())?;
+    let token = setup::create_mesh(&LinuxPlatform, &state, &p, unix_now())?;
     drop(state);
     if node.no_run {
         eprintln!(
@@ -184,8 +186,9 @@ async fn join(
         tun: node.tun.clone(),
         bootstrap,
         dns_upstream: dns_upstreams(&node)?,
+        keys: None,
     };
-    let udp = setup::join_mesh(&state, &token, &p, unix_now()).await?;
+    let udp = setup::join_mesh(&LinuxPlatform, &state, &token, &p, unix_now()).await?;
     drop(state);
     if node.no_run {
         eprintln!(

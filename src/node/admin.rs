@@ -14,7 +14,7 @@ use tracing::info;
 const NOT_ADMIN: &str = "this node does not hold the mesh root key (root.key), so it cannot";
 const MAX_INVITE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     pub(super) fn invite(&self, r: InviteRequest) -> ApiResult {
         let root = self.root.as_ref().ok_or_else(|| {
             ApiFailure::forbidden(format!(

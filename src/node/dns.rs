@@ -11,7 +11,7 @@ use tracing::{error, warn};
 /// DNS port on the mesh address.
 pub const DNS_PORT: u16 = 53;
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     /// The zone as the membership view says it should be.
     pub(super) fn dns_input(&self) -> ZoneInput {
         let assign = self.m.assignments();

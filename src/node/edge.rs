@@ -134,7 +134,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, A
     })
 }
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     /// The routing snapshot for the gateway and the proxy.
     pub(super) fn mesh_view(&self) -> MeshView {
         let assign = self.m.assignments();

@@ -8,25 +8,29 @@
 mod admin;
 mod dns;
 mod edge;
+pub mod platform;
 mod report;
 mod seed;
 mod services;
 pub mod setup;
+#[cfg(test)]
+pub mod sim;
 
 use crate::constants::{ENDPOINT_RESCAN, GOSSIP_PORT, RECONCILE_TICK, TUN_MTU};
 use crate::control::{
     server as api_server, ApiCall, ApiFailure, ApiRequest, ApiResult, LeaveResponse,
 };
-use crate::gossip::chitchat_glue::{DeviceBoundUdp, KEY_CERT, KEY_RECORD, PREFIX_REVOCATION};
+use crate::gossip::chitchat_glue::{KEY_CERT, KEY_RECORD, PREFIX_REVOCATION};
 use crate::gossip::{Gossip, GossipConfig, Membership, MeshParams};
 use crate::join::sign_record;
 use crate::mesh::addressing::subnet_string;
 use crate::mesh::device::DeviceEvent;
-use crate::mesh::linux::{LinuxTun, LinuxUdp, NetConfig};
+use crate::mesh::linux::LinuxUdp;
 use crate::mesh::{Device, PeerSpec};
 use crate::state::{NodeConfig, StateDir};
 use crate::trust::{Cert, NodeId, NodeKeys, NodeRecord, RootKey, Signed};
 use crate::util::{unix_now, unix_now_ms};
+use platform::{LinuxPlatform, Platform};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -61,9 +65,8 @@ pub struct Ready {
     pub subnet: String,
 }
 
-type Dev = Device<LinuxTun, LinuxUdp>;
-
-struct Node {
+struct Node<P: Platform> {
+    platform: Arc<P>,
     state: StateDir,
     socket: PathBuf,
     keys: NodeKeys,
@@ -71,8 +74,7 @@ struct Node {
     cert: Cert,
     root: Option<RootKey>,
     m: Membership,
-    device: Arc<Dev>,
-    net: NetConfig,
+    device: Arc<Device<P::Tun, P::Udp>>,
     tun_index: u32,
     gossip: Option<Gossip>,
     own_slot: u32,
@@ -86,6 +88,8 @@ struct Node {
     last_persist: Instant,
     /// Removed nodes recently told about their revocation.
     notified: std::collections::HashMap<[u8; 32], Instant>,
+    /// Members recently told that their slot claim lost a conflict.
+    conflict_notified: std::collections::HashMap<NodeId, Instant>,
     settings: crate::state::Settings,
     services_seq: u64,
     dns: Option<crate::dns::DnsServer>,
@@ -100,6 +104,17 @@ struct Node {
 pub async fn run(
     opts: &NodeOptions,
     udp: Option<LinuxUdp>,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Ready),
+) -> anyhow::Result<Exit> {
+    run_on(Arc::new(LinuxPlatform), opts, udp, shutdown, ready).await
+}
+
+/// [`run`] on any [`Platform`].
+pub async fn run_on<P: Platform>(
+    platform: Arc<P>,
+    opts: &NodeOptions,
+    udp: Option<P::Udp>,
     shutdown: CancellationToken,
     ready: impl FnOnce(&Ready),
 ) -> anyhow::Result<Exit> {
@@ -161,12 +176,10 @@ pub async fn run(
 
     let udp = match udp {
         Some(u) => u,
-        None => LinuxUdp::bind(config.port)?,
+        None => platform.bind_udp(config.port)?,
     };
-    let tun = LinuxTun::create(&config.tun)?;
-    let tun_index = tun.index;
-    let net = NetConfig::new()?;
-    net.configure_tun(tun_index, mesh_ip, params.range.prefix, TUN_MTU)
+    let (tun, tun_index) = platform
+        .create_tun(&config.tun, mesh_ip, params.range.prefix, TUN_MTU)
         .await?;
     info!(tun = %config.tun, address = %mesh_ip, subnet = %subnet_string(&params.range, own_slot), "TUN device up");
 
@@ -186,8 +199,11 @@ pub async fn run(
         api_stop.clone(),
     ));
 
-    let endpoints =
-        setup::effective_endpoints(&config.endpoints, config.port, &config.tun, &params.range);
+    let endpoints = setup::effective_endpoints(
+        &config.endpoints,
+        config.port,
+        platform.local_addresses(&config.tun, &params.range),
+    );
     let record = NodeRecord {
         identity: keys.identity_public(),
         seq: unix_now_ms(),
@@ -199,6 +215,7 @@ pub async fn run(
     m.ingest_record(cert.node_id, &record_raw).ok();
 
     let mut node = Node {
+        platform,
         state,
         socket: opts.socket.clone(),
         keys,
@@ -207,7 +224,6 @@ pub async fn run(
         root,
         m,
         device,
-        net,
         tun_index,
         gossip: None,
         own_slot,
@@ -219,6 +235,7 @@ pub async fn run(
         published_revocations: HashSet::new(),
         last_persist: Instant::now(),
         notified: Default::default(),
+        conflict_notified: Default::default(),
         settings,
         services_seq: 0,
         dns: None,
@@ -231,8 +248,10 @@ pub async fn run(
     node.push_peers().await;
     node.start_gossip().await?;
     node.publish_services().await;
-    node.start_dns().await;
-    node.start_edge().await;
+    if node.platform.host_services() {
+        node.start_dns().await;
+        node.start_edge().await;
+    }
     ready(&Ready {
         name: node.cert.name.clone(),
         mesh_ip,
@@ -273,7 +292,7 @@ pub async fn run(
     exit
 }
 
-impl Node {
+impl<P: Platform> Node<P> {
     async fn main_loop(
         &mut self,
         mut events: mpsc::Receiver<DeviceEvent>,
@@ -334,10 +353,8 @@ impl Node {
             seeds,
             initial,
         };
-        let transport = DeviceBoundUdp {
-            ifname: self.config.tun.clone(),
-        };
-        self.gossip = Some(Gossip::start(cfg, &transport).await?);
+        let transport = self.platform.gossip_transport(&self.config.tun);
+        self.gossip = Some(Gossip::start(cfg, transport.as_ref()).await?);
         Ok(())
     }
 
@@ -382,6 +399,7 @@ impl Node {
         }
         self.follow_own_slot().await?;
         self.push_peers().await;
+        self.notify_slot_losers().await;
         self.refresh_dns();
         self.refresh_edge();
         // Spread every revocation this node knows.
@@ -425,8 +443,8 @@ impl Node {
         if a.slot != self.own_slot {
             self.own_slot = a.slot;
             let ip = self.mesh_ip();
-            self.net
-                .replace_address(self.tun_index, ip, self.m.params.range.prefix)
+            self.platform
+                .readdress(self.tun_index, ip, self.m.params.range.prefix)
                 .await?;
             self.device.set_own_slot(a.slot);
             if let Some(g) = self.gossip.take() {
@@ -434,8 +452,10 @@ impl Node {
             }
             self.start_gossip().await?;
             self.publish_services().await;
-            self.start_dns().await;
-            self.start_mesh_side();
+            if self.platform.host_services() {
+                self.start_dns().await;
+                self.start_mesh_side();
+            }
         }
         self.publish_record().await;
         Ok(())
@@ -445,8 +465,8 @@ impl Node {
         let e = setup::effective_endpoints(
             &self.config.endpoints,
             self.config.port,
-            &self.config.tun,
-            &self.m.params.range,
+            self.platform
+                .local_addresses(&self.config.tun, &self.m.params.range),
         );
         if e != self.endpoints {
             info!(endpoints = ?e, "endpoints changed");

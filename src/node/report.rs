@@ -8,7 +8,7 @@ use crate::mesh::addressing::subnet_string;
 use crate::util::b64;
 use std::collections::HashMap;
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     pub(super) fn status(&self) -> StatusReport {
         let stats: HashMap<_, _> = self
             .device

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 /// Keep acceptances well inside one datagram: members beyond this come by gossip.
 const ACCEPT_BUDGET: usize = 8 * 1024;
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     /// A node this one does not know tried to handshake. If it was removed, hand it the
     /// revocation (at most every 30 s per key) so it can stop.
     pub(super) async fn on_unknown_initiator(&mut self, wg: [u8; 32], from: SocketAddr) {
@@ -37,6 +37,64 @@ impl Node {
             .await;
     }
 
+    /// Members that still claim a slot they lost are told who won (at most every 3 s each): while
+    /// they use the lost slot's address, every member that resolved the conflict drops their
+    /// packets, so gossip alone could never tell them.
+    pub(super) async fn notify_slot_losers(&mut self) {
+        let assign = self.m.assignments();
+        let slots = self.m.params.range.slots();
+        let now = std::time::Instant::now();
+        let mut notices = Vec::new();
+        for x in self.m.active() {
+            let id = x.cert.node_id;
+            let (Some(claim), Some(a)) = (x.record.as_ref().map(|r| r.slot_k), assign.get(&id))
+            else {
+                continue;
+            };
+            if id == self.cert.node_id || claim == a.k {
+                continue;
+            }
+            if self
+                .conflict_notified
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(3))
+            {
+                continue;
+            }
+            let claimed = crate::mesh::addressing::candidate(
+                &self.m.params.mesh,
+                &x.cert.wireguard,
+                claim,
+                slots,
+            );
+            let winners: Vec<(Signed, Signed)> = self
+                .m
+                .active()
+                .filter(|w| {
+                    assign
+                        .get(&w.cert.node_id)
+                        .is_some_and(|wa| wa.slot == claimed)
+                })
+                .filter_map(|w| Some((w.cert.raw.clone(), w.record_raw.clone()?)))
+                .collect();
+            let to = self
+                .device
+                .peer_by_node(&id)
+                .and_then(|p| p.endpoint())
+                .or_else(|| x.record.as_ref().and_then(|r| r.endpoints.first().copied()));
+            if let (false, Some(to)) = (winners.is_empty(), to) {
+                notices.push((id, to, winners));
+            }
+        }
+        for (id, to, winners) in notices {
+            self.conflict_notified.insert(id, now);
+            debug!(node = %id, %to, "telling a member its slot claim lost a conflict");
+            self.device
+                .send_control(&encode_frame(&Frame::Conflict(winners)), to)
+                .await;
+        }
+    }
+
     pub(super) async fn on_control_frame(&mut self, frame: &[u8], from: SocketAddr) {
         let raw = match decode_frame(frame) {
             Ok(Frame::Request(raw)) => raw,
@@ -47,6 +105,19 @@ impl Node {
                     Ok(false) => {}
                     Err(e) => {
                         debug!(%from, error = %e, "ignoring a revocation notice that does not verify")
+                    }
+                }
+                return;
+            }
+            Ok(Frame::Conflict(statements)) => {
+                let now = unix_now();
+                for (cert, record) in statements {
+                    let r = self
+                        .m
+                        .ingest_cert(&cert, now)
+                        .and_then(|id| self.m.ingest_record(id, &record));
+                    if let Err(e) = r {
+                        debug!(%from, error = %e, "ignoring a slot conflict notice that does not verify");
                     }
                 }
                 return;

@@ -9,7 +9,7 @@ use crate::trust::{Context, ServiceDef, ServicesRecord, Signed};
 use crate::util::{is_dns_label, unix_now_ms};
 use tracing::info;
 
-impl Node {
+impl<P: super::platform::Platform> Node<P> {
     /// Sign and publish the current list of services.
     pub(super) async fn publish_services(&mut self) {
         self.services_seq = unix_now_ms().max(self.services_seq + 1);

@@ -2,10 +2,10 @@
 //! Nothing is written until the node is fully defined; `node.json` is written last and marks the
 //! directory as holding a node, so a crash half-way leaves a directory `init`/`join` can reuse.
 
+use super::platform::Platform;
 use crate::constants::{DEFAULT_INVITE_TTL, TOKEN_BOOTSTRAP_MEMBERS};
 use crate::join::{self, JoinError};
 use crate::mesh::addressing::MeshRange;
-use crate::mesh::linux::{local_addresses, LinuxUdp};
 use crate::state::{
     encode_key, BootstrapEntry, CachedMember, MemberCache, NodeConfig, StateDir, STATE_VERSION,
 };
@@ -22,6 +22,8 @@ pub struct InitParams {
     pub endpoints: Vec<SocketAddr>,
     pub tun: String,
     pub dns_upstream: Vec<SocketAddr>,
+    /// The node's keys; `None` makes new ones (tests choose them).
+    pub keys: Option<NodeKeys>,
 }
 
 pub struct JoinParams {
@@ -31,19 +33,20 @@ pub struct JoinParams {
     pub tun: String,
     pub bootstrap: Vec<SocketAddr>,
     pub dns_upstream: Vec<SocketAddr>,
+    /// The node's keys; `None` makes new ones (tests choose them).
+    pub keys: Option<NodeKeys>,
 }
 
 /// Endpoints to publish: the explicit ones, or the machine's addresses with the port.
 pub fn effective_endpoints(
     explicit: &[SocketAddr],
     port: u16,
-    tun: &str,
-    range: &MeshRange,
+    local: Vec<std::net::IpAddr>,
 ) -> Vec<SocketAddr> {
     if !explicit.is_empty() {
         return explicit.to_vec();
     }
-    local_addresses(tun, range)
+    local
         .into_iter()
         .map(|ip| SocketAddr::new(ip, port))
         .collect()
@@ -76,10 +79,15 @@ pub fn make_token(
 
 /// `meshd init`: a new mesh with this node as its first member and administrator. Returns the
 /// first join token (24 h, unlimited uses).
-pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result<Token> {
+pub fn create_mesh<P: Platform>(
+    platform: &P,
+    state: &StateDir,
+    p: &InitParams,
+    now: u64,
+) -> anyhow::Result<Token> {
     state.ensure_empty()?;
     let root = RootKey::generate();
-    let keys = NodeKeys::generate();
+    let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
     // The first node joins through an invite of its own, so every certificate has the same
     // chain root -> invite -> node.
     let own = make_token(
@@ -100,7 +108,11 @@ pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result
     }
     .sign(&own.invite_secret);
     Cert::verify(&cert, &MeshId(root.public()))?;
-    let endpoints = effective_endpoints(&p.endpoints, p.port, &p.tun, &p.range);
+    let endpoints = effective_endpoints(
+        &p.endpoints,
+        p.port,
+        platform.local_addresses(&p.tun, &p.range),
+    );
     let token = make_token(
         &root,
         p.range,
@@ -141,12 +153,13 @@ pub fn create_mesh(state: &StateDir, p: &InitParams, now: u64) -> anyhow::Result
 
 /// `meshd join`: ask a bootstrap member to admit this machine, then write its state. Returns the
 /// UDP socket the join used, so the node keeps the port the seed saw.
-pub async fn join_mesh(
+pub async fn join_mesh<P: Platform>(
+    platform: &P,
     state: &StateDir,
     token: &Token,
     p: &JoinParams,
     now: u64,
-) -> anyhow::Result<LinuxUdp> {
+) -> anyhow::Result<P::Udp> {
     if state.is_initialized() {
         if let Ok(c) = state.load_node() {
             if let Ok(m) = c.mesh_id() {
@@ -166,7 +179,7 @@ pub async fn join_mesh(
     token.check_fresh(now).map_err(|e| {
         anyhow::anyhow!("the join token cannot be used: {e}; ask an administrator for a new one (meshctl invite)")
     })?;
-    let keys = NodeKeys::generate();
+    let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
     let cert = NodeCertBody {
         invite: token.invite_raw.clone(),
         name: p.name.clone(),
@@ -175,8 +188,12 @@ pub async fn join_mesh(
         issued_at: now,
     }
     .sign(&token.invite_secret);
-    let udp = LinuxUdp::bind(p.port)?;
-    let endpoints = effective_endpoints(&p.endpoints, p.port, &p.tun, &token.invite.range);
+    let udp = platform.bind_udp(p.port)?;
+    let endpoints = effective_endpoints(
+        &p.endpoints,
+        p.port,
+        platform.local_addresses(&p.tun, &token.invite.range),
+    );
     let outcome = join::join(&udp, token, &keys, &cert, endpoints, &p.bootstrap, now)
         .await
         .map_err(|e| match e {
@@ -274,8 +291,9 @@ mod tests {
             endpoints: vec!["198.51.100.1:51820".parse().unwrap()],
             tun: "mesh0".into(),
             dns_upstream: vec![],
+            keys: None,
         };
-        let token = create_mesh(&st, &p, 1000).unwrap();
+        let token = create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1000).unwrap();
         assert_eq!(token.bootstrap.len(), 1);
         assert_eq!(token.invite.max_uses, None);
         assert_eq!(token.invite.expires_at, 1000 + 24 * 3600);
@@ -286,7 +304,9 @@ mod tests {
         let cert = Cert::verify(&cfg.cert_signed().unwrap(), &mesh).unwrap();
         assert_eq!(cert.wireguard, st.load_keys().unwrap().wg_public());
         assert!(st.load_root().unwrap().is_some());
-        let e = create_mesh(&st, &p, 1001).unwrap_err().to_string();
+        let e = create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1001)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("already holds node \"alpha\""), "{e}");
     }
 

@@ -7,6 +7,7 @@ use rand_core::OsRng;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// A node's own keys: its ed25519 identity and its x25519 WireGuard key.
+#[derive(Clone)]
 pub struct NodeKeys {
     pub identity: SigningKey,
     pub wireguard: StaticSecret,

@@ -1,0 +1,525 @@
+//! The in-memory twin of [`super::platform::LinuxPlatform`], and multi-node scenarios on it
+//! (DESIGN "Testing": fast multi-node scenarios without root).
+//!
+//! Each simulated machine has an in-memory TUN device whose kernel side is a small task here,
+//! an in-memory UDP socket on a shared [`MemNet`] underlay (links can be cut: partitions), and a
+//! gossip transport that, like the real one, rides the tunnels: every chitchat datagram becomes
+//! a UDP packet to the peer's mesh address, written into the node's TUN device, encrypted by the
+//! node's own data plane, and delivered from the receiving node's TUN to its gossip socket.
+//! (chitchat's envelope codec is private, so the packet carries a handle to the envelope.)
+
+use super::platform::Platform;
+use super::setup::{self, InitParams, JoinParams};
+use super::{Exit, NodeOptions};
+use crate::control::client::Client;
+use crate::control::StatusReport;
+use crate::mesh::addressing::MeshRange;
+use crate::mesh::io::{MemNet, MemTun, MemUdp};
+use crate::mesh::packet::{build_ipv4_udp, ipv4_dst, ipv4_src};
+use crate::state::StateDir;
+use crate::trust::{NodeKeys, Token};
+use async_trait::async_trait;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
+use chitchat::ChitchatEnvelope;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const GOSSIP: u16 = crate::constants::GOSSIP_PORT;
+
+/// Envelopes in flight, by the handle their packet carries.
+#[derive(Default)]
+struct Envelopes {
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, ChitchatEnvelope>>,
+}
+
+/// The kernel side of one machine's TUN device.
+#[derive(Default)]
+struct Kernel {
+    inject: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    gossip_inbox: Mutex<Option<mpsc::Sender<RecvOutcome>>>,
+    other: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    addr: Mutex<Option<Ipv4Addr>>,
+}
+
+pub struct SimPlatform {
+    net: MemNet,
+    host: IpAddr,
+    envelopes: Arc<Envelopes>,
+    kernel: Arc<Kernel>,
+    /// Packets the node delivered to its TUN that were not gossip (what a test sent).
+    received: Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
+}
+
+impl SimPlatform {
+    fn new(net: MemNet, host: IpAddr, envelopes: Arc<Envelopes>) -> SimPlatform {
+        SimPlatform {
+            net,
+            host,
+            envelopes,
+            kernel: Arc::new(Kernel::default()),
+            received: Mutex::new(None),
+        }
+    }
+
+    /// The node's current mesh address.
+    pub fn mesh_ip(&self) -> Option<Ipv4Addr> {
+        *self.kernel.addr.lock().unwrap()
+    }
+}
+
+impl Platform for SimPlatform {
+    type Tun = MemTun;
+    type Udp = MemUdp;
+
+    fn bind_udp(&self, port: u16) -> anyhow::Result<MemUdp> {
+        Ok(self.net.bind(SocketAddr::new(self.host, port))?)
+    }
+
+    async fn create_tun(
+        &self,
+        _name: &str,
+        addr: Ipv4Addr,
+        _prefix: u8,
+        _mtu: u16,
+    ) -> anyhow::Result<(MemTun, u32)> {
+        let (tun, mut handle) = MemTun::new();
+        let (other_tx, other_rx) = mpsc::unbounded_channel();
+        *self.kernel.inject.lock().unwrap() = Some(handle.inject.clone());
+        *self.kernel.other.lock().unwrap() = Some(other_tx);
+        *self.kernel.addr.lock().unwrap() = Some(addr);
+        *self.received.lock().unwrap() = Some(other_rx);
+        let kernel = self.kernel.clone();
+        let envelopes = self.envelopes.clone();
+        tokio::spawn(async move {
+            while let Some(p) = handle.delivered.recv().await {
+                let (Some(src), Some(_dst)) = (ipv4_src(&p), ipv4_dst(&p)) else {
+                    continue;
+                };
+                let is_gossip =
+                    p.len() >= 36 && p[9] == 17 && u16::from_be_bytes([p[22], p[23]]) == GOSSIP;
+                if !is_gossip {
+                    if let Some(tx) = kernel.other.lock().unwrap().as_ref() {
+                        let _ = tx.send(p);
+                    }
+                    continue;
+                }
+                let id = u64::from_be_bytes(p[28..36].try_into().expect("8 bytes"));
+                let Some(envelope) = envelopes.map.lock().unwrap().remove(&id) else {
+                    continue;
+                };
+                let inbox = kernel.gossip_inbox.lock().unwrap().clone();
+                if let Some(inbox) = inbox {
+                    let _ = inbox.try_send(RecvOutcome {
+                        from_addr: SocketAddr::from((src, GOSSIP)),
+                        envelope,
+                        num_bytes_received: p.len(),
+                    });
+                }
+            }
+        });
+        Ok((tun, 1))
+    }
+
+    async fn readdress(&self, _index: u32, addr: Ipv4Addr, _prefix: u8) -> anyhow::Result<()> {
+        *self.kernel.addr.lock().unwrap() = Some(addr);
+        Ok(())
+    }
+
+    fn gossip_transport(&self, _tun: &str) -> Box<dyn Transport> {
+        Box::new(TunnelledGossip {
+            kernel: self.kernel.clone(),
+            envelopes: self.envelopes.clone(),
+        })
+    }
+
+    fn local_addresses(&self, _tun: &str, _range: &MeshRange) -> Vec<IpAddr> {
+        vec![self.host]
+    }
+
+    fn host_services(&self) -> bool {
+        false
+    }
+}
+
+struct TunnelledGossip {
+    kernel: Arc<Kernel>,
+    envelopes: Arc<Envelopes>,
+}
+
+#[async_trait]
+impl Transport for TunnelledGossip {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let (tx, rx) = mpsc::channel(1024);
+        *self.kernel.gossip_inbox.lock().unwrap() = Some(tx);
+        Ok(Box::new(TunnelledSocket {
+            addr: listen_addr,
+            kernel: self.kernel.clone(),
+            envelopes: self.envelopes.clone(),
+            rx,
+        }))
+    }
+}
+
+struct TunnelledSocket {
+    addr: SocketAddr,
+    kernel: Arc<Kernel>,
+    envelopes: Arc<Envelopes>,
+    rx: mpsc::Receiver<RecvOutcome>,
+}
+
+#[async_trait]
+impl Socket for TunnelledSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (self.addr.ip(), to.ip()) else {
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        };
+        let id = self.envelopes.next.fetch_add(1, Ordering::Relaxed);
+        self.envelopes.map.lock().unwrap().insert(id, envelope);
+        let packet = build_ipv4_udp(src, dst, GOSSIP, GOSSIP, &id.to_be_bytes());
+        let inject = self.kernel.inject.lock().unwrap().clone();
+        if let Some(inject) = inject {
+            let _ = inject.try_send(packet);
+        }
+        Ok(SendOutcome { num_bytes_sent: 36 })
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        self.rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("gossip socket closed"))
+    }
+}
+
+/// A simulated machine running meshd.
+struct SimNode {
+    platform: Arc<SimPlatform>,
+    opts: NodeOptions,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<Exit>>>,
+}
+
+/// Several machines on one in-memory underlay.
+pub struct Sim {
+    net: MemNet,
+    envelopes: Arc<Envelopes>,
+    dir: tempfile::TempDir,
+    nodes: Vec<SimNode>,
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        Sim {
+            net: MemNet::new(),
+            envelopes: Arc::default(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            nodes: Vec::new(),
+        }
+    }
+
+    fn host(i: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, i as u8 + 1))
+    }
+
+    pub fn endpoint(i: usize) -> SocketAddr {
+        SocketAddr::new(Sim::host(i), 51820)
+    }
+
+    fn machine(&mut self) -> (usize, Arc<SimPlatform>, NodeOptions) {
+        let i = self.nodes.len();
+        let platform = Arc::new(SimPlatform::new(
+            self.net.clone(),
+            Sim::host(i),
+            self.envelopes.clone(),
+        ));
+        let opts = NodeOptions {
+            state_dir: self.dir.path().join(format!("n{i}")),
+            socket: self.dir.path().join(format!("n{i}.sock")),
+        };
+        (i, platform, opts)
+    }
+
+    fn start(&mut self, platform: Arc<SimPlatform>, opts: NodeOptions, udp: Option<MemUdp>) {
+        let stop = CancellationToken::new();
+        let (p, o, s) = (platform.clone(), opts.clone(), stop.clone());
+        let task = tokio::spawn(async move { super::run_on(p, &o, udp, s, |_| {}).await });
+        self.nodes.push(SimNode {
+            platform,
+            opts,
+            stop,
+            task: Some(task),
+        });
+    }
+
+    pub async fn init(&mut self, name: &str, cidr: &str, keys: Option<NodeKeys>) -> Token {
+        let (_, platform, opts) = self.machine();
+        let p = InitParams {
+            name: name.into(),
+            range: cidr.parse().expect("cidr"),
+            domain: "mesh.internal".into(),
+            port: 51820,
+            endpoints: vec![],
+            tun: "mesh0".into(),
+            dns_upstream: vec![],
+            keys,
+        };
+        let token = setup::create_mesh(
+            platform.as_ref(),
+            &StateDir::new(&opts.state_dir),
+            &p,
+            crate::util::unix_now(),
+        )
+        .expect("create mesh");
+        self.start(platform, opts, None);
+        token
+    }
+
+    pub async fn join(
+        &mut self,
+        name: &str,
+        token: &Token,
+        via: Option<usize>,
+        keys: Option<NodeKeys>,
+    ) -> anyhow::Result<usize> {
+        let (i, platform, opts) = self.machine();
+        let p = JoinParams {
+            name: name.into(),
+            port: 51820,
+            endpoints: vec![],
+            tun: "mesh0".into(),
+            bootstrap: via.map(Sim::endpoint).into_iter().collect(),
+            dns_upstream: vec![],
+            keys,
+        };
+        let udp = setup::join_mesh(
+            platform.as_ref(),
+            &StateDir::new(&opts.state_dir),
+            token,
+            &p,
+            crate::util::unix_now(),
+        )
+        .await?;
+        self.start(platform, opts, Some(udp));
+        Ok(i)
+    }
+
+    /// Cut (or restore) the underlay between two machines.
+    pub fn cut(&self, a: usize, b: usize, cut: bool) {
+        self.net.set_cut(Sim::host(a), Sim::host(b), cut);
+    }
+
+    pub async fn status(&self, i: usize) -> Option<StatusReport> {
+        Client::new(&self.nodes[i].opts.socket)
+            .get("/v1/status")
+            .await
+            .ok()
+    }
+
+    pub fn mesh_ip(&self, i: usize) -> Option<Ipv4Addr> {
+        self.nodes[i].platform.mesh_ip()
+    }
+
+    /// Send one UDP packet over the mesh from `from` to `to` and wait (bounded) for it to arrive.
+    pub async fn reaches(&self, from: usize, to: usize) -> bool {
+        let (Some(src), Some(dst)) = (self.mesh_ip(from), self.mesh_ip(to)) else {
+            return false;
+        };
+        let marker = format!(
+            "probe {from}->{to} {}",
+            rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+        );
+        let inject = self.nodes[from]
+            .platform
+            .kernel
+            .inject
+            .lock()
+            .unwrap()
+            .clone();
+        let Some(inject) = inject else { return false };
+        let _ = inject
+            .send(build_ipv4_udp(src, dst, 9, 9, marker.as_bytes()))
+            .await;
+        let mut rx = self.nodes[to].platform.received.lock().unwrap().take();
+        let Some(r) = rx.as_mut() else { return false };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let mut ok = false;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, r.recv()).await {
+            if p.ends_with(marker.as_bytes()) {
+                ok = true;
+                break;
+            }
+        }
+        *self.nodes[to].platform.received.lock().unwrap() = rx;
+        ok
+    }
+
+    /// Poll `f` until it holds, for at most `timeout`.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !f().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn all_pairs(&self, nodes: &[usize]) -> bool {
+        for a in nodes {
+            for b in nodes {
+                if a != b && !self.reaches(*a, *b).await {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    pub async fn shutdown(mut self) {
+        for n in &mut self.nodes {
+            n.stop.cancel();
+            if let Some(t) = n.task.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::addressing::candidate;
+    use crate::trust::MeshId;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mesh_forms_in_memory_and_gossip_rides_the_tunnels() {
+        let mut sim = Sim::new();
+        let token = sim.init("a", "10.210.0.0/16", None).await;
+        sim.join("b", &token, None, None).await.unwrap();
+        sim.join("c", &token, None, None).await.unwrap();
+        sim.wait_for(
+            "every node to see two online peers",
+            Duration::from_secs(20),
+            || async {
+                let mut ok = true;
+                for i in 0..3 {
+                    ok &= sim
+                        .status(i)
+                        .await
+                        .is_some_and(|s| s.peers.len() == 2 && s.peers.iter().all(|p| p.online));
+                }
+                ok
+            },
+        )
+        .await;
+        assert!(sim.all_pairs(&[0, 1, 2]).await);
+        // b and c never talked to each other except through gossip learnt via a.
+        let b = sim.status(1).await.unwrap();
+        assert!(b.peers.iter().any(|p| p.name == "c" && p.online));
+        sim.shutdown().await;
+    }
+
+    /// Keys for two joiners whose first candidate is the same slot, free of the given ones.
+    fn colliding_keys(mesh: &MeshId, range: &MeshRange, taken: &[u32]) -> (NodeKeys, NodeKeys) {
+        let slots = range.slots();
+        loop {
+            let x = NodeKeys::generate();
+            let s = candidate(mesh, &x.wg_public(), 0, slots);
+            if taken.contains(&s) {
+                continue;
+            }
+            for _ in 0..20 * slots {
+                let y = NodeKeys::generate();
+                if candidate(mesh, &y.wg_public(), 0, slots) == s {
+                    return (x, y);
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_healed_partition_moves_the_later_of_two_colliding_joiners() {
+        let mut sim = Sim::new();
+        let range: MeshRange = "10.210.0.0/16".parse().unwrap();
+        let token = sim.init("a", "10.210.0.0/16", None).await;
+        let mesh = token.mesh();
+        sim.join("b", &token, None, None).await.unwrap();
+        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
+            sim.all_pairs(&[0, 1]).await
+        })
+        .await;
+        let taken: Vec<u32> = (0..2)
+            .map(|i| range.slot_of(sim.mesh_ip(i).unwrap()).unwrap())
+            .collect();
+        let (kx, ky) = colliding_keys(&mesh, &range, &taken);
+
+        // Partition: {a, x} | {b, y}. x joins through a, y through b, both pick the same slot.
+        for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
+            sim.cut(p, q, true);
+        }
+        let x = sim.join("x", &token, Some(0), Some(kx)).await.unwrap();
+        let y = sim.join("y", &token, Some(1), Some(ky)).await.unwrap();
+        assert_eq!((x, y), (2, 3));
+        sim.wait_for(
+            "x and y up on their sides",
+            Duration::from_secs(20),
+            || async { sim.all_pairs(&[0, 2]).await && sim.all_pairs(&[1, 3]).await },
+        )
+        .await;
+        let before_x = sim.mesh_ip(x).unwrap();
+        assert_eq!(Some(before_x), sim.mesh_ip(y), "the two joiners collided");
+
+        // Heal: every node computes the same answer; the later certificate moves.
+        for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
+            sim.cut(p, q, false);
+        }
+        sim.wait_for(
+            "all four to reach each other",
+            Duration::from_secs(40),
+            || async { sim.mesh_ip(x) != sim.mesh_ip(y) && sim.all_pairs(&[0, 1, 2, 3]).await },
+        )
+        .await;
+        let moved: Vec<usize> = [x, y]
+            .into_iter()
+            .filter(|i| sim.mesh_ip(*i) != Some(before_x))
+            .collect();
+        assert_eq!(moved.len(), 1, "exactly one of the two moved");
+        // Every node agrees on every subnet.
+        let views: Vec<Vec<(String, String)>> = {
+            let mut v = Vec::new();
+            for i in 0..4 {
+                let s = sim.status(i).await.unwrap();
+                let mut all: Vec<(String, String)> = s
+                    .peers
+                    .iter()
+                    .map(|p| (p.name.clone(), p.subnet.clone()))
+                    .collect();
+                all.push((s.me.name.clone(), s.me.subnet.clone()));
+                all.sort();
+                v.push(all);
+            }
+            v
+        };
+        assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+        sim.shutdown().await;
+    }
+}
