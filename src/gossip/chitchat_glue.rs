@@ -207,7 +207,11 @@ impl Gossip {
                     if key.starts_with(PREFIX_REVOCATION) {
                         m.ingest_revocation(&raw)
                     } else if key == KEY_CERT {
+                        let known = m.get(&under).is_some();
                         let id = m.ingest_cert(&raw, now)?;
+                        if !known {
+                            debug!(node = %under, via = %cid.gossip_advertise_addr, "learnt of a member through gossip");
+                        }
                         if id != under {
                             return Err(Reject::IdMismatch { claimed: id, under });
                         }

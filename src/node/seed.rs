@@ -47,8 +47,10 @@ impl<P: super::platform::Platform> Node<P> {
         let mut notices = Vec::new();
         for x in self.m.active() {
             let id = x.cert.node_id;
-            let (Some(claim), Some(a)) = (x.record.as_ref().map(|r| r.slot_k), assign.get(&id))
-            else {
+            // The claim as this node knows it: from the member's record, or, if none has got
+            // through yet (its packets are dropped while it uses the lost address), from its
+            // admission.
+            let (Some(claim), Some(a)) = (x.claim_k(), assign.get(&id)) else {
                 continue;
             };
             if id == self.cert.node_id || claim == a.k {

@@ -221,6 +221,12 @@ pub struct Sim {
     nodes: Vec<SimNode>,
 }
 
+impl Default for Sim {
+    fn default() -> Sim {
+        Sim::new()
+    }
+}
+
 impl Sim {
     pub fn new() -> Sim {
         Sim {
@@ -383,6 +389,41 @@ impl Sim {
         }
     }
 
+    /// Every node's view and the reachability matrix, for failure messages.
+    pub async fn dump(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.nodes.len() {
+            match self.status(i).await {
+                Some(s) => {
+                    out += &format!(
+                        "node {i} {} {} ({}):\n",
+                        s.me.name, s.me.mesh_ip, s.me.subnet
+                    );
+                    for p in &s.peers {
+                        out += &format!(
+                            "   {} {} {:?} ep={:?} hs={:?} dropped_src={}\n",
+                            p.name,
+                            p.subnet,
+                            p.state,
+                            p.endpoint,
+                            p.last_handshake_secs,
+                            p.dropped_bad_source
+                        );
+                    }
+                }
+                None => out += &format!("node {i}: no status\n"),
+            }
+        }
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b {
+                    out += &format!("{a}->{b}:{} ", self.reaches(a, b).await);
+                }
+            }
+        }
+        out
+    }
+
     pub async fn all_pairs(&self, nodes: &[usize]) -> bool {
         for a in nodes {
             for b in nodes {
@@ -458,6 +499,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_healed_partition_moves_the_later_of_two_colliding_joiners() {
+        if let Ok(f) = std::env::var("SIM_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(f)
+                .with_test_writer()
+                .try_init();
+        }
         let mut sim = Sim::new();
         let range: MeshRange = "10.210.0.0/16".parse().unwrap();
         let token = sim.init("a", "10.210.0.0/16", None).await;
@@ -489,15 +536,20 @@ mod tests {
         assert_eq!(Some(before_x), sim.mesh_ip(y), "the two joiners collided");
 
         // Heal: every node computes the same answer; the later certificate moves.
+        tracing::info!("sim: healing the partition");
         for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
             sim.cut(p, q, false);
         }
-        sim.wait_for(
-            "all four to reach each other",
-            Duration::from_secs(40),
-            || async { sim.mesh_ip(x) != sim.mesh_ip(y) && sim.all_pairs(&[0, 1, 2, 3]).await },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        while !(sim.mesh_ip(x) != sim.mesh_ip(y) && sim.all_pairs(&[0, 1, 2, 3]).await) {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "all four did not reach each other within 40 s:\n{}",
+                    sim.dump().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let moved: Vec<usize> = [x, y]
             .into_iter()
             .filter(|i| sim.mesh_ip(*i) != Some(before_x))
