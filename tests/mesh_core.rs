@@ -193,3 +193,48 @@ fn state_problems_are_clear_errors_and_never_reset_the_identity() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already holds node \"solo\""));
 }
+
+#[test]
+fn tunnels_follow_a_node_whose_underlay_address_changes() {
+    let mut lab = Lab::new("roam", 2);
+    let token = lab.init(0, "a", &[]);
+    lab.join(1, "b", &token);
+    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    let (ip_a, ip_b) = (lab.mesh_ip(0), lab.mesh_ip(1));
+    // b's machine gets a new address (DHCP renewal, a move to another network). The old one
+    // goes first: removing a primary address also removes the secondaries of its subnet.
+    let old = format!("{}/24", lab.addr(1));
+    for args in [
+        vec!["addr", "del", old.as_str(), "dev", "eth0"],
+        vec!["addr", "add", "198.51.100.77/24", "dev", "eth0"],
+    ] {
+        let o = lab.sh(1, "ip", &args);
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // b speaks first from its new address; a follows the authenticated packets.
+    let took = lab.wait_for(
+        "b reaching a from its new address",
+        Duration::from_secs(30),
+        || lab.ping(1, ip_a),
+    );
+    println!(
+        "b reached a {:.1}s after its address changed",
+        took.as_secs_f64()
+    );
+    lab.wait_for(
+        "a reaching b at its new address",
+        Duration::from_secs(10),
+        || lab.ping(0, ip_b),
+    );
+    let peer = lab
+        .status(0)
+        .peers
+        .into_iter()
+        .find(|p| p.name == "b")
+        .unwrap();
+    assert_eq!(peer.endpoint.as_deref(), Some("198.51.100.77:51820"));
+}
