@@ -363,10 +363,12 @@ pub async fn join<U: UdpIo>(
                 if left.is_zero() {
                     break;
                 }
-                let Ok(r) = tokio::time::timeout(left, udp.recv_from(&mut buf)).await else {
+                let Ok(r) = tokio::time::timeout(left, udp.recv_gro(&mut buf)).await else {
                     break;
                 };
-                let (n, from) = r?;
+                // With UDP GRO, equal answers to retried requests may arrive as one buffer.
+                let (n, from, segment) = r?;
+                let n = n.min(segment.max(1));
                 if from != *addr {
                     continue;
                 }

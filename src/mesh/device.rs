@@ -4,7 +4,7 @@
 //! control frames (join) that arrive on the shared UDP port.
 
 use super::addressing::MeshRange;
-use super::io::{TunIo, UdpIo};
+use super::io::{TunIo, UdpIo, TUN_HEADROOM};
 use super::packet::{classify, ipv4_dst, FrameKind};
 use super::peer::{Peer, PeerSpec, PeerStats};
 use crate::constants::{
@@ -26,8 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-/// Largest IP packet handled (TUN MTU is 1420; leave room for larger local MTUs).
+/// Largest datagram or raw TUN read handled.
 const MAX_PACKET: usize = 65535;
+/// One IP packet from the TUN device after offload splitting (MTU-sized, with room to spare).
+const TUN_PACKET_BUF: usize = 2048;
+/// Packets one TUN read may split into (64 KiB / MTU, and then some).
+const TUN_BATCH: usize = 128;
+/// Datagrams taken per receive wake-up.
+const UDP_BATCH: usize = 32;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
 
@@ -47,6 +53,68 @@ pub struct DeviceCounters {
     pub dropped_bad_source: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
+}
+
+/// Encrypted datagrams for one endpoint, all `seg` bytes but possibly the last, sent with one
+/// system call (UDP GSO). The kernel takes at most 64 segments and 64 KiB.
+struct GsoBatch {
+    buf: Vec<u8>,
+    len: usize,
+    seg: usize,
+    count: usize,
+    to: Option<SocketAddr>,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 60_000;
+
+impl GsoBatch {
+    fn new() -> GsoBatch {
+        GsoBatch {
+            buf: vec![0u8; GSO_MAX_BYTES + OUT_BUF],
+            len: 0,
+            seg: 0,
+            count: 0,
+            to: None,
+            closed: false,
+        }
+    }
+
+    /// Where the next datagram is encrypted to (always at least OUT_BUF bytes).
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    fn fits(&self, to: SocketAddr, len: usize) -> bool {
+        self.count == 0
+            || (self.to == Some(to)
+                && !self.closed
+                && len <= self.seg
+                && self.count < GSO_MAX_SEGMENTS
+                && self.len + len <= GSO_MAX_BYTES)
+    }
+
+    /// Take the datagram just written at `len` (or moved to 0 after a flush).
+    fn append(&mut self, to: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.seg = len;
+        } else if len < self.seg {
+            self.closed = true;
+        }
+        self.len += len;
+        self.count += 1;
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+        self.seg = 0;
+        self.count = 0;
+        self.to = None;
+        self.closed = false;
+    }
 }
 
 #[derive(Default)]
@@ -269,10 +337,16 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     async fn tun_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; OUT_BUF];
+        let mut scratch = vec![0u8; MAX_PACKET + 64];
+        let mut bufs = vec![vec![0u8; TUN_PACKET_BUF]; TUN_BATCH];
+        let mut sizes = vec![0usize; TUN_BATCH];
+        let mut gso = GsoBatch::new();
         loop {
-            let n = match self.tun.recv(&mut buf).await {
+            let n = match self
+                .tun
+                .recv_batch(&mut scratch, &mut bufs, &mut sizes)
+                .await
+            {
                 Ok(n) => n,
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
@@ -280,11 +354,16 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     return;
                 }
             };
-            self.outbound(&buf[..n], &mut out).await;
+            for i in 0..n {
+                self.outbound(&bufs[i][..sizes[i]], &mut gso).await;
+            }
+            self.flush(&mut gso).await;
         }
     }
 
-    async fn outbound(&self, packet: &[u8], out: &mut [u8]) {
+    /// Encrypt one packet from the TUN device. Data messages join `gso` (sent together with
+    /// the others of the batch that go to the same endpoint); handshakes go out at once.
+    async fn outbound(&self, packet: &[u8], gso: &mut GsoBatch) {
         let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
             return;
         };
@@ -297,7 +376,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let len = match peer.tunn.lock().unwrap().encapsulate(packet, out) {
+        let start = gso.len;
+        let len = match peer.tunn.lock().unwrap().encapsulate(packet, gso.spare()) {
             TunnResult::WriteToNetwork(d) => d.len(),
             TunnResult::Err(e) => {
                 debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
@@ -305,14 +385,45 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             }
             _ => return,
         };
-        self.send_to_peer(&peer, &out[..len]).await;
+        let is_data = gso.buf[start] == 4;
+        let to = peer.endpoint();
+        match (is_data, to) {
+            (true, Some(to)) => {
+                if !gso.fits(to, len) {
+                    self.flush(gso).await;
+                    gso.buf.copy_within(start..start + len, 0);
+                }
+                gso.append(to, len);
+                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, None) => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
+            (false, _) => {
+                let d = gso.buf[start..start + len].to_vec();
+                self.send_to_peer(&peer, &d).await;
+            }
+        }
     }
 
+    async fn flush(&self, gso: &mut GsoBatch) {
+        if let Some(to) = gso.to {
+            if let Err(e) = self.udp.send_gso(&gso.buf[..gso.len], gso.seg, to).await {
+                debug!(%to, error = %e, "send failed");
+            }
+        }
+        gso.reset();
+    }
+
+    /// Receive: one wait, then whatever else has already arrived (up to a batch); decrypt into
+    /// TUN buffers and hand them to the kernel together, so it can coalesce TCP segments.
     async fn udp_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_PACKET];
+        let mut dgrams = vec![vec![0u8; MAX_PACKET]; UDP_BATCH];
+        let mut meta = vec![(0usize, SocketAddr::from(([0, 0, 0, 0], 0)), 0usize); UDP_BATCH];
+        let mut to_tun: Vec<Vec<u8>> = (0..TUN_BATCH)
+            .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
+            .collect();
         let mut out = vec![0u8; OUT_BUF];
         loop {
-            let (n, from) = match self.udp.recv_from(&mut buf).await {
+            meta[0] = match self.udp.recv_gro(&mut dgrams[0]).await {
                 Ok(r) => r,
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
@@ -320,24 +431,58 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     return;
                 }
             };
-            let d = &buf[..n];
-            match classify(d) {
-                FrameKind::WireGuard => self.inbound(d, from, &mut out).await,
-                FrameKind::Control => {
-                    if self
-                        .events
-                        .try_send(DeviceEvent::Control(d.to_vec(), from))
-                        .is_err()
-                    {
-                        debug!(%from, "control queue full; frame dropped");
+            let mut k = 1;
+            while k < UDP_BATCH {
+                match self.udp.try_recv_gro(&mut dgrams[k]) {
+                    Ok(r) => {
+                        meta[k] = r;
+                        k += 1;
                     }
-                }
-                FrameKind::Unknown => {
-                    self.counters
-                        .dropped_unknown_frame
-                        .fetch_add(1, Ordering::Relaxed);
+                    Err(_) => break,
                 }
             }
+            let mut ready = 0;
+            for i in 0..k {
+                let (n, from, segment) = meta[i];
+                // With GRO one read may hold several datagrams of `segment` bytes.
+                for d in dgrams[i][..n].chunks(segment.max(1)) {
+                    if ready == to_tun.len() {
+                        self.write_tun(&mut to_tun[..ready]).await;
+                        ready = 0;
+                    }
+                    match classify(d) {
+                        FrameKind::WireGuard => {
+                            if self.inbound(d, from, &mut to_tun[ready], &mut out).await {
+                                ready += 1;
+                            }
+                        }
+                        FrameKind::Control => {
+                            if self
+                                .events
+                                .try_send(DeviceEvent::Control(d.to_vec(), from))
+                                .is_err()
+                            {
+                                debug!(%from, "control queue full; frame dropped");
+                            }
+                        }
+                        FrameKind::Unknown => {
+                            self.counters
+                                .dropped_unknown_frame
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            self.write_tun(&mut to_tun[..ready]).await;
+        }
+    }
+
+    async fn write_tun(&self, bufs: &mut [Vec<u8>]) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tun.send_batch(bufs).await {
+            debug!(error = %e, "writing to the TUN device failed");
         }
     }
 
@@ -360,19 +505,27 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    async fn inbound(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    /// Handle one WireGuard datagram. Returns true when it carried a packet for the TUN device,
+    /// left in `to_tun` at `TUN_HEADROOM`.
+    async fn inbound(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        to_tun: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> bool {
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             self.counters
                 .dropped_unknown_frame
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         };
         let roams = !matches!(packet, Packet::PacketCookieReply(_));
         let Some(peer) = self.find_peer(&packet, from) else {
             self.counters
                 .dropped_unknown_peer
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         };
 
         enum Action {
@@ -380,9 +533,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             Tun(usize, IpAddr),
             Net(Vec<Vec<u8>>),
         }
+        // Decrypt straight into the TUN buffer (room for a handshake answer too).
+        to_tun.resize(TUN_HEADROOM + datagram.len().max(256), 0);
         let action = {
             let mut t = peer.tunn.lock().unwrap();
-            match t.decapsulate(Some(from.ip()), datagram, out) {
+            match t.decapsulate(Some(from.ip()), datagram, &mut to_tun[TUN_HEADROOM..]) {
                 TunnResult::WriteToNetwork(d) => {
                     let mut replies = vec![d.to_vec()];
                     // Flush packets queued while the handshake was in flight.
@@ -399,10 +554,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 TunnResult::WriteToTunnelV4(d, src) => Action::Tun(d.len(), IpAddr::V4(src)),
                 TunnResult::WriteToTunnelV6(d, src) => Action::Tun(d.len(), IpAddr::V6(src)),
                 TunnResult::Done => Action::Nothing,
-                TunnResult::Err(WireGuardError::DuplicateCounter) => return,
+                TunnResult::Err(WireGuardError::DuplicateCounter) => return false,
                 TunnResult::Err(e) => {
                     debug!(peer = %peer.name(), %from, error = ?e, "decapsulate failed");
-                    return;
+                    return false;
                 }
             }
         };
@@ -417,11 +572,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             info!(peer = %peer.name(), endpoint = %from, "peer endpoint changed");
         }
         match action {
-            Action::Nothing => {}
+            Action::Nothing => false,
             Action::Net(replies) => {
                 for r in replies {
                     self.send_to_peer(&peer, &r).await;
                 }
+                false
             }
             Action::Tun(len, src) => {
                 let allowed = match src {
@@ -436,12 +592,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                         .dropped_bad_source
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
-                    return;
+                    return false;
                 }
                 peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.tun.send(&out[..len]).await {
-                    debug!(error = %e, "writing to the TUN device failed");
-                }
+                to_tun.truncate(TUN_HEADROOM + len);
+                true
             }
         }
     }
@@ -611,6 +766,70 @@ mod tests {
         assert_eq!(a.dev.counters.dropped_bad_source.load(Ordering::Relaxed), 1);
         assert!(st[0].last_handshake.is_some());
         assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+        stop.cancel();
+    }
+
+    #[test]
+    fn gso_batches_hold_equal_datagrams_for_one_endpoint() {
+        let a = SocketAddr::from(([192, 0, 2, 1], 1));
+        let b = SocketAddr::from(([192, 0, 2, 2], 1));
+        let mut g = GsoBatch::new();
+        assert!(g.fits(a, 100));
+        g.append(a, 100);
+        assert!(g.fits(a, 100));
+        assert!(!g.fits(b, 100), "another endpoint");
+        assert!(!g.fits(a, 120), "a larger datagram");
+        g.append(a, 100);
+        assert!(g.fits(a, 60));
+        g.append(a, 60);
+        assert!(!g.fits(a, 60), "a shorter datagram ends the run");
+        assert_eq!((g.len, g.seg, g.count), (260, 100, 3));
+        g.reset();
+        for _ in 0..GSO_MAX_SEGMENTS {
+            assert!(g.fits(a, 10));
+            g.append(a, 10);
+        }
+        assert!(!g.fits(a, 10), "segment limit");
+        assert!(g.spare().len() >= OUT_BUF);
+    }
+
+    #[tokio::test]
+    async fn a_burst_arrives_complete_and_in_order_through_batching() {
+        let net = MemNet::new();
+        let stop = CancellationToken::new();
+        let a = node(&net, 1, 3, &stop);
+        let mut b = node(&net, 2, 7, &stop);
+        a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+        b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+        // Establish the session first.
+        a.tun
+            .inject
+            .send(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"hello"))
+            .await
+            .unwrap();
+        expect_delivery(&mut b, b"hello").await;
+        // 200 equal packets, then one short one: GSO runs and GRO-coalesced reads.
+        let mut sent = Vec::new();
+        for i in 0..200u32 {
+            let mut payload = vec![0u8; 1000];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload));
+        }
+        sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, b"last"));
+        for p in &sent {
+            a.tun.inject.send(p.clone()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
+                .await
+                .expect("all packets within 10 s")
+                .expect("open");
+            if p.len() > 28 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+                got.push(p);
+            }
+        }
+        assert_eq!(got, sent);
         stop.cancel();
     }
 

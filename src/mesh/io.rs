@@ -14,11 +14,42 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
+/// Bytes kept free in front of every packet handed to [`TunIo::send_batch`] (room for a
+/// virtio-net header when the device does offload).
+pub const TUN_HEADROOM: usize = 16;
+
 pub trait TunIo: Send + Sync + 'static {
     /// Read one IP packet written by the kernel.
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     /// Hand one IP packet to the kernel.
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Read what the kernel wrote, as IP packets: `bufs[i][..sizes[i]]` for the returned count.
+    /// With offload one read can carry a TCP super-packet, split here into MTU-sized packets;
+    /// `scratch` holds the raw read (64 KiB + header). The default reads one packet.
+    fn recv_batch(
+        &self,
+        _scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        async move {
+            sizes[0] = self.recv(&mut bufs[0]).await?;
+            Ok(1)
+        }
+    }
+
+    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, consecutive
+    /// segments of one TCP flow are coalesced first; the buffers may be modified. The default
+    /// writes them one by one.
+    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            for b in bufs.iter() {
+                self.send(&b[TUN_HEADROOM..]).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 pub trait UdpIo: Send + Sync + 'static {
@@ -32,6 +63,43 @@ pub trait UdpIo: Send + Sync + 'static {
         to: SocketAddr,
     ) -> impl Future<Output = io::Result<()>> + Send;
     fn local_addr(&self) -> SocketAddr;
+    /// A datagram that has already arrived, without waiting (`WouldBlock` if none): lets the
+    /// receive loop take a batch per wake-up.
+    fn try_recv_from(&self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    /// Like [`UdpIo::recv_from`], but the buffer may hold several datagrams from one sender,
+    /// each `segment` bytes (the last may be shorter): UDP GRO on Linux. Returns
+    /// `(bytes, from, segment)`. The default receives one datagram.
+    fn recv_gro(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr, usize)>> + Send {
+        async move {
+            let (n, from) = self.recv_from(buf).await?;
+            Ok((n, from, n))
+        }
+    }
+    /// Non-blocking [`UdpIo::recv_gro`].
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let (n, from) = self.try_recv_from(buf)?;
+        Ok((n, from, n))
+    }
+    /// Send `buf` as datagrams of `segment` bytes each (the last may be shorter), all to `to`:
+    /// one system call with UDP GSO on Linux. The default sends them one by one.
+    fn send_gso(
+        &self,
+        buf: &[u8],
+        segment: usize,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            for d in buf.chunks(segment.max(1)) {
+                self.send_to(d, to).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 impl<T: TunIo> TunIo for Arc<T> {
@@ -40,6 +108,17 @@ impl<T: TunIo> TunIo for Arc<T> {
     }
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send {
         (**self).send(packet)
+    }
+    fn recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        (**self).recv_batch(scratch, bufs, sizes)
+    }
+    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).send_batch(bufs)
     }
 }
 
@@ -59,6 +138,26 @@ impl<U: UdpIo> UdpIo for Arc<U> {
     }
     fn local_addr(&self) -> SocketAddr {
         (**self).local_addr()
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        (**self).try_recv_from(buf)
+    }
+    fn send_gso(
+        &self,
+        buf: &[u8],
+        segment: usize,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).send_gso(buf, segment, to)
+    }
+    fn recv_gro(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr, usize)>> + Send {
+        (**self).recv_gro(buf)
+    }
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        (**self).try_recv_gro(buf)
     }
 }
 
@@ -108,6 +207,33 @@ impl TunIo for MemTun {
         let _ = self.to_kernel.try_send(packet.to_vec());
         Ok(())
     }
+    /// Everything already queued, up to a batch (as an offloading kernel would hand over).
+    async fn recv_batch(
+        &self,
+        _scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        let mut rx = self.from_kernel.lock().await;
+        let mut k = 0;
+        while k < bufs.len() {
+            let p = if k == 0 {
+                rx.recv()
+                    .await
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem tun closed"))?
+            } else {
+                match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                }
+            };
+            let n = p.len().min(bufs[k].len());
+            bufs[k][..n].copy_from_slice(&p[..n]);
+            sizes[k] = n;
+            k += 1;
+        }
+        Ok(k)
+    }
 }
 
 type Datagram = (Vec<u8>, SocketAddr);
@@ -146,6 +272,7 @@ impl MemNet {
             addr,
             net: self.clone(),
             rx: tokio::sync::Mutex::new(rx),
+            pending: Mutex::new(None),
         })
     }
 
@@ -189,6 +316,8 @@ pub struct MemUdp {
     addr: SocketAddr,
     net: MemNet,
     rx: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
+    /// A datagram taken off the queue that did not fit a coalesced read.
+    pending: Mutex<Option<Datagram>>,
 }
 
 impl Drop for MemUdp {
@@ -199,13 +328,14 @@ impl Drop for MemUdp {
 
 impl UdpIo for MemUdp {
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let (d, from) = self
-            .rx
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed"))?;
+        let held = self.pending.lock().unwrap().take();
+        let (d, from) =
+            match held {
+                Some(d) => d,
+                None => self.rx.lock().await.recv().await.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
+                })?,
+            };
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
         Ok((n, from))
@@ -216,5 +346,49 @@ impl UdpIo for MemUdp {
     }
     fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let held = self.pending.lock().unwrap().take();
+        let (d, from) = match held {
+            Some(d) => d,
+            None => self
+                .rx
+                .try_lock()
+                .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?
+                .try_recv()
+                .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?,
+        };
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        Ok((n, from))
+    }
+    /// Coalesces like kernel UDP GRO: queued datagrams from the same sender with the same size
+    /// (the last may be shorter) come back as one buffer.
+    async fn recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let mut rx = self.rx.lock().await;
+        let held = self.pending.lock().unwrap().take();
+        let (first, from) = match held {
+            Some(d) => d,
+            None => rx
+                .recv()
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed"))?,
+        };
+        let segment = first.len();
+        let mut n = first.len().min(buf.len());
+        buf[..n].copy_from_slice(&first[..n]);
+        let mut pending = self.pending.lock().unwrap();
+        while let Ok((d, f)) = rx.try_recv() {
+            if f != from || d.len() > segment || n + d.len() > buf.len() || n + d.len() > 65_000 {
+                *pending = Some((d, f));
+                break;
+            }
+            buf[n..n + d.len()].copy_from_slice(&d);
+            n += d.len();
+            if d.len() < segment {
+                break;
+            }
+        }
+        Ok((n, from, segment))
     }
 }

@@ -10,11 +10,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use tracing::{debug, info, warn};
 
-/// The kernel TUN device.
+/// The kernel TUN device, with TCP segmentation offload when the kernel supports it: the
+/// kernel hands over up to 64 KiB of one TCP flow per read and takes coalesced segments back.
 pub struct LinuxTun {
     dev: tun_rs::AsyncDevice,
     pub name: String,
     pub index: u32,
+    /// Coalescing state for writes (used by the single writer, hence uncontended).
+    gro: tokio::sync::Mutex<tun_rs::GROTable>,
 }
 
 impl LinuxTun {
@@ -22,6 +25,7 @@ impl LinuxTun {
     pub fn create(name: &str) -> anyhow::Result<LinuxTun> {
         let dev = tun_rs::DeviceBuilder::new()
             .name(name)
+            .offload(true)
             .build_async()
             .map_err(|e| {
                 let hint = match e.raw_os_error() {
@@ -46,16 +50,41 @@ impl LinuxTun {
             dev,
             name: name.to_string(),
             index,
+            gro: tokio::sync::Mutex::new(tun_rs::GROTable::new()),
         })
     }
 }
 
 impl TunIo for LinuxTun {
+    /// One packet (the device loop uses the batch form; this one allocates).
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.dev.recv(buf).await
+        let mut scratch = vec![0u8; 65535 + tun_rs::VIRTIO_NET_HDR_LEN];
+        let mut bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+        self.recv_batch(&mut scratch, &mut bufs, &mut sizes).await?;
+        let n = sizes[0].min(buf.len());
+        buf[..n].copy_from_slice(&bufs[0][..n]);
+        Ok(n)
     }
     async fn send(&self, packet: &[u8]) -> io::Result<()> {
-        self.dev.send(packet).await.map(|_| ())
+        let mut b = vec![0u8; super::io::TUN_HEADROOM];
+        b.extend_from_slice(packet);
+        self.send_batch(std::slice::from_mut(&mut b)).await
+    }
+    async fn recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        self.dev.recv_multiple(scratch, bufs, sizes, 0).await
+    }
+    async fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        let mut gro = self.gro.lock().await;
+        self.dev
+            .send_multiple(&mut gro, bufs, super::io::TUN_HEADROOM)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -173,11 +202,97 @@ impl NetConfig {
     }
 }
 
-/// The mesh UDP socket: dual-stack where IPv6 exists, with buffers sized for bursts.
+/// The mesh UDP socket: dual-stack where IPv6 exists, with buffers sized for bursts, and UDP
+/// GSO (one `sendmsg` for a run of equal-sized datagrams) where the kernel offers it.
 pub struct LinuxUdp {
     sock: tokio::net::UdpSocket,
     v6: bool,
     local: SocketAddr,
+    gso: std::sync::atomic::AtomicBool,
+}
+
+// linux/udp.h (not in libc's glibc bindings).
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// One `recvmsg`: `(bytes, from, segment size)`; with UDP GRO the buffer may hold several
+/// datagrams of `segment` bytes from the same sender.
+fn recvmsg_gro(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+    // SAFETY: every pointer in the msghdr refers to a live local for the duration of the call;
+    // control messages are read only within msg_controllen as returned by the kernel.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut name: libc::sockaddr_storage = std::mem::zeroed();
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(fd, &mut msg, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let mut segment = n;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let s = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                if s > 0 {
+                    segment = s as usize;
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        let from = socket2::SockAddr::new(name, msg.msg_namelen)
+            .as_socket()
+            .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
+        Ok((n, unmap(from), segment))
+    }
+}
+
+/// One `sendmsg` of `buf` cut by the kernel into `segment`-byte datagrams.
+fn sendmsg_gso(
+    fd: std::os::fd::RawFd,
+    buf: &[u8],
+    segment: u16,
+    to: &socket2::SockAddr,
+) -> io::Result<usize> {
+    // SAFETY: every pointer in the msghdr refers to a live local for the duration of the call;
+    // the control buffer is large and aligned enough for one cmsghdr carrying a u16.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
+        let n = libc::sendmsg(fd, &msg, 0);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }
 
 impl LinuxUdp {
@@ -200,7 +315,12 @@ impl LinuxUdp {
         };
         let local = sock.local_addr()?;
         let sock = tokio::net::UdpSocket::from_std(sock)?;
-        Ok(LinuxUdp { sock, v6, local })
+        Ok(LinuxUdp {
+            sock,
+            v6,
+            local,
+            gso: std::sync::atomic::AtomicBool::new(true),
+        })
     }
 }
 
@@ -218,6 +338,18 @@ fn bind_socket(addr: SocketAddr, v6: bool) -> io::Result<std::net::UdpSocket> {
         s.set_only_v6(false)?;
     }
     size_buffers(&s);
+    // Let the kernel coalesce runs of datagrams (UDP GRO); optional.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+    let _ = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            SOL_UDP,
+            UDP_GRO,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
@@ -281,20 +413,75 @@ pub fn unmap(a: SocketAddr) -> SocketAddr {
     }
 }
 
+impl LinuxUdp {
+    /// IPv4 destinations on a dual-stack socket are written v4-mapped.
+    fn map(&self, to: SocketAddr) -> SocketAddr {
+        match (self.v6, to) {
+            (true, SocketAddr::V4(v4)) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+            _ => to,
+        }
+    }
+}
+
 impl UdpIo for LinuxUdp {
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let (n, from) = self.sock.recv_from(buf).await?;
         Ok((n, unmap(from)))
     }
     async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        let to = match (self.v6, to) {
-            (true, SocketAddr::V4(v4)) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
-            _ => to,
-        };
-        self.sock.send_to(datagram, to).await.map(|_| ())
+        self.sock.send_to(datagram, self.map(to)).await.map(|_| ())
+    }
+    async fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if buf.len() > segment
+            && segment > 0
+            && segment <= u16::MAX as usize
+            && self.gso.load(Relaxed)
+        {
+            let addr = socket2::SockAddr::from(self.map(to));
+            let fd = self.sock.as_raw_fd();
+            let r = self
+                .sock
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    sendmsg_gso(fd, buf, segment as u16, &addr)
+                })
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    info!(error = %e, "UDP GSO unavailable; sending datagrams one by one");
+                    self.gso.store(false, Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for d in buf.chunks(segment.max(1)) {
+            self.send_to(d, to).await?;
+        }
+        Ok(())
     }
     fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.sock.try_recv_from(buf)?;
+        Ok((n, unmap(from)))
+    }
+    async fn recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let fd = self.sock.as_raw_fd();
+        self.sock
+            .async_io(tokio::io::Interest::READABLE, || recvmsg_gro(fd, buf))
+            .await
+    }
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let fd = self.sock.as_raw_fd();
+        self.sock
+            .try_io(tokio::io::Interest::READABLE, || recvmsg_gro(fd, buf))
     }
 }
 
