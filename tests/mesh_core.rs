@@ -276,3 +276,44 @@ fn bulk_tcp_crosses_the_mesh_intact() {
     assert_eq!(got.len(), LEN, "every byte came back");
     assert_eq!(Sha256::digest(&got), sent, "and unchanged");
 }
+
+#[test]
+fn a_mesh_forms_over_an_ipv6_only_underlay() {
+    let mut lab = Lab::new("v6", 3);
+    // Replace each machine's IPv4 address with an IPv6 one.
+    for h in 0..3 {
+        let v4 = format!("{}/24", lab.addr(h));
+        let v6 = format!("2001:db8::{}/64", h + 1);
+        for args in [
+            vec!["addr", "del", v4.as_str(), "dev", "eth0"],
+            vec!["-6", "addr", "add", v6.as_str(), "dev", "eth0", "nodad"],
+        ] {
+            let o = lab.sh(h, "ip", &args);
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    // Endpoints are found on their own: the machines' only addresses are IPv6.
+    let token = lab.init(0, "a", &[]);
+    let t = meshd::trust::Token::decode(&token).unwrap();
+    assert!(
+        t.bootstrap.iter().all(|b| b.addr.is_ipv6()),
+        "{:?}",
+        t.bootstrap
+    );
+    lab.join(1, "b", &token);
+    lab.join(2, "c", &token);
+    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    let s = lab.status(0);
+    for p in &s.peers {
+        assert!(
+            p.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("[2001:db8::")),
+            "{p:?}"
+        );
+    }
+}
