@@ -227,6 +227,13 @@ async fn run_node(
             eprintln!("meshd: this node was removed from the mesh by an administrator");
             Ok(ExitCode::from(3))
         }
+        Exit::InviteUsedUp => {
+            eprintln!(
+                "meshd: the invite this node joined with was used up by another node first; \
+                 move the state directory away and join again with a new token"
+            );
+            Ok(ExitCode::from(3))
+        }
     }
 }
 

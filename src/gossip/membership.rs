@@ -414,6 +414,11 @@ impl Membership {
         out
     }
 
+    /// Whether `id` is a member shut out because its invite was used up by earlier certificates.
+    pub fn over_its_invite(&self, id: &NodeId) -> bool {
+        self.overused().contains(&id.to_string())
+    }
+
     /// How many distinct nodes used an invite, not counting `except`.
     pub fn invite_uses(&self, invite_key: &Key32, except: &NodeId) -> usize {
         let inv = crate::util::hex(invite_key);

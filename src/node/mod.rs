@@ -56,6 +56,9 @@ pub enum Exit {
     Left,
     /// Removed by an administrator (`meshctl remove`).
     Removed,
+    /// Admitted with a limited invite that other nodes used up first (two joins with a one-use
+    /// token at two seeds at the same moment): the earlier certificate keeps the use.
+    InviteUsedUp,
 }
 
 /// Facts about the running node, given to the caller once it is up.
@@ -280,7 +283,7 @@ pub async fn run_on<P: Platform>(
         Ok(Exit::Left) => {
             node.state.remove_node()?;
         }
-        Ok(Exit::Removed) => {
+        Ok(Exit::Removed) | Ok(Exit::InviteUsedUp) => {
             let _ = node.persist();
         }
     }
@@ -396,6 +399,13 @@ impl<P: Platform> Node<P> {
         if self.m.is_revoked(&self.cert.node_id, &self.cert.wireguard) {
             error!("this node was removed from the mesh by an administrator; shutting down");
             return Ok(Some(Exit::Removed));
+        }
+        if !self.record.left && !self.m.active().any(|x| x.cert.node_id == self.cert.node_id) {
+            error!(
+                "this node joined with an invite that other nodes used up first (a one-use token \
+                 used twice at the same moment); the earlier joiner keeps it. Shutting down"
+            );
+            return Ok(Some(Exit::InviteUsedUp));
         }
         self.follow_own_slot().await?;
         self.push_peers().await;

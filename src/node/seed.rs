@@ -12,8 +12,36 @@ const ACCEPT_BUDGET: usize = 8 * 1024;
 
 impl<P: super::platform::Platform> Node<P> {
     /// A node this one does not know tried to handshake. If it was removed, hand it the
-    /// revocation (at most every 30 s per key) so it can stop.
+    /// revocation (at most every 30 s per key) so it can stop; if it is shut out because its
+    /// invite was used up first, hand it the certificates that used it.
     pub(super) async fn on_unknown_initiator(&mut self, wg: [u8; 32], from: SocketAddr) {
+        let over = self
+            .m
+            .all()
+            .find(|x| x.cert.wireguard == wg && self.m.over_its_invite(&x.cert.node_id))
+            .map(|x| (x.cert.node_id, x.cert.invite.invite_key));
+        if let Some((id, invite)) = over {
+            let now = std::time::Instant::now();
+            if self
+                .conflict_notified
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(3))
+            {
+                return;
+            }
+            let winners: Vec<(Signed, Signed)> = self
+                .m
+                .active()
+                .filter(|w| w.cert.invite.invite_key == invite)
+                .filter_map(|w| Some((w.cert.raw.clone(), w.record_raw.clone()?)))
+                .collect();
+            self.conflict_notified.insert(id, now);
+            debug!(%from, node = %id, "telling a member that its invite was used up first");
+            self.device
+                .send_control(&encode_frame(&Frame::Conflict(winners)), from)
+                .await;
+            return;
+        }
         let Some(rev) = self
             .m
             .revocations()

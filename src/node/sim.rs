@@ -435,6 +435,27 @@ impl Sim {
         true
     }
 
+    /// How node `i` ended, if it has.
+    pub async fn exit_of(&mut self, i: usize) -> Option<String> {
+        let t = self.nodes[i].task.as_ref()?;
+        if !t.is_finished() {
+            return None;
+        }
+        let r = self.nodes[i].task.take()?.await;
+        Some(match r {
+            Ok(Ok(exit)) => format!("{exit:?}"),
+            Ok(Err(e)) => format!("error: {e:#}"),
+            Err(e) => format!("panic: {e}"),
+        })
+    }
+
+    pub fn root_key(&self, i: usize) -> crate::trust::RootKey {
+        StateDir::new(&self.nodes[i].opts.state_dir)
+            .load_root()
+            .expect("root key readable")
+            .expect("node holds the root key")
+    }
+
     pub async fn shutdown(mut self) {
         for n in &mut self.nodes {
             n.stop.cancel();
@@ -476,6 +497,75 @@ mod tests {
         // b and c never talked to each other except through gossip learnt via a.
         let b = sim.status(1).await.unwrap();
         assert!(b.peers.iter().any(|p| p.name == "c" && p.online));
+        sim.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_use_token_used_on_both_sides_of_a_partition_keeps_only_the_earlier_joiner() {
+        let mut sim = Sim::new();
+        let token = sim.init("a", "10.210.0.0/16", None).await;
+        sim.join("b", &token, None, None).await.unwrap();
+        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
+            sim.all_pairs(&[0, 1]).await
+        })
+        .await;
+        let once = setup::make_token(
+            &sim.root_key(0),
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            Duration::from_secs(3600),
+            Some(1),
+            vec![],
+            crate::util::unix_now(),
+        );
+        for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
+            sim.cut(p, q, true);
+        }
+        // Each seed sees the token unused and admits its joiner.
+        let x = sim.join("x", &once, Some(0), None).await.unwrap();
+        let y = sim.join("y", &once, Some(1), None).await.unwrap();
+        sim.wait_for(
+            "x and y up on their sides",
+            Duration::from_secs(20),
+            || async { sim.all_pairs(&[0, x]).await && sim.all_pairs(&[1, y]).await },
+        )
+        .await;
+        for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
+            sim.cut(p, q, false);
+        }
+        // After the heal exactly one of them stops, saying why; the other stays a member.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let (loser, winner, why) = loop {
+            if let Some(e) = sim.exit_of(x).await {
+                break (x, y, e);
+            }
+            if let Some(e) = sim.exit_of(y).await {
+                break (y, x, e);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "neither joiner stopped:\n{}",
+                sim.dump().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(why, "InviteUsedUp");
+        sim.wait_for(
+            "the winner to reach a and b, the loser gone from views",
+            Duration::from_secs(30),
+            || async {
+                let gone = |s: Option<StatusReport>| {
+                    s.is_some_and(|s| {
+                        s.peers.len() == 2
+                            && s.peers.iter().all(|p| p.name != ["x", "y"][loser - 2])
+                    })
+                };
+                sim.all_pairs(&[0, 1, winner]).await
+                    && gone(sim.status(0).await)
+                    && gone(sim.status(1).await)
+            },
+        )
+        .await;
         sim.shutdown().await;
     }
 
