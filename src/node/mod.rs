@@ -149,6 +149,14 @@ pub async fn run_on<P: Platform>(
         range: cert.invite.range,
         domain: cert.invite.domain.clone(),
     };
+    // A root key kept from another mesh (after `meshd leave`) administers that mesh, not this one.
+    let root = root.filter(|r| {
+        let ours = r.public() == mesh.0;
+        if !ours {
+            warn!("root.key belongs to another mesh; this node does not administer mesh {mesh}");
+        }
+        ours
+    });
     let now = unix_now();
     let mut m = Membership::new(params.clone(), cert.clone(), now);
     m.set_admitted_k(cert.node_id, config.slot_k);

@@ -176,6 +176,19 @@ pub async fn join_mesh<P: Platform>(
         }
         state.ensure_empty()?;
     }
+    if let Some(root) = state.load_root()? {
+        if root.public() != token.mesh().0 {
+            anyhow::bail!(
+                "{} holds the root key of mesh {} (kept when this node left it); joining mesh {} here \
+                 would mix the two. Move {} somewhere safe (it is the only way to administer that \
+                 mesh), or use another --state-dir",
+                state.path().display(),
+                MeshId(root.public()),
+                token.mesh(),
+                state.file("root.key").display()
+            );
+        }
+    }
     token.check_fresh(now).map_err(|e| {
         anyhow::anyhow!("the join token cannot be used: {e}; ask an administrator for a new one (meshctl invite)")
     })?;
@@ -308,6 +321,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("already holds node \"alpha\""), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_kept_root_key_of_another_mesh_is_never_mixed_into_a_new_one() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateDir::new(d.path());
+        let p = InitParams {
+            name: "alpha".into(),
+            range: "10.210.0.0/16".parse().unwrap(),
+            domain: "mesh.internal".into(),
+            port: 0,
+            endpoints: vec!["198.51.100.1:51820".parse().unwrap()],
+            tun: "mesh0".into(),
+            dns_upstream: vec![],
+            keys: None,
+        };
+        create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1000).unwrap();
+        st.remove_node().unwrap(); // what `meshd leave` leaves behind: root.key only
+        let other = RootKey::generate();
+        let token = make_token(
+            &other,
+            p.range,
+            "mesh.internal",
+            Duration::from_secs(60),
+            None,
+            vec![],
+            1000,
+        );
+        let jp = JoinParams {
+            name: "beta".into(),
+            port: 0,
+            endpoints: vec![],
+            tun: "mesh0".into(),
+            bootstrap: vec![],
+            dns_upstream: vec![],
+            keys: None,
+        };
+        let e = join_mesh(
+            &crate::node::platform::LinuxPlatform,
+            &st,
+            &token,
+            &jp,
+            1000,
+        )
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(e.contains("holds the root key of mesh"), "{e}");
+        assert!(st.load_root().unwrap().is_some(), "the root key is kept");
+        assert!(!st.is_initialized());
     }
 
     #[test]
