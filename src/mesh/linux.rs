@@ -23,26 +23,46 @@ pub struct LinuxTun {
 impl LinuxTun {
     /// Create the TUN device `name`. It disappears when this process exits, however it exits.
     pub fn create(name: &str) -> anyhow::Result<LinuxTun> {
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .offload(true)
-            .build_async()
-            .map_err(|e| {
-                let hint = match e.raw_os_error() {
-                    Some(libc::EBUSY) => format!(
-                        "an interface named {name} is already in use (another meshd or VPN?); \
-                         stop it or pick another name with --tun"
-                    ),
-                    Some(libc::EPERM) | Some(libc::EACCES) => {
-                        "meshd needs root (or CAP_NET_ADMIN) to create a TUN device".to_string()
-                    }
-                    Some(libc::ENOENT) | Some(libc::ENODEV) => {
-                        "/dev/net/tun is missing: load the tun module (modprobe tun)".to_string()
-                    }
-                    _ => "check that /dev/net/tun exists and meshd runs as root".to_string(),
-                };
-                anyhow::anyhow!("cannot create TUN device {name}: {e}; {hint}")
-            })?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .offload(offload)
+                .build_async()
+        };
+        let hint = |e: &io::Error| match e.raw_os_error() {
+            Some(libc::EBUSY) => format!(
+                "an interface named {name} is already in use (another meshd or VPN?); \
+                 stop it or pick another name with --tun"
+            ),
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                "meshd needs root (or CAP_NET_ADMIN) to create a TUN device".to_string()
+            }
+            Some(libc::ENOENT) | Some(libc::ENODEV) => {
+                "/dev/net/tun is missing: load the tun module (modprobe tun)".to_string()
+            }
+            _ => "check that /dev/net/tun exists and meshd runs as root".to_string(),
+        };
+        let fatal = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EBUSY)
+                    | Some(libc::EPERM)
+                    | Some(libc::EACCES)
+                    | Some(libc::ENOENT)
+                    | Some(libc::ENODEV)
+            )
+        };
+        let dev = match build(true) {
+            Ok(d) => d,
+            // Kernels (or sandboxes) without TUN offload: carry on without it, more slowly.
+            Err(e) if !fatal(&e) => {
+                info!(error = %e, "TUN offload unavailable; continuing without it");
+                build(false).map_err(|e| {
+                    anyhow::anyhow!("cannot create TUN device {name}: {e}; {}", hint(&e))
+                })?
+            }
+            Err(e) => anyhow::bail!("cannot create TUN device {name}: {e}; {}", hint(&e)),
+        };
         let index = dev
             .if_index()
             .map_err(|e| anyhow::anyhow!("cannot read the index of {name}: {e}"))?;
