@@ -184,9 +184,8 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
                 + "; ask an administrator for a new one (meshctl invite)",
         ));
     }
-    if req.sent_at + JOIN_REQUEST_MAX_AGE.as_secs() < now
-        || req.sent_at > now + JOIN_REQUEST_MAX_AGE.as_secs()
-    {
+    let max_age = JOIN_REQUEST_MAX_AGE.as_secs();
+    if req.sent_at.saturating_add(max_age) < now || req.sent_at > now.saturating_add(max_age) {
         return Err(refuse(
             nonce,
             RefuseReason::Stale,
@@ -211,6 +210,21 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
         ));
     }
     let existing = m.get(&cert.node_id).filter(|x| x.cert.raw == cert.raw);
+    // A new certificate must be new: its issue time decides slot and invite-use priority, so a
+    // joiner may not date it into the past (or the future) to win either.
+    if existing.is_none()
+        && (cert.issued_at.saturating_add(max_age) < now
+            || cert.issued_at > now.saturating_add(max_age))
+    {
+        return Err(refuse(
+            nonce,
+            RefuseReason::Stale,
+            format!(
+                "the certificate was issued at unix time {}, more than 5 minutes from this node's                  clock ({now}); fix the clock (NTP) and join again",
+                cert.issued_at
+            ),
+        ));
+    }
     if let Some(max) = cert.invite.max_uses {
         if existing.is_none()
             && m.invite_uses(&cert.invite.invite_key, &cert.node_id) >= max as usize
@@ -387,7 +401,9 @@ pub async fn join<U: UdpIo>(
                             }
                         }
                     }
-                    Ok(Frame::Refuse(r)) if r.nonce == nonce || r.nonce == [0; 16] => {
+                    // Refusals are unsigned, so only one naming this request's nonce counts (a
+                    // sender that cannot see the request cannot make one).
+                    Ok(Frame::Refuse(r)) if r.nonce == nonce => {
                         return Err(JoinError::Refused {
                             addr: *addr,
                             reason: r.reason,
@@ -541,6 +557,29 @@ mod tests {
             decide(&m, &r, 5000).unwrap_err().reason,
             RefuseReason::Stale
         );
+        // A fresh request carrying a backdated certificate (to win slot or invite priority).
+        let k = NodeKeys::generate();
+        let c = cert(&inv2, &secret2, &k, "backdated", 10);
+        let (r, _) = make_request(&k, &c, vec![], 5000);
+        let e = decide(&m, &r, 5000).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Stale);
+        assert!(
+            e.message.contains("issued at unix time 10"),
+            "{}",
+            e.message
+        );
+        // The same, dated into the future.
+        let c = cert(&inv2, &secret2, &k, "backdated", 9000);
+        let (r, _) = make_request(&k, &c, vec![], 5000);
+        assert_eq!(
+            decide(&m, &r, 5000).unwrap_err().reason,
+            RefuseReason::Stale
+        );
+        // Extreme clocks do not overflow the check.
+        let (_, r) = request(&inv2, &secret2, "overflow", u64::MAX);
+        assert!(decide(&m, &r, 1000).is_err());
+        let (_, r) = request(&inv2, &secret2, "overflow", 1000);
+        assert!(decide(&m, &r, u64::MAX).is_err());
     }
 
     #[test]

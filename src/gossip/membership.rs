@@ -73,10 +73,13 @@ pub enum Reject {
     UnknownNode(NodeId),
     #[error("record is older than the one already known")]
     Stale,
+    #[error("its WireGuard key already belongs to node {holder} ({name})")]
+    WireguardKeyTaken { holder: NodeId, name: String },
     #[error("statement is for node {claimed}, but came under id {under}")]
     IdMismatch { claimed: NodeId, under: NodeId },
 }
 
+#[derive(Clone)]
 pub struct Membership {
     pub params: MeshParams,
     pub self_id: NodeId,
@@ -253,12 +256,39 @@ impl Membership {
             if m.cert.raw == *raw {
                 return Ok(id);
             }
-            // Same identity, different certificate: keep the earlier one (a node cannot move
-            // itself ahead in slot priority by re-issuing).
-            if m.cert.issued_at <= cert.issued_at {
+            // Same identity, different certificate (only the identity's holder can make one):
+            // every node keeps the same one, the earliest, so a node cannot move itself ahead
+            // in slot priority by re-issuing and views converge whatever the arrival order.
+            if cert_order(&m.cert) <= cert_order(&cert) {
+                return Ok(id);
+            }
+            if id == self.self_id {
+                // This node's own certificate is the one in its state; never swap it.
                 return Ok(id);
             }
             self.members.remove(&id);
+        }
+        // A WireGuard key names one node: two members with one key would share a tunnel and a
+        // revocation. The earliest certificate keeps it, on every node alike.
+        if let Some(other) = self
+            .members
+            .values()
+            .find(|m| m.cert.wireguard == cert.wireguard && m.cert.node_id != id)
+        {
+            let holder = other.cert.node_id;
+            if holder == self.self_id || cert_order(&other.cert) <= cert_order(&cert) {
+                return Err(Reject::WireguardKeyTaken {
+                    holder,
+                    name: other.cert.name.clone(),
+                });
+            }
+            tracing::warn!(
+                evicted = %holder,
+                by = %id,
+                "two certificates share WireGuard key {}; keeping the earlier one",
+                crate::util::short_key(&cert.wireguard)
+            );
+            self.members.remove(&holder);
         }
         self.insert_cert(cert, now);
         Ok(id)
@@ -507,6 +537,11 @@ impl Membership {
     }
 }
 
+/// The order in which competing certificates win: earliest issued, then by their bytes.
+fn cert_order(c: &Cert) -> (u64, &[u8], &[u8]) {
+    (c.issued_at, &c.raw.body, &c.raw.sig)
+}
+
 /// Check a node's statement about itself: signed by the node's identity, about that identity,
 /// not older than what is held. `Ok(None)` means "same as held".
 fn verify_statement<T: SelfStatement>(
@@ -684,6 +719,69 @@ mod tests {
         // a, b and c share the invite in this test world; only the first certificate counts.
         assert_eq!(active, vec!["a".to_string()]);
         assert_eq!(m.invite_uses(&a.invite.invite_key, &c.node_id), 2);
+    }
+
+    /// Competing certificates (one identity issued twice, or one WireGuard key under two
+    /// identities) resolve to the same winner on every node, whatever order they arrive in.
+    #[test]
+    fn competing_certificates_resolve_the_same_everywhere() {
+        let w = world(None);
+        let (ka, a) = node(&w, "a", 100);
+        let (kb, b) = node(&w, "b", 200);
+        // B issues itself a second certificate later; a third party reuses B's WireGuard key
+        // with an identity of its own, once after B and once before.
+        let b_again = Cert::verify(
+            &cert(&w.inv, &w.secret, &kb, "b", 250),
+            &MeshId(w.root.public()),
+        )
+        .unwrap();
+        let copycat = |at: u64| {
+            let k = NodeKeys {
+                identity: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+                wireguard: kb.wireguard.clone(),
+            };
+            cert(&w.inv, &w.secret, &k, "x", at)
+        };
+        let late_copy = copycat(300);
+        let early_copy = copycat(150);
+
+        let view = |order: &[&Signed]| {
+            let mut m = Membership::new(params(&w), a.clone(), 0);
+            for raw in order {
+                let _ = m.ingest_cert(raw, 0);
+            }
+            m.all()
+                .map(|m| (m.cert.node_id, m.cert.issued_at))
+                .collect::<Vec<_>>()
+        };
+        let forward = view(&[&b.raw, &b_again.raw, &late_copy]);
+        let backward = view(&[&late_copy, &b_again.raw, &b.raw]);
+        assert_eq!(forward, backward);
+        assert!(forward.contains(&(b.node_id, 200)), "{forward:?}");
+        assert_eq!(forward.len(), 2, "the later copy of B's key is refused");
+
+        // The earlier holder of a key wins even when it arrives second.
+        let mut m = Membership::new(params(&w), a.clone(), 0);
+        m.ingest_cert(&b.raw, 0).unwrap();
+        let early_id = m.ingest_cert(&early_copy, 0).unwrap();
+        assert!(m.get(&b.node_id).is_none());
+        assert!(m.get(&early_id).is_some());
+        assert!(matches!(
+            m.ingest_cert(&b.raw, 0),
+            Err(Reject::WireguardKeyTaken { holder, .. }) if holder == early_id
+        ));
+
+        // Nobody takes this node's own key away from it, however early the copy claims to be.
+        let thief = NodeKeys {
+            identity: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+            wireguard: ka.wireguard.clone(),
+        };
+        let stolen = cert(&w.inv, &w.secret, &thief, "a2", 1);
+        assert!(matches!(
+            m.ingest_cert(&stolen, 0),
+            Err(Reject::WireguardKeyTaken { holder, .. }) if holder == a.node_id
+        ));
+        assert!(m.get(&a.node_id).is_some());
     }
 
     #[test]

@@ -99,14 +99,8 @@ pub fn create_mesh<P: Platform>(
         vec![],
         now,
     );
-    let cert = NodeCertBody {
-        invite: own.invite_raw.clone(),
-        name: p.name.clone(),
-        identity: keys.identity_public(),
-        wireguard: keys.wg_public(),
-        issued_at: now,
-    }
-    .sign(&own.invite_secret);
+    let cert = NodeCertBody::new(&own.invite_raw, &own.invite.invite_key, &p.name, &keys, now)
+        .sign(&own.invite_secret);
     Cert::verify(&cert, &MeshId(root.public()))?;
     let endpoints = effective_endpoints(
         &p.endpoints,
@@ -193,13 +187,15 @@ pub async fn join_mesh<P: Platform>(
         anyhow::anyhow!("the join token cannot be used: {e}; ask an administrator for a new one (meshctl invite)")
     })?;
     let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
-    let cert = NodeCertBody {
-        invite: token.invite_raw.clone(),
-        name: p.name.clone(),
-        identity: keys.identity_public(),
-        wireguard: keys.wg_public(),
-        issued_at: now,
-    }
+    // A joiner whose clock is a little behind the administrator's still issues a certificate
+    // inside the invite's validity (seeds check the time against their own clocks).
+    let cert = NodeCertBody::new(
+        &token.invite_raw,
+        &token.invite.invite_key,
+        &p.name,
+        &keys,
+        now.max(token.invite.created_at),
+    )
     .sign(&token.invite_secret);
     let udp = platform.bind_udp(p.port)?;
     let endpoints = effective_endpoints(

@@ -1,6 +1,6 @@
 //! Invites and node certificates: root -> invite -> node.
 
-use super::{Context, Key32, MeshId, NodeId, Signed, TrustError};
+use super::{encode, verify_sig, Context, Key32, MeshId, NodeId, NodeKeys, Signed, TrustError};
 use crate::mesh::addressing::MeshRange;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -51,11 +51,72 @@ pub struct NodeCertBody {
     pub identity: Key32,
     pub wireguard: Key32,
     pub issued_at: u64,
+    /// The identity key's signature over [`SelfClaim`]: proof that the holder of `identity`
+    /// made this certificate. Without it anyone holding an invite could certify somebody
+    /// else's identity (and so their node id) next to a WireGuard key of their own.
+    pub self_sig: Vec<u8>,
+}
+
+/// What the identity key signs inside a certificate: everything the certificate says about
+/// the node, bound to the invite it joins through.
+#[derive(Serialize)]
+struct SelfClaim<'a> {
+    invite_key: &'a Key32,
+    name: &'a str,
+    identity: &'a Key32,
+    wireguard: &'a Key32,
+    issued_at: u64,
 }
 
 impl NodeCertBody {
+    /// The certificate body for `keys` joining through `invite` (whose public key is
+    /// `invite_key`), self-signed by the node's identity key.
+    pub fn new(
+        invite: &Signed,
+        invite_key: &Key32,
+        name: &str,
+        keys: &NodeKeys,
+        issued_at: u64,
+    ) -> NodeCertBody {
+        let identity = keys.identity_public();
+        let wireguard = keys.wg_public();
+        let claim = SelfClaim {
+            invite_key,
+            name,
+            identity: &identity,
+            wireguard: &wireguard,
+            issued_at,
+        };
+        let self_sig = Signed::sign(Context::CertSelf, &claim, &keys.identity).sig;
+        NodeCertBody {
+            invite: invite.clone(),
+            name: name.to_string(),
+            identity,
+            wireguard,
+            issued_at,
+            self_sig,
+        }
+    }
+
     pub fn sign(&self, invite_secret: &SigningKey) -> Signed {
         Signed::sign(Context::Cert, self, invite_secret)
+    }
+
+    fn verify_self_sig(&self, invite_key: &Key32) -> Result<(), TrustError> {
+        let claim = encode(&SelfClaim {
+            invite_key,
+            name: &self.name,
+            identity: &self.identity,
+            wireguard: &self.wireguard,
+            issued_at: self.issued_at,
+        });
+        verify_sig(
+            &self.identity,
+            Context::CertSelf,
+            &claim,
+            &self.self_sig,
+            "certificate self-signature",
+        )
     }
 }
 
@@ -72,14 +133,21 @@ pub struct Cert {
 }
 
 impl Cert {
-    /// Verify the whole chain root -> invite -> node. Expiry of the invite is *not* checked
-    /// against `now` here (members keep valid certificates after their invite expires); only
-    /// that the certificate was issued before the invite expired.
+    /// Verify the whole chain root -> invite -> node, and that the node's identity key signed
+    /// what the certificate says about it. Expiry of the invite is *not* checked against `now`
+    /// here (members keep valid certificates after their invite expires); only that the
+    /// certificate was issued while the invite was valid.
     pub fn verify(raw: &Signed, mesh: &MeshId) -> Result<Cert, TrustError> {
         let peek: NodeCertBody = raw.peek("node certificate")?;
         let invite = InviteBody::verify(&peek.invite, mesh)?;
         let body: NodeCertBody =
             raw.verify(Context::Cert, &invite.invite_key, "node certificate")?;
+        if body.issued_at < invite.created_at {
+            return Err(TrustError::IssuedBeforeInvite {
+                issued_at: body.issued_at,
+                created_at: invite.created_at,
+            });
+        }
         if body.issued_at > invite.expires_at {
             return Err(TrustError::IssuedAfterExpiry {
                 issued_at: body.issued_at,
@@ -89,6 +157,7 @@ impl Cert {
         if !crate::util::is_dns_label(&body.name) {
             return Err(TrustError::InvalidName(body.name));
         }
+        body.verify_self_sig(&invite.invite_key)?;
         Ok(Cert {
             raw: raw.clone(),
             node_id: NodeId::of_identity(&body.identity),
@@ -111,7 +180,7 @@ impl Cert {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::trust::{NodeKeys, RootKey};
+    use crate::trust::RootKey;
 
     pub fn invite(
         root: &RootKey,
@@ -124,7 +193,7 @@ pub(crate) mod tests {
             range: "10.210.0.0/16".parse().unwrap(),
             domain: "mesh.internal".into(),
             invite_key: secret.verifying_key().to_bytes(),
-            created_at: 1000,
+            created_at: 0,
             expires_at,
             max_uses,
         };
@@ -139,14 +208,8 @@ pub(crate) mod tests {
         name: &str,
         at: u64,
     ) -> Signed {
-        NodeCertBody {
-            invite: invite_raw.clone(),
-            name: name.into(),
-            identity: keys.identity_public(),
-            wireguard: keys.wg_public(),
-            issued_at: at,
-        }
-        .sign(secret)
+        let invite_key = secret.verifying_key().to_bytes();
+        NodeCertBody::new(invite_raw, &invite_key, name, keys, at).sign(secret)
     }
 
     #[test]
@@ -179,6 +242,16 @@ pub(crate) mod tests {
             })
         ));
 
+        // Issued before the invite existed.
+        let (mut later, _, later_secret) = invite(&root, 5000, None);
+        later.created_at = 1000;
+        later.invite_key = later_secret.verifying_key().to_bytes();
+        let early = cert(&later.sign(&root.0), &later_secret, &keys, "db1", 999);
+        assert!(matches!(
+            Cert::verify(&early, &mesh),
+            Err(TrustError::IssuedBeforeInvite { .. })
+        ));
+
         // Issued after the invite expired.
         let late = cert(&inv, &secret, &keys, "db1", 6000);
         assert!(matches!(
@@ -191,6 +264,61 @@ pub(crate) mod tests {
         assert!(matches!(
             Cert::verify(&bad, &mesh),
             Err(TrustError::InvalidName(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod self_sig_tests {
+    use super::tests::invite;
+    use super::*;
+    use crate::trust::RootKey;
+
+    /// An invite holder cannot certify somebody else's identity key: the identity must sign
+    /// the certificate's contents itself, and the signature covers every field.
+    #[test]
+    fn certificate_needs_the_identity_keys_own_signature() {
+        let root = RootKey::generate();
+        let mesh = MeshId(root.public());
+        let (body, inv, secret) = invite(&root, 5000, None);
+        let victim = NodeKeys::generate();
+        let attacker = NodeKeys::generate();
+
+        // Victim's identity, attacker's WireGuard key, signature by the attacker's identity.
+        let mut forged = NodeCertBody::new(&inv, &body.invite_key, "db1", &attacker, 2000);
+        forged.identity = victim.identity_public();
+        let e = Cert::verify(&forged.sign(&secret), &mesh).unwrap_err();
+        assert_eq!(
+            e,
+            TrustError::BadSignature {
+                what: "certificate self-signature"
+            }
+        );
+
+        // Changing any field the identity signed breaks it too.
+        let good = NodeCertBody::new(&inv, &body.invite_key, "db1", &victim, 2000);
+        assert!(Cert::verify(&good.sign(&secret), &mesh).is_ok());
+        let mut renamed = good.clone();
+        renamed.name = "db2".into();
+        let mut rekeyed = good.clone();
+        rekeyed.wireguard = attacker.wg_public();
+        let mut redated = good.clone();
+        redated.issued_at = 2001;
+        for bad in [renamed, rekeyed, redated] {
+            assert!(matches!(
+                Cert::verify(&bad.sign(&secret), &mesh),
+                Err(TrustError::BadSignature { .. })
+            ));
+        }
+
+        // A self-signature made for another invite does not carry over.
+        let (body2, inv2, secret2) = invite(&root, 5000, None);
+        let mut moved = NodeCertBody::new(&inv, &body.invite_key, "db1", &victim, 2000);
+        moved.invite = inv2;
+        let _ = body2;
+        assert!(matches!(
+            Cert::verify(&moved.sign(&secret2), &mesh),
+            Err(TrustError::BadSignature { .. })
         ));
     }
 }

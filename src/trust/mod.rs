@@ -104,6 +104,10 @@ pub enum TrustError {
     },
     #[error("the invite expired {} ago (at unix time {expired_at})", crate::util::human_duration(std::time::Duration::from_secs(now.saturating_sub(*expired_at))))]
     Expired { expired_at: u64, now: u64 },
+    #[error(
+        "certificate was issued at {issued_at}, before its invite was created at {created_at}"
+    )]
+    IssuedBeforeInvite { issued_at: u64, created_at: u64 },
     #[error("certificate was issued at {issued_at}, after its invite expired at {expired_at}")]
     IssuedAfterExpiry { issued_at: u64, expired_at: u64 },
     #[error("node name {0:?} is not a valid DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')")]
