@@ -109,9 +109,68 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// At most `burst` events per `window` for each key, remembering at most `capacity` keys: what
+/// unauthenticated senders can make this node do (log, look up, answer) is bounded per sender
+/// and in total. When the table is full of live windows, new keys are refused until one ends.
+pub struct KeyedLimiter<K> {
+    windows: std::collections::HashMap<K, (std::time::Instant, u32)>,
+    window: Duration,
+    burst: u32,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq> KeyedLimiter<K> {
+    pub fn new(window: Duration, burst: u32, capacity: usize) -> Self {
+        KeyedLimiter {
+            windows: std::collections::HashMap::new(),
+            window,
+            burst,
+            capacity,
+        }
+    }
+
+    /// Whether one more event for `key` is allowed at `now` (and count it if so).
+    pub fn allow(&mut self, key: K, now: std::time::Instant) -> bool {
+        let window = self.window;
+        if let Some((start, n)) = self.windows.get_mut(&key) {
+            if now.duration_since(*start) >= window {
+                *start = now;
+                *n = 0;
+            }
+            *n += 1;
+            return *n <= self.burst;
+        }
+        if self.windows.len() >= self.capacity {
+            self.windows
+                .retain(|_, (start, _)| now.duration_since(*start) < window);
+            if self.windows.len() >= self.capacity {
+                return false;
+            }
+        }
+        self.windows.insert(key, (now, 1));
+        self.burst >= 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_limiter_bounds_each_key_and_the_table() {
+        let t0 = std::time::Instant::now();
+        let mut l = KeyedLimiter::new(Duration::from_secs(1), 2, 3);
+        assert!(l.allow(1, t0));
+        assert!(l.allow(1, t0));
+        assert!(!l.allow(1, t0), "third in the window");
+        assert!(l.allow(2, t0));
+        assert!(l.allow(3, t0));
+        assert!(!l.allow(4, t0), "table full of live windows");
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(l.allow(4, t1), "expired windows make room");
+        assert!(l.allow(1, t1), "a new window for the first key");
+        assert!(l.windows.len() <= 3);
+    }
 
     #[test]
     fn formats_durations_and_sizes() {

@@ -19,7 +19,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,9 @@ pub enum DeviceEvent {
 pub struct DeviceCounters {
     pub dropped_no_peer: AtomicU64,
     pub dropped_bad_source: AtomicU64,
+    /// Decrypted packets not addressed to this node's subnet: a member may only send here
+    /// what is for here (no routing through this node).
+    pub dropped_bad_destination: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
 }
@@ -133,6 +136,8 @@ pub struct Device<T, U> {
     own_slot: AtomicU32,
     table: RwLock<PeerTable>,
     limiter: Arc<RateLimiter>,
+    /// Unknown initiators reported to the node, per key: once a second each, 4096 keys.
+    unknown_reported: Mutex<crate::util::KeyedLimiter<Key32>>,
     next_index: AtomicU32,
     events: mpsc::Sender<DeviceEvent>,
     pub counters: DeviceCounters,
@@ -158,6 +163,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             own_slot: AtomicU32::new(own_slot),
             table: RwLock::new(PeerTable::default()),
             limiter,
+            unknown_reported: Mutex::new(crate::util::KeyedLimiter::new(
+                Duration::from_secs(1),
+                1,
+                4096,
+            )),
             next_index: AtomicU32::new(rand_index()),
             events,
             counters: DeviceCounters::default(),
@@ -492,7 +502,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             Packet::HandshakeInit(p) => {
                 let half = parse_handshake_anon(&self.secret, &self.public, p).ok()?;
                 let peer = t.by_key.get(&half.peer_static_public).cloned();
-                if peer.is_none() {
+                if peer.is_none()
+                    && self
+                        .unknown_reported
+                        .lock()
+                        .unwrap()
+                        .allow(half.peer_static_public, Instant::now())
+                {
                     let _ = self
                         .events
                         .try_send(DeviceEvent::UnknownInitiator(half.peer_static_public, from));
@@ -520,7 +536,25 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        let roams = !matches!(packet, Packet::PacketCookieReply(_));
+        let mut roams = !matches!(packet, Packet::PacketCookieReply(_));
+        if matches!(packet, Packet::HandshakeInit(_)) {
+            // Check MAC1 and the handshake rate before the costly part of finding the peer
+            // (a Diffie-Hellman): under load, the sender must first prove its address.
+            match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let cookie = cookie.to_vec();
+                    let _ = self.udp.send_to(&cookie, from).await;
+                    return false;
+                }
+                Err(_) => {
+                    self.counters
+                        .dropped_unknown_frame
+                        .fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
         let Some(peer) = self.find_peer(&packet, from) else {
             self.counters
                 .dropped_unknown_peer
@@ -539,6 +573,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let mut t = peer.tunn.lock().unwrap();
             match t.decapsulate(Some(from.ip()), datagram, &mut to_tun[TUN_HEADROOM..]) {
                 TunnResult::WriteToNetwork(d) => {
+                    // A cookie reply answers a message that was not authenticated (it was
+                    // sent because of load): no reason to follow its sender anywhere.
+                    if d.first() == Some(&3) {
+                        roams = false;
+                    }
                     let mut replies = vec![d.to_vec()];
                     // Flush packets queued while the handshake was in flight.
                     let mut guard = 0;
@@ -592,6 +631,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                         .dropped_bad_source
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
+                    return false;
+                }
+                let own = self.own_slot.load(Ordering::Relaxed);
+                let packet = &to_tun[TUN_HEADROOM..TUN_HEADROOM + len];
+                if ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) != Some(own) {
+                    self.counters
+                        .dropped_bad_destination
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(peer = %peer.name(), dst = ?ipv4_dst(packet), "dropped packet not addressed to this node's subnet");
                     return false;
                 }
                 peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
@@ -766,6 +814,29 @@ mod tests {
         assert_eq!(a.dev.counters.dropped_bad_source.load(Ordering::Relaxed), 1);
         assert!(st[0].last_handshake.is_some());
         assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+
+        // B (a member, with a valid tunnel) sends A a packet for a third subnet, as if A were a
+        // router: A drops and counts it instead of delivering it to its TUN device.
+        let elsewhere = build_ipv4_udp(ip(7, 1), ip(9, 1), 1, 1, b"route-me");
+        let a_id = spec(&a, vec![]).node_id;
+        let peer = b.dev.peer_by_node(&a_id).expect("B knows A");
+        let mut out = vec![0u8; 2048];
+        let sealed = match peer.tunn.lock().unwrap().encapsulate(&elsewhere, &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("the session is up, so encapsulation yields a datagram"),
+        };
+        b.dev.udp().send_to(&sealed, a.addr).await.unwrap();
+        let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after2");
+        b.tun.inject.send(marker).await.unwrap();
+        let got = expect_delivery(&mut a, b"after2").await;
+        assert!(!got.ends_with(b"route-me"));
+        assert_eq!(
+            a.dev
+                .counters
+                .dropped_bad_destination
+                .load(Ordering::Relaxed),
+            1
+        );
         stop.cancel();
     }
 

@@ -93,6 +93,10 @@ struct Node<P: Platform> {
     notified: std::collections::HashMap<[u8; 32], Instant>,
     /// Members recently told that their slot claim lost a conflict.
     conflict_notified: std::collections::HashMap<NodeId, Instant>,
+    /// Control frames (joins, notices) come from anyone: bounded per source address.
+    control_limit: crate::util::KeyedLimiter<std::net::IpAddr>,
+    /// Refused joins are logged at warning level once a minute per source address.
+    refusal_log_limit: crate::util::KeyedLimiter<std::net::IpAddr>,
     settings: crate::state::Settings,
     services_seq: u64,
     dns: Option<crate::dns::DnsServer>,
@@ -247,6 +251,8 @@ pub async fn run_on<P: Platform>(
         last_persist: Instant::now(),
         notified: Default::default(),
         conflict_notified: Default::default(),
+        control_limit: crate::util::KeyedLimiter::new(Duration::from_secs(1), 20, 4096),
+        refusal_log_limit: crate::util::KeyedLimiter::new(Duration::from_secs(60), 1, 1024),
         settings,
         services_seq: 0,
         dns: None,

@@ -126,6 +126,13 @@ impl<P: super::platform::Platform> Node<P> {
     }
 
     pub(super) async fn on_control_frame(&mut self, frame: &[u8], from: SocketAddr) {
+        if !self
+            .control_limit
+            .allow(from.ip(), std::time::Instant::now())
+        {
+            debug!(%from, "control frame dropped: too many from this address");
+            return;
+        }
         let raw = match decode_frame(frame) {
             Ok(Frame::Request(raw)) => raw,
             Ok(Frame::Revoked(raw)) => {
@@ -140,16 +147,7 @@ impl<P: super::platform::Platform> Node<P> {
                 return;
             }
             Ok(Frame::Conflict(statements)) => {
-                let now = unix_now();
-                for (cert, record) in statements {
-                    let r = self
-                        .m
-                        .ingest_cert(&cert, now)
-                        .and_then(|id| self.m.ingest_record(id, &record));
-                    if let Err(e) = r {
-                        debug!(%from, error = %e, "ignoring a slot conflict notice that does not verify");
-                    }
-                }
+                self.on_conflict_notice(statements, from);
                 return;
             }
             Ok(_) => return, // answers for a joiner, not for a running node
@@ -163,12 +161,18 @@ impl<P: super::platform::Platform> Node<P> {
             Ok(adm) => {
                 let id = adm.cert.node_id;
                 let name = adm.cert.name.clone();
+                let first_admission = self.m.get(&id).is_none();
                 if let Err(e) = self.m.ingest_cert(&adm.cert.raw, now) {
                     warn!(%from, error = %e, "join passed checks but the certificate was not accepted");
                     return;
                 }
                 self.m.set_admitted_k(id, adm.slot_k);
-                self.hints.insert(id, from);
+                // Where the joiner asked from is its first endpoint candidate. Only a first
+                // admission sets it: a request replayed from elsewhere must not redirect the
+                // tunnel (it cannot take it over, but it could stall it).
+                if first_admission {
+                    self.hints.insert(id, from);
+                }
                 let accept =
                     self.acceptance(&adm.cert.identity, adm.request.nonce, adm.slot_k, from, &id);
                 let signed = Signed::sign(Context::JoinAccept, &accept, &self.keys.identity);
@@ -183,12 +187,85 @@ impl<P: super::platform::Platform> Node<P> {
                 let who = peek_request_node(&raw)
                     .map(|(_, n)| n)
                     .unwrap_or_else(|| "?".into());
-                warn!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
+                if self
+                    .refusal_log_limit
+                    .allow(from.ip(), std::time::Instant::now())
+                {
+                    warn!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
+                } else {
+                    debug!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
+                }
                 self.device
                     .send_control(&encode_frame(&Frame::Refuse(refusal)), from)
                     .await;
             }
         }
+    }
+
+    /// A member says this node lost its slot, or its invite, to earlier members. The notice
+    /// travels outside the tunnels, so it is heard only from where a known member is, and it
+    /// can only teach this node what moves it: the statements are tried on a copy of the view,
+    /// and taken only if they change this node's own slot or shut it out; then only the
+    /// statements that do so are kept.
+    fn on_conflict_notice(&mut self, statements: Vec<(Signed, Signed)>, from: SocketAddr) {
+        if !self.is_member_endpoint(from) {
+            debug!(%from, "ignoring a slot conflict notice from an address no member uses");
+            return;
+        }
+        let now = unix_now();
+        let me = self.cert.node_id;
+        let mut trial = self.m.clone();
+        let mut verified = Vec::new();
+        for (cert, record) in statements {
+            let r = trial
+                .ingest_cert(&cert, now)
+                .and_then(|id| trial.ingest_record(id, &record).map(|_| id));
+            match r {
+                Ok(id) => verified.push((id, cert, record)),
+                Err(e) => {
+                    debug!(%from, error = %e, "ignoring a slot conflict notice that does not verify")
+                }
+            }
+        }
+        let before = self.m.assignments().get(&me).map(|a| a.slot);
+        let after = trial.assignments();
+        let lost_slot = before.filter(|s| after.get(&me).map(|a| a.slot) != Some(*s));
+        let shut_out = trial.over_its_invite(&me) && !self.m.over_its_invite(&me);
+        if lost_slot.is_none() && !shut_out {
+            debug!(%from, "ignoring a slot conflict notice that does not concern this node");
+            return;
+        }
+        let my_invite = self.cert.invite.invite_key;
+        for (id, cert, record) in verified {
+            let takes_my_slot = lost_slot.is_some() && after.get(&id).map(|a| a.slot) == lost_slot;
+            let uses_my_invite = shut_out
+                && trial
+                    .get(&id)
+                    .is_some_and(|x| x.cert.invite.invite_key == my_invite);
+            if takes_my_slot || uses_my_invite {
+                let _ = self
+                    .m
+                    .ingest_cert(&cert, now)
+                    .and_then(|id| self.m.ingest_record(id, &record));
+            }
+        }
+    }
+
+    /// Whether `addr` is where a known member is: its tunnel's current endpoint or one it
+    /// published.
+    fn is_member_endpoint(&self, addr: SocketAddr) -> bool {
+        self.m.active().any(|x| {
+            x.cert.node_id != self.cert.node_id
+                && (x
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.endpoints.contains(&addr))
+                    || self
+                        .device
+                        .peer_by_node(&x.cert.node_id)
+                        .and_then(|p| p.endpoint())
+                        .is_some_and(|e| e == addr))
+        })
     }
 
     fn acceptance(
