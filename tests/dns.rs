@@ -162,6 +162,15 @@ fn services_answer_for_live_providers_only() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an address of this node's subnet"));
+    // A name whose SRV owner (_NAME) would not fit in a DNS label is refused up front.
+    let long = "s".repeat(63);
+    let o = lab.meshctl(1, &["service", "add", &long, "--port", "1"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("service name"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let both = {
         let mut v = vec![ip_a.to_string(), b_container.to_string()];

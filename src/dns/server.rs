@@ -19,7 +19,7 @@ use hickory_server::Server;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// A zone whose contents are replaced wholesale.
 pub struct LiveZone {
@@ -110,6 +110,8 @@ pub struct DnsServer {
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
     serial: u32,
+    /// What the last build left out, so it is logged when it changes, not on every update.
+    skipped: Vec<String>,
 }
 
 impl DnsServer {
@@ -165,6 +167,7 @@ impl DnsServer {
             listen,
             upstreams,
             serial: 0,
+            skipped: Vec::new(),
         };
         s.update(input)?;
         info!(listen = %listen, domain = %input.domain, upstreams = ?s.upstreams, "mesh DNS serving");
@@ -178,6 +181,12 @@ impl DnsServer {
             .wrapping_add(1)
             .max(crate::util::unix_now() as u32);
         let z = zone::build(input, self.serial)?;
+        if z.skipped != self.skipped {
+            for s in &z.skipped {
+                warn!("left out of mesh DNS: {s}");
+            }
+            self.skipped = z.skipped.clone();
+        }
         self.forward.replace(z.forward, self.serial);
         for (o, live) in &self.reverse {
             live.replace(z.reverse.get(o).cloned().unwrap_or_default(), self.serial);

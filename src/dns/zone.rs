@@ -17,6 +17,12 @@ use hickory_server::proto::ProtoError;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+/// Longest service name: its SRV owner `_NAME` must still be a DNS label (63).
+pub const MAX_SERVICE_NAME: usize = 62;
+
+/// Longest part of a node name kept before a `-<6 hex>` suffix (63 - 7).
+const MAX_BASE_BEFORE_SUFFIX: usize = 56;
+
 /// TTL of every answer: membership changes within seconds, so answers must not linger.
 pub const TTL: u32 = 5;
 
@@ -52,6 +58,9 @@ pub struct ZoneRecords {
     pub origin: Name,
     pub forward: Vec<Record>,
     pub reverse: BTreeMap<Name, Vec<Record>>,
+    /// Entries left out because they make no valid DNS name (a name published by another
+    /// node, too long under this domain): one bad entry never takes the zone down.
+    pub skipped: Vec<String>,
 }
 
 pub fn fqdn(s: &str) -> Result<Name, ProtoError> {
@@ -146,15 +155,38 @@ pub fn build(input: &ZoneInput, serial: u32) -> Result<ZoneRecords, ProtoError> 
             }
         }
     };
+    let mut skipped = Vec::new();
     for n in &input.nodes {
-        let name = under(&n.name)?;
+        let name = match under(&n.name) {
+            Ok(name) => name,
+            Err(e) => {
+                skipped.push(format!("node {:?}: {e}", n.name));
+                continue;
+            }
+        };
         forward.push(Record::from_rdata(name.clone(), TTL, RData::A(A(n.ip))));
         add_ptr(n.ip, &name, &mut reverse);
     }
     for s in &input.services {
-        let svc = under(&format!("{}.svc", s.service))?;
-        let instance = under(&format!("{}.{}.svc", s.node, s.service))?;
-        let srv = under(&format!("_{}._tcp.svc", s.service))?;
+        let names = (|| {
+            if !crate::util::is_dns_label(&s.service) || s.service.len() > MAX_SERVICE_NAME {
+                return Err(ProtoError::from(format!(
+                    "not a DNS label of at most {MAX_SERVICE_NAME} characters"
+                )));
+            }
+            Ok((
+                under(&format!("{}.svc", s.service))?,
+                under(&format!("{}.{}.svc", s.node, s.service))?,
+                under(&format!("_{}._tcp.svc", s.service))?,
+            ))
+        })();
+        let (svc, instance, srv) = match names {
+            Ok(n) => n,
+            Err(e) => {
+                skipped.push(format!("service {:?} of node {:?}: {e}", s.service, s.node));
+                continue;
+            }
+        };
         forward.push(Record::from_rdata(svc, TTL, RData::A(A(s.ip))));
         forward.push(Record::from_rdata(instance.clone(), TTL, RData::A(A(s.ip))));
         forward.push(Record::from_rdata(
@@ -168,6 +200,7 @@ pub fn build(input: &ZoneInput, serial: u32) -> Result<ZoneRecords, ProtoError> 
         origin,
         forward,
         reverse,
+        skipped,
     })
 }
 
@@ -188,7 +221,8 @@ pub fn unique_names<'a>(
             let dns = if i == 0 {
                 name.to_string()
             } else {
-                format!("{name}-{}", &id[..6.min(id.len())])
+                let base = &name[..name.len().min(MAX_BASE_BEFORE_SUFFIX)];
+                format!("{base}-{}", &id[..6.min(id.len())])
             };
             out.insert(id, dns);
         }
@@ -320,5 +354,62 @@ mod tests {
         assert_eq!(names["aaaaaaaaaaaaaaaa"], "db");
         assert_eq!(names["bbbbbbbbbbbbbbbb"], "db-bbbbbb");
         assert_eq!(names["cccccccccccccccc"], "web");
+
+        // A 63-character name still makes a valid label with its suffix.
+        let long = "x".repeat(63);
+        let names = unique_names(
+            [
+                (long.as_str(), 1, "aa".repeat(8)),
+                (long.as_str(), 2, "bb".repeat(8)),
+            ]
+            .into_iter(),
+        );
+        let second = &names[&"bb".repeat(8)];
+        assert_eq!(second.len(), 63);
+        assert!(crate::util::is_dns_label(second), "{second}");
+    }
+
+    /// A name another node published that makes no valid DNS name is left out (and reported);
+    /// everything else is still served.
+    #[test]
+    fn bad_entries_are_skipped_not_fatal() {
+        let mut i = input();
+        i.nodes.push(NodeEntry {
+            name: "y".repeat(70),
+            ip: Ipv4Addr::new(10, 210, 5, 1),
+        });
+        i.services.push(ServiceEntry {
+            service: "s".repeat(63),
+            node: "db1".into(),
+            ip: Ipv4Addr::new(10, 210, 4, 1),
+            port: 1,
+        });
+        i.services.push(ServiceEntry {
+            service: "Bad_Name".into(),
+            node: "db1".into(),
+            ip: Ipv4Addr::new(10, 210, 4, 1),
+            port: 1,
+        });
+        let z = build(&i, 1).unwrap();
+        assert_eq!(z.skipped.len(), 3, "{:?}", z.skipped);
+        assert!(z.skipped[0].contains("yyy"), "{:?}", z.skipped);
+        // The good entries are all there.
+        assert_eq!(
+            find(&z.forward, "db1.mesh.internal.", RecordType::A).len(),
+            1
+        );
+        assert_eq!(
+            find(&z.forward, "web1.mesh.internal.", RecordType::A).len(),
+            1
+        );
+        assert_eq!(
+            find(&z.forward, "_api._tcp.svc.mesh.internal.", RecordType::SRV).len(),
+            2
+        );
+        // The longest service name that fits works, SRV owner included.
+        let mut i = input();
+        i.services[0].service = "s".repeat(MAX_SERVICE_NAME);
+        let z = build(&i, 1).unwrap();
+        assert!(z.skipped.is_empty(), "{:?}", z.skipped);
     }
 }

@@ -33,10 +33,12 @@ impl<P: super::platform::Platform> Node<P> {
     }
 
     pub(super) async fn service_add(&mut self, r: ServiceAddRequest) -> ApiResult {
-        if !is_dns_label(&r.name) {
+        if !is_dns_label(&r.name) || r.name.len() > crate::dns::zone::MAX_SERVICE_NAME {
             return Err(ApiFailure::bad_request(format!(
-                "service name {:?} is not valid: use a DNS label (1-63 of a-z, 0-9 and '-')",
-                r.name
+                "service name {:?} is not valid: use 1-{} of a-z, 0-9 and '-', not starting or \
+                 ending with '-' (its SRV record _NAME._tcp must fit in a DNS label)",
+                r.name,
+                crate::dns::zone::MAX_SERVICE_NAME
             )));
         }
         if r.port == 0 {
