@@ -170,6 +170,19 @@ fn socks5_and_http_proxy_reach_mesh_names_and_exit_nodes_reach_the_rest() {
         .1,
         "hello http from outside path=/via-http\n"
     );
+    // The exit node's own host is not reachable through it: neither its loopback nor its own
+    // addresses (where local-only services listen), nor link-local (cloud metadata).
+    let _e_local = workloads::http(lab.ns(E), "127.0.0.1:8081".parse().unwrap(), "e-local");
+    let _e_own = workloads::http(lab.ns(E), "203.0.113.1:8082".parse().unwrap(), "e-own");
+    for (target, why) in [
+        ("http://127.0.0.1:8081/", "is the exit node itself"),
+        ("http://203.0.113.1:8082/", "is the exit node itself"),
+        ("http://169.254.169.254/", "is link-local"),
+    ] {
+        let (_, body, err) = curl(&lab, A, &["-x", "http://e:x@127.0.0.1:3128", target]);
+        assert!(body.contains(why), "{target}: {body} {err}");
+        assert!(!body.contains("hello http"), "{target}: {body}");
+    }
     // n is not an exit node; the target is not reachable from it anyway.
     let (ok, _, err) = curl(
         &lab,

@@ -505,16 +505,22 @@ impl UdpIo for LinuxUdp {
     }
 }
 
-/// The machine's addresses other nodes may reach it on: up, non-loopback, not link-local, not
-/// inside the mesh range, not on `skip_if`. IPv4 first.
-pub fn local_addresses(skip_if: &str, mesh: &super::addressing::MeshRange) -> Vec<IpAddr> {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
+/// One address of a network interface.
+pub struct IfAddr {
+    pub ifname: String,
+    pub up: bool,
+    pub loopback: bool,
+    pub ip: IpAddr,
+}
+
+/// Every IPv4 and IPv6 address on the machine's interfaces (getifaddrs).
+pub fn interface_addresses() -> Vec<IfAddr> {
+    let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we walk read-only and free once.
     unsafe {
         if libc::getifaddrs(&mut ifap) != 0 {
-            return Vec::new();
+            return out;
         }
         let mut cur = ifap;
         while !cur.is_null() {
@@ -523,41 +529,49 @@ pub fn local_addresses(skip_if: &str, mesh: &super::addressing::MeshRange) -> Ve
             if ifa.ifa_addr.is_null() {
                 continue;
             }
-            let flags = ifa.ifa_flags;
-            if flags & libc::IFF_UP as u32 == 0 || flags & libc::IFF_LOOPBACK as u32 != 0 {
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-            if name == skip_if {
-                continue;
-            }
-            match (*ifa.ifa_addr).sa_family as i32 {
+            let ip = match (*ifa.ifa_addr).sa_family as i32 {
                 libc::AF_INET => {
                     let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                    if !ip.is_link_local()
-                        && !ip.is_loopback()
-                        && !mesh.contains(ip)
-                        && !v4.contains(&IpAddr::V4(ip))
-                    {
-                        v4.push(IpAddr::V4(ip));
-                    }
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
                 }
                 libc::AF_INET6 => {
                     let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
-                    if !link_local && !ip.is_loopback() && !v6.contains(&IpAddr::V6(ip)) {
-                        v6.push(IpAddr::V6(ip));
-                    }
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
                 }
-                _ => {}
-            }
+                _ => continue,
+            };
+            out.push(IfAddr {
+                ifname: std::ffi::CStr::from_ptr(ifa.ifa_name)
+                    .to_string_lossy()
+                    .into_owned(),
+                up: ifa.ifa_flags & libc::IFF_UP as u32 != 0,
+                loopback: ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
+                ip,
+            });
         }
         libc::freeifaddrs(ifap);
     }
-    v4.extend(v6);
-    v4
+    out
+}
+
+/// The machine's addresses other nodes may reach it on: up, non-loopback, not link-local, not
+/// inside the mesh range, not on `skip_if`. IPv4 first.
+pub fn local_addresses(skip_if: &str, mesh: &super::addressing::MeshRange) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for a in interface_addresses() {
+        if !a.up || a.loopback || a.ifname == skip_if || out.contains(&a.ip) {
+            continue;
+        }
+        let usable = match a.ip {
+            IpAddr::V4(ip) => !ip.is_link_local() && !ip.is_loopback() && !mesh.contains(ip),
+            IpAddr::V6(ip) => !ip.is_unicast_link_local() && !ip.is_loopback(),
+        };
+        if usable {
+            out.push(a.ip);
+        }
+    }
+    out.sort_by_key(|ip| ip.is_ipv6());
+    out
 }
 
 /// Bind a UDP socket to `addr` and to the device `ifname` (SO_BINDTODEVICE), so it only ever

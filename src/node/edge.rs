@@ -259,12 +259,13 @@ impl<P: super::platform::Platform> Node<P> {
             } else {
                 let enabled = self.edge.exit_tx.subscribe();
                 let name = self.cert.name.clone();
+                let mesh = self.m.params.range;
                 tokio::spawn(accept_loop(
                     l,
                     MESH_SIDE_MAX_CONNECTIONS,
                     stop.clone(),
                     "exit",
-                    move |s, p| exit::session(enabled.clone(), name.clone(), s, p),
+                    move |s, p| exit::session(enabled.clone(), name.clone(), mesh, s, p),
                 ));
             }
         }

@@ -4,7 +4,8 @@
 
 use super::dial::connect;
 use super::preamble::{self, ExitReply, ExitRequest, ExitStatus, EXIT_MAGIC, EXIT_REPLY_MAGIC};
-use std::net::SocketAddr;
+use crate::mesh::addressing::MeshRange;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -30,9 +31,45 @@ async fn answer(
     .await
 }
 
+/// Why this exit node will not connect a member to `ip`, if it will not: its own host (loopback
+/// or any of its addresses, where local-only services listen), link-local addresses (cloud
+/// metadata services live at 169.254.169.254), non-unicast addresses, and the mesh range
+/// (members reach those directly, as themselves).
+pub fn refusal(ip: IpAddr, mesh: &MeshRange, own: &[IpAddr]) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    let own_host =
+        ip.is_loopback() || ip.is_unspecified() || own.iter().any(|o| o.to_canonical() == ip);
+    if own_host {
+        return Some("is the exit node itself; it is not reachable through it");
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_link_local() {
+                return Some("is link-local (cloud metadata lives there); exits never go there");
+            }
+            if v4.is_multicast() || v4.is_broadcast() {
+                return Some("is not a unicast address");
+            }
+            if mesh.contains(v4) {
+                return Some("is a mesh address; reach it directly over the mesh");
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unicast_link_local() {
+                return Some("is link-local; exits never go there");
+            }
+            if v6.is_multicast() {
+                return Some("is not a unicast address");
+            }
+        }
+    }
+    None
+}
+
 pub async fn session(
     enabled: watch::Receiver<bool>,
     name: String,
+    mesh: MeshRange,
     mut client: TcpStream,
     peer: SocketAddr,
 ) {
@@ -81,17 +118,25 @@ pub async fn session(
             return;
         }
     };
-    if addrs
+    // Every address the name resolves to must be allowed: a name that mixes a public address
+    // with a forbidden one is refused as a whole, so connection fallback cannot be steered.
+    let own: Vec<IpAddr> = crate::mesh::linux::interface_addresses()
+        .into_iter()
+        .map(|a| a.ip)
+        .collect();
+    if let Some((a, why)) = addrs
         .iter()
-        .any(|a| a.ip().is_loopback() || a.ip().is_unspecified())
+        .find_map(|a| refusal(a.ip(), &mesh, &own).map(|why| (a, why)))
     {
+        info!(%peer, target = %req.host, address = %a.ip(), "refused exit: {why}");
         let _ = answer(
             &mut client,
             ExitStatus::Refused,
-            format!(
-                "{} is the exit node's own loopback; it is not reachable through it",
-                req.host
-            ),
+            if req.host == a.ip().to_string() {
+                format!("{} {why}", req.host)
+            } else {
+                format!("{} resolves to {}, which {why}", req.host, a.ip())
+            },
         )
         .await;
         return;
@@ -114,4 +159,39 @@ pub async fn session(
         }
     }
     let _ = answer(&mut client, ExitStatus::ConnectFailed, last).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_refuse_their_own_host_link_local_and_the_mesh() {
+        let mesh: MeshRange = "10.210.0.0/16".parse().unwrap();
+        let own: Vec<IpAddr> = vec!["192.0.2.5".parse().unwrap(), "2001:db8::5".parse().unwrap()];
+        let refused = |s: &str| refusal(s.parse().unwrap(), &mesh, &own);
+        for ip in [
+            "127.0.0.1",
+            "127.3.4.5",
+            "::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "::",
+            "192.0.2.5",
+            "::ffff:192.0.2.5",
+            "2001:db8::5",
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fe80::1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "ff02::1",
+            "10.210.3.1",
+        ] {
+            assert!(refused(ip).is_some(), "{ip} must be refused");
+        }
+        for ip in ["198.51.100.7", "192.0.2.6", "2001:db8::6", "10.0.0.1"] {
+            assert_eq!(refused(ip), None, "{ip} must be allowed");
+        }
+    }
 }
