@@ -12,7 +12,8 @@ fn three_nodes_form_a_mesh_and_every_node_reaches_every_other() {
     let token = lab.init(0, "alpha", &[]);
     let start = std::time::Instant::now();
     lab.join(1, "beta", &token);
-    lab.join(2, "gamma", &token);
+    // The token can also come on standard input, out of the process list.
+    lab.join_from_stdin(2, "gamma", &token);
     lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
     println!(
         "all-pairs reachability {:.2}s after the joins started",

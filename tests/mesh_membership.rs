@@ -154,6 +154,13 @@ fn bad_tokens_are_refused_with_a_clear_message_and_change_nothing() {
         .unwrap();
     refused(&lab, &o, "expired");
 
+    // `-` with nothing on standard input.
+    let o = lab
+        .meshd_cmd(2, &["join", "-", "--name", "c"])
+        .output()
+        .unwrap();
+    refused(&lab, &o, "no join token on standard input");
+
     // Tampered: one character changed in the middle.
     let mut t: Vec<char> = token.chars().collect();
     let mid = t.len() / 2;

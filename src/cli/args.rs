@@ -68,7 +68,8 @@ pub enum MeshdCommand {
     },
     /// Join a mesh with a token from `meshd init` or `meshctl invite`, then run.
     Join {
-        /// The token (the whole `meshd join ...` line works too).
+        /// The token (the whole `meshd join ...` line works too), or `-` to read it from
+        /// standard input, which keeps it out of the process list and the shell history.
         token: String,
         #[command(flatten)]
         node: NodeArgs,

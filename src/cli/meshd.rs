@@ -161,12 +161,41 @@ fn validate_domain(d: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One line from standard input (prompting when it is a terminal).
+fn read_token_from_stdin() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Paste the join token and press Enter: ");
+    }
+    let mut line = String::new();
+    // A token is a few hundred bytes; never read without bound.
+    stdin
+        .lock()
+        .take(64 * 1024)
+        .read_line(&mut line)
+        .map_err(|e| anyhow::anyhow!("reading the join token from standard input: {e}"))?;
+    let line = line.trim();
+    if line.is_empty() {
+        anyhow::bail!(
+            "no join token on standard input; pipe it in (meshd join - < token.txt) or pass it as \
+             the argument"
+        );
+    }
+    Ok(line.to_string())
+}
+
 async fn join(
     token: String,
     node: NodeArgs,
     bootstrap: Vec<String>,
     paths: Paths,
 ) -> anyhow::Result<ExitCode> {
+    let token = if token == "-" {
+        read_token_from_stdin()?
+    } else {
+        token
+    };
     let token = Token::decode(&token).map_err(|e| {
         anyhow::anyhow!("this join token is not usable: {e}. Copy the whole line printed by `meshd init` or `meshctl invite`")
     })?;

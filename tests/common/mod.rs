@@ -111,6 +111,11 @@ impl Lab {
 
     /// Start a long-running meshd in host `h`.
     pub fn spawn(&mut self, h: usize, args: &[&str]) {
+        self.spawn_with_input(h, args, None);
+    }
+
+    /// Start a long-running meshd in host `h`, writing `input` to its standard input.
+    pub fn spawn_with_input(&mut self, h: usize, args: &[&str], input: Option<&str>) {
         assert!(self.daemons[h].is_none(), "host {h} already runs meshd");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -119,11 +124,21 @@ impl Lab {
             .expect("log file");
         let mut child = self
             .meshd_cmd(h, args)
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("spawn meshd");
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            use std::io::Write;
+            stdin
+                .write_all(input.as_bytes())
+                .expect("write meshd stdin");
+        }
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
@@ -158,6 +173,15 @@ impl Lab {
 
     pub fn join(&mut self, h: usize, name: &str, token: &str) {
         self.spawn(h, &["join", token, "--name", name]);
+    }
+
+    /// `meshd join -`: the token goes in on standard input, never on the command line.
+    pub fn join_from_stdin(&mut self, h: usize, name: &str, token: &str) {
+        self.spawn_with_input(
+            h,
+            &["join", "-", "--name", name],
+            Some(&format!("{token}\n")),
+        );
     }
 
     pub fn run(&mut self, h: usize) {
