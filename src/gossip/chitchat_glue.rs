@@ -95,7 +95,7 @@ pub struct Gossip {
     started: Instant,
     /// Last (node, key) -> version processed, so unchanged values are not re-verified.
     seen: HashMap<(ChitchatId, String), u64>,
-    rejected_logged: HashSet<(ChitchatId, String, u64)>,
+    rejected_logged: HashMap<(ChitchatId, String), u64>,
     /// When each node was first heard of in gossip. chitchat reports a node as dead until it has
     /// seen two heartbeats, so a node just heard of is not yet "offline".
     first_heard: HashMap<NodeId, Instant>,
@@ -128,7 +128,7 @@ impl Gossip {
             handle,
             started: Instant::now(),
             seen: HashMap::new(),
-            rejected_logged: HashSet::new(),
+            rejected_logged: HashMap::new(),
             first_heard: HashMap::new(),
         })
     }
@@ -183,6 +183,14 @@ impl Gossip {
             .keys()
             .filter_map(|c| NodeId::parse(&c.node_id))
             .collect();
+        // Bookkeeping follows chitchat: what it forgot (a dead node's old generation), this
+        // forgets too, so a long-running node does not grow with every restart it has seen.
+        let present: HashSet<&ChitchatId> = cc.node_states().keys().collect();
+        self.seen.retain(|(cid, _), _| present.contains(cid));
+        self.rejected_logged
+            .retain(|(cid, _), _| present.contains(cid));
+        self.first_heard.retain(|id, _| known.contains(id));
+        drop(present);
         drop(cc);
 
         // Revocations first, then certificates, then records: each may depend on the previous.
@@ -237,7 +245,8 @@ impl Gossip {
                 Err(e) => {
                     if self
                         .rejected_logged
-                        .insert((cid.clone(), key.clone(), version))
+                        .insert((cid.clone(), key.clone()), version)
+                        != Some(version)
                     {
                         warn!(node = %under, key = %key, error = %e, "ignoring gossip that does not verify");
                     }
