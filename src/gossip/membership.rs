@@ -381,18 +381,29 @@ impl Membership {
     /// slots are freed.
     pub fn prune(&mut self, now: u64) -> Vec<String> {
         let self_id = self.self_id;
+        let mut never_came = HashSet::new();
         let gone: Vec<NodeId> = self
             .members
             .values()
             .filter(|m| m.cert.node_id != self_id)
             .filter(|m| {
                 let never_seen = m.record.is_none() && m.liveness != Liveness::Alive;
-                (never_seen && now.saturating_sub(m.first_seen) > PENDING_MEMBER_TTL.as_secs())
+                let pending_expired =
+                    never_seen && now.saturating_sub(m.first_seen) > PENDING_MEMBER_TTL.as_secs();
+                if pending_expired {
+                    never_came.insert(m.cert.node_id.to_string());
+                }
+                pending_expired
                     || (m.liveness != Liveness::Alive
                         && now.saturating_sub(m.last_seen) > MEMBER_CACHE_TTL.as_secs())
             })
             .map(|m| m.cert.node_id)
             .collect();
+        // An admission that never turned into a running node gives its invite use back, so a
+        // one-use token whose joiner failed before it started can be used again. (Members that
+        // did run keep counting: their use was real.)
+        self.invite_uses
+            .retain(|u| !never_came.contains(&u.node_id));
         let names = gone
             .iter()
             .filter_map(|id| self.members.remove(id).map(|m| m.cert.name))
@@ -495,10 +506,6 @@ impl Membership {
     pub fn name_holder(&self, name: &str, except: &NodeId) -> Option<&Member> {
         self.active()
             .find(|m| m.cert.name == name && m.cert.node_id != *except)
-    }
-
-    pub fn by_name(&self, name: &str) -> Option<&Member> {
-        self.members.values().find(|m| m.cert.name == name)
     }
 
     /// The mesh address of a member, if it has a slot.
@@ -796,5 +803,30 @@ mod tests {
             m.prune(1000 + PENDING_MEMBER_TTL.as_secs() + 1),
             vec!["b".to_string()]
         );
+    }
+
+    /// A one-use token whose joiner was admitted but never ran can be used again once that
+    /// admission is forgotten; a member that did run keeps its use.
+    #[test]
+    fn a_pending_member_that_never_came_gives_its_invite_use_back() {
+        let w = world(Some(1));
+        let (_, a) = node(&w, "a", 100);
+        let (_, b) = node(&w, "b", 200);
+        let (kc, c) = node(&w, "c", 300);
+        let mut m = Membership::new(params(&w), a.clone(), 1000);
+        // In this world a's own certificate uses the one-use invite too: count b and c only.
+        m.ingest_cert(&b.raw, 1000).unwrap();
+        assert_eq!(m.invite_uses(&b.invite.invite_key, &a.node_id), 1);
+        m.prune(1000 + PENDING_MEMBER_TTL.as_secs() + 1);
+        assert_eq!(m.invite_uses(&b.invite.invite_key, &a.node_id), 0);
+
+        // c runs (its record arrives), then goes silent: its use stays.
+        m.ingest_cert(&c.raw, 1000).unwrap();
+        m.ingest_record(c.node_id, &record(&kc, 1, 0, false))
+            .unwrap();
+        m.set_liveness(c.node_id, Liveness::Dead, 1001);
+        m.prune(1000 + PENDING_MEMBER_TTL.as_secs() + 1);
+        assert!(m.get(&c.node_id).is_some());
+        assert_eq!(m.invite_uses(&b.invite.invite_key, &a.node_id), 1);
     }
 }
