@@ -90,9 +90,19 @@ impl<P: super::platform::Platform> Node<P> {
                 "{NOT_ADMIN} remove members; run meshctl remove on an admin node (the one that ran meshd init)"
             ))
         })?;
+        let named: Vec<_> = self.m.all().filter(|x| x.cert.name == r.node).collect();
+        if named.len() > 1 {
+            let ids: Vec<String> = named.iter().map(|x| x.cert.node_id.to_string()).collect();
+            return Err(ApiFailure::bad_request(format!(
+                "{} members are named {:?} (node ids {}); say which one by its node id",
+                named.len(),
+                r.node,
+                ids.join(", ")
+            )));
+        }
         let target = NodeId::parse(&r.node)
             .and_then(|id| self.m.get(&id))
-            .or_else(|| self.m.by_name(&r.node))
+            .or_else(|| named.first().copied())
             .ok_or_else(|| {
                 ApiFailure::not_found(format!(
                     "no member named {:?}; `meshctl status` lists the members",

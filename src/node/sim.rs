@@ -613,8 +613,9 @@ mod tests {
         for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
             sim.cut(p, q, true);
         }
+        // They also pick the same name: no seed could see the other one.
         let x = sim.join("x", &token, Some(0), Some(kx)).await.unwrap();
-        let y = sim.join("y", &token, Some(1), Some(ky)).await.unwrap();
+        let y = sim.join("x", &token, Some(1), Some(ky)).await.unwrap();
         assert_eq!((x, y), (2, 3));
         sim.wait_for(
             "x and y up on their sides",
@@ -662,6 +663,34 @@ mod tests {
             v
         };
         assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+
+        // Two members answer to "x": removing "x" would be a guess, so it is refused, naming
+        // both node ids; the node id says which one.
+        let admin = crate::control::client::Client::new(&sim.nodes[0].opts.socket);
+        let req = |node: String| crate::control::api::RemoveRequest { node };
+        let e = admin
+            .post::<_, serde_json::Value>("/v1/remove", &req("x".into()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 members are named \"x\""), "{e}");
+        let y_id = sim.status(y).await.unwrap().me.node_id;
+        assert!(e.contains(&y_id), "{e}");
+        assert_eq!(
+            sim.status(0).await.unwrap().mesh.members,
+            4,
+            "nothing removed"
+        );
+        admin
+            .post::<_, serde_json::Value>("/v1/remove", &req(y_id.clone()))
+            .await
+            .unwrap();
+        sim.wait_for("y to be removed", Duration::from_secs(10), || async {
+            sim.status(0)
+                .await
+                .is_some_and(|s| s.peers.iter().all(|p| p.node_id != y_id))
+        })
+        .await;
         sim.shutdown().await;
     }
 }

@@ -415,7 +415,9 @@ impl StateDir {
     /// Remove this node's identity and caches after `meshd leave`. The root key, if any, stays:
     /// the mesh may still need administering.
     pub fn remove_node(&self) -> Result<(), StateError> {
-        for f in [NODE_KEY, NODE_JSON, MEMBERS_JSON, SETTINGS_JSON] {
+        // node.json first: it is what makes a directory a node, so an interrupted removal
+        // leaves a directory that is no longer a half-working node.
+        for f in [NODE_JSON, NODE_KEY, MEMBERS_JSON, SETTINGS_JSON] {
             let p = self.file(f);
             match fs::remove_file(&p) {
                 Ok(()) => {}
