@@ -500,6 +500,76 @@ mod tests {
         sim.shutdown().await;
     }
 
+    /// Slot-conflict notices travel outside the tunnels. One from an address no member uses
+    /// teaches the node nothing, even when everything in it verifies (here: a certificate made
+    /// with a leaked token).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_notice_from_a_stranger_adds_no_member() {
+        use crate::join::{decode_frame, encode_frame, make_request, sign_record, Frame};
+        use crate::mesh::io::UdpIo;
+        use crate::trust::{NodeCertBody, NodeRecord};
+        let mut sim = Sim::new();
+        let token = sim.init("a", "10.210.0.0/16", None).await;
+        sim.join("b", &token, None, None).await.unwrap();
+        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
+            sim.all_pairs(&[0, 1]).await
+        })
+        .await;
+
+        let now = crate::util::unix_now();
+        let certify = |name: &str, keys: &NodeKeys| {
+            NodeCertBody::new(&token.invite_raw, &token.invite.invite_key, name, keys, now)
+                .sign(&token.invite_secret)
+        };
+        let intruder = NodeKeys::generate();
+        let record = sign_record(
+            &intruder,
+            &NodeRecord {
+                identity: intruder.identity_public(),
+                seq: 1,
+                endpoints: vec!["192.0.2.200:4000".parse().unwrap()],
+                slot_k: 0,
+                left: false,
+            },
+        );
+        let stranger = sim.net.bind("192.0.2.200:4000".parse().unwrap()).unwrap();
+        let notice = Frame::Conflict(vec![(certify("intruder", &intruder), record)]);
+        stranger
+            .send_to(&encode_frame(&notice), Sim::endpoint(1))
+            .await
+            .unwrap();
+        // Control frames are handled in order: once a join sent after the notice is answered,
+        // the notice has been dealt with.
+        let joiner = NodeKeys::generate();
+        let (req, _) = make_request(&joiner, &certify("c", &joiner), vec![], now);
+        stranger
+            .send_to(&encode_frame(&Frame::Request(req)), Sim::endpoint(1))
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (n, _) = stranger.recv_from(&mut buf).await.unwrap();
+                if matches!(decode_frame(&buf[..n]), Ok(Frame::Accept(_))) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "b answers the join within 10 s");
+        let s = sim.status(1).await.unwrap();
+        assert!(
+            s.peers.iter().all(|p| p.name != "intruder"),
+            "{:?}",
+            s.peers
+        );
+        assert_eq!(
+            s.mesh.members, 3,
+            "a, b and the admitted c; not the intruder"
+        );
+        sim.shutdown().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_one_use_token_used_on_both_sides_of_a_partition_keeps_only_the_earlier_joiner() {
         let mut sim = Sim::new();
