@@ -840,6 +840,48 @@ mod tests {
         stop.cancel();
     }
 
+    /// A flood of replayed handshake initiations from elsewhere puts the device under load: it
+    /// answers with cookie replies (before any Diffie-Hellman) and never moves the real peer's
+    /// endpoint to the flooder.
+    #[tokio::test]
+    async fn a_replayed_handshake_flood_gets_cookies_and_moves_nothing() {
+        let net = MemNet::new();
+        let stop = CancellationToken::new();
+        let mut a = node(&net, 1, 3, &stop);
+        let b = node(&net, 2, 7, &stop);
+        a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+        b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+        net.start_capture();
+        let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"hi");
+        b.tun.inject.send(p).await.unwrap();
+        expect_delivery(&mut a, b"hi").await;
+        let init = net
+            .captured()
+            .into_iter()
+            .find(|(from, _, d)| *from == b.addr && d.first() == Some(&1))
+            .expect("b initiated the handshake")
+            .2;
+
+        let flooder = net.bind(SocketAddr::from(([192, 0, 2, 99], 4000))).unwrap();
+        for _ in 0..(HANDSHAKE_RATE_LIMIT * 2) {
+            flooder.send_to(&init, a.addr).await.unwrap();
+        }
+        let mut buf = vec![0u8; 256];
+        let cookie = timeout(Duration::from_secs(10), async {
+            loop {
+                let (n, _) = flooder.recv_from(&mut buf).await.unwrap();
+                if n > 0 && buf[0] == 3 {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(cookie.is_ok(), "the flood is answered with cookie replies");
+        let st = a.dev.stats();
+        assert_eq!(st[0].endpoint, Some(b.addr), "the peer did not move");
+        stop.cancel();
+    }
+
     #[test]
     fn gso_batches_hold_equal_datagrams_for_one_endpoint() {
         let a = SocketAddr::from(([192, 0, 2, 1], 1));
