@@ -271,6 +271,18 @@ impl Sim {
         });
     }
 
+    /// A mesh of "a" (admin) and "b" in 10.210.0.0/16, connected; returns the init token.
+    pub async fn two_nodes() -> (Sim, Token) {
+        let mut sim = Sim::new();
+        let token = sim.init("a", "10.210.0.0/16", None).await;
+        sim.join("b", &token, None, None).await.unwrap();
+        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
+            sim.all_pairs(&[0, 1]).await
+        })
+        .await;
+        (sim, token)
+    }
+
     pub async fn init(&mut self, name: &str, cidr: &str, keys: Option<NodeKeys>) -> Token {
         let (_, platform, opts) = self.machine();
         let p = InitParams {
@@ -508,13 +520,7 @@ mod tests {
         use crate::join::{decode_frame, encode_frame, make_request, sign_record, Frame};
         use crate::mesh::io::UdpIo;
         use crate::trust::{NodeCertBody, NodeRecord};
-        let mut sim = Sim::new();
-        let token = sim.init("a", "10.210.0.0/16", None).await;
-        sim.join("b", &token, None, None).await.unwrap();
-        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
-            sim.all_pairs(&[0, 1]).await
-        })
-        .await;
+        let (sim, token) = Sim::two_nodes().await;
 
         let now = crate::util::unix_now();
         let certify = |name: &str, keys: &NodeKeys| {
@@ -572,13 +578,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_one_use_token_used_on_both_sides_of_a_partition_keeps_only_the_earlier_joiner() {
-        let mut sim = Sim::new();
-        let token = sim.init("a", "10.210.0.0/16", None).await;
-        sim.join("b", &token, None, None).await.unwrap();
-        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
-            sim.all_pairs(&[0, 1]).await
-        })
-        .await;
+        let (mut sim, _) = Sim::two_nodes().await;
         let once = setup::make_token(
             &sim.root_key(0),
             "10.210.0.0/16".parse().unwrap(),
@@ -665,15 +665,9 @@ mod tests {
                 .with_test_writer()
                 .try_init();
         }
-        let mut sim = Sim::new();
+        let (mut sim, token) = Sim::two_nodes().await;
         let range: MeshRange = "10.210.0.0/16".parse().unwrap();
-        let token = sim.init("a", "10.210.0.0/16", None).await;
         let mesh = token.mesh();
-        sim.join("b", &token, None, None).await.unwrap();
-        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
-            sim.all_pairs(&[0, 1]).await
-        })
-        .await;
         let taken: Vec<u32> = (0..2)
             .map(|i| range.slot_of(sim.mesh_ip(i).unwrap()).unwrap())
             .collect();
