@@ -57,6 +57,10 @@ fn packets_with_a_source_outside_the_senders_subnet_are_dropped_and_counted() {
         dropped >= 3,
         "a counted {dropped} dropped packets, expected at least 3"
     );
+    // The node-wide counters in status say so too, and `meshctl status` shows them.
+    assert!(lab.status(0).drops.bad_source >= dropped);
+    let human = String::from_utf8(lab.meshctl(0, &["status"]).stdout).unwrap();
+    assert!(human.contains("bad source"), "{human}");
     // b's own address still works.
     assert!(lab.ping(1, a_ip));
 }

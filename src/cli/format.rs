@@ -83,6 +83,21 @@ pub fn status(s: &StatusReport) -> String {
     if s.edge.exit_node {
         let _ = writeln!(o, "exit node: yes");
     }
+    let d = &s.drops;
+    let drops: Vec<String> = [
+        (d.no_route, "no route"),
+        (d.bad_source, "bad source"),
+        (d.bad_destination, "not for this node"),
+        (d.unknown_peer, "unknown peer"),
+        (d.malformed, "malformed"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if !drops.is_empty() {
+        let _ = writeln!(o, "dropped packets: {}", drops.join(", "));
+    }
     if s.peers.is_empty() {
         let _ = writeln!(
             o,
@@ -304,8 +319,21 @@ mod tests {
                 error: None,
             },
             edge: EdgeStatus::default(),
+            drops: Default::default(),
         };
         let out = status(&s);
+        assert!(
+            !out.contains("dropped"),
+            "no drop line while nothing was dropped"
+        );
+        let mut with_drops = s.clone();
+        with_drops.drops.bad_source = 3;
+        with_drops.drops.no_route = 1;
+        assert!(
+            status(&with_drops).contains("dropped packets: 1 no route, 3 bad source"),
+            "{}",
+            status(&with_drops)
+        );
         assert!(out.contains("alpha  10.210.1.1  subnet 10.210.1.0/24"));
         let peer_line = out.lines().find(|l| l.starts_with("beta")).unwrap();
         for part in [

@@ -11,6 +11,24 @@ pub struct StatusReport {
     pub peers: Vec<PeerReport>,
     pub dns: DnsStatus,
     pub edge: EdgeStatus,
+    /// What the data plane dropped since start, by reason.
+    #[serde(default)]
+    pub drops: DropStatus,
+}
+
+/// Packets the data plane dropped, by reason (counters since the node started).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropStatus {
+    /// Outgoing packets for a mesh address no peer holds.
+    pub no_route: u64,
+    /// Decrypted packets whose source is outside the sending peer's /24.
+    pub bad_source: u64,
+    /// Decrypted packets not addressed to this node's /24.
+    pub bad_destination: u64,
+    /// WireGuard messages from keys or sessions this node does not know.
+    pub unknown_peer: u64,
+    /// Datagrams that are neither WireGuard nor join frames, or malformed.
+    pub malformed: u64,
 }
 
 /// Gateway, serving, proxy and exit roles of this node.

@@ -91,6 +91,18 @@ impl<P: super::platform::Platform> Node<P> {
             peers,
             dns: self.dns_status(),
             edge: self.edge_status(),
+            drops: {
+                let c = &self.device.counters;
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                crate::control::api::DropStatus {
+                    no_route: get(&c.dropped_no_peer),
+                    bad_source: get(&c.dropped_bad_source),
+                    bad_destination: get(&c.dropped_bad_destination),
+                    unknown_peer: get(&c.dropped_unknown_peer),
+                    malformed: get(&c.dropped_unknown_frame),
+                }
+            },
         }
     }
 }
