@@ -56,10 +56,13 @@ pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const TOKEN_BOOTSTRAP_MEMBERS: usize = 3;
 /// Join requests older than this (by the joiner's clock) are refused as replays.
 pub const JOIN_REQUEST_MAX_AGE: Duration = Duration::from_secs(300);
-/// How long a joiner waits for an answer from one bootstrap endpoint before trying the next.
-pub const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
-/// How many passes a joiner makes over the bootstrap endpoints.
-pub const JOIN_ROUNDS: usize = 3;
+/// How long a joiner first waits for an answer from one bootstrap endpoint before trying the
+/// next; each pass over the endpoints waits half as long again, up to [`JOIN_ATTEMPT_MAX`].
+pub const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+pub const JOIN_ATTEMPT_MAX: Duration = Duration::from_secs(4);
+/// How long a joiner keeps retrying before it reports that no bootstrap endpoint answered: long
+/// enough to ride out a lossy link (a request and its answer are single datagrams).
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// How often the membership view is reconciled with gossip and pushed to the data plane.
 pub const RECONCILE_TICK: Duration = Duration::from_millis(200);

@@ -6,7 +6,9 @@
 //!
 //! Frames are `MSHD` + kind byte + bincode body, on the mesh UDP port.
 
-use crate::constants::{JOIN_ATTEMPT_TIMEOUT, JOIN_REQUEST_MAX_AGE, JOIN_ROUNDS, MAX_JOIN_FRAME};
+use crate::constants::{
+    JOIN_ATTEMPT_MAX, JOIN_ATTEMPT_TIMEOUT, JOIN_DEADLINE, JOIN_REQUEST_MAX_AGE, MAX_JOIN_FRAME,
+};
 use crate::gossip::Membership;
 use crate::mesh::io::UdpIo;
 use crate::mesh::packet::CONTROL_MAGIC;
@@ -220,7 +222,7 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
             nonce,
             RefuseReason::Stale,
             format!(
-                "the certificate was issued at unix time {}, more than 5 minutes from this node's                  clock ({now}); fix the clock (NTP) and join again",
+                "the certificate was issued at unix time {}, more than 5 minutes from this node's clock ({now}); fix the clock (NTP) and join again",
                 cert.issued_at
             ),
         ));
@@ -344,8 +346,9 @@ pub fn verify_accept(
     Ok((seed, acc))
 }
 
-/// The joiner's side: try each bootstrap endpoint in turn, a few rounds, until one accepts or
-/// one refuses for a reason every member would agree on.
+/// The joiner's side: try each bootstrap endpoint in turn, passes with growing waits, until one
+/// accepts, one refuses for a reason every member would agree on, or [`JOIN_DEADLINE`] passes.
+/// Retries resend the same request, which a seed answers the same way (it is idempotent).
 pub async fn join<U: UdpIo>(
     udp: &U,
     token: &Token,
@@ -365,13 +368,20 @@ pub async fn join<U: UdpIo>(
     let frame = encode_frame(&Frame::Request(req));
     let identity = keys.identity_public();
     let mut buf = vec![0u8; MAX_JOIN_FRAME + 1];
-    for _round in 0..JOIN_ROUNDS {
+    let give_up = Instant::now() + JOIN_DEADLINE;
+    let mut wait = JOIN_ATTEMPT_TIMEOUT;
+    let mut pass = 0u32;
+    while Instant::now() < give_up {
+        if pass > 0 {
+            tracing::info!(pass, "no answer to the join request yet; retrying");
+        }
+        pass += 1;
         for (addr, wg) in &targets {
             if let Err(e) = udp.send_to(&frame, *addr).await {
                 tracing::debug!(%addr, error = %e, "join request not sent");
                 continue;
             }
-            let deadline = Instant::now() + JOIN_ATTEMPT_TIMEOUT;
+            let deadline = (Instant::now() + wait).min(give_up);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -414,6 +424,7 @@ pub async fn join<U: UdpIo>(
                 }
             }
         }
+        wait = (wait * 3 / 2).min(JOIN_ATTEMPT_MAX);
     }
     Err(JoinError::NoAnswer {
         tried: targets

@@ -249,6 +249,8 @@ pub struct MemNet {
 struct MemNetInner {
     sockets: HashMap<SocketAddr, mpsc::Sender<Datagram>>,
     cut: HashSet<(std::net::IpAddr, std::net::IpAddr)>,
+    /// Control frames (join requests and answers) still to lose on a directed link.
+    lose_control: HashMap<(std::net::IpAddr, std::net::IpAddr), usize>,
     capture: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     capturing: bool,
 }
@@ -288,6 +290,16 @@ impl MemNet {
         }
     }
 
+    /// Lose the next `n` control frames (join requests, answers, notices) sent from host `from`
+    /// to host `to`: a lossy link, aimed at the exchanges that have no WireGuard retransmission.
+    pub fn lose_control_frames(&self, from: std::net::IpAddr, to: std::net::IpAddr, n: usize) {
+        self.inner
+            .lock()
+            .unwrap()
+            .lose_control
+            .insert((from, to), n);
+    }
+
     pub fn start_capture(&self) {
         let mut inner = self.inner.lock().unwrap();
         inner.capturing = true;
@@ -302,6 +314,14 @@ impl MemNet {
         let mut inner = self.inner.lock().unwrap();
         if inner.cut.contains(&(from.ip(), to.ip())) {
             return;
+        }
+        if data.starts_with(crate::mesh::packet::CONTROL_MAGIC) {
+            if let Some(left) = inner.lose_control.get_mut(&(from.ip(), to.ip())) {
+                if *left > 0 {
+                    *left -= 1;
+                    return;
+                }
+            }
         }
         if inner.capturing {
             inner.capture.push((from, to, data.to_vec()));

@@ -512,6 +512,39 @@ mod tests {
         sim.shutdown().await;
     }
 
+    /// Join requests and answers are single datagrams outside the tunnels: lost ones are
+    /// retried, and a retried request is answered the same way, also with a one-use token the
+    /// lost answer already spent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_survives_lost_requests_and_a_lost_answer_with_a_one_use_token() {
+        let mut sim = Sim::new();
+        sim.init("a", "10.210.0.0/16", None).await;
+        let once = setup::make_token(
+            &sim.root_key(0),
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            Duration::from_secs(3600),
+            Some(1),
+            vec![],
+            crate::util::unix_now(),
+        );
+        // Machine 1 is the joiner: its first two requests and a's first answer are lost.
+        sim.net.lose_control_frames(Sim::host(1), Sim::host(0), 2);
+        sim.net.lose_control_frames(Sim::host(0), Sim::host(1), 1);
+        let b = sim.join("b", &once, Some(0), None).await.unwrap();
+        assert_eq!(b, 1);
+        sim.wait_for("a and b to connect", Duration::from_secs(20), || async {
+            sim.all_pairs(&[0, b]).await
+        })
+        .await;
+        let a = sim.status(0).await.unwrap();
+        assert_eq!(a.peers.len(), 1, "one member admitted once: {:?}", a.peers);
+        // The token is spent: another joiner is refused.
+        let err = sim.join("c", &once, Some(0), None).await.unwrap_err();
+        assert!(format!("{err:#}").contains("has been used"), "{err:#}");
+        sim.shutdown().await;
+    }
+
     /// Slot-conflict notices travel outside the tunnels. One from an address no member uses
     /// teaches the node nothing, even when everything in it verifies (here: a certificate made
     /// with a leaked token).
