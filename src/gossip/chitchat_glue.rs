@@ -215,13 +215,16 @@ impl Gossip {
                     if key.starts_with(PREFIX_REVOCATION) {
                         m.ingest_revocation(&raw)
                     } else if key == KEY_CERT {
+                        // A certificate belongs under its own node's id; checked before it
+                        // is taken in, so a misfiled one changes nothing.
+                        let claimed = crate::trust::Cert::peek_node_id(&raw)?;
+                        if claimed != under {
+                            return Err(Reject::IdMismatch { claimed, under });
+                        }
                         let known = m.get(&under).is_some();
-                        let id = m.ingest_cert(&raw, now)?;
+                        m.ingest_cert(&raw, now)?;
                         if !known {
                             debug!(node = %under, via = %cid.gossip_advertise_addr, "learnt of a member through gossip");
-                        }
-                        if id != under {
-                            return Err(Reject::IdMismatch { claimed: id, under });
                         }
                         Ok(true)
                     } else if key == KEY_SERVICES {

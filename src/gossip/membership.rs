@@ -266,10 +266,12 @@ impl Membership {
                 // This node's own certificate is the one in its state; never swap it.
                 return Ok(id);
             }
-            self.members.remove(&id);
         }
         // A WireGuard key names one node: two members with one key would share a tunnel and a
-        // revocation. The earliest certificate keeps it, on every node alike.
+        // revocation. Certificates prove possession of their WireGuard key, so two identities
+        // with one key have one holder; the earliest certificate keeps it, on every node alike.
+        // Decided before anything is removed, so a refused certificate changes nothing.
+        let mut evict = None;
         if let Some(other) = self
             .members
             .values()
@@ -288,6 +290,10 @@ impl Membership {
                 "two certificates share WireGuard key {}; keeping the earlier one",
                 crate::util::short_key(&cert.wireguard)
             );
+            evict = Some(holder);
+        }
+        self.members.remove(&id);
+        if let Some(holder) = evict {
             self.members.remove(&holder);
         }
         self.insert_cert(cert, now);
@@ -789,6 +795,45 @@ mod tests {
             Err(Reject::WireguardKeyTaken { holder, .. }) if holder == a.node_id
         ));
         assert!(m.get(&a.node_id).is_some());
+    }
+
+    /// A certificate refused for its WireGuard key changes nothing, also when it is an earlier
+    /// re-issue of a member's identity: the member keeps its current certificate, on every node
+    /// alike whatever the arrival order.
+    #[test]
+    fn a_certificate_refused_for_its_wireguard_key_removes_nothing() {
+        let w = world(None);
+        let (_, a) = node(&w, "a", 10);
+        let (k1, c1_late) = node(&w, "one", 300);
+        let (k2, c2) = node(&w, "two", 50);
+        // The holder of both keys re-issues "one" earlier, with "two"'s WireGuard key.
+        let k1b = NodeKeys {
+            identity: k1.identity.clone(),
+            wireguard: k2.wireguard.clone(),
+        };
+        let c1_early = cert(&w.inv, &w.secret, &k1b, "one", 100);
+        let view = |order: &[&Signed]| {
+            let mut m = Membership::new(params(&w), a.clone(), 0);
+            for raw in order {
+                let _ = m.ingest_cert(raw, 0);
+            }
+            let mut v: Vec<_> = m
+                .all()
+                .map(|m| (m.cert.name.clone(), m.cert.issued_at))
+                .collect();
+            v.sort();
+            v
+        };
+        let forward = view(&[&c1_late.raw, &c2.raw, &c1_early]);
+        assert_eq!(
+            forward,
+            vec![("a".into(), 10), ("one".into(), 300), ("two".into(), 50)]
+        );
+        assert_eq!(
+            view(&[&c1_early, &c2.raw, &c1_late.raw]),
+            view(&[&c2.raw, &c1_early, &c1_late.raw])
+        );
+        assert_eq!(forward, view(&[&c2.raw, &c1_late.raw, &c1_early]));
     }
 
     #[test]

@@ -29,8 +29,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// The state format version this build reads and writes.
-pub const STATE_VERSION: u32 = 1;
+/// The state format version this build reads and writes. Version 2: node certificates carry
+/// the WireGuard key's proof of possession; version-1 state cannot be upgraded in place (its
+/// certificate lacks the proof, and only the mesh's invite secret could re-issue it).
+pub const STATE_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -55,6 +57,17 @@ pub enum StateError {
     #[error(
         "state file {} has format version {found}, but this meshd reads version {supported}; \
          run the meshd release that wrote it",
+        path.display()
+    )]
+    NewerVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "state file {} has format version {found}, written by an earlier meshd whose certificates \
+         this one no longer accepts (it reads version {supported}); move the state directory away \
+         and join the mesh again with a new token",
         path.display()
     )]
     UnsupportedVersion {
@@ -451,6 +464,13 @@ impl StateDir {
             reason: e.to_string(),
         };
         let v: Version = serde_json::from_slice(&data).map_err(corrupt)?;
+        if v.version > STATE_VERSION {
+            return Err(StateError::NewerVersion {
+                path: p.clone(),
+                found: v.version,
+                supported: STATE_VERSION,
+            });
+        }
         if v.version != STATE_VERSION {
             return Err(StateError::UnsupportedVersion {
                 path: p.clone(),
@@ -504,8 +524,21 @@ mod tests {
         .unwrap();
         assert!(matches!(
             s.load_keys(),
-            Err(StateError::UnsupportedVersion { found: 9, .. })
+            Err(StateError::NewerVersion { found: 9, .. })
         ));
+        // State from before the certificate format change is named as such, with the way out.
+        write_atomic(
+            &p,
+            br#"{"version": 1, "identity": "", "wireguard": ""}"#,
+            0o600,
+        )
+        .unwrap();
+        let e = s.load_keys().unwrap_err();
+        assert!(
+            matches!(e, StateError::UnsupportedVersion { found: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("join the mesh again"), "{e}");
     }
 
     #[test]

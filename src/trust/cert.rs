@@ -1,5 +1,7 @@
 //! Invites and node certificates: root -> invite -> node.
 
+use super::keys::xeddsa;
+use super::signed::message;
 use super::{encode, verify_sig, Context, Key32, MeshId, NodeId, NodeKeys, Signed, TrustError};
 use crate::mesh::addressing::MeshRange;
 use ed25519_dalek::SigningKey;
@@ -55,6 +57,11 @@ pub struct NodeCertBody {
     /// made this certificate. Without it anyone holding an invite could certify somebody
     /// else's identity (and so their node id) next to a WireGuard key of their own.
     pub self_sig: Vec<u8>,
+    /// The WireGuard key's own signature (XEdDSA, see [`crate::trust::keys::xeddsa`]) over the
+    /// same [`SelfClaim`]: proof that the holder has the WireGuard secret. Without it a member
+    /// could certify another node's WireGuard key under an identity of its own and, as the
+    /// earlier certificate for that key, push the real holder out of the mesh.
+    pub wg_sig: Vec<u8>,
 }
 
 /// What the identity key signs inside a certificate: everything the certificate says about
@@ -88,6 +95,10 @@ impl NodeCertBody {
             issued_at,
         };
         let self_sig = Signed::sign(Context::CertSelf, &claim, &keys.identity).sig;
+        let wg_sig = xeddsa::sign(
+            &keys.wireguard,
+            &message(Context::CertWireguard, &encode(&claim)),
+        );
         NodeCertBody {
             invite: invite.clone(),
             name: name.to_string(),
@@ -95,6 +106,7 @@ impl NodeCertBody {
             wireguard,
             issued_at,
             self_sig,
+            wg_sig,
         }
     }
 
@@ -116,7 +128,17 @@ impl NodeCertBody {
             &claim,
             &self.self_sig,
             "certificate self-signature",
-        )
+        )?;
+        if !xeddsa::verify(
+            &self.wireguard,
+            &message(Context::CertWireguard, &claim),
+            &self.wg_sig,
+        ) {
+            return Err(TrustError::BadSignature {
+                what: "certificate WireGuard key proof",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +189,12 @@ impl Cert {
             wireguard: body.wireguard,
             issued_at: body.issued_at,
         })
+    }
+
+    /// The node id this certificate claims, without verifying anything.
+    pub fn peek_node_id(raw: &Signed) -> Result<NodeId, TrustError> {
+        let body: NodeCertBody = raw.peek("node certificate")?;
+        Ok(NodeId::of_identity(&body.identity))
     }
 
     /// The mesh this certificate claims to belong to, without verifying anything.
@@ -310,6 +338,28 @@ mod self_sig_tests {
                 Err(TrustError::BadSignature { .. })
             ));
         }
+
+        // The attacker's own identity, properly self-signed, naming the victim's WireGuard key:
+        // refused, because only the WireGuard secret can make the key proof.
+        let mut stolen_key = NodeCertBody::new(&inv, &body.invite_key, "evil", &attacker, 2000);
+        stolen_key.wireguard = victim.wg_public();
+        let claim = SelfClaim {
+            invite_key: &body.invite_key,
+            name: "evil",
+            identity: &stolen_key.identity,
+            wireguard: &stolen_key.wireguard,
+            issued_at: 2000,
+        };
+        stolen_key.self_sig = Signed::sign(Context::CertSelf, &claim, &attacker.identity).sig;
+        assert_eq!(
+            Cert::verify(&stolen_key.sign(&secret), &mesh).unwrap_err(),
+            TrustError::BadSignature {
+                what: "certificate WireGuard key proof"
+            }
+        );
+        // Nor does a key proof lifted from the victim's own certificate (it covers the claim).
+        stolen_key.wg_sig = good.wg_sig.clone();
+        assert!(Cert::verify(&stolen_key.sign(&secret), &mesh).is_err());
 
         // A self-signature made for another invite does not carry over.
         let (body2, inv2, secret2) = invite(&root, 5000, None);
