@@ -153,7 +153,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
         let public = PublicKey::from(&secret);
         let (events, events_rx) = mpsc::channel(256);
-        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        // Every initiation is counted twice by this one limiter: in the pre-check before the
+        // peer lookup (`inbound`) and again inside the peer's `Tunn::decapsulate`. Doubling
+        // the threshold makes cookies start at HANDSHAKE_RATE_LIMIT initiations a second. One
+        // shared limiter (not two) so the cookie a sender gets satisfies both checks.
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT * 2));
         let dev = Device {
             tun,
             udp,
@@ -863,7 +867,7 @@ mod tests {
             .2;
 
         let flooder = net.bind(SocketAddr::from(([192, 0, 2, 99], 4000))).unwrap();
-        for _ in 0..(HANDSHAKE_RATE_LIMIT * 2) {
+        for _ in 0..(HANDSHAKE_RATE_LIMIT * 3) {
             flooder.send_to(&init, a.addr).await.unwrap();
         }
         let mut buf = vec![0u8; 256];
