@@ -31,6 +31,16 @@ async fn answer(
     .await
 }
 
+/// Cloud metadata and platform services outside the link-local range, which hand out machine
+/// credentials to whoever asks from the machine: AWS over IPv6 (fd00:ec2::254), Alibaba Cloud
+/// (100.100.100.200), Azure's WireServer (168.63.129.16). (169.254.169.254, used by most
+/// clouds, and fe80::a9fe:a9fe are link-local and refused as such.)
+const CLOUD_METADATA: [IpAddr; 3] = [
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16)),
+];
+
 /// Why this exit node will not connect a member to `ip`, if it will not: its own host (loopback
 /// or any of its addresses, where local-only services listen), link-local addresses (cloud
 /// metadata services live at 169.254.169.254), non-unicast addresses, and the mesh range
@@ -41,6 +51,9 @@ pub fn refusal(ip: IpAddr, mesh: &MeshRange, own: &[IpAddr]) -> Option<&'static 
         ip.is_loopback() || ip.is_unspecified() || own.iter().any(|o| o.to_canonical() == ip);
     if own_host {
         return Some("is the exit node itself; it is not reachable through it");
+    }
+    if CLOUD_METADATA.contains(&ip) {
+        return Some("is a cloud metadata service; exits never go there");
     }
     match ip {
         IpAddr::V4(v4) => {
@@ -183,6 +196,9 @@ mod tests {
             "169.254.169.254",
             "::ffff:169.254.169.254",
             "fe80::1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "::ffff:168.63.129.16",
             "224.0.0.1",
             "255.255.255.255",
             "ff02::1",
