@@ -147,7 +147,13 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
     let no_nonce = [0u8; 16];
     let peek: JoinRequest = raw
         .peek("join request")
-        .map_err(|e| refuse(no_nonce, RefuseReason::Malformed, e.to_string()))?;
+        .map_err(|e| {
+            refuse(
+                no_nonce,
+                RefuseReason::Malformed,
+                format!("this node cannot read the join request ({e}); do both nodes run the same meshd version?"),
+            )
+        })?;
     let nonce = peek.nonce;
     let ours = m.params.mesh;
     if let Some(theirs) = Cert::peek_mesh(&peek.cert) {
@@ -289,6 +295,8 @@ pub enum JoinError {
          UDP to its port is not blocked, or pass a live member with --bootstrap ADDR:PORT"
     )]
     NoAnswer { tried: String },
+    #[error("{addr} could not read the join request: {message}")]
+    Unreadable { addr: SocketAddr, message: String },
     #[error("the token lists no bootstrap endpoint; pass one with --bootstrap ADDR:PORT")]
     NoBootstrap,
     #[error("sending the join request: {0}")]
@@ -371,6 +379,8 @@ pub async fn join<U: UdpIo>(
     let give_up = Instant::now() + JOIN_DEADLINE;
     let mut wait = JOIN_ATTEMPT_TIMEOUT;
     let mut pass = 0u32;
+    let mut unreadable = None;
+    let mut unreadable_from = std::collections::HashSet::new();
     while Instant::now() < give_up {
         if pass > 0 {
             tracing::info!(pass, "no answer to the join request yet; retrying");
@@ -420,11 +430,29 @@ pub async fn join<U: UdpIo>(
                             message: r.message,
                         });
                     }
+                    // A seed that cannot parse the request cannot name its nonce. Not final
+                    // (anyone could send it), but the likeliest explanation if nobody else
+                    // answers, so it is what the joiner reports in the end.
+                    Ok(Frame::Refuse(r)) if r.nonce == [0u8; 16] => {
+                        tracing::debug!(%addr, "the seed could not read the join request: {}", r.message);
+                        unreadable_from.insert(*addr);
+                        unreadable = Some(JoinError::Unreadable {
+                            addr: *addr,
+                            message: r.message,
+                        });
+                        break;
+                    }
                     _ => {}
                 }
             }
         }
+        if unreadable_from.len() == targets.len() {
+            break; // every seed says the same; retrying will not change it
+        }
         wait = (wait * 3 / 2).min(JOIN_ATTEMPT_MAX);
+    }
+    if let Some(e) = unreadable {
+        return Err(e);
     }
     Err(JoinError::NoAnswer {
         tried: targets
@@ -502,6 +530,50 @@ mod tests {
         // The slot does not collide with the seed's.
         let asg = m.assignments();
         assert_ne!(asg[&a.cert.node_id].slot, asg[&m.self_id].slot);
+    }
+
+    /// A seed that cannot parse a request (another meshd version) answers without a nonce; the
+    /// joiner reports that instead of "nobody answered", and gives up once every seed said so.
+    #[tokio::test]
+    async fn a_seed_that_cannot_read_the_request_is_reported() {
+        use crate::mesh::io::MemNet;
+        let net = MemNet::new();
+        let seed_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let seed = net.bind(seed_addr).unwrap();
+        let joiner = net.bind("192.0.2.2:51820".parse().unwrap()).unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
+                let no = refuse([0; 16], RefuseReason::Malformed, "unknown field wg_sig");
+                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from).await;
+            }
+        });
+        let root = RootKey::generate();
+        let now = crate::util::unix_now();
+        let token = crate::node::setup::make_token(
+            &root,
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            std::time::Duration::from_secs(3600),
+            None,
+            vec![],
+            now,
+        );
+        let keys = NodeKeys::generate();
+        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let r = tokio::time::timeout(
+            JOIN_DEADLINE * 2,
+            join(&joiner, &token, &keys, &c, vec![], &[seed_addr], now),
+        )
+        .await
+        .expect("join gives up by its deadline");
+        match r {
+            Err(e @ JoinError::Unreadable { .. }) => {
+                assert!(e.to_string().contains("unknown field wg_sig"), "{e}")
+            }
+            Err(e) => panic!("expected Unreadable, got {e}"),
+            Ok(_) => panic!("expected Unreadable, got an acceptance"),
+        }
     }
 
     #[test]
