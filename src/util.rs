@@ -111,18 +111,51 @@ pub fn is_dns_label(name: &str) -> bool {
 
 /// At most `burst` events per `window` for each key, remembering at most `capacity` keys: what
 /// unauthenticated senders can make this node do (log, look up, answer) is bounded per sender
-/// and in total. When the table is full of live windows, new keys are refused until one ends.
+/// and in total. When the table is full of live windows, keys not in it share one overflow
+/// window of `burst` events, so a flood of fresh keys slows newcomers down but cannot shut
+/// them out, and never grows the table.
 pub struct KeyedLimiter<K> {
     windows: std::collections::HashMap<K, (std::time::Instant, u32)>,
+    overflow: (std::time::Instant, u32),
+    last_sweep: Option<std::time::Instant>,
     window: Duration,
     burst: u32,
     capacity: usize,
 }
 
+/// Advance a window to `now` and count one event in it; whether it is within `burst`.
+fn count_in(
+    w: &mut (std::time::Instant, u32),
+    now: std::time::Instant,
+    window: Duration,
+    burst: u32,
+) -> bool {
+    if now.saturating_duration_since(w.0) >= window {
+        *w = (now, 0);
+    }
+    w.1 = w.1.saturating_add(1);
+    w.1 <= burst
+}
+
+/// The key a datagram's sender is limited under: its IPv4 address, or its IPv6 /64 (one host
+/// commonly holds a whole /64, so per-address limits would not bound it).
+pub fn sender_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl<K: std::hash::Hash + Eq> KeyedLimiter<K> {
     pub fn new(window: Duration, burst: u32, capacity: usize) -> Self {
+        let now = std::time::Instant::now();
         KeyedLimiter {
             windows: std::collections::HashMap::new(),
+            overflow: (now, 0),
+            last_sweep: None,
             window,
             burst,
             capacity,
@@ -131,30 +164,41 @@ impl<K: std::hash::Hash + Eq> KeyedLimiter<K> {
 
     /// Whether one more event for `key` is allowed at `now` (and count it if so).
     pub fn allow(&mut self, key: K, now: std::time::Instant) -> bool {
-        let window = self.window;
-        if let Some((start, n)) = self.windows.get_mut(&key) {
-            if now.duration_since(*start) >= window {
-                *start = now;
-                *n = 0;
-            }
-            *n += 1;
-            return *n <= self.burst;
+        let (window, burst) = (self.window, self.burst);
+        if let Some(w) = self.windows.get_mut(&key) {
+            return count_in(w, now, window, burst);
+        }
+        // Full: drop ended windows, at most once per window (a sweep is O(capacity)).
+        if self.windows.len() >= self.capacity
+            && self
+                .last_sweep
+                .is_none_or(|t| now.saturating_duration_since(t) >= window)
+        {
+            self.last_sweep = Some(now);
+            self.windows
+                .retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
         }
         if self.windows.len() >= self.capacity {
-            self.windows
-                .retain(|_, (start, _)| now.duration_since(*start) < window);
-            if self.windows.len() >= self.capacity {
-                return false;
-            }
+            return count_in(&mut self.overflow, now, window, burst);
         }
         self.windows.insert(key, (now, 1));
-        self.burst >= 1
+        burst >= 1
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn senders_are_keyed_by_ipv4_address_or_ipv6_slash_64() {
+        let k = |s: &str| sender_key(s.parse().unwrap()).to_string();
+        assert_eq!(k("192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+    }
 
     #[test]
     fn keyed_limiter_bounds_each_key_and_the_table() {
@@ -165,7 +209,16 @@ mod tests {
         assert!(!l.allow(1, t0), "third in the window");
         assert!(l.allow(2, t0));
         assert!(l.allow(3, t0));
-        assert!(!l.allow(4, t0), "table full of live windows");
+        // Full of live windows: new keys share one overflow window of the same burst.
+        assert!(l.allow(4, t0), "overflow window");
+        assert!(l.allow(5, t0), "overflow window");
+        assert!(!l.allow(6, t0), "overflow window spent");
+        assert!(!l.allow(4, t0), "overflow window spent");
+        assert_eq!(
+            l.windows.len(),
+            3,
+            "the table never grows past its capacity"
+        );
         let t1 = t0 + Duration::from_secs(1);
         assert!(l.allow(4, t1), "expired windows make room");
         assert!(l.allow(1, t1), "a new window for the first key");

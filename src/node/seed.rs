@@ -126,10 +126,10 @@ impl<P: super::platform::Platform> Node<P> {
     }
 
     pub(super) async fn on_control_frame(&mut self, frame: &[u8], from: SocketAddr) {
-        if !self
-            .control_limit
-            .allow(from.ip(), std::time::Instant::now())
-        {
+        if !self.control_limit.allow(
+            crate::util::sender_key(from.ip()),
+            std::time::Instant::now(),
+        ) {
             debug!(%from, "control frame dropped: too many from this address");
             return;
         }
@@ -187,10 +187,10 @@ impl<P: super::platform::Platform> Node<P> {
                 let who = peek_request_node(&raw)
                     .map(|(_, n)| n)
                     .unwrap_or_else(|| "?".into());
-                if self
-                    .refusal_log_limit
-                    .allow(from.ip(), std::time::Instant::now())
-                {
+                if self.refusal_log_limit.allow(
+                    crate::util::sender_key(from.ip()),
+                    std::time::Instant::now(),
+                ) {
                     warn!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
                 } else {
                     debug!(%from, node = %who, reason = ?refusal.reason, "refused a join: {}", refusal.message);
