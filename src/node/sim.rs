@@ -560,19 +560,56 @@ mod tests {
             NodeCertBody::new(&token.invite_raw, &token.invite.invite_key, name, keys, now)
                 .sign(&token.invite_secret)
         };
-        let intruder = NodeKeys::generate();
+        // The notice would move b if it were believed: a certificate older than b's (through
+        // an invite made before b joined) whose claim lands on b's slot.
+        let range: crate::mesh::addressing::MeshRange = "10.210.0.0/16".parse().unwrap();
+        let b_subnet = sim.status(1).await.unwrap().me.subnet;
+        let b_ip: std::net::Ipv4Addr = sim.status(1).await.unwrap().me.mesh_ip.parse().unwrap();
+        let b_slot = range.slot_of(b_ip).unwrap();
+        let early = setup::make_token(
+            &sim.root_key(0),
+            range,
+            "mesh.internal",
+            Duration::from_secs(3600),
+            None,
+            vec![],
+            now - 100,
+        );
+        let (intruder, slot_k) = (0..10_000)
+            .find_map(|_| {
+                let keys = NodeKeys::generate();
+                (0..32)
+                    .find(|k| {
+                        crate::mesh::addressing::candidate(
+                            &token.mesh(),
+                            &keys.wg_public(),
+                            *k,
+                            range.slots(),
+                        ) == b_slot
+                    })
+                    .map(|k| (keys, k))
+            })
+            .expect("a key with a candidate on b's slot");
+        let intruder_cert = NodeCertBody::new(
+            &early.invite_raw,
+            &early.invite.invite_key,
+            "intruder",
+            &intruder,
+            now - 100,
+        )
+        .sign(&early.invite_secret);
         let record = sign_record(
             &intruder,
             &NodeRecord {
                 identity: intruder.identity_public(),
                 seq: 1,
                 endpoints: vec!["192.0.2.200:4000".parse().unwrap()],
-                slot_k: 0,
+                slot_k,
                 left: false,
             },
         );
         let stranger = sim.net.bind("192.0.2.200:4000".parse().unwrap()).unwrap();
-        let notice = Frame::Conflict(vec![(certify("intruder", &intruder), record)]);
+        let notice = Frame::Conflict(vec![(intruder_cert, record)]);
         stranger
             .send_to(&encode_frame(&notice), Sim::endpoint(1))
             .await
@@ -606,6 +643,7 @@ mod tests {
             s.mesh.members, 3,
             "a, b and the admitted c; not the intruder"
         );
+        assert_eq!(s.me.subnet, b_subnet, "b keeps its slot");
         sim.shutdown().await;
     }
 
