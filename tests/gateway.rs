@@ -394,3 +394,68 @@ fn silent_and_slow_clients_do_not_hold_up_others() {
         cut.as_secs_f64()
     );
 }
+
+/// `gateway enable` again, with an address that is taken, and with HTTP turned off: the gateway
+/// keeps serving throughout, and a failed change leaves it as it was.
+#[test]
+fn changing_the_gateway_listeners_keeps_it_serving() {
+    let mut lab = Lab::new("gwre", 4);
+    mesh(&mut lab);
+    let pki = Pki::new();
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let _w = workloads::tls(
+        lab.ns(S1),
+        local(8443),
+        &pki,
+        &["re.example.test"],
+        "s1",
+        false,
+    );
+    expose(&lab, S1, &["re.example.test", "--to", "127.0.0.1:8443"]);
+    lab.wait_for("the name to be served", Duration::from_secs(15), || {
+        curl(&lab, &ca, "https://re.example.test/").0
+    });
+    let served = |lab: &Lab| {
+        let (ok, body, err) = curl(lab, &ca, "https://re.example.test/");
+        assert!(ok, "{err}");
+        assert_eq!(body, "hello from s1 client=-\n");
+    };
+    let gateway = |lab: &Lab| {
+        let g = lab.status(GW).edge.gateway.expect("gateway on");
+        (g.first, g.second)
+    };
+
+    // The same again: nothing changes.
+    let o = lab.meshctl(GW, &["gateway", "enable"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    served(&lab);
+
+    // An address something else holds (mesh DNS listens on the mesh address, port 53): refused,
+    // and the gateway keeps its addresses.
+    let taken = format!("{}:53", lab.mesh_ip(GW));
+    let o = lab.meshctl(GW, &["gateway", "enable", "--http", &taken]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("something else listens there") && err.contains("keeps its previous"),
+        "{err}"
+    );
+    assert_eq!(
+        gateway(&lab),
+        (Some("0.0.0.0:443".into()), Some("0.0.0.0:80".into()))
+    );
+    served(&lab);
+
+    // HTTP off: HTTPS goes on, port 80 is closed.
+    let o = lab.meshctl(GW, &["gateway", "enable", "--http", "off"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(gateway(&lab), (Some("0.0.0.0:443".into()), None));
+    served(&lab);
+    let gw80 = SocketAddr::from((lab.addr(GW), 80));
+    let refused = lab
+        .ns(CLIENT)
+        .run(move || std::net::TcpStream::connect_timeout(&gw80, Duration::from_secs(5)).is_err())
+        .unwrap();
+    assert!(refused, "port 80 still accepts connections");
+}

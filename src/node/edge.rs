@@ -30,14 +30,108 @@ const MESH_SIDE_MAX_CONNECTIONS: usize = 4096;
 const PROXY_MAX_CONNECTIONS: usize = 1024;
 const MESH_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A running listener role (gateway or proxy): its addresses, the token that stops its accept
+/// loops and connections, and the loops themselves (awaited on stop, so the addresses are free
+/// again when a replacement binds them).
+pub(super) struct Role {
+    pair: ListenPair,
+    stop: CancellationToken,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Role {
+    fn new(pair: ListenPair) -> Role {
+        Role {
+            pair,
+            stop: CancellationToken::new(),
+            loops: Vec::new(),
+        }
+    }
+
+    fn spawn<F, Fut>(
+        &mut self,
+        l: tokio::net::TcpListener,
+        max: usize,
+        what: &'static str,
+        handler: F,
+    ) where
+        F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.loops.push(tokio::spawn(accept_loop(
+            l,
+            max,
+            self.stop.clone(),
+            what,
+            handler,
+        )));
+    }
+
+    /// Stop accepting and cut its connections; returns once its listeners are closed.
+    async fn stop(self) -> ListenPair {
+        self.stop.cancel();
+        for h in self.loops {
+            // An accept loop returns at its next poll after the cancel; bounded all the same.
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        self.pair
+    }
+}
+
+/// Replace the role in `slot` with one listening on `pair` (`None`: stop it). Asking for what
+/// already runs changes nothing (live connections go on). If the new addresses cannot be bound,
+/// the previous ones are bound again, so a failed change loses nothing.
+async fn replace_role<F, Fut>(
+    slot: &mut Option<Role>,
+    pair: Option<ListenPair>,
+    what: &str,
+    start: F,
+) -> Result<(), ApiFailure>
+where
+    F: Fn(ListenPair) -> Fut,
+    Fut: std::future::Future<Output = Result<Role, ApiFailure>>,
+{
+    if let (Some(running), Some(wanted)) = (slot.as_ref(), pair.as_ref()) {
+        if running.pair == *wanted {
+            return Ok(());
+        }
+    }
+    let previous = match slot.take() {
+        Some(r) => Some(r.stop().await),
+        None => None,
+    };
+    let Some(pair) = pair else { return Ok(()) };
+    match start(pair).await {
+        Ok(r) => {
+            *slot = Some(r);
+            Ok(())
+        }
+        Err(mut e) => {
+            if let Some(prev) = previous {
+                match start(prev).await {
+                    Ok(r) => {
+                        *slot = Some(r);
+                        e.message =
+                            format!("{}; the {what} keeps its previous addresses", e.message);
+                    }
+                    Err(again) => {
+                        error!(error = %again.message, "{what} could not take back its previous addresses")
+                    }
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Channels and listener handles of the edge roles.
 pub(super) struct Edge {
     view_tx: watch::Sender<Arc<MeshView>>,
     exposed_tx: watch::Sender<Arc<Vec<Exposed>>>,
     exit_tx: watch::Sender<bool>,
     mesh_side: Option<CancellationToken>,
-    gateway: Option<(CancellationToken, ListenPair)>,
-    proxy: Option<(CancellationToken, ListenPair)>,
+    gateway: Option<Role>,
+    proxy: Option<Role>,
     routes_seq: u64,
 }
 
@@ -65,8 +159,8 @@ impl Edge {
     pub(super) fn stop_all(&mut self) {
         for t in [
             self.mesh_side.take(),
-            self.gateway.take().map(|g| g.0),
-            self.proxy.take().map(|p| p.0),
+            self.gateway.take().map(|g| g.stop),
+            self.proxy.take().map(|p| p.stop),
         ]
         .into_iter()
         .flatten()
@@ -277,94 +371,76 @@ impl<P: super::platform::Platform> Node<P> {
         &mut self,
         pair: Option<ListenPair>,
     ) -> Result<(), ApiFailure> {
-        if let Some((t, _)) = self.edge.gateway.take() {
-            t.cancel();
-        }
-        let Some(pair) = pair else { return Ok(()) };
-        let https = match pair.first {
-            Some(a) => Some(bind(a, "gateway (HTTPS)").await?),
-            None => None,
-        };
-        let http = match pair.second {
-            Some(a) => Some(bind(a, "gateway (HTTP)").await?),
-            None => None,
-        };
-        let stop = CancellationToken::new();
         let gw = Gateway::new(self.edge.view_tx.subscribe());
-        if let Some(l) = https {
-            let g = gw.clone();
-            tokio::spawn(accept_loop(
-                l,
-                gateway::MAX_CONNECTIONS,
-                stop.clone(),
-                "gateway https",
-                move |s, p| gateway::https_session(g.clone(), s, p),
-            ));
-        }
-        if let Some(l) = http {
-            let g = gw.clone();
-            tokio::spawn(accept_loop(
-                l,
-                gateway::MAX_CONNECTIONS,
-                stop.clone(),
-                "gateway http",
-                move |s, p| gateway::http_session(g.clone(), s, p),
-            ));
-        }
-        info!(https = ?pair.first, http = ?pair.second, "gateway listening");
-        self.edge.gateway = Some((stop, pair));
-        Ok(())
+        let start = move |pair: ListenPair| {
+            let gw = gw.clone();
+            async move {
+                let https = match pair.first {
+                    Some(a) => Some(bind(a, "gateway (HTTPS)").await?),
+                    None => None,
+                };
+                let http = match pair.second {
+                    Some(a) => Some(bind(a, "gateway (HTTP)").await?),
+                    None => None,
+                };
+                let mut role = Role::new(pair);
+                if let Some(l) = https {
+                    let g = gw.clone();
+                    role.spawn(l, gateway::MAX_CONNECTIONS, "gateway https", move |s, p| {
+                        gateway::https_session(g.clone(), s, p)
+                    });
+                }
+                if let Some(l) = http {
+                    let g = gw.clone();
+                    role.spawn(l, gateway::MAX_CONNECTIONS, "gateway http", move |s, p| {
+                        gateway::http_session(g.clone(), s, p)
+                    });
+                }
+                info!(https = ?role.pair.first, http = ?role.pair.second, "gateway listening");
+                Ok(role)
+            }
+        };
+        replace_role(&mut self.edge.gateway, pair, "gateway", start).await
     }
 
     /// Start (or stop) the local proxy listeners.
     pub(super) async fn apply_proxy(&mut self, pair: Option<ListenPair>) -> Result<(), ApiFailure> {
-        if let Some((t, _)) = self.edge.proxy.take() {
-            t.cancel();
-        }
-        let Some(pair) = pair else { return Ok(()) };
-        let socks = match pair.first {
-            Some(a) => Some(bind(a, "SOCKS5 proxy").await?),
-            None => None,
-        };
-        let http = match pair.second {
-            Some(a) => Some(bind(a, "HTTP proxy").await?),
-            None => None,
-        };
-        let stop = CancellationToken::new();
         let dialer = self.edge.dialer();
-        if let Some(l) = socks {
-            let d = dialer.clone();
-            tokio::spawn(accept_loop(
-                l,
-                PROXY_MAX_CONNECTIONS,
-                stop.clone(),
-                "socks5",
-                move |s, _p| {
-                    let d = d.clone();
-                    async move {
-                        let _ = forward::socks5_session(s, d.as_ref()).await;
-                    }
-                },
-            ));
-        }
-        if let Some(l) = http {
-            let d = dialer.clone();
-            tokio::spawn(accept_loop(
-                l,
-                PROXY_MAX_CONNECTIONS,
-                stop.clone(),
-                "http proxy",
-                move |s, _p| {
-                    let d = d.clone();
-                    async move {
-                        let _ = forward::http_session(s, d.as_ref()).await;
-                    }
-                },
-            ));
-        }
-        info!(socks5 = ?pair.first, http = ?pair.second, "proxy listening");
-        self.edge.proxy = Some((stop, pair));
-        Ok(())
+        let start = move |pair: ListenPair| {
+            let dialer = dialer.clone();
+            async move {
+                let socks = match pair.first {
+                    Some(a) => Some(bind(a, "SOCKS5 proxy").await?),
+                    None => None,
+                };
+                let http = match pair.second {
+                    Some(a) => Some(bind(a, "HTTP proxy").await?),
+                    None => None,
+                };
+                let mut role = Role::new(pair);
+                if let Some(l) = socks {
+                    let d = dialer.clone();
+                    role.spawn(l, PROXY_MAX_CONNECTIONS, "socks5", move |s, _p| {
+                        let d = d.clone();
+                        async move {
+                            let _ = forward::socks5_session(s, d.as_ref()).await;
+                        }
+                    });
+                }
+                if let Some(l) = http {
+                    let d = dialer.clone();
+                    role.spawn(l, PROXY_MAX_CONNECTIONS, "http proxy", move |s, _p| {
+                        let d = d.clone();
+                        async move {
+                            let _ = forward::http_session(s, d.as_ref()).await;
+                        }
+                    });
+                }
+                info!(socks5 = ?role.pair.first, http = ?role.pair.second, "proxy listening");
+                Ok(role)
+            }
+        };
+        replace_role(&mut self.edge.proxy, pair, "proxy", start).await
     }
 
     /// Re-apply persisted roles at start-up.
@@ -502,8 +578,8 @@ impl<P: super::platform::Platform> Node<P> {
                     proxy_protocol: e.proxy_protocol,
                 })
                 .collect(),
-            gateway: self.edge.gateway.as_ref().map(|(_, p)| view(p)),
-            proxy: self.edge.proxy.as_ref().map(|(_, p)| view(p)),
+            gateway: self.edge.gateway.as_ref().map(|r| view(&r.pair)),
+            proxy: self.edge.proxy.as_ref().map(|r| view(&r.pair)),
             exit_node: self.settings.exit_node,
         }
     }
