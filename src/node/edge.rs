@@ -52,6 +52,7 @@ impl Role {
         &mut self,
         l: tokio::net::TcpListener,
         max: usize,
+        per_source: Option<usize>,
         what: &'static str,
         handler: F,
     ) where
@@ -61,6 +62,7 @@ impl Role {
         self.loops.push(tokio::spawn(accept_loop(
             l,
             max,
+            per_source,
             self.stop.clone(),
             what,
             handler,
@@ -346,6 +348,7 @@ impl<P: super::platform::Platform> Node<P> {
                 tokio::spawn(accept_loop(
                     l,
                     MESH_SIDE_MAX_CONNECTIONS,
+                    None,
                     stop.clone(),
                     "serve",
                     move |s, p| serve::session(exposed.clone(), s, p),
@@ -357,6 +360,7 @@ impl<P: super::platform::Platform> Node<P> {
                 tokio::spawn(accept_loop(
                     l,
                     MESH_SIDE_MAX_CONNECTIONS,
+                    None,
                     stop.clone(),
                     "exit",
                     move |s, p| exit::session(enabled.clone(), name.clone(), mesh, s, p),
@@ -386,15 +390,23 @@ impl<P: super::platform::Platform> Node<P> {
                 let mut role = Role::new(pair);
                 if let Some(l) = https {
                     let g = gw.clone();
-                    role.spawn(l, gateway::MAX_CONNECTIONS, "gateway https", move |s, p| {
-                        gateway::https_session(g.clone(), s, p)
-                    });
+                    role.spawn(
+                        l,
+                        gateway::MAX_CONNECTIONS,
+                        Some(gateway::MAX_CONNECTIONS_PER_CLIENT),
+                        "gateway https",
+                        move |s, p| gateway::https_session(g.clone(), s, p),
+                    );
                 }
                 if let Some(l) = http {
                     let g = gw.clone();
-                    role.spawn(l, gateway::MAX_CONNECTIONS, "gateway http", move |s, p| {
-                        gateway::http_session(g.clone(), s, p)
-                    });
+                    role.spawn(
+                        l,
+                        gateway::MAX_CONNECTIONS,
+                        Some(gateway::MAX_CONNECTIONS_PER_CLIENT),
+                        "gateway http",
+                        move |s, p| gateway::http_session(g.clone(), s, p),
+                    );
                 }
                 info!(https = ?role.pair.first, http = ?role.pair.second, "gateway listening");
                 Ok(role)
@@ -420,7 +432,7 @@ impl<P: super::platform::Platform> Node<P> {
                 let mut role = Role::new(pair);
                 if let Some(l) = socks {
                     let d = dialer.clone();
-                    role.spawn(l, PROXY_MAX_CONNECTIONS, "socks5", move |s, _p| {
+                    role.spawn(l, PROXY_MAX_CONNECTIONS, None, "socks5", move |s, _p| {
                         let d = d.clone();
                         async move {
                             let _ = forward::socks5_session(s, d.as_ref()).await;
@@ -429,12 +441,18 @@ impl<P: super::platform::Platform> Node<P> {
                 }
                 if let Some(l) = http {
                     let d = dialer.clone();
-                    role.spawn(l, PROXY_MAX_CONNECTIONS, "http proxy", move |s, _p| {
-                        let d = d.clone();
-                        async move {
-                            let _ = forward::http_session(s, d.as_ref()).await;
-                        }
-                    });
+                    role.spawn(
+                        l,
+                        PROXY_MAX_CONNECTIONS,
+                        None,
+                        "http proxy",
+                        move |s, _p| {
+                            let d = d.clone();
+                            async move {
+                                let _ = forward::http_session(s, d.as_ref()).await;
+                            }
+                        },
+                    );
                 }
                 info!(socks5 = ?role.pair.first, http = ?role.pair.second, "proxy listening");
                 Ok(role)

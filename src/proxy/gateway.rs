@@ -25,6 +25,12 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Concurrent client connections per listener.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections one client address (IPv6: one /64) may hold at once, so one source cannot take
+/// every slot.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// A passed-through connection with no byte either way for this long is closed (nginx's
+/// `proxy_timeout` default), so silent or half-closed clients give their slots back.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A serving node that just failed to accept is tried last for this long, so requests do not
 /// each wait out a connect timeout while failure detection catches up.
@@ -119,7 +125,7 @@ impl Gateway {
             return;
         }
         debug!(%host, %peer, node = %route.node, "passing through");
-        let _ = super::splice::splice(&mut client, &mut backend).await;
+        let _ = super::splice::splice_idle(&mut client, &mut backend, IDLE_TIMEOUT).await;
     }
 }
 
