@@ -77,12 +77,30 @@ impl Gateway {
 
     /// Connect to a serving node for `host`, failing over down the list.
     async fn backend(&self, host: &str) -> Option<(TcpStream, HostRoute)> {
+        self.backend_with(host, |addr| connect(addr, BACKEND_CONNECT_TIMEOUT))
+            .await
+    }
+
+    /// [`Gateway::backend`] over any connector: a node that fails is tried last for a while.
+    async fn backend_with<S, E, F, Fut>(&self, host: &str, connect: F) -> Option<(S, HostRoute)>
+    where
+        E: std::fmt::Display,
+        F: Fn(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = Result<S, E>>,
+    {
         for r in self.candidates(host) {
             let addr = SocketAddr::from((r.ip, SERVE_PORT));
-            match connect(addr, BACKEND_CONNECT_TIMEOUT).await {
-                Ok(s) => return Some((s, r)),
+            match connect(addr).await {
+                Ok(s) => {
+                    self.failed.lock().unwrap().remove(&r.ip);
+                    return Some((s, r));
+                }
                 Err(e) => {
-                    debug!(%host, node = %r.node, error = %e, "serving node unreachable; trying the next")
+                    debug!(%host, node = %r.node, error = %e, "serving node unreachable; trying the next");
+                    let now = std::time::Instant::now();
+                    let mut failed = self.failed.lock().unwrap();
+                    failed.retain(|_, t| now.duration_since(*t) < FAILED_BACKEND_PENALTY);
+                    failed.insert(r.ip, now);
                 }
             }
         }
@@ -233,4 +251,52 @@ pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketA
         return;
     }
     gw.pass(client, peer, Kind::Http, host, head).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// A serving node that fails to accept is tried last for a while: the next connections go
+    /// straight to a working one instead of each waiting out the failed node first.
+    #[tokio::test]
+    async fn a_failed_serving_node_is_tried_last() {
+        let (dead, alive) = (Ipv4Addr::new(10, 210, 1, 1), Ipv4Addr::new(10, 210, 2, 1));
+        let route = |ip: Ipv4Addr, node: &str| HostRoute {
+            pattern: "app.example.test".into(),
+            node: node.into(),
+            ip,
+            live: true,
+        };
+        let view = MeshView {
+            hostnames: vec![route(dead, "dead"), route(alive, "alive")],
+            ..Default::default()
+        };
+        let (_tx, rx) = watch::channel(Arc::new(view));
+        let gw = Gateway::new(rx);
+        let tried = std::sync::Mutex::new(Vec::new());
+        let connect = |addr: SocketAddr| {
+            tried.lock().unwrap().push(addr.ip());
+            let ok = addr.ip() == std::net::IpAddr::V4(alive);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                }
+            }
+        };
+        // Round robin puts each node first in turn; once "dead" failed, it never is again.
+        for _ in 0..6 {
+            let (_, r) = gw.backend_with("app.example.test", connect).await.unwrap();
+            assert_eq!(r.node, "alive");
+        }
+        let tried = tried.into_inner().unwrap();
+        let dead_tries = tried
+            .iter()
+            .filter(|ip| **ip == std::net::IpAddr::V4(dead))
+            .count();
+        assert_eq!(dead_tries, 1, "the failed node was tried again: {tried:?}");
+    }
 }
