@@ -277,7 +277,10 @@ impl<P: super::platform::Platform> Node<P> {
                 for s in x.services.iter().flat_map(|r| r.services.iter()) {
                     let sip = s.address.unwrap_or(ip);
                     if range.slot_of(sip) == Some(a.slot) {
-                        v.services.entry(s.name.clone()).or_default().push(sip);
+                        v.services
+                            .entry(s.name.clone())
+                            .or_default()
+                            .push((name.clone(), sip));
                     }
                 }
             }

@@ -167,12 +167,14 @@ pub struct MeshDialer {
 impl Dialer for MeshDialer {
     async fn dial(&self, req: &DialRequest) -> Result<BoxStream, DialError> {
         let view = self.view.borrow().clone();
-        let Some(exit) = &req.exit else {
-            let ip = view
-                .resolve(&req.host)
-                .ok_or_else(|| DialError::NotInMesh(req.host.clone()))?;
+        // Mesh names and addresses are always reached directly, also when the client names an
+        // exit node (exits refuse the mesh range anyway): one proxy setting serves both.
+        if let Some(ip) = view.resolve(&req.host) {
             let s = connect(SocketAddr::from((ip, req.port)), self.connect_timeout).await?;
             return Ok(Box::new(s));
+        }
+        let Some(exit) = &req.exit else {
+            return Err(DialError::NotInMesh(req.host.clone()));
         };
         let node = view
             .node(exit)
@@ -269,4 +271,61 @@ pub fn mem_echo() -> BoxStream {
         let _ = tokio::io::copy(&mut r, &mut w).await;
     });
     Box::new(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::routes::NodeView;
+    use tokio::io::AsyncReadExt;
+
+    /// With an exit node named (a browser set up once with `office:x`), mesh names still go
+    /// straight to their node; only the rest would go through the exit.
+    #[tokio::test]
+    async fn mesh_names_are_reached_directly_also_when_an_exit_is_named() {
+        // A "mesh" on loopback: 127.0.0.0/16, node db at 127.0.7.1.
+        let listener = tokio::net::TcpListener::bind("127.0.7.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.write_all(b"db").await;
+        });
+        let mut view = MeshView {
+            domain: "mesh.internal".into(),
+            range: Some("127.0.0.0/16".parse().unwrap()),
+            ..Default::default()
+        };
+        view.nodes.insert(
+            "db".into(),
+            NodeView {
+                ip: std::net::Ipv4Addr::new(127, 0, 7, 1),
+                live: true,
+                exit: false,
+            },
+        );
+        let (_tx, rx) = watch::channel(Arc::new(view));
+        let dialer = MeshDialer {
+            view: rx,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let req = DialRequest {
+            host: "db.mesh.internal".into(),
+            port,
+            exit: Some("office".into()),
+        };
+        let mut s = dialer.dial(&req).await.expect("direct to the mesh node");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"db");
+        // Outside the mesh, the (unknown) exit is what it would go through.
+        let outside = DialRequest {
+            host: "example.com".into(),
+            port: 443,
+            exit: Some("office".into()),
+        };
+        assert!(matches!(
+            dialer.dial(&outside).await,
+            Err(DialError::UnknownExit(e)) if e == "office"
+        ));
+    }
 }

@@ -29,8 +29,8 @@ pub struct MeshView {
     pub range: Option<MeshRange>,
     /// By DNS name.
     pub nodes: HashMap<String, NodeView>,
-    /// Service name -> addresses of live providers.
-    pub services: HashMap<String, Vec<Ipv4Addr>>,
+    /// Service name -> live providers: (node name, the service's address on it).
+    pub services: HashMap<String, Vec<(String, Ipv4Addr)>>,
     pub hostnames: Vec<HostRoute>,
 }
 
@@ -81,10 +81,19 @@ impl MeshView {
         };
         if let Some(inner) = local.strip_suffix(".svc") {
             return match inner.split_once('.') {
-                // NODE.NAME.svc: that node's instance.
-                Some((node, _service)) => self.nodes.get(node).map(|n| n.ip),
+                // NODE.NAME.svc: that node's instance, at the address it publishes (as DNS
+                // answers it), if that node provides the service.
+                Some((node, service)) => self
+                    .services
+                    .get(service)
+                    .and_then(|v| v.iter().find(|(n, _)| n == node))
+                    .map(|(_, ip)| *ip),
                 // NAME.svc: a live provider.
-                None => self.services.get(inner).and_then(|v| v.first().copied()),
+                None => self
+                    .services
+                    .get(inner)
+                    .and_then(|v| v.first())
+                    .map(|(_, ip)| *ip),
             };
         }
         self.nodes.get(&local).map(|n| n.ip)
@@ -125,8 +134,10 @@ mod tests {
                 exit: true,
             },
         );
-        v.services
-            .insert("api".into(), vec![Ipv4Addr::new(10, 210, 4, 7)]);
+        v.services.insert(
+            "api".into(),
+            vec![("db1".into(), Ipv4Addr::new(10, 210, 4, 7))],
+        );
         for (p, n, ip, live) in [
             ("app.example.com", "a", 1, false),
             ("app.example.com", "b", 2, true),
@@ -176,10 +187,13 @@ mod tests {
             v.resolve("api.svc.mesh.internal"),
             Some(Ipv4Addr::new(10, 210, 4, 7))
         );
+        // A node's instance is at the address it publishes for the service, like in DNS; a node
+        // that does not provide the service has no instance.
         assert_eq!(
             v.resolve("db1.api.svc.mesh.internal"),
-            Some(Ipv4Addr::new(10, 210, 4, 1))
+            Some(Ipv4Addr::new(10, 210, 4, 7))
         );
+        assert_eq!(v.resolve("gw.api.svc.mesh.internal"), None);
         assert_eq!(v.resolve("10.210.9.9"), Some(Ipv4Addr::new(10, 210, 9, 9)));
         assert_eq!(v.resolve("192.0.2.1"), None);
         assert_eq!(v.resolve("example.com"), None);
