@@ -459,3 +459,83 @@ fn changing_the_gateway_listeners_keeps_it_serving() {
         .unwrap();
     assert!(refused, "port 80 still accepts connections");
 }
+
+/// Handoffs are taken only from member nodes' own addresses: a workload in a member's /24 (a
+/// container) cannot hand a serving node a made-up client.
+#[test]
+fn handoffs_from_a_workload_address_are_refused() {
+    use meshd::proxy::preamble::{encode, Handoff, Kind, HANDOFF_MAGIC};
+    let mut lab = Lab::new("gwsrc", 3);
+    let token = lab.init(GW, "gw", &[]);
+    lab.join(S1, "s1", &token);
+    lab.wait_all_pairs(&[GW, S1], Duration::from_secs(30));
+    let _w = workloads::http(lab.ns(S1), local(8080), "s1");
+    expose(
+        &lab,
+        S1,
+        &[
+            "h.example.test",
+            "--to",
+            "127.0.0.1:8443",
+            "--http-to",
+            "127.0.0.1:8080",
+        ],
+    );
+    // A workload address in gw's /24, on gw's mesh interface.
+    let gw_ip = lab.mesh_ip(GW);
+    let o = gw_ip.octets();
+    let workload = std::net::Ipv4Addr::new(o[0], o[1], o[2], 7);
+    let cidr = format!("{workload}/32");
+    let ip_ok = lab.sh(GW, "ip", &["addr", "add", &cidr, "dev", "mesh0"]);
+    assert!(
+        ip_ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ip_ok.stderr)
+    );
+
+    let target = SocketAddr::from((lab.mesh_ip(S1), meshd::proxy::SERVE_PORT));
+    let mut msg = encode(
+        HANDOFF_MAGIC,
+        &Handoff {
+            kind: Kind::Http,
+            hostname: "h.example.test".into(),
+            client: "203.0.113.66:1234".parse().unwrap(),
+            gateway: SocketAddr::from((gw_ip, 80)),
+        },
+    );
+    msg.extend_from_slice(b"GET /x HTTP/1.0\r\nHost: h.example.test\r\n\r\n");
+    let handoff_from = |source: std::net::Ipv4Addr| {
+        let msg = msg.clone();
+        lab.ns(GW)
+            .run(move || {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                sock.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+                sock.connect_timeout(&target.into(), Duration::from_secs(5))
+                    .unwrap();
+                let mut s: std::net::TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(&msg).unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                String::from_utf8_lossy(&out).into_owned()
+            })
+            .unwrap()
+    };
+    // From the node itself: served (once s1 knows the name is exposed; it is local state).
+    let mut from_node = String::new();
+    lab.wait_for(
+        "a handoff from gw's own address to be served",
+        Duration::from_secs(15),
+        || {
+            from_node = handoff_from(gw_ip);
+            from_node.contains("hello http from s1")
+        },
+    );
+    // From the workload address: closed without an answer.
+    assert_eq!(
+        handoff_from(workload),
+        "",
+        "a workload's handoff was served"
+    );
+}

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 const MESH_SIDE_MAX_CONNECTIONS: usize = 4096;
 const PROXY_MAX_CONNECTIONS: usize = 1024;
@@ -346,6 +346,17 @@ impl<P: super::platform::Platform> Node<P> {
                     continue;
                 }
             };
+            // Handoffs and exit requests come from member nodes themselves (a gateway, a
+            // member's proxy), never from workloads in their /24s: a container must not be able
+            // to hand a serving node a made-up client address, or use exits on its own.
+            let view = self.edge.view_tx.subscribe();
+            let from_node = move |p: SocketAddr| {
+                let ok = view.borrow().is_node_address(p.ip());
+                if !ok {
+                    debug!(peer = %p, what, "refused: not a member node's address");
+                }
+                ok
+            };
             if port == SERVE_PORT {
                 let exposed = self.edge.exposed_tx.subscribe();
                 tokio::spawn(accept_loop(
@@ -354,7 +365,14 @@ impl<P: super::platform::Platform> Node<P> {
                     None,
                     stop.clone(),
                     "serve",
-                    move |s, p| serve::session(exposed.clone(), s, p),
+                    move |s, p| {
+                        let run = from_node(p).then(|| serve::session(exposed.clone(), s, p));
+                        async move {
+                            if let Some(f) = run {
+                                f.await
+                            }
+                        }
+                    },
                 ));
             } else {
                 let enabled = self.edge.exit_tx.subscribe();
@@ -366,7 +384,15 @@ impl<P: super::platform::Platform> Node<P> {
                     None,
                     stop.clone(),
                     "exit",
-                    move |s, p| exit::session(enabled.clone(), name.clone(), mesh, s, p),
+                    move |s, p| {
+                        let run = from_node(p)
+                            .then(|| exit::session(enabled.clone(), name.clone(), mesh, s, p));
+                        async move {
+                            if let Some(f) = run {
+                                f.await
+                            }
+                        }
+                    },
                 ));
             }
         }

@@ -99,6 +99,13 @@ impl MeshView {
         self.nodes.get(&local).map(|n| n.ip)
     }
 
+    /// Whether `ip` is a member node's own address (its `.1`), not just any address in a
+    /// member's /24 (its workloads).
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.nodes.values().any(|n| IpAddr::V4(n.ip) == ip)
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeView> {
         let name = name.to_ascii_lowercase();
         let short = name
@@ -199,5 +206,11 @@ mod tests {
         assert_eq!(v.resolve("example.com"), None);
         assert_eq!(v.resolve("nobody"), None);
         assert!(v.node("gw.mesh.internal").unwrap().exit);
+        assert!(v.is_node_address("10.210.4.1".parse().unwrap()));
+        assert!(v.is_node_address("::ffff:10.210.5.1".parse().unwrap()));
+        assert!(
+            !v.is_node_address("10.210.4.7".parse().unwrap()),
+            "a workload of db1"
+        );
     }
 }
