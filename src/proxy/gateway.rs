@@ -219,6 +219,29 @@ pub async fn https_session(gw: Arc<Gateway>, mut client: TcpStream, peer: Socket
     }
 }
 
+/// The host an HTTP request is routed by, and the bytes to pass on. A request must carry
+/// exactly one valid Host. The connection is routed once, so it carries one request:
+/// `Connection: close` replaces the client's connection headers (later requests for other
+/// hosts on a kept-alive connection would reach this backend). An `Upgrade` request (WebSocket)
+/// passes unchanged: after the upgrade the connection is no longer HTTP.
+fn http_route(h: &http_head::RequestHead, buf: &[u8]) -> Option<(String, Vec<u8>)> {
+    let hosts = h
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .count();
+    if hosts != 1 {
+        return None;
+    }
+    let host = h.host()?;
+    if h.header("upgrade").is_some() {
+        return Some((host, buf.to_vec()));
+    }
+    let mut out = h.to_origin(&h.target);
+    out.extend_from_slice(&buf[h.len.min(buf.len())..]);
+    Some((host, out))
+}
+
 /// One HTTP client (HTTP-01 challenges, redirects to HTTPS: whatever the workload answers).
 pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketAddr) {
     let verdict = read_head(
@@ -234,13 +257,13 @@ pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketA
         debug!(%peer, "no request head in time; closed");
         return;
     };
-    let host = match verdict {
-        Ok(Some(h)) => h.host(),
+    let routed = match verdict {
+        Ok(Some(h)) => http_route(&h, &head),
         _ => None,
     };
-    let Some(host) = host else {
+    let Some((host, head)) = routed else {
         let _ = client
-            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmissing or bad Host\r\n\n")
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nthe request needs exactly one valid Host\r\n")
             .await;
         return;
     };
@@ -257,6 +280,30 @@ pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketA
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn http_requests_are_routed_once_and_closed_after_one_request() {
+        let parse = |b: &[u8]| http_head::parse(b).unwrap().unwrap();
+        let buf = b"POST /a HTTP/1.1\r\nHost: App.example.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nhi";
+        let (host, out) = http_route(&parse(buf), buf).unwrap();
+        assert_eq!(host, "app.example.test");
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("POST /a HTTP/1.1\r\n"), "{out}");
+        assert!(out.contains("Content-Length: 2\r\n"), "{out}");
+        assert!(!out.to_ascii_lowercase().contains("keep-alive"), "{out}");
+        assert!(
+            out.ends_with("Connection: close\r\n\r\nhi"),
+            "the body follows: {out}"
+        );
+        // Two Host headers (or none): not routed.
+        let two = b"GET / HTTP/1.1\r\nHost: a.example.test\r\nHost: b.example.test\r\n\r\n";
+        assert!(http_route(&parse(two), two).is_none());
+        let none = b"GET / HTTP/1.0\r\n\r\n";
+        assert!(http_route(&parse(none), none).is_none());
+        // A WebSocket upgrade passes as it came.
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a.example.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(http_route(&parse(ws), ws).unwrap().1, ws.to_vec());
+    }
 
     /// A serving node that fails to accept is tried last for a while: the next connections go
     /// straight to a working one instead of each waiting out the failed node first.
