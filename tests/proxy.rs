@@ -216,6 +216,47 @@ fn socks5_and_http_proxy_reach_mesh_names_and_exit_nodes_reach_the_rest() {
         },
     );
 
+    // An open exit connection ends when e stops being an exit node.
+    let _outside_echo = workloads::echo(lab.ns(4), "203.0.113.10:7".parse().unwrap());
+    let mut nc = lab
+        .ns(A)
+        .command(common::MESHCTL)
+        .args(["--socket", lab.socket(A).to_str().unwrap()])
+        .args(["nc", "203.0.113.10", "7", "--exit", "e"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = nc.stdin.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = nc.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.ok()).is_err() {
+                break;
+            }
+        }
+        let _ = tx.send(None); // EOF
+    });
+    {
+        use std::io::Write;
+        stdin.write_all(b"through e\n").unwrap();
+    }
+    let echoed = lines.recv_timeout(Duration::from_secs(10));
+    assert_eq!(echoed, Ok(Some("through e".to_string())));
+    let o = lab.meshctl(E, &["exit-node", "disable"]);
+    assert!(o.status.success());
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(10)),
+        Ok(None),
+        "the exit connection stays open after exit-node disable"
+    );
+    drop(stdin);
+    let _ = nc.kill();
+    let _ = nc.wait();
+
     // Settings survive a restart.
     lab.stop(A);
     lab.run(A);
@@ -245,6 +286,46 @@ fn meshctl_nc_carries_a_session_both_ways_with_half_close() {
     let o = lab.sh(A, "sh", &["-c", &script]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "SSH-2.0-meshd-test\n");
+    // The far side closing ends the session, also while stdin stays open (like nc).
+    let bye = SocketAddr::from((lab.mesh_ip(B), 2223));
+    let (bound, listening) = std::sync::mpsc::channel();
+    let server = lab
+        .ns(B)
+        .spawn(move || {
+            use std::io::Write;
+            let l = std::net::TcpListener::bind(bye).unwrap();
+            bound.send(()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"bye\n").unwrap();
+        })
+        .unwrap();
+    listening.recv_timeout(Duration::from_secs(10)).unwrap();
+    let mut nc = lab
+        .ns(A)
+        .command(common::MESHCTL)
+        .args(["--socket", lab.socket(A).to_str().unwrap()])
+        .args(["nc", "b", "2223"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin_kept_open = nc.stdin.take().unwrap();
+    let mut exited = None;
+    lab.wait_for(
+        "meshctl nc to end after the far side closed",
+        Duration::from_secs(10),
+        || {
+            exited = nc.try_wait().unwrap();
+            exited.is_some()
+        },
+    );
+    assert!(exited.unwrap().success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut nc.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "bye\n");
+    drop(stdin_kept_open);
+    server.join().unwrap();
+
     // A name that is not in the mesh: a clear error, non-zero exit.
     let o = lab.meshctl(A, &["nc", "example.com", "22"]);
     assert!(!o.status.success());

@@ -18,7 +18,12 @@ pub fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // `meshctl nc` reads stdin on a blocking thread that cannot be interrupted; a normal runtime
+    // drop would wait for that read, so nc would hang after the far side closed until the user
+    // typed something or closed stdin.
+    rt.shutdown_background();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
