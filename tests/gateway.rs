@@ -538,4 +538,47 @@ fn handoffs_from_a_workload_address_are_refused() {
         "",
         "a workload's handoff was served"
     );
+
+    // A live connection to an exposed name ends when the name is withdrawn.
+    let _echo = workloads::echo(lab.ns(S1), local(9000));
+    expose(&lab, S1, &["echo.example.test", "--to", "127.0.0.1:9000"]);
+    let hello = encode(
+        HANDOFF_MAGIC,
+        &Handoff {
+            kind: Kind::Tls,
+            hostname: "echo.example.test".into(),
+            client: "203.0.113.66:1234".parse().unwrap(),
+            gateway: SocketAddr::from((gw_ip, 443)),
+        },
+    );
+    let (echoed_tx, echoed) = std::sync::mpsc::channel::<()>();
+    let (unexposed_tx, unexposed) = std::sync::mpsc::channel::<()>();
+    let session = lab
+        .ns(GW)
+        .spawn(move || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&hello).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"ping");
+            echoed_tx.send(()).unwrap();
+            unexposed.recv_timeout(Duration::from_secs(20)).unwrap();
+            // Closed by the serving node: EOF, not the read timeout.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).is_ok()
+        })
+        .unwrap();
+    echoed
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the echo session works");
+    let o = lab.meshctl(S1, &["unexpose", "echo.example.test"]);
+    assert!(o.status.success());
+    unexposed_tx.send(()).unwrap();
+    assert!(
+        session.join().unwrap().unwrap(),
+        "the connection stayed open after unexpose"
+    );
 }

@@ -165,7 +165,14 @@ pub async fn session(
                     return;
                 }
                 debug!(%peer, target = %a, "exit connection");
-                let _ = super::splice::splice(&mut client, &mut target).await;
+                // `meshctl exit-node disable` also ends the connections already open.
+                let mut enabled = enabled.clone();
+                tokio::select! {
+                    _ = super::splice::splice(&mut client, &mut target) => {}
+                    _ = enabled.wait_for(|on| !*on) => {
+                        info!(%peer, target = %a, "exit connection closed: this node is no longer an exit node");
+                    }
+                }
                 return;
             }
             Err(e) => last = e.to_string(),

@@ -104,7 +104,15 @@ pub async fn session(
         return;
     }
     debug!(host = %handoff.hostname, client = %handoff.client, %to, "serving");
-    let _ = super::splice::splice(&mut from_gw, &mut workload).await;
+    // `meshctl unexpose` (or re-exposing the name elsewhere) also ends the connections open.
+    let mut exposed = exposed.clone();
+    let host = handoff.hostname.clone();
+    tokio::select! {
+        _ = super::splice::splice(&mut from_gw, &mut workload) => {}
+        _ = exposed.wait_for(|list| find(list, &host).map(|e| (e.to, e.http_to)) != Some((target.to, target.http_to))) => {
+            info!(%host, "connection closed: the name is no longer exposed here as it was");
+        }
+    }
 }
 
 #[cfg(test)]
