@@ -324,7 +324,7 @@ fn meshctl_nc_carries_a_session_both_ways_with_half_close() {
     std::io::Read::read_to_string(&mut nc.stdout.take().unwrap(), &mut out).unwrap();
     assert_eq!(out, "bye\n");
     drop(stdin_kept_open);
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 
     // A name that is not in the mesh: a clear error, non-zero exit.
     let o = lab.meshctl(A, &["nc", "example.com", "22"]);
