@@ -80,7 +80,19 @@ where
             client.write_all(&[1, 0]).await?;
             exit = (!user.is_empty()).then_some(user);
         }
-        let req = read_until(&mut client, &mut buf, socks5::parse_request).await?;
+        let req = match read_until(&mut client, &mut buf, socks5::parse_request).await {
+            Ok(r) => r,
+            // RFC 1928: a request that cannot be served still gets a reply saying why.
+            Err(ProxyError::Socks(e)) => {
+                let code = match e {
+                    socks5::Socks5Error::AddressType(_) => socks5::REP_ATYP_UNSUPPORTED,
+                    _ => socks5::REP_FAILURE,
+                };
+                let _ = client.write_all(&socks5::reply(code)).await;
+                return Err(ProxyError::Socks(e));
+            }
+            Err(e) => return Err(e),
+        };
         Ok::<_, ProxyError>((req, exit))
     })
     .await
@@ -277,6 +289,11 @@ mod tests {
                     r
                 },
                 socks5::REP_CMD_UNSUPPORTED,
+            ),
+            (
+                // An address type RFC 1928 does not define.
+                vec![5, 1, 0, 9, 1, 2, 3, 4, 0, 80],
+                socks5::REP_ATYP_UNSUPPORTED,
             ),
         ] {
             let (mut c, s) = tokio::io::duplex(4096);
