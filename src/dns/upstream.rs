@@ -25,13 +25,20 @@ pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
 }
 
 /// Drop addresses that would bring queries back to the mesh (this node or any member): forwarding
-/// must never loop.
+/// must never loop. IPv6 link-local servers (`fe80::1%eth0`) are dropped too: the forwarder
+/// addresses servers without an interface scope, so they cannot be reached.
 pub fn usable(addrs: Vec<SocketAddr>, mesh: &MeshRange) -> Vec<SocketAddr> {
     addrs
         .into_iter()
         .filter(|a| match a.ip() {
             IpAddr::V4(v4) => !mesh.contains(v4),
-            IpAddr::V6(_) => true,
+            IpAddr::V6(v6) => {
+                let link_local = v6.is_unicast_link_local();
+                if link_local {
+                    tracing::warn!(server = %v6, "skipping a link-local DNS server: meshd cannot forward to it; pass --dns-upstream");
+                }
+                !link_local
+            }
         })
         .collect()
 }
@@ -73,12 +80,12 @@ mod tests {
             ips.into_iter().map(|ip| SocketAddr::new(ip, 53)).collect(),
             &mesh,
         );
+        assert_eq!(u, vec!["192.0.2.53:53".parse().unwrap()]);
+        let v6: Vec<SocketAddr> = vec!["[2001:db8::53]:53".parse().unwrap()];
         assert_eq!(
-            u,
-            vec![
-                "192.0.2.53:53".parse().unwrap(),
-                "[fe80::1]:53".parse().unwrap()
-            ]
+            usable(v6.clone(), &mesh),
+            v6,
+            "global IPv6 servers are kept"
         );
         assert_eq!(
             discover(&["192.0.2.1:5353".parse().unwrap()], &mesh),
