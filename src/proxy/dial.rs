@@ -62,6 +62,7 @@ impl DialError {
                 ExitStatus::NotAnExit | ExitStatus::Refused => socks5::REP_NOT_ALLOWED,
                 ExitStatus::ResolveFailed => socks5::REP_HOST_UNREACHABLE,
                 ExitStatus::ConnectFailed => socks5::REP_REFUSED,
+                ExitStatus::Unreachable => socks5::REP_HOST_UNREACHABLE,
                 ExitStatus::Ok => socks5::REP_FAILURE,
             },
             DialError::Connect { source, .. }

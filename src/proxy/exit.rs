@@ -79,6 +79,19 @@ pub fn refusal(ip: IpAddr, mesh: &MeshRange, own: &[IpAddr]) -> Option<&'static 
     None
 }
 
+/// The status an exit reports when no address of a destination could be connected: refused if
+/// any address refused (the host is there, the port is closed), else unreachable.
+fn worse_of(so_far: ExitStatus, e: &super::dial::DialError) -> ExitStatus {
+    match e {
+        super::dial::DialError::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            ExitStatus::ConnectFailed
+        }
+        _ => so_far,
+    }
+}
+
 pub async fn session(
     enabled: watch::Receiver<bool>,
     name: String,
@@ -155,6 +168,7 @@ pub async fn session(
         return;
     }
     let mut last = String::from("no address");
+    let mut status = ExitStatus::Unreachable;
     for a in addrs {
         match connect(a, CONNECT_TIMEOUT).await {
             Ok(mut target) => {
@@ -175,15 +189,51 @@ pub async fn session(
                 }
                 return;
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => {
+                status = worse_of(status, &e);
+                last = e.to_string();
+            }
         }
     }
-    let _ = answer(&mut client, ExitStatus::ConnectFailed, last).await;
+    let _ = answer(&mut client, status, last).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_reported_as_such_and_silence_as_unreachable() {
+        use super::super::dial::DialError;
+        let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        let refused = DialError::Connect {
+            addr,
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let timeout = DialError::Timeout(addr);
+        let mut s = ExitStatus::Unreachable;
+        s = worse_of(s, &timeout);
+        assert_eq!(s, ExitStatus::Unreachable);
+        s = worse_of(s, &refused);
+        s = worse_of(s, &timeout);
+        assert_eq!(s, ExitStatus::ConnectFailed);
+        let rep = |status| {
+            DialError::ExitRefused {
+                node: "e".into(),
+                status,
+                message: String::new(),
+            }
+            .socks_reply()
+        };
+        assert_eq!(
+            rep(ExitStatus::ConnectFailed),
+            crate::proxy::socks5::REP_REFUSED
+        );
+        assert_eq!(
+            rep(ExitStatus::Unreachable),
+            crate::proxy::socks5::REP_HOST_UNREACHABLE
+        );
+    }
 
     #[test]
     fn exits_refuse_their_own_host_link_local_and_the_mesh() {

@@ -45,8 +45,11 @@ pub enum ExitStatus {
     Ok,
     NotAnExit,
     ResolveFailed,
+    /// The destination refused the connection.
     ConnectFailed,
     Refused,
+    /// The destination did not answer in time, or has no route.
+    Unreachable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
