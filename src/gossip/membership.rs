@@ -90,6 +90,9 @@ pub struct Membership {
     invite_uses: BTreeSet<InviteUse>,
     /// Set whenever something worth persisting changed.
     pub dirty: bool,
+    /// When this view was made (the process start): silence is only counted from here, since
+    /// nothing could be heard before (a node down for a month must not forget its peers).
+    started_at: u64,
 }
 
 impl Membership {
@@ -104,6 +107,7 @@ impl Membership {
             tombstones: BTreeMap::new(),
             invite_uses: BTreeSet::new(),
             dirty: true,
+            started_at: now,
         };
         m.insert_cert(own, now);
         if let Some(me) = m.members.get_mut(&self_id) {
@@ -387,6 +391,7 @@ impl Membership {
     /// slots are freed.
     pub fn prune(&mut self, now: u64) -> Vec<String> {
         let self_id = self.self_id;
+        let started_at = self.started_at;
         let mut never_came = HashSet::new();
         let gone: Vec<NodeId> = self
             .members
@@ -394,14 +399,15 @@ impl Membership {
             .filter(|m| m.cert.node_id != self_id)
             .filter(|m| {
                 let never_seen = m.record.is_none() && m.liveness != Liveness::Alive;
+                let since = |t: u64| now.saturating_sub(t.max(started_at));
                 let pending_expired =
-                    never_seen && now.saturating_sub(m.first_seen) > PENDING_MEMBER_TTL.as_secs();
+                    never_seen && since(m.first_seen) > PENDING_MEMBER_TTL.as_secs();
                 if pending_expired {
                     never_came.insert(m.cert.node_id.to_string());
                 }
                 pending_expired
                     || (m.liveness != Liveness::Alive
-                        && now.saturating_sub(m.last_seen) > MEMBER_CACHE_TTL.as_secs())
+                        && since(m.last_seen) > MEMBER_CACHE_TTL.as_secs())
             })
             .map(|m| m.cert.node_id)
             .collect();
@@ -848,6 +854,31 @@ mod tests {
             m.prune(1000 + PENDING_MEMBER_TTL.as_secs() + 1),
             vec!["b".to_string()]
         );
+    }
+
+    /// A node that was down (or whose cache was last written) long ago keeps its members at
+    /// restart: silence counts only from the start of this run.
+    #[test]
+    fn a_restart_after_a_month_forgets_no_member() {
+        let w = world(None);
+        let (_, a) = node(&w, "a", 100);
+        let (kb, b) = node(&w, "b", 200);
+        let mut before = Membership::new(params(&w), a.clone(), 1000);
+        before.ingest_cert(&b.raw, 1000).unwrap();
+        before
+            .ingest_record(b.node_id, &record(&kb, 1, 0, false))
+            .unwrap();
+        before.set_liveness(b.node_id, Liveness::Alive, 1000);
+        let cache = before.to_cache();
+
+        let month = MEMBER_CACHE_TTL.as_secs();
+        let restart = 1000 + 2 * month;
+        let mut after = Membership::new(params(&w), a, restart);
+        assert!(after.load_cache(&cache, restart).is_empty());
+        assert!(after.prune(restart).is_empty(), "forgot members at restart");
+        assert!(after.prune(restart + month - 1).is_empty());
+        // Silent for a whole month of this run: forgotten.
+        assert_eq!(after.prune(restart + month + 1), vec!["b".to_string()]);
     }
 
     /// A one-use token whose joiner was admitted but never ran can be used again once that

@@ -439,7 +439,9 @@ impl<P: Platform> Node<P> {
                 self.published_revocations.insert(id);
             }
         }
-        if self.m.dirty && self.last_persist.elapsed() >= Duration::from_secs(1) {
+        // Also hourly without changes, so members' last-seen times on disk stay current.
+        let since = self.last_persist.elapsed();
+        if (self.m.dirty && since >= Duration::from_secs(1)) || since >= Duration::from_secs(3600) {
             if let Err(e) = self.persist() {
                 error!(error = %e, "saving the member cache failed");
             }
