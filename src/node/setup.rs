@@ -86,6 +86,16 @@ pub fn create_mesh<P: Platform>(
     now: u64,
 ) -> anyhow::Result<Token> {
     state.ensure_empty()?;
+    if let Some(old) = state.load_root()? {
+        anyhow::bail!(
+            "{} holds the root key of mesh {} (kept when this node left it); a new mesh here would \
+             overwrite it, and it is the only way to administer that mesh. Move {} somewhere safe, \
+             or use another --state-dir",
+            state.path().display(),
+            MeshId(old.public()),
+            state.file("root.key").display()
+        );
+    }
     let root = RootKey::generate();
     let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
     // The first node joins through an invite of its own, so every certificate has the same
@@ -367,6 +377,15 @@ mod tests {
         .to_string();
         assert!(e.contains("holds the root key of mesh"), "{e}");
         assert!(st.load_root().unwrap().is_some(), "the root key is kept");
+        assert!(!st.is_initialized());
+
+        // Nor does a new mesh made here overwrite it.
+        let kept = st.load_root().unwrap().unwrap().public();
+        let e = create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1002)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds the root key of mesh"), "{e}");
+        assert_eq!(st.load_root().unwrap().unwrap().public(), kept);
         assert!(!st.is_initialized());
     }
 
