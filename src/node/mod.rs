@@ -168,13 +168,24 @@ pub async fn run_on<P: Platform>(
     for w in m.load_cache(&cache, now) {
         warn!("{w}");
     }
+    // Both end the node for good: exit status 3, which the systemd unit does not restart.
     if m.is_revoked(&cert.node_id, &cert.wireguard) {
-        anyhow::bail!(
+        error!(
             "this node ({}) was removed from mesh {mesh} by an administrator; it cannot come back with \
              this identity. Move {} away and join again with a new token",
             cert.name,
             opts.state_dir.display()
         );
+        return Ok(Exit::Removed);
+    }
+    if m.over_its_invite(&cert.node_id) {
+        error!(
+            "this node ({}) joined with an invite that other nodes used up first; move {} away and \
+             join again with a new token",
+            cert.name,
+            opts.state_dir.display()
+        );
+        return Ok(Exit::InviteUsedUp);
     }
 
     let own_slot = m
