@@ -36,14 +36,19 @@ fn leave_releases_the_subnet_for_the_next_joiner() {
         out.contains(&format!("subnet {b_subnet} released")),
         "{out}"
     );
+    // When `meshd leave` returns, the identity is gone and the daemon has exited.
+    assert!(
+        !lab.state_dir(1).join("node.key").exists(),
+        "identity deleted"
+    );
+    assert!(
+        !lab.is_running(1),
+        "meshd still running after leave returned"
+    );
     assert_eq!(
         lab.wait_exit(1, Duration::from_secs(10)),
         Some(0),
         "meshd exits after leave"
-    );
-    assert!(
-        !lab.state_dir(1).join("node.key").exists(),
-        "identity deleted"
     );
     lab.wait_for("a to drop b", Duration::from_secs(15), || {
         lab.status(0).peers.is_empty()

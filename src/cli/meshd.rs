@@ -277,9 +277,31 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 async fn leave(paths: &Paths) -> anyhow::Result<ExitCode> {
     let c = Client::new(&paths.socket);
     let r: LeaveResponse = c.post("/v1/leave", &serde_json::json!({})).await?;
-    // Wait for the daemon to finish (it removes its socket on the way out).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while paths.socket.exists() && Instant::now() < deadline {
+    // Wait for the daemon to exit, so its port, TUN device and state lock are free when this
+    // returns (`meshd leave && meshd join ...`). An older daemon sends no pid: its socket going
+    // away is the sign then.
+    let stat = std::path::PathBuf::from(format!("/proc/{}/stat", r.pid));
+    let running = || {
+        if r.pid == 0 {
+            return paths.socket.exists();
+        }
+        // Gone, or a zombie its parent has not reaped yet: either way it let go of everything.
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running() {
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "{} announced its departure, but meshd (pid {}) has not exited after 15 s; \
+                 check its log",
+                r.name,
+                r.pid
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("{} left the mesh; subnet {} released", r.name, r.subnet);

@@ -233,6 +233,9 @@ pub struct RemoveResponse {
 pub struct LeaveResponse {
     pub name: String,
     pub subnet: String,
+    /// The daemon's process id: `meshd leave` waits for it to exit (port and lock released).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// Error body of every failed call.

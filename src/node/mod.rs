@@ -297,26 +297,29 @@ pub async fn run_on<P: Platform>(
     if let Some(d) = node.dns.take() {
         d.stop().await;
     }
-    api_stop.cancel();
     dev_stop.cancel();
-    match &exit {
+    // State first, then the API socket: a `meshd leave` waiting on this process sees the state
+    // gone by the time it returns.
+    let saved = match &exit {
         Ok(Exit::Shutdown) | Err(_) => {
             if let Err(e) = node.persist() {
                 error!(error = %e, "saving the member cache failed");
             }
+            Ok(())
         }
-        Ok(Exit::Left) => {
-            node.state.remove_node()?;
-        }
+        Ok(Exit::Left) => node.state.remove_node(),
         Ok(Exit::Removed) | Ok(Exit::InviteUsedUp) => {
             let _ = node.persist();
+            Ok(())
         }
-    }
+    };
+    api_stop.cancel();
     // Give the API server a moment to remove its socket; the TUN device goes with the process.
     let deadline = Instant::now() + Duration::from_secs(2);
     while node.socket.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    saved?;
     exit
 }
 
@@ -577,6 +580,7 @@ impl<P: Platform> Node<P> {
         serde_json::to_value(LeaveResponse {
             name: self.cert.name.clone(),
             subnet: subnet_string(&self.m.params.range, self.own_slot),
+            pid: std::process::id(),
         })
         .map_err(|e| ApiFailure::internal(e.to_string()))
     }
