@@ -318,3 +318,27 @@ fn a_mesh_forms_over_an_ipv6_only_underlay() {
         );
     }
 }
+
+/// A node whose TUN device is deleted under it stops with an error (a supervisor restarts it)
+/// instead of running on without tunnels.
+#[test]
+fn a_node_whose_tun_device_is_deleted_exits_with_an_error() {
+    let mut lab = Lab::new("tundel", 1);
+    lab.init(0, "solo", &[]);
+    lab.wait_for("the node to run", Duration::from_secs(15), || {
+        lab.try_status(0).is_some()
+    });
+    let o = lab.sh(0, "ip", &["link", "del", "mesh0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let code = lab.wait_exit(0, Duration::from_secs(15));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit status {code:?}; log:\n{}",
+        lab.log_text(0)
+    );
+    assert!(
+        lab.log_text(0).contains("data plane stopped"),
+        "{}",
+        lab.log_text(0)
+    );
+}

@@ -192,11 +192,16 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let a = tokio::spawn(self.clone().tun_loop());
         let b = tokio::spawn(self.clone().udp_loop());
         let c = tokio::spawn(self.clone().timer_loop());
+        let loops = [a.abort_handle(), b.abort_handle(), c.abort_handle()];
         tokio::select! {
             _ = shutdown.cancelled() => {}
             r = a => warn!(result = ?r, "tun loop ended"),
             r = b => warn!(result = ?r, "udp loop ended"),
             r = c => warn!(result = ?r, "timer loop ended"),
+        }
+        // One loop ending stops the data plane as a whole; the node sees `run` return.
+        for l in loops {
+            l.abort();
         }
     }
 

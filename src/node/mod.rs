@@ -211,7 +211,7 @@ pub async fn run_on<P: Platform>(
 
     let (device, events) = Device::new(tun, udp, keys.wireguard.clone(), params.range, own_slot);
     let dev_stop = CancellationToken::new();
-    tokio::spawn(device.clone().run(dev_stop.clone()));
+    let mut data_plane = tokio::spawn(device.clone().run(dev_stop.clone()));
 
     let edge = edge::Edge::new();
     let listener = api_server::bind(&opts.socket)?;
@@ -287,7 +287,9 @@ pub async fn run_on<P: Platform>(
     });
     info!(name = %node.cert.name, mesh = %params.mesh, address = %mesh_ip, "meshd running");
 
-    let exit = node.main_loop(events, api_rx, &shutdown).await;
+    let exit = node
+        .main_loop(events, api_rx, &shutdown, &mut data_plane)
+        .await;
 
     if let Some(g) = node.gossip.take() {
         g.shutdown().await;
@@ -329,6 +331,7 @@ impl<P: Platform> Node<P> {
         mut events: mpsc::Receiver<DeviceEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
         shutdown: &CancellationToken,
+        data_plane: &mut tokio::task::JoinHandle<()>,
     ) -> anyhow::Result<Exit> {
         let mut tick = tokio::time::interval(RECONCILE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -337,6 +340,15 @@ impl<P: Platform> Node<P> {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                // The data plane stops only when the TUN device or the UDP socket broke for
+                // good (say, mesh0 was deleted): exit with an error, so a supervisor restarts
+                // the node instead of leaving it up without tunnels.
+                r = &mut *data_plane => {
+                    anyhow::bail!(
+                        "the data plane stopped ({}); see the warning above",
+                        match r { Ok(()) => "a device loop ended".to_string(), Err(e) => e.to_string() }
+                    );
+                }
                 _ = tick.tick() => {
                     if let Some(exit) = self.reconcile().await? {
                         return Ok(exit);
