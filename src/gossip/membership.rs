@@ -213,6 +213,17 @@ impl Membership {
                 .collect(),
             revocations: self.revocations.values().map(|r| r.raw.to_b64()).collect(),
             invite_uses: self.invite_uses.iter().cloned().collect(),
+            own_seq: self.members.get(&self.self_id).map_or(0, |m| {
+                [
+                    m.record.as_ref().map(|r| r.seq),
+                    m.services.as_ref().map(|r| r.seq),
+                    m.routes.as_ref().map(|r| r.seq),
+                ]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0)
+            }),
         }
     }
 
@@ -879,6 +890,19 @@ mod tests {
         assert!(after.prune(restart + month - 1).is_empty());
         // Silent for a whole month of this run: forgotten.
         assert_eq!(after.prune(restart + month + 1), vec!["b".to_string()]);
+    }
+
+    /// The cache remembers the highest sequence number this node published, so the next run
+    /// continues above it even with its clock behind.
+    #[test]
+    fn the_cache_keeps_this_nodes_highest_sequence_number() {
+        let w = world(None);
+        let (ka, a) = node(&w, "a", 100);
+        let mut m = Membership::new(params(&w), a.clone(), 1000);
+        assert_eq!(m.to_cache().own_seq, 0);
+        m.ingest_record(a.node_id, &record(&ka, 7_000, 0, false))
+            .unwrap();
+        assert_eq!(m.to_cache().own_seq, 7_000);
     }
 
     /// A one-use token whose joiner was admitted but never ran can be used again once that

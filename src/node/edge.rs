@@ -150,6 +150,11 @@ impl Edge {
         }
     }
 
+    /// Routes records continue above this sequence number (see `MemberCache::own_seq`).
+    pub(super) fn set_seq_floor(&mut self, seq: u64) {
+        self.routes_seq = self.routes_seq.max(seq);
+    }
+
     /// The dialer `meshctl nc` and the proxies use.
     pub(super) fn dialer(&self) -> Arc<dyn Dialer> {
         Arc::new(MeshDialer {

@@ -213,7 +213,8 @@ pub async fn run_on<P: Platform>(
     let dev_stop = CancellationToken::new();
     let mut data_plane = tokio::spawn(device.clone().run(dev_stop.clone()));
 
-    let edge = edge::Edge::new();
+    let mut edge = edge::Edge::new();
+    edge.set_seq_floor(cache.own_seq);
     let listener = api_server::bind(&opts.socket)?;
     let (api_tx, api_rx) = mpsc::channel::<ApiCall>(64);
     let api_stop = CancellationToken::new();
@@ -230,9 +231,11 @@ pub async fn run_on<P: Platform>(
         config.port,
         platform.local_addresses(&config.tun, &params.range),
     );
+    // Sequence numbers continue above what this node published before, whatever the clock says.
+    let seq_floor = cache.own_seq;
     let record = NodeRecord {
         identity: keys.identity_public(),
-        seq: unix_now_ms(),
+        seq: unix_now_ms().max(seq_floor + 1),
         endpoints: endpoints.clone(),
         slot_k: config.slot_k,
         left: false,
@@ -265,7 +268,7 @@ pub async fn run_on<P: Platform>(
         control_limit: crate::util::KeyedLimiter::new(Duration::from_secs(1), 20, 4096),
         refusal_log_limit: crate::util::KeyedLimiter::new(Duration::from_secs(60), 1, 1024),
         settings,
-        services_seq: 0,
+        services_seq: seq_floor,
         dns: None,
         dns_input: None,
         dns_error: None,

@@ -180,8 +180,13 @@ impl<P: super::platform::Platform> Node<P> {
                 self.device
                     .send_control(&encode_frame(&Frame::Accept(signed)), from)
                     .await;
-                info!(node = %name, %from, slot_k = adm.slot_k, "admitted a new member");
-                let _ = self.persist();
+                if first_admission {
+                    info!(node = %name, %from, slot_k = adm.slot_k, "admitted a new member");
+                    let _ = self.persist();
+                } else {
+                    // A retried (or replayed) request: same answer, nothing new to write.
+                    debug!(node = %name, %from, "answered a repeated join request");
+                }
             }
             Err(refusal) => {
                 let who = peek_request_node(&raw)

@@ -206,6 +206,11 @@ pub struct MemberCache {
     /// Uses of limited invites: which identities joined with which invite.
     #[serde(default)]
     pub invite_uses: Vec<InviteUse>,
+    /// The highest sequence number this node published (record, services, routes): the floor
+    /// for the next ones, so a node that starts with its clock behind (no RTC, before NTP) does
+    /// not publish records its peers reject as older than what they hold.
+    #[serde(default)]
+    pub own_seq: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
