@@ -33,7 +33,9 @@ impl<P: super::platform::Platform> Node<P> {
         if r.uses == Some(0) {
             return Err(ApiFailure::bad_request("--uses must be at least 1"));
         }
-        // Bootstrap: this node first, then a few other members that are online now.
+        // Bootstrap: this node first, then a few other members that are online now: alive by
+        // gossip, or with a tunnel that handshook in the last few minutes (gossip's failure
+        // detector can lag behind a member that just joined or came back).
         let mut bootstrap: Vec<Bootstrap> = self
             .endpoints
             .iter()
@@ -48,13 +50,17 @@ impl<P: super::platform::Platform> Node<P> {
             if bootstrap.len() > TOKEN_BOOTSTRAP_MEMBERS {
                 break;
             }
-            if x.cert.node_id == self.cert.node_id || x.liveness != Liveness::Alive {
+            if x.cert.node_id == self.cert.node_id {
                 continue;
             }
-            let live_tunnel = stats
-                .iter()
-                .find(|s| s.node_id == x.cert.node_id)
-                .and_then(|s| s.endpoint);
+            let tunnel = stats.iter().find(|s| s.node_id == x.cert.node_id);
+            let handshook = tunnel
+                .and_then(|s| s.last_handshake)
+                .is_some_and(|t| t < Duration::from_secs(180));
+            if x.liveness != Liveness::Alive && !handshook {
+                continue;
+            }
+            let live_tunnel = tunnel.and_then(|s| s.endpoint);
             let addr = live_tunnel
                 .or_else(|| x.record.as_ref().and_then(|r| r.endpoints.first().copied()));
             if let Some(addr) = addr {
