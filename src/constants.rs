@@ -66,6 +66,11 @@ pub const JOIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// How often the membership view is reconciled with gossip and pushed to the data plane.
 pub const RECONCILE_TICK: Duration = Duration::from_millis(200);
+/// A running node that has had no tunnel to any member for this long (since it started, or
+/// since it last had one) asks the token's bootstrap endpoints again; then every
+/// [`BOOTSTRAP_FALLBACK_RETRY`] while it stays cut off.
+pub const BOOTSTRAP_FALLBACK_AFTER: Duration = Duration::from_secs(15);
+pub const BOOTSTRAP_FALLBACK_RETRY: Duration = Duration::from_secs(30);
 /// How often the machine's own addresses are re-read for the endpoint list.
 pub const ENDPOINT_RESCAN: Duration = Duration::from_secs(30);
 /// A member admitted by a seed that never shows up in gossip is forgotten after this.

@@ -342,3 +342,33 @@ fn a_node_whose_tun_device_is_deleted_exits_with_an_error() {
         lab.log_text(0)
     );
 }
+
+/// A node that lost its member cache (moved aside after corruption, say) finds its way back
+/// through the bootstrap endpoints of the token it joined with.
+#[test]
+fn a_node_without_its_member_cache_comes_back_through_the_bootstrap_endpoints() {
+    let mut lab = Lab::new("fallback", 3);
+    let token = lab.init(0, "a", &[]);
+    lab.join(1, "b", &token);
+    lab.join(2, "c", &token);
+    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.stop(2);
+    std::fs::write(
+        lab.state_dir(2).join("members.json"),
+        format!(r#"{{"version": {}}}"#, meshd::state::STATE_VERSION),
+    )
+    .unwrap();
+    lab.run(2);
+    let took = lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(60));
+    println!(
+        "c back in the mesh {:.1}s after starting with no member cache",
+        took.as_secs_f64()
+    );
+    assert!(
+        lab.log_text(2)
+            .contains("back in touch through a bootstrap endpoint"),
+        "{}",
+        lab.log_text(2)
+    );
+    assert_eq!(lab.status(2).peers.len(), 2);
+}

@@ -8,6 +8,7 @@
 mod admin;
 mod dns;
 mod edge;
+mod fallback;
 pub mod platform;
 mod report;
 mod seed;
@@ -105,6 +106,7 @@ struct Node<P: Platform> {
     dns_host: String,
     resolved: Option<crate::dns::resolved::Resolved>,
     edge: edge::Edge,
+    fallback: fallback::Fallback,
 }
 
 /// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
@@ -275,6 +277,7 @@ pub async fn run_on<P: Platform>(
         dns_host: String::new(),
         resolved: None,
         edge,
+        fallback: fallback::Fallback::new(),
     };
     node.push_peers().await;
     node.start_gossip().await?;
@@ -453,6 +456,7 @@ impl<P: Platform> Node<P> {
         self.follow_own_slot().await?;
         self.push_peers().await;
         self.notify_slot_losers().await;
+        self.bootstrap_fallback().await;
         self.refresh_dns();
         self.refresh_edge();
         // Spread every revocation this node knows.

@@ -150,7 +150,12 @@ impl<P: super::platform::Platform> Node<P> {
                 self.on_conflict_notice(statements, from);
                 return;
             }
-            Ok(_) => return, // answers for a joiner, not for a running node
+            Ok(Frame::Accept(raw)) => {
+                // Only ever an answer to this node's own bootstrap fallback.
+                self.on_accept(&raw, from).await;
+                return;
+            }
+            Ok(_) => return, // refusals: for a joiner, not for a running node
             Err(e) => {
                 debug!(%from, error = %e, "ignoring a malformed control frame");
                 return;
