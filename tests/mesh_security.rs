@@ -139,7 +139,7 @@ fn the_underlay_carries_only_wireguard_and_join_frames() {
     let data = std::fs::read(&pcap).unwrap();
     let (link, frames) = read_pcap(&data);
     assert_eq!(link, 1, "ethernet capture");
-    let (mut wg, mut join) = (0, 0);
+    let (mut join, mut by_type) = (0, [0usize; 5]);
     for f in &frames {
         assert!(
             !f.windows(marker.len()).any(|w| w == marker.as_bytes())
@@ -170,12 +170,22 @@ fn the_underlay_carries_only_wireguard_and_join_frames() {
             "UDP {sport}->{dport} is not the mesh port"
         );
         match classify(&udp[8..]) {
-            FrameKind::WireGuard => wg += 1,
+            FrameKind::WireGuard => by_type[udp[8] as usize] += 1,
             FrameKind::Control => join += 1,
             FrameKind::Unknown => panic!("a datagram that is neither WireGuard nor a join frame"),
         }
     }
-    assert!(wg > 20, "expected WireGuard traffic, saw {wg} datagrams");
+    // The capture saw the mesh's traffic: handshakes, and at least the 3 echo requests, 3
+    // replies and the UDP marker as data messages, each sent on its own. (No exact counts: UDP
+    // segmentation offload can put back-to-back datagrams into one captured frame.)
+    let [_, init, resp, _, data] = by_type;
+    println!(
+        "underlay: {init} initiations, {resp} responses, {data} data frames, {join} join frames"
+    );
+    assert!(
+        init >= 1 && resp >= 1 && data >= 7,
+        "expected WireGuard handshakes and data, saw {init} initiations, {resp} responses, {data} data"
+    );
     assert!(
         join >= 4,
         "expected the two join exchanges, saw {join} frames"
