@@ -23,6 +23,8 @@ pub(super) struct Fallback {
     /// Since when this node has had no live tunnel (or since start).
     cut_off_since: Instant,
     last_sent: Option<Instant>,
+    /// The check walks every peer's statistics: once a second is plenty.
+    last_check: Option<Instant>,
     pending: Vec<([u8; 16], Instant)>,
 }
 
@@ -31,6 +33,7 @@ impl Fallback {
         Fallback {
             cut_off_since: Instant::now(),
             last_sent: None,
+            last_check: None,
             pending: Vec::new(),
         }
     }
@@ -49,6 +52,14 @@ impl<P: super::platform::Platform> Node<P> {
     /// Called every tick: send the join request to the bootstrap endpoints when cut off.
     pub(super) async fn bootstrap_fallback(&mut self) {
         let now = Instant::now();
+        if self
+            .fallback
+            .last_check
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.fallback.last_check = Some(now);
         let in_touch = self
             .device
             .stats()
