@@ -261,7 +261,14 @@ pub fn services(v: &[ServiceView]) -> String {
                 s.node.clone() + if s.local { " (this node)" } else { "" },
                 s.address.clone(),
                 s.port.to_string(),
-                if s.live { "live" } else { "offline" }.to_string(),
+                if s.outside_subnet {
+                    "outside its node's subnet"
+                } else if s.live {
+                    "live"
+                } else {
+                    "offline"
+                }
+                .to_string(),
             ]
         })
         .collect();

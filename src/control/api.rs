@@ -128,9 +128,14 @@ pub struct ServiceView {
     pub node: String,
     pub address: String,
     pub port: u16,
-    /// Whether it is in DNS answers now (its node is not offline).
+    /// Whether it is in DNS answers now (its node is not offline, its address is in the node's
+    /// subnet).
     pub live: bool,
     pub local: bool,
+    /// Its address is outside its node's /24 (the node moved after a lost subnet conflict):
+    /// nobody answers it until it is added again with an address of the new subnet.
+    #[serde(default)]
+    pub outside_subnet: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

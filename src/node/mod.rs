@@ -506,6 +506,7 @@ impl<P: Platform> Node<P> {
                 .readdress(self.tun_index, ip, self.m.params.range.prefix)
                 .await?;
             self.device.set_own_slot(a.slot);
+            self.warn_services_outside_subnet();
             if let Some(g) = self.gossip.take() {
                 g.shutdown().await;
             }

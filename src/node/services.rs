@@ -93,6 +93,29 @@ impl<P: super::platform::Platform> Node<P> {
         Ok(serde_json::json!({ "name": r.name }))
     }
 
+    /// After a move to another /24: services published at an explicit address of the old one
+    /// are no longer answered anywhere. Say so; the operator re-adds them (their workloads
+    /// need new addresses too).
+    pub(super) fn warn_services_outside_subnet(&self) {
+        let range = self.m.params.range;
+        for s in &self.settings.services {
+            if let Some(ip) = s
+                .address
+                .filter(|ip| range.slot_of(*ip) != Some(self.own_slot))
+            {
+                tracing::warn!(
+                    service = %s.name,
+                    address = %ip,
+                    subnet = %crate::mesh::addressing::subnet_string(&range, self.own_slot),
+                    "service address is outside this node's new subnet; DNS no longer answers it: \
+                     meshctl service add {} --port {} --address <an address of the new subnet>",
+                    s.name,
+                    s.port
+                );
+            }
+        }
+    }
+
     /// Every service instance in the mesh.
     pub(super) fn services_view(&self) -> Vec<ServiceView> {
         let assign = self.m.assignments();
@@ -104,13 +127,17 @@ impl<P: super::platform::Platform> Node<P> {
             };
             let local = x.cert.node_id == self.cert.node_id;
             for s in x.services.iter().flat_map(|r| r.services.iter()) {
+                let outside_subnet = s
+                    .address
+                    .is_some_and(|ip| range.slot_of(ip) != Some(a.slot));
                 out.push(ServiceView {
                     name: s.name.clone(),
                     node: x.cert.name.clone(),
                     address: s.address.unwrap_or(range.node_ip(a.slot)).to_string(),
                     port: s.port,
-                    live: local || x.liveness != Liveness::Dead,
+                    live: (local || x.liveness != Liveness::Dead) && !outside_subnet,
                     local,
+                    outside_subnet,
                 });
             }
         }

@@ -760,6 +760,22 @@ mod tests {
         .await;
         let before_x = sim.mesh_ip(x).unwrap();
         assert_eq!(Some(before_x), sim.mesh_ip(y), "the two joiners collided");
+        // Both publish a service at a workload address (.7) of the subnet they hold now.
+        let o = before_x.octets();
+        let workload = std::net::Ipv4Addr::new(o[0], o[1], o[2], 7);
+        for i in [x, y] {
+            crate::control::client::Client::new(&sim.nodes[i].opts.socket)
+                .post::<_, serde_json::Value>(
+                    "/v1/services",
+                    &crate::control::api::ServiceAddRequest {
+                        name: "web".into(),
+                        port: 80,
+                        address: Some(workload),
+                    },
+                )
+                .await
+                .unwrap();
+        }
 
         // Heal: every node computes the same answer; the later certificate moves.
         tracing::info!("sim: healing the partition");
@@ -781,6 +797,22 @@ mod tests {
             .filter(|i| sim.mesh_ip(*i) != Some(before_x))
             .collect();
         assert_eq!(moved.len(), 1, "exactly one of the two moved");
+        // The one that moved has its service at an address of the old subnet: listed as such
+        // (and not live); the other's is fine.
+        for i in [x, y] {
+            let v: Vec<crate::control::api::ServiceView> =
+                crate::control::client::Client::new(&sim.nodes[i].opts.socket)
+                    .get("/v1/services")
+                    .await
+                    .unwrap();
+            let own = v
+                .iter()
+                .find(|s| s.local && s.name == "web")
+                .expect("own service");
+            let did_move = moved.contains(&i);
+            assert_eq!(own.outside_subnet, did_move, "node {i}: {own:?}");
+            assert_eq!(own.live, !did_move, "node {i}: {own:?}");
+        }
         // Every node agrees on every subnet.
         let views: Vec<Vec<(String, String)>> = {
             let mut v = Vec::new();
