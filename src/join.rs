@@ -180,7 +180,10 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
     let req: JoinRequest = raw
         .verify(Context::JoinRequest, &cert.identity, "join request")
         .map_err(|e| refuse(nonce, RefuseReason::BadSignature, e.to_string()))?;
-    if now > cert.invite.expires_at {
+    // A current member asking again (a retried join, or a running node cut off from the mesh
+    // falling back to its bootstrap members) is not joining: its invite may have expired since.
+    let existing = m.get(&cert.node_id).filter(|x| x.cert.raw == cert.raw);
+    if existing.is_none() && now > cert.invite.expires_at {
         return Err(refuse(
             nonce,
             RefuseReason::Expired,
@@ -217,7 +220,6 @@ pub fn decide(m: &Membership, raw: &Signed, now: u64) -> Result<Admission, JoinR
             ),
         ));
     }
-    let existing = m.get(&cert.node_id).filter(|x| x.cert.raw == cert.raw);
     // A new certificate must be new: its issue time decides slot and invite-use priority, so a
     // joiner may not date it into the past (or the future) to win either.
     if existing.is_none()
@@ -520,13 +522,25 @@ mod tests {
     #[test]
     fn admits_a_valid_joiner_and_answers_retries_identically() {
         let (_, mut m, inv, secret) = setup(None);
-        let (_, r) = request(&inv, &secret, "db1", 1000);
+        let (k, r) = request(&inv, &secret, "db1", 1000);
         let a = decide(&m, &r, 1000).unwrap();
         assert_eq!(a.cert.name, "db1");
         m.ingest_cert(&a.cert.raw, 1000).unwrap();
         m.set_admitted_k(a.cert.node_id, a.slot_k);
         let again = decide(&m, &r, 1001).unwrap();
         assert_eq!(again.slot_k, a.slot_k);
+        // Long after the invite expired (10 000), the member asking again (a node cut off from
+        // the mesh falling back to its bootstrap members) gets the same answer; a newcomer with
+        // the expired invite does not.
+        let (later, _) = make_request(&k, &a.cert.raw, vec![], 20_000);
+        assert_eq!(decide(&m, &later, 20_000).unwrap().slot_k, a.slot_k);
+        let k2 = NodeKeys::generate();
+        let (newcomer, _) =
+            make_request(&k2, &cert(&inv, &secret, &k2, "db2", 9_000), vec![], 20_000);
+        assert_eq!(
+            decide(&m, &newcomer, 20_000).unwrap_err().reason,
+            RefuseReason::Expired
+        );
         // The slot does not collide with the seed's.
         let asg = m.assignments();
         assert_ne!(asg[&a.cert.node_id].slot, asg[&m.self_id].slot);

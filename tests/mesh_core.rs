@@ -344,15 +344,21 @@ fn a_node_whose_tun_device_is_deleted_exits_with_an_error() {
 }
 
 /// A node that lost its member cache (moved aside after corruption, say) finds its way back
-/// through the bootstrap endpoints of the token it joined with.
+/// through the bootstrap endpoints of the token it joined with, also once that token expired.
 #[test]
 fn a_node_without_its_member_cache_comes_back_through_the_bootstrap_endpoints() {
     let mut lab = Lab::new("fallback", 3);
     let token = lab.init(0, "a", &[]);
     lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
+    let short = lab.invite(0, &["--expires", "10s"]);
+    let made = std::time::Instant::now();
+    lab.join(2, "c", &short);
     lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
     lab.stop(2);
+    // (Expiry is checked in whole seconds.)
+    lab.wait_for("c's token to expire", Duration::from_secs(20), || {
+        made.elapsed() > Duration::from_secs(12)
+    });
     std::fs::write(
         lab.state_dir(2).join("members.json"),
         format!(r#"{{"version": {}}}"#, meshd::state::STATE_VERSION),

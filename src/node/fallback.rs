@@ -102,6 +102,14 @@ impl<P: super::platform::Platform> Node<P> {
         }
     }
 
+    /// A refusal arrived: worth a warning if it answers this node's fallback request (the
+    /// reason, e.g. a removal, is what the operator needs to know); ignored otherwise.
+    pub(super) fn on_refusal(&mut self, r: &crate::join::JoinRefuse, from: SocketAddr) {
+        if self.fallback.pending.iter().any(|(n, _)| *n == r.nonce) {
+            warn!(%from, reason = ?r.reason, "a bootstrap member refused this node: {}", r.message);
+        }
+    }
+
     /// An acceptance arrived: if it answers one of this node's fallback requests, take in the
     /// seed and the members it lists.
     pub(super) async fn on_accept(&mut self, raw: &Signed, from: SocketAddr) {

@@ -155,7 +155,10 @@ impl<P: super::platform::Platform> Node<P> {
                 self.on_accept(&raw, from).await;
                 return;
             }
-            Ok(_) => return, // refusals: for a joiner, not for a running node
+            Ok(Frame::Refuse(r)) => {
+                self.on_refusal(&r, from);
+                return;
+            }
             Err(e) => {
                 debug!(%from, error = %e, "ignoring a malformed control frame");
                 return;
