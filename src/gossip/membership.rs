@@ -90,9 +90,6 @@ pub struct Membership {
     invite_uses: BTreeSet<InviteUse>,
     /// Set whenever something worth persisting changed.
     pub dirty: bool,
-    /// When this view was made (the process start): silence is only counted from here, since
-    /// nothing could be heard before (a node down for a month must not forget its peers).
-    started_at: u64,
 }
 
 impl Membership {
@@ -107,7 +104,6 @@ impl Membership {
             tombstones: BTreeMap::new(),
             invite_uses: BTreeSet::new(),
             dirty: true,
-            started_at: now,
         };
         m.insert_cert(own, now);
         if let Some(me) = m.members.get_mut(&self_id) {
@@ -135,6 +131,20 @@ impl Membership {
             }
         }
         self.invite_uses.extend(cache.invite_uses.iter().cloned());
+        // Members' silence counts only while this node ran: shift their times by how long it
+        // was down (since the cache was written; for an old cache without that time, since the
+        // last member it saw). A node down for a month must not forget its peers.
+        let saved_at = if cache.saved_at > 0 {
+            cache.saved_at
+        } else {
+            cache
+                .members
+                .iter()
+                .map(|c| c.last_seen)
+                .max()
+                .unwrap_or(now)
+        };
+        let downtime = now.saturating_sub(saved_at);
         for c in &cache.members {
             let cert = match Signed::from_b64(&c.cert, "node certificate")
                 .and_then(|s| Cert::verify(&s, &self.params.mesh))
@@ -178,8 +188,8 @@ impl Membership {
                 }
             }
             if let Some(m) = self.members.get_mut(&id) {
-                m.last_seen = c.last_seen;
-                m.first_seen = c.first_seen;
+                m.last_seen = c.last_seen.saturating_add(downtime).min(now);
+                m.first_seen = c.first_seen.saturating_add(downtime).min(now);
                 m.liveness = Liveness::Unknown;
             }
         }
@@ -224,6 +234,8 @@ impl Membership {
                 .max()
                 .unwrap_or(0)
             }),
+            // Set by whoever writes it (the node, with its clock).
+            saved_at: 0,
         }
     }
 
@@ -402,7 +414,6 @@ impl Membership {
     /// slots are freed.
     pub fn prune(&mut self, now: u64) -> Vec<String> {
         let self_id = self.self_id;
-        let started_at = self.started_at;
         let mut never_came = HashSet::new();
         let gone: Vec<NodeId> = self
             .members
@@ -410,7 +421,7 @@ impl Membership {
             .filter(|m| m.cert.node_id != self_id)
             .filter(|m| {
                 let never_seen = m.record.is_none() && m.liveness != Liveness::Alive;
-                let since = |t: u64| now.saturating_sub(t.max(started_at));
+                let since = |t: u64| now.saturating_sub(t);
                 let pending_expired =
                     never_seen && since(m.first_seen) > PENDING_MEMBER_TTL.as_secs();
                 if pending_expired {
@@ -867,8 +878,8 @@ mod tests {
         );
     }
 
-    /// A node that was down (or whose cache was last written) long ago keeps its members at
-    /// restart: silence counts only from the start of this run.
+    /// A node that was down long ago keeps its members at restart: the time it was down does
+    /// not count as their silence; the time it ran does.
     #[test]
     fn a_restart_after_a_month_forgets_no_member() {
         let w = world(None);
@@ -884,12 +895,23 @@ mod tests {
 
         let month = MEMBER_CACHE_TTL.as_secs();
         let restart = 1000 + 2 * month;
-        let mut after = Membership::new(params(&w), a, restart);
+        let mut after = Membership::new(params(&w), a.clone(), restart);
         assert!(after.load_cache(&cache, restart).is_empty());
         assert!(after.prune(restart).is_empty(), "forgot members at restart");
         assert!(after.prune(restart + month - 1).is_empty());
         // Silent for a whole month of this run: forgotten.
         assert_eq!(after.prune(restart + month + 1), vec!["b".to_string()]);
+
+        // The node ran 20 days without hearing from b, was down two months, then restarts:
+        // b has 10 days left, not a fresh month (restarts do not keep dead members forever).
+        let day = 24 * 3600;
+        let mut cache = cache;
+        cache.saved_at = 1000 + 20 * day;
+        let restart = cache.saved_at + 60 * day;
+        let mut after = Membership::new(params(&w), a, restart);
+        assert!(after.load_cache(&cache, restart).is_empty());
+        assert!(after.prune(restart + 10 * day - 1).is_empty());
+        assert_eq!(after.prune(restart + 10 * day + 1), vec!["b".to_string()]);
     }
 
     /// The cache remembers the highest sequence number this node published, so the next run

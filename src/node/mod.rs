@@ -428,7 +428,9 @@ impl<P: Platform> Node<P> {
     }
 
     fn persist(&mut self) -> anyhow::Result<()> {
-        self.state.save_members(&self.m.to_cache())?;
+        let mut cache = self.m.to_cache();
+        cache.saved_at = unix_now();
+        self.state.save_members(&cache)?;
         self.m.dirty = false;
         self.last_persist = Instant::now();
         Ok(())

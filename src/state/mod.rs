@@ -211,6 +211,10 @@ pub struct MemberCache {
     /// not publish records its peers reject as older than what they hold.
     #[serde(default)]
     pub own_seq: u64,
+    /// When this was written (unix seconds): at load, the time the node was down since is not
+    /// counted as members' silence. 0 in caches written before this field existed.
+    #[serde(default)]
+    pub saved_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
