@@ -63,7 +63,8 @@ impl Gateway {
         let mut out = routes;
         let shift = self.next.fetch_add(1, Ordering::Relaxed) % top;
         out[..top].rotate_left(shift);
-        // Recently failed nodes go last (stable: the order among the others is kept).
+        // Recently failed nodes go last within their rank (stable: the order among the others is
+        // kept); a failed exact, live route still comes before offline or wildcard ones.
         let now = std::time::Instant::now();
         let failed = self.failed.lock().unwrap();
         let recently = |r: &HostRoute| {
@@ -71,7 +72,7 @@ impl Gateway {
                 .get(&r.ip)
                 .is_some_and(|t| now.duration_since(*t) < FAILED_BACKEND_PENALTY)
         };
-        out.sort_by_key(|r| recently(r));
+        out.sort_by_key(|r| (rank(r), recently(r)));
         out
     }
 
@@ -316,8 +317,16 @@ mod tests {
             ip,
             live: true,
         };
+        let offline = Ipv4Addr::new(10, 210, 3, 1);
         let view = MeshView {
-            hostnames: vec![route(dead, "dead"), route(alive, "alive")],
+            hostnames: vec![
+                route(dead, "dead"),
+                route(alive, "alive"),
+                HostRoute {
+                    live: false,
+                    ..route(offline, "offline")
+                },
+            ],
             ..Default::default()
         };
         let (_tx, rx) = watch::channel(Arc::new(view));
@@ -345,5 +354,12 @@ mod tests {
             .filter(|ip| **ip == std::net::IpAddr::V4(dead))
             .count();
         assert_eq!(dead_tries, 1, "the failed node was tried again: {tried:?}");
+        // The penalty works within a rank: a failed live node still comes before an offline one.
+        let order: Vec<String> = gw
+            .candidates("app.example.test")
+            .into_iter()
+            .map(|r| r.node)
+            .collect();
+        assert_eq!(order, vec!["alive", "dead", "offline"]);
     }
 }
