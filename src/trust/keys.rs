@@ -107,8 +107,22 @@ pub mod xeddsa {
         raw_sign::<Sha512>(&esk, msg, &vk).to_bytes().to_vec()
     }
 
+    /// Whether `public` is the canonical encoding of a Montgomery u (top bit clear, u < p), as
+    /// x25519 produces: otherwise several byte strings would name one key, and revocations and
+    /// the one-key-one-node rule compare bytes.
+    fn canonical(public: &Key32) -> bool {
+        if public[31] & 0x80 != 0 {
+            return false;
+        }
+        // p = 2^255 - 19: little-endian ed ff .. ff 7f. u >= p only within the top 19 values.
+        !(public[31] == 0x7f && public[1..31].iter().all(|b| *b == 0xff) && public[0] >= 0xed)
+    }
+
     /// Whether `sig` is `public`'s signature over `msg`.
     pub fn verify(public: &Key32, msg: &[u8], sig: &[u8]) -> bool {
+        if !canonical(public) {
+            return false;
+        }
         let Ok(sig) = <[u8; 64]>::try_from(sig) else {
             return false;
         };
@@ -151,7 +165,22 @@ pub mod xeddsa {
                     prop_assert!(!verify(&other_public, &msg, &sig));
                 }
                 prop_assert!(!verify(&public, &msg, &sig[..63]));
+                // The same u with the top bit set (a non-canonical encoding) is refused.
+                let mut alias = public;
+                alias[31] |= 0x80;
+                prop_assert!(!verify(&alias, &msg, &sig));
             }
+        }
+
+        #[test]
+        fn only_canonical_encodings_are_keys() {
+            let mut p = [0xffu8; 32];
+            p[31] = 0x7f;
+            p[0] = 0xed; // p itself
+            assert!(!canonical(&p));
+            p[0] = 0xec; // p - 1
+            assert!(canonical(&p));
+            assert!(!canonical(&[0xff; 32]));
         }
     }
 }
