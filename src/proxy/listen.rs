@@ -45,6 +45,10 @@ pub async fn accept_loop<F, Fut>(
             continue;
         };
         let source = match per_source {
+            // A load balancer or reverse proxy in front of the node connects from loopback or
+            // a private address on behalf of many clients: the per-client cap is for the open
+            // internet.
+            Some(_) if behind_a_proxy(peer.ip()) => None,
             Some(limit) => match SourceSlot::take(&sources, peer, limit) {
                 Some(s) => Some(s),
                 None => {
@@ -70,6 +74,14 @@ pub async fn accept_loop<F, Fut>(
 }
 
 type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Loopback and private (RFC 1918, IPv6 unique-local) sources.
+fn behind_a_proxy(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
 
 /// One connection counted against its client address; given back when dropped.
 struct SourceSlot {
@@ -108,6 +120,24 @@ impl Drop for SourceSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_and_loopback_sources_are_not_capped_per_client() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.9",
+            "172.16.5.5",
+            "::1",
+            "fd00::5",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(behind_a_proxy(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["198.51.100.7", "2001:db8::1", "100.64.0.1"] {
+            assert!(!behind_a_proxy(ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn per_source_slots_are_bounded_and_given_back() {
