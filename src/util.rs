@@ -35,6 +35,12 @@ pub fn unix_now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The sequence number of a signed record after `prev`: the clock in milliseconds, but always
+/// above `prev` (a clock that went back must not make the record look older).
+pub fn next_seq(prev: u64) -> u64 {
+    unix_now_ms().max(prev.saturating_add(1))
+}
+
 /// Standard base64 of a key, as WireGuard tools print it.
 pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)

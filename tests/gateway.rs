@@ -66,6 +66,26 @@ fn curl(lab: &Lab, ca: &std::path::Path, url: &str) -> (bool, String, String) {
     )
 }
 
+/// A test CA (its PEM in the lab directory, for curl).
+fn test_ca(lab: &Lab) -> (Pki, std::path::PathBuf) {
+    let pki = Pki::new();
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    (pki, ca)
+}
+
+/// A TLS workload for `host` on s1 (127.0.0.1:8443), exposed and served through the gateway.
+fn serve_one(lab: &Lab, host: &str) -> (std::path::PathBuf, workloads::Workload) {
+    let (pki, ca) = test_ca(lab);
+    let w = workloads::tls(lab.ns(S1), local(8443), &pki, &[host], "s1", false);
+    expose(lab, S1, &[host, "--to", "127.0.0.1:8443"]);
+    let url = format!("https://{host}/");
+    lab.wait_for("the name to be served", Duration::from_secs(15), || {
+        curl(lab, &ca, &url).0
+    });
+    (ca, w)
+}
+
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -89,9 +109,7 @@ fn raw(lab: &Lab, port: u16, data: Vec<u8>) -> Vec<u8> {
 fn tls_is_passed_through_by_sni_to_the_node_serving_each_name() {
     let mut lab = Lab::new("gwsni", 4);
     mesh(&mut lab);
-    let pki = Pki::new();
-    let ca = lab.dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (pki, ca) = test_ca(&lab);
     let _w1 = workloads::tls(
         lab.ns(S1),
         local(8443),
@@ -260,9 +278,7 @@ fn tls_is_passed_through_by_sni_to_the_node_serving_each_name() {
 fn requests_keep_succeeding_when_one_of_two_serving_nodes_stops() {
     let mut lab = Lab::new("gwha", 4);
     mesh(&mut lab);
-    let pki = Pki::new();
-    let ca = lab.dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (pki, ca) = test_ca(&lab);
     let _w1 = workloads::tls(
         lab.ns(S1),
         local(8443),
@@ -317,21 +333,7 @@ fn requests_keep_succeeding_when_one_of_two_serving_nodes_stops() {
 fn silent_and_slow_clients_do_not_hold_up_others() {
     let mut lab = Lab::new("gwslow", 4);
     mesh(&mut lab);
-    let pki = Pki::new();
-    let ca = lab.dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let _w = workloads::tls(
-        lab.ns(S1),
-        local(8443),
-        &pki,
-        &["app.example.test"],
-        "s1",
-        false,
-    );
-    expose(&lab, S1, &["app.example.test", "--to", "127.0.0.1:8443"]);
-    lab.wait_for("the name to be served", Duration::from_secs(15), || {
-        curl(&lab, &ca, "https://app.example.test/").0
-    });
+    let (ca, _w) = serve_one(&lab, "app.example.test");
 
     // 40 silent clients and one sending its ClientHello a byte a second, all at once.
     let gw = SocketAddr::from((lab.addr(GW), 443));
@@ -401,21 +403,7 @@ fn silent_and_slow_clients_do_not_hold_up_others() {
 fn changing_the_gateway_listeners_keeps_it_serving() {
     let mut lab = Lab::new("gwre", 4);
     mesh(&mut lab);
-    let pki = Pki::new();
-    let ca = lab.dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let _w = workloads::tls(
-        lab.ns(S1),
-        local(8443),
-        &pki,
-        &["re.example.test"],
-        "s1",
-        false,
-    );
-    expose(&lab, S1, &["re.example.test", "--to", "127.0.0.1:8443"]);
-    lab.wait_for("the name to be served", Duration::from_secs(15), || {
-        curl(&lab, &ca, "https://re.example.test/").0
-    });
+    let (ca, _w) = serve_one(&lab, "re.example.test");
     let served = |lab: &Lab| {
         let (ok, body, err) = curl(lab, &ca, "https://re.example.test/");
         assert!(ok, "{err}");

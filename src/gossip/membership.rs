@@ -401,10 +401,8 @@ impl Membership {
         if let Some(m) = self.members.get_mut(&id) {
             m.liveness = live;
             if live == Liveness::Alive {
-                // Persist last-seen coarsely; it only matters on a scale of days.
-                if now.saturating_sub(m.last_seen) > 3600 {
-                    self.dirty = true;
-                }
+                // Not marked dirty: the node rewrites the cache at least hourly, which is as
+                // fresh as last-seen times need to be (they matter on a scale of days).
                 m.last_seen = now;
             }
         }

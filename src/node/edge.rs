@@ -18,7 +18,7 @@ use crate::proxy::serve::Exposed;
 use crate::proxy::{exit, forward, is_hostname_pattern, serve, EXIT_PORT, SERVE_PORT};
 use crate::state::ListenPair;
 use crate::trust::{Context, RoutesRecord, Signed};
-use crate::util::unix_now_ms;
+use crate::util::next_seq;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,7 +305,7 @@ impl<P: super::platform::Platform> Node<P> {
 
     /// Sign and publish this node's hostnames and exit flag.
     pub(super) async fn publish_routes(&mut self) {
-        self.edge.routes_seq = unix_now_ms().max(self.edge.routes_seq + 1);
+        self.edge.routes_seq = next_seq(self.edge.routes_seq);
         let rec = RoutesRecord {
             identity: self.keys.identity_public(),
             seq: self.edge.routes_seq,
@@ -362,44 +362,34 @@ impl<P: super::platform::Platform> Node<P> {
                 }
                 ok
             };
-            if port == SERVE_PORT {
+            type Boxed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+            type Session = Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Boxed + Send + Sync>;
+            let session: Session = if port == SERVE_PORT {
                 let exposed = self.edge.exposed_tx.subscribe();
-                tokio::spawn(accept_loop(
-                    l,
-                    MESH_SIDE_MAX_CONNECTIONS,
-                    None,
-                    stop.clone(),
-                    "serve",
-                    move |s, p| {
-                        let run = from_node(p).then(|| serve::session(exposed.clone(), s, p));
-                        async move {
-                            if let Some(f) = run {
-                                f.await
-                            }
-                        }
-                    },
-                ));
+                Arc::new(move |s, p| Box::pin(serve::session(exposed.clone(), s, p)))
             } else {
                 let enabled = self.edge.exit_tx.subscribe();
                 let name = self.cert.name.clone();
                 let mesh = self.m.params.range;
-                tokio::spawn(accept_loop(
-                    l,
-                    MESH_SIDE_MAX_CONNECTIONS,
-                    None,
-                    stop.clone(),
-                    "exit",
-                    move |s, p| {
-                        let run = from_node(p)
-                            .then(|| exit::session(enabled.clone(), name.clone(), mesh, s, p));
-                        async move {
-                            if let Some(f) = run {
-                                f.await
-                            }
+                Arc::new(move |s, p| {
+                    Box::pin(exit::session(enabled.clone(), name.clone(), mesh, s, p))
+                })
+            };
+            tokio::spawn(accept_loop(
+                l,
+                MESH_SIDE_MAX_CONNECTIONS,
+                None,
+                stop.clone(),
+                what,
+                move |s, p| {
+                    let run = from_node(p).then(|| session(s, p));
+                    async move {
+                        if let Some(f) = run {
+                            f.await
                         }
-                    },
-                ));
-            }
+                    }
+                },
+            ));
         }
         self.edge.mesh_side = Some(stop);
     }
@@ -507,13 +497,6 @@ impl<P: super::platform::Platform> Node<P> {
         }
     }
 
-    fn save_edge_settings(&mut self) -> Result<(), ApiFailure> {
-        self.settings.version = crate::state::STATE_VERSION;
-        self.state
-            .save_settings(&self.settings)
-            .map_err(|e| ApiFailure::internal(format!("saving settings: {e}")))
-    }
-
     pub(super) async fn expose(&mut self, r: ExposeRequest) -> ApiResult {
         let host = r.hostname.trim().trim_end_matches('.').to_ascii_lowercase();
         if !is_hostname_pattern(&host) {
@@ -539,7 +522,7 @@ impl<P: super::platform::Platform> Node<P> {
         self.settings
             .exposed
             .sort_by(|a, b| a.hostname.cmp(&b.hostname));
-        self.save_edge_settings()?;
+        self.save_settings()?;
         self.publish_routes().await;
         info!(%host, %to, proxy_protocol = r.proxy_protocol, "hostname exposed");
         Ok(serde_json::json!({ "hostname": host, "to": to.to_string(), "replaced": replaced }))
@@ -553,7 +536,7 @@ impl<P: super::platform::Platform> Node<P> {
             )));
         }
         self.settings.exposed.retain(|e| e.hostname != host);
-        self.save_edge_settings()?;
+        self.save_settings()?;
         self.publish_routes().await;
         info!(%host, "hostname withdrawn");
         Ok(serde_json::json!({ "hostname": host }))
@@ -568,7 +551,7 @@ impl<P: super::platform::Platform> Node<P> {
         )?;
         self.apply_gateway(pair.clone()).await?;
         self.settings.gateway = pair.clone();
-        self.save_edge_settings()?;
+        self.save_settings()?;
         Ok(pair_json(&pair, "https", "http"))
     }
 
@@ -601,13 +584,13 @@ impl<P: super::platform::Platform> Node<P> {
         }
         self.apply_proxy(pair.clone()).await?;
         self.settings.proxy = pair.clone();
-        self.save_edge_settings()?;
+        self.save_settings()?;
         Ok(pair_json(&pair, "socks5", "http"))
     }
 
     pub(super) async fn exit_node_request(&mut self, r: ToggleRequest) -> ApiResult {
         self.settings.exit_node = r.enable;
-        self.save_edge_settings()?;
+        self.save_settings()?;
         self.publish_routes().await;
         info!(enabled = r.enable, "exit node setting changed");
         Ok(serde_json::json!({ "exit_node": r.enable }))

@@ -30,7 +30,7 @@ use crate::mesh::linux::LinuxUdp;
 use crate::mesh::{Device, PeerSpec};
 use crate::state::{NodeConfig, StateDir};
 use crate::trust::{Cert, NodeId, NodeKeys, NodeRecord, RootKey, Signed};
-use crate::util::{unix_now, unix_now_ms};
+use crate::util::{next_seq, unix_now};
 use platform::{LinuxPlatform, Platform};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -237,7 +237,7 @@ pub async fn run_on<P: Platform>(
     let seq_floor = cache.own_seq;
     let record = NodeRecord {
         identity: keys.identity_public(),
-        seq: unix_now_ms().max(seq_floor + 1),
+        seq: next_seq(seq_floor),
         endpoints: endpoints.clone(),
         slot_k: config.slot_k,
         left: false,
@@ -409,7 +409,7 @@ impl<P: Platform> Node<P> {
 
     /// Sign and publish a new version of this node's record.
     async fn publish_record(&mut self) {
-        self.record.seq = unix_now_ms().max(self.record.seq + 1);
+        self.record.seq = next_seq(self.record.seq);
         self.record.endpoints = self.endpoints.clone();
         self.record.slot_k = self.config.slot_k;
         self.record_raw = sign_record(&self.keys, &self.record);

@@ -6,13 +6,13 @@ use crate::control::{ApiFailure, ApiResult, ServiceAddRequest, ServiceRemoveRequ
 use crate::gossip::chitchat_glue::KEY_SERVICES;
 use crate::gossip::Liveness;
 use crate::trust::{Context, ServiceDef, ServicesRecord, Signed};
-use crate::util::{is_dns_label, unix_now_ms};
+use crate::util::{is_dns_label, next_seq};
 use tracing::info;
 
 impl<P: super::platform::Platform> Node<P> {
     /// Sign and publish the current list of services.
     pub(super) async fn publish_services(&mut self) {
-        self.services_seq = unix_now_ms().max(self.services_seq + 1);
+        self.services_seq = next_seq(self.services_seq);
         let rec = ServicesRecord {
             identity: self.keys.identity_public(),
             seq: self.services_seq,
@@ -25,7 +25,8 @@ impl<P: super::platform::Platform> Node<P> {
         }
     }
 
-    fn save_settings(&mut self) -> Result<(), ApiFailure> {
+    /// Write settings.json (services and the edge roles).
+    pub(super) fn save_settings(&mut self) -> Result<(), ApiFailure> {
         self.settings.version = crate::state::STATE_VERSION;
         self.state
             .save_settings(&self.settings)

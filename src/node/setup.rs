@@ -298,20 +298,25 @@ pub fn parse_endpoint(s: &str, default_port: u16) -> Result<SocketAddr, String> 
 mod tests {
     use super::*;
 
-    #[test]
-    fn init_writes_a_complete_node_and_refuses_to_overwrite_it() {
-        let d = tempfile::tempdir().unwrap();
-        let st = StateDir::new(d.path());
-        let p = InitParams {
+    /// `meshd init --name alpha` parameters.
+    fn alpha(port: u16) -> InitParams {
+        InitParams {
             name: "alpha".into(),
             range: "10.210.0.0/16".parse().unwrap(),
             domain: "mesh.internal".into(),
-            port: 51820,
+            port,
             endpoints: vec!["198.51.100.1:51820".parse().unwrap()],
             tun: "mesh0".into(),
             dns_upstream: vec![],
             keys: None,
-        };
+        }
+    }
+
+    #[test]
+    fn init_writes_a_complete_node_and_refuses_to_overwrite_it() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateDir::new(d.path());
+        let p = alpha(51820);
         let token = create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1000).unwrap();
         assert_eq!(token.bootstrap.len(), 1);
         assert_eq!(token.invite.max_uses, None);
@@ -333,16 +338,7 @@ mod tests {
     async fn a_kept_root_key_of_another_mesh_is_never_mixed_into_a_new_one() {
         let d = tempfile::tempdir().unwrap();
         let st = StateDir::new(d.path());
-        let p = InitParams {
-            name: "alpha".into(),
-            range: "10.210.0.0/16".parse().unwrap(),
-            domain: "mesh.internal".into(),
-            port: 0,
-            endpoints: vec!["198.51.100.1:51820".parse().unwrap()],
-            tun: "mesh0".into(),
-            dns_upstream: vec![],
-            keys: None,
-        };
+        let p = alpha(0);
         create_mesh(&crate::node::platform::LinuxPlatform, &st, &p, 1000).unwrap();
         st.remove_node().unwrap(); // what `meshd leave` leaves behind: root.key only
         let other = RootKey::generate();

@@ -283,6 +283,19 @@ impl Sim {
         (sim, token)
     }
 
+    /// A one-use token of the mesh node 0 administers (10.210.0.0/16), listing no bootstrap.
+    pub fn one_use_token(&self) -> Token {
+        setup::make_token(
+            &self.root_key(0),
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            Duration::from_secs(3600),
+            Some(1),
+            vec![],
+            crate::util::unix_now(),
+        )
+    }
+
     pub async fn init(&mut self, name: &str, cidr: &str, keys: Option<NodeKeys>) -> Token {
         let (_, platform, opts) = self.machine();
         let p = InitParams {
@@ -519,15 +532,7 @@ mod tests {
     async fn a_join_survives_lost_requests_and_a_lost_answer_with_a_one_use_token() {
         let mut sim = Sim::new();
         sim.init("a", "10.210.0.0/16", None).await;
-        let once = setup::make_token(
-            &sim.root_key(0),
-            "10.210.0.0/16".parse().unwrap(),
-            "mesh.internal",
-            Duration::from_secs(3600),
-            Some(1),
-            vec![],
-            crate::util::unix_now(),
-        );
+        let once = sim.one_use_token();
         // Machine 1 is the joiner: its first two requests and a's first answer are lost.
         sim.net.lose_control_frames(Sim::host(1), Sim::host(0), 2);
         sim.net.lose_control_frames(Sim::host(0), Sim::host(1), 1);
@@ -650,15 +655,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_one_use_token_used_on_both_sides_of_a_partition_keeps_only_the_earlier_joiner() {
         let (mut sim, _) = Sim::two_nodes().await;
-        let once = setup::make_token(
-            &sim.root_key(0),
-            "10.210.0.0/16".parse().unwrap(),
-            "mesh.internal",
-            Duration::from_secs(3600),
-            Some(1),
-            vec![],
-            crate::util::unix_now(),
-        );
+        let once = sim.one_use_token();
         for (p, q) in [(0, 1), (0, 3), (2, 1), (2, 3)] {
             sim.cut(p, q, true);
         }
