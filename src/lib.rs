@@ -9,14 +9,16 @@
 pub mod cli;
 pub mod constants;
 pub mod control;
-pub mod demo;
 pub mod dns;
 pub mod gossip;
+pub mod id;
 pub mod join;
 pub mod mesh;
-pub mod netns;
 pub mod node;
 pub mod proxy;
 pub mod state;
+#[cfg(test)]
+pub mod testing;
 pub mod trust;
 pub mod util;
+pub mod wire;

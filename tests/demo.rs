@@ -27,7 +27,7 @@ fn demo_shows_every_pair_reachable_and_cleans_up() {
     assert!(!stdout.contains("FAIL"), "{stdout}");
     // Nothing left: no namespaces, hence no processes or TUN devices in them.
     assert!(
-        meshd::netns::Netns::list("meshd-demo").is_empty(),
+        meshd::cli::demo::lab::Netns::list("meshd-demo").is_empty(),
         "namespaces left behind"
     );
     // Its working directory (state, sockets, logs) is gone too.

@@ -5,9 +5,10 @@ use super::args::{
 };
 use crate::control::client::Client;
 use crate::control::{
-    ConnectRequest, DnsReport, ExposeRequest, InviteRequest, InviteResponse, ListenRequest,
-    RemoveRequest, RemoveResponse, ServiceAddRequest, ServiceRemoveRequest, ServiceView,
-    StatusReport, ToggleRequest,
+    ConnectRequest, DnsReport, ExitNodeResponse, ExposeRequest, ExposeResponse, GatewayResponse,
+    InviteRequest, InviteResponse, ListenRequest, ProxyResponse, RemoveRequest, RemoveResponse,
+    ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
+    ServiceView, StatusReport, ToggleRequest, UnexposeResponse,
 };
 use clap::Parser;
 
@@ -95,7 +96,7 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 port,
                 address,
             } => {
-                let v: serde_json::Value = c
+                let v: ServiceAddResponse = c
                     .post(
                         "/v1/services",
                         &ServiceAddRequest {
@@ -107,19 +108,15 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                     .await?;
                 println!(
                     "{} {} on {}:{}; answers as {}",
-                    if v["replaced"].as_bool() == Some(true) {
-                        "updated"
-                    } else {
-                        "published"
-                    },
-                    v["name"].as_str().unwrap_or(""),
-                    v["address"].as_str().unwrap_or(""),
-                    v["port"],
-                    v["dns"].as_str().unwrap_or("")
+                    if v.replaced { "updated" } else { "published" },
+                    v.name,
+                    v.address,
+                    v.port,
+                    v.dns
                 );
             }
             ServiceCommand::Rm { name } => {
-                let _: serde_json::Value = c
+                let _: ServiceRemoveResponse = c
                     .post(
                         "/v1/services/remove",
                         &ServiceRemoveRequest { name: name.clone() },
@@ -158,16 +155,12 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 http_to,
                 proxy_protocol,
             };
-            let v: serde_json::Value = c.post("/v1/expose", &req).await?;
+            let v: ExposeResponse = c.post("/v1/expose", &req).await?;
             println!(
                 "{} {} -> {}{}; gateways pass it through the mesh to this node",
-                if v["replaced"].as_bool() == Some(true) {
-                    "updated"
-                } else {
-                    "exposed"
-                },
-                v["hostname"].as_str().unwrap_or(""),
-                v["to"].as_str().unwrap_or(""),
+                if v.replaced { "updated" } else { "exposed" },
+                v.hostname,
+                v.to,
                 if proxy_protocol {
                     " (PROXY protocol v2)"
                 } else {
@@ -180,8 +173,8 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 hostname,
                 ..Default::default()
             };
-            let v: serde_json::Value = c.post("/v1/unexpose", &req).await?;
-            println!("no longer serving {}", v["hostname"].as_str().unwrap_or(""));
+            let v: UnexposeResponse = c.post("/v1/unexpose", &req).await?;
+            println!("no longer serving {}", v.hostname);
         }
         MeshctlCommand::Gateway { command } => {
             let req = match command {
@@ -193,12 +186,12 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 },
                 GatewayCommand::Disable => ListenRequest::default(),
             };
-            let v: serde_json::Value = c.post("/v1/gateway", &req).await?;
-            if v["enabled"].as_bool() == Some(true) {
+            let v: GatewayResponse = c.post("/v1/gateway", &req).await?;
+            if v.enabled {
                 println!(
                     "gateway listening: https {}, http {}",
-                    v["https"].as_str().unwrap_or("off"),
-                    v["http"].as_str().unwrap_or("off")
+                    v.https.as_deref().unwrap_or("off"),
+                    v.http.as_deref().unwrap_or("off")
                 );
             } else {
                 println!("gateway disabled");
@@ -218,12 +211,12 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 },
                 ProxyCommand::Disable => ListenRequest::default(),
             };
-            let v: serde_json::Value = c.post("/v1/proxy", &req).await?;
-            if v["enabled"].as_bool() == Some(true) {
+            let v: ProxyResponse = c.post("/v1/proxy", &req).await?;
+            if v.enabled {
                 println!(
                     "proxy listening: socks5 {}, http {}",
-                    v["socks5"].as_str().unwrap_or("off"),
-                    v["http"].as_str().unwrap_or("off")
+                    v.socks5.as_deref().unwrap_or("off"),
+                    v.http.as_deref().unwrap_or("off")
                 );
             } else {
                 println!("proxy disabled");
@@ -231,7 +224,7 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
         }
         MeshctlCommand::ExitNode { command } => {
             let enable = matches!(command, ToggleCommand::Enable);
-            let _: serde_json::Value = c.post("/v1/exit-node", &ToggleRequest { enable }).await?;
+            let _: ExitNodeResponse = c.post("/v1/exit-node", &ToggleRequest { enable }).await?;
             println!(
                 "{}",
                 if enable {

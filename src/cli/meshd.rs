@@ -3,7 +3,7 @@
 use super::args::{MeshdCli, MeshdCommand, NodeArgs, Paths};
 use crate::control::client::Client;
 use crate::control::LeaveResponse;
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use crate::node::platform::LinuxPlatform;
 use crate::node::setup::{self, InitParams, JoinParams};
 use crate::node::{self, Exit, NodeOptions, Ready};
@@ -48,7 +48,7 @@ async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
         } => join(token, node, bootstrap, paths).await,
         MeshdCommand::Run { paths } => run_node(&paths, None, |_| {}).await,
         MeshdCommand::Leave { paths } => leave(&paths).await,
-        MeshdCommand::Demo { nodes, once } => crate::demo::run(nodes, once).await,
+        MeshdCommand::Demo { nodes, once } => super::demo::run(nodes, once).await,
     }
 }
 

@@ -3,6 +3,7 @@
 //! [`format`].
 
 pub mod args;
+pub mod demo;
 pub mod format;
 pub mod meshctl;
 pub mod meshd;

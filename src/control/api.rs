@@ -214,7 +214,7 @@ pub struct InviteRequest {
     pub uses: Option<u32>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InviteResponse {
     pub token: String,
     pub expires_at: u64,
@@ -228,19 +228,86 @@ pub struct RemoveRequest {
     pub node: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemoveResponse {
     pub name: String,
     pub node_id: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LeaveResponse {
     pub name: String,
     pub subnet: String,
     /// The daemon's process id: `meshd leave` waits for it to exit (port and lock released).
     #[serde(default)]
     pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceAddResponse {
+    pub name: String,
+    pub port: u16,
+    /// The address it answers at.
+    pub address: String,
+    /// It replaced a service of the same name.
+    pub replaced: bool,
+    /// Its DNS name, `NAME.svc.<domain>`.
+    pub dns: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRemoveResponse {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExposeResponse {
+    pub hostname: String,
+    pub to: String,
+    pub replaced: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnexposeResponse {
+    pub hostname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatewayResponse {
+    pub enabled: bool,
+    pub https: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProxyResponse {
+    pub enabled: bool,
+    pub socks5: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExitNodeResponse {
+    pub exit_node: bool,
+}
+
+/// Every successful reply, serialized as the bare response object of its call.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ApiReply {
+    Status(Box<StatusReport>),
+    Invite(InviteResponse),
+    Remove(RemoveResponse),
+    Leave(LeaveResponse),
+    Dns(DnsReport),
+    Services(Vec<ServiceView>),
+    ServiceAdd(ServiceAddResponse),
+    ServiceRemove(ServiceRemoveResponse),
+    Expose(ExposeResponse),
+    Unexpose(UnexposeResponse),
+    Gateway(GatewayResponse),
+    Proxy(ProxyResponse),
+    ExitNode(ExitNodeResponse),
 }
 
 /// Error body of every failed call.
@@ -307,7 +374,15 @@ impl ApiFailure {
     }
 }
 
-pub type ApiResult = Result<serde_json::Value, ApiFailure>;
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+pub type ApiResult = Result<ApiReply, ApiFailure>;
 
 /// One call, with the channel its answer goes back on.
 #[derive(Debug)]

@@ -172,7 +172,10 @@ mod tests {
             while let Some(call) = rx.recv().await {
                 let r = match call.request {
                     ApiRequest::Remove(r) if r.node == "x" => {
-                        Ok(serde_json::json!({"name": "x", "node_id": "00"}))
+                        Ok(ApiReply::Remove(RemoveResponse {
+                            name: "x".into(),
+                            node_id: "00".into(),
+                        }))
                     }
                     ApiRequest::Remove(r) => {
                         Err(ApiFailure::not_found(format!("no node {}", r.node)))

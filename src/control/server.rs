@@ -25,29 +25,45 @@ const MAX_CONNECTIONS: usize = 32;
 const MAX_BODY: usize = 64 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why the control socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "another meshd is already serving the control socket {}; stop it, or give this one its \
+         own --socket",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("{what} {}: {error}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
 /// Bind the control socket: refuse if a live meshd serves it, replace a stale file.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |error| BindError::Io { what, path, error }
+    };
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io("setting the mode of", dir))?;
         }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another meshd is already serving the control socket {}; stop it, or give this one \
-                 its own --socket",
-                path.display()
-            );
+            return Err(BindError::InUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(io("removing stale", path))?;
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("binding control socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let l = UnixListener::bind(path).map_err(io("binding control socket", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("setting the mode of", path))?;
     Ok(l)
 }
 

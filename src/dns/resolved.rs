@@ -11,6 +11,15 @@ const PATH: &str = "/org/freedesktop/resolve1";
 const IFACE: &str = "org.freedesktop.resolve1.Manager";
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A call to systemd-resolved that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolvedError {
+    #[error("systemd-resolved did not answer {0} in time")]
+    Timeout(&'static str),
+    #[error("systemd-resolved {0}: {1}")]
+    Call(&'static str, zbus::Error),
+}
+
 pub struct Resolved {
     conn: zbus::Connection,
 }
@@ -39,7 +48,7 @@ impl Resolved {
         running.then_some(Resolved { conn })
     }
 
-    async fn call<B>(&self, method: &str, body: &B) -> anyhow::Result<()>
+    async fn call<B>(&self, method: &'static str, body: &B) -> Result<(), ResolvedError>
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
@@ -49,8 +58,8 @@ impl Resolved {
                 .call_method(Some(DEST), PATH, Some(IFACE), method, body),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("systemd-resolved did not answer {method} in time"))?
-        .map_err(|e| anyhow::anyhow!("systemd-resolved {method}: {e}"))?;
+        .map_err(|_| ResolvedError::Timeout(method))?
+        .map_err(|e| ResolvedError::Call(method, e))?;
         Ok(())
     }
 
@@ -60,7 +69,7 @@ impl Resolved {
         ifindex: i32,
         server: Ipv4Addr,
         domain: &str,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ResolvedError> {
         self.call(
             "SetLinkDNS",
             &(ifindex, vec![(libc::AF_INET, server.octets().to_vec())]),
@@ -98,7 +107,7 @@ impl Resolved {
     }
 
     /// Undo everything set on the link.
-    pub async fn revert(&self, ifindex: i32) -> anyhow::Result<()> {
+    pub async fn revert(&self, ifindex: i32) -> Result<(), ResolvedError> {
         self.call("RevertLink", &(ifindex,)).await
     }
 }

@@ -114,6 +114,21 @@ pub struct DnsServer {
     skipped: Vec<String>,
 }
 
+/// Why mesh DNS could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("binding DNS to {what} on {ifname}: {error}")]
+    Bind {
+        what: String,
+        ifname: String,
+        error: std::io::Error,
+    },
+    #[error("building the mesh zone: {0}")]
+    Zone(String),
+    #[error("DNS forwarder: {0}")]
+    Forwarder(String),
+}
+
 impl DnsServer {
     /// Serve the mesh zone on `ip:port`, bound to `ifname`, forwarding other names upstream.
     pub async fn start(
@@ -122,8 +137,8 @@ impl DnsServer {
         ifname: &str,
         input: &ZoneInput,
         upstreams: Vec<SocketAddr>,
-    ) -> anyhow::Result<DnsServer> {
-        let origin = zone::fqdn(&input.domain)?;
+    ) -> Result<DnsServer, DnsError> {
+        let origin = zone::fqdn(&input.domain).map_err(|e| DnsError::Zone(e.to_string()))?;
         let forward = Arc::new(LiveZone::new(&origin));
         let reverse: Vec<(Name, Arc<LiveZone>)> = zone::reverse_origins(&input.range)
             .into_iter()
@@ -147,16 +162,26 @@ impl DnsServer {
             );
         }
         let want = SocketAddr::from((ip, port));
+        let bind = |what: String| {
+            let ifname = ifname.to_string();
+            move |error| DnsError::Bind {
+                what,
+                ifname,
+                error,
+            }
+        };
         let udp = crate::mesh::linux::bind_udp_on_device(want, ifname)
-            .map_err(|e| anyhow::anyhow!("binding DNS to {want}/udp on {ifname}: {e}"))?;
+            .map_err(bind(format!("{want}/udp")))?;
         // Port 0 (tests): TCP takes the port UDP got.
-        let listen = udp.local_addr()?;
+        let listen = udp.local_addr().map_err(bind(format!("{want}/udp")))?;
         let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
-            .map_err(|e| anyhow::anyhow!("binding DNS to {listen}/tcp on {ifname}: {e}"))?;
+            .map_err(bind(format!("{listen}/tcp")))?;
         let mut server = Server::new(catalog);
-        server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+        server.register_socket(
+            tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?,
+        );
         server.register_listener(
-            tokio::net::TcpListener::from_std(tcp)?,
+            tokio::net::TcpListener::from_std(tcp).map_err(bind(format!("{listen}/tcp")))?,
             Duration::from_secs(5),
             32,
         );
@@ -175,12 +200,12 @@ impl DnsServer {
     }
 
     /// Replace the zone contents.
-    pub fn update(&mut self, input: &ZoneInput) -> anyhow::Result<()> {
+    pub fn update(&mut self, input: &ZoneInput) -> Result<(), DnsError> {
         self.serial = self
             .serial
             .wrapping_add(1)
             .max(crate::util::unix_now() as u32);
-        let z = zone::build(input, self.serial)?;
+        let z = zone::build(input, self.serial).map_err(|e| DnsError::Zone(e.to_string()))?;
         if z.skipped != self.skipped {
             for s in &z.skipped {
                 warn!("left out of mesh DNS: {s}");
@@ -205,7 +230,7 @@ impl DnsServer {
     }
 }
 
-fn forwarder(upstreams: &[SocketAddr]) -> anyhow::Result<ForwardZoneHandler> {
+fn forwarder(upstreams: &[SocketAddr]) -> Result<ForwardZoneHandler, DnsError> {
     let name_servers = upstreams
         .iter()
         .map(|u| {
@@ -230,7 +255,7 @@ fn forwarder(upstreams: &[SocketAddr]) -> anyhow::Result<ForwardZoneHandler> {
         options: Some(opts),
     })
     .build()
-    .map_err(|e| anyhow::anyhow!("DNS forwarder: {e}"))
+    .map_err(|e| DnsError::Forwarder(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Where names outside the mesh domain go: the resolvers the host itself uses, never meshd.
 
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 

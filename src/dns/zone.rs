@@ -10,7 +10,7 @@
 //! <domain>, reverse zones            SOA, NS
 //! ```
 
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use hickory_server::proto::rr::rdata::{A, NS, PTR, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record};
 use hickory_server::proto::ProtoError;

@@ -99,10 +99,20 @@ pub struct Gossip {
     /// When each node was first heard of in gossip. chitchat reports a node as dead until it has
     /// seen two heartbeats, so a node just heard of is not yet "offline".
     first_heard: HashMap<NodeId, Instant>,
+    /// Revocations this node has put into its own gossip state.
+    published_revocations: HashSet<NodeId>,
 }
 
+/// chitchat could not start (its socket, mostly).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GossipError(String);
+
 impl Gossip {
-    pub async fn start(cfg: GossipConfig, transport: &dyn Transport) -> anyhow::Result<Gossip> {
+    pub async fn start(
+        cfg: GossipConfig,
+        transport: &dyn Transport,
+    ) -> Result<Gossip, GossipError> {
         let generation = crate::util::unix_now_ms();
         let chitchat_id = ChitchatId::new(cfg.node_id.to_string(), generation, cfg.addr);
         let config = ChitchatConfig {
@@ -123,13 +133,16 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V1,
         };
-        let handle = spawn_chitchat(config, cfg.initial, transport).await?;
+        let handle = spawn_chitchat(config, cfg.initial, transport)
+            .await
+            .map_err(|e| GossipError(format!("{e:#}")))?;
         Ok(Gossip {
             handle,
             started: Instant::now(),
             seen: HashMap::new(),
             rejected_logged: HashMap::new(),
             first_heard: HashMap::new(),
+            published_revocations: HashSet::new(),
         })
     }
 
@@ -139,6 +152,19 @@ impl Gossip {
         let st = cc.self_node_state();
         if st.get(key) != Some(value.as_str()) {
             st.set(key, value);
+        }
+    }
+
+    /// Spread every revocation the view knows (one key each), once.
+    pub async fn publish_revocations(&mut self, m: &Membership) {
+        let new: Vec<(NodeId, String)> = m
+            .revocations()
+            .filter(|r| !self.published_revocations.contains(&r.node_id))
+            .map(|r| (r.node_id, r.raw.to_b64()))
+            .collect();
+        for (id, raw) in new {
+            self.set(&format!("{PREFIX_REVOCATION}{id}"), raw).await;
+            self.published_revocations.insert(id);
         }
     }
 

@@ -8,94 +8,13 @@
 //! and the loser moves on to its next free candidate. [`resolve`] is that rule as a pure
 //! function: every node runs it over the same gossiped claims and gets the same answer.
 
-use crate::trust::{Key32, MeshId, NodeId};
-use serde::{Deserialize, Serialize};
+use crate::id::{Key32, MeshId, MeshRange, NodeId};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::net::Ipv4Addr;
-use std::str::FromStr;
 
 /// Candidates `0..HASHED_CANDIDATES` are independent hashes; after that a node probes linearly
 /// from its last hashed candidate, so a free slot is always found if one exists.
 pub const HASHED_CANDIDATES: u32 = 32;
-
-/// The mesh range: an IPv4 prefix between /8 and /24, cut into /24 slots.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-pub struct MeshRange {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl MeshRange {
-    pub fn new(base: Ipv4Addr, prefix: u8) -> Result<MeshRange, String> {
-        if !(8..=24).contains(&prefix) {
-            return Err(format!(
-                "mesh range /{prefix} is not supported: use a prefix between /8 and /24 \
-                 (each node takes a /24; /16 holds 256 nodes)"
-            ));
-        }
-        let mask = u32::MAX << (32 - prefix);
-        let b = u32::from(base);
-        if b & !mask != 0 {
-            return Err(format!(
-                "mesh range {base}/{prefix} has host bits set: did you mean {}/{prefix}?",
-                Ipv4Addr::from(b & mask)
-            ));
-        }
-        Ok(MeshRange { base, prefix })
-    }
-
-    /// Number of /24 slots.
-    pub fn slots(&self) -> u32 {
-        1u32 << (24 - self.prefix)
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX << (32 - self.prefix);
-        u32::from(ip) & mask == u32::from(self.base)
-    }
-
-    /// The slot whose /24 holds `ip`, if `ip` is in the mesh range.
-    pub fn slot_of(&self, ip: Ipv4Addr) -> Option<u32> {
-        if !self.contains(ip) {
-            return None;
-        }
-        Some((u32::from(ip) - u32::from(self.base)) >> 8)
-    }
-
-    /// Network address of a slot's /24.
-    pub fn subnet(&self, slot: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + (slot << 8))
-    }
-
-    /// The node's own address in its /24 (`.1`).
-    pub fn node_ip(&self, slot: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + (slot << 8) + 1)
-    }
-}
-
-impl fmt::Display for MeshRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.base, self.prefix)
-    }
-}
-
-impl FromStr for MeshRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, p) = s.split_once('/').ok_or_else(|| {
-            format!("mesh range {s:?} must be written as ADDRESS/PREFIX, e.g. 10.210.0.0/16")
-        })?;
-        let base: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("mesh range {s:?}: {a:?} is not an IPv4 address"))?;
-        let prefix: u8 = p
-            .parse()
-            .map_err(|_| format!("mesh range {s:?}: {p:?} is not a prefix length"))?;
-        MeshRange::new(base, prefix)
-    }
-}
 
 /// A /24 within the mesh range, for display.
 pub fn subnet_string(range: &MeshRange, slot: u32) -> String {
@@ -215,21 +134,6 @@ mod tests {
             .unwrap()
             .k;
         c
-    }
-
-    #[test]
-    fn parses_and_validates_ranges() {
-        let r: MeshRange = "10.210.0.0/16".parse().unwrap();
-        assert_eq!(r.slots(), 256);
-        assert_eq!(r.node_ip(5), Ipv4Addr::new(10, 210, 5, 1));
-        assert_eq!(r.slot_of(Ipv4Addr::new(10, 210, 7, 200)), Some(7));
-        assert_eq!(r.slot_of(Ipv4Addr::new(10, 211, 0, 1)), None);
-        assert_eq!("10.128.0.0/9".parse::<MeshRange>().unwrap().slots(), 32768);
-        let e = "10.210.1.0/16".parse::<MeshRange>().unwrap_err();
-        assert!(e.contains("did you mean 10.210.0.0/16"), "{e}");
-        assert!("10.0.0.0/25".parse::<MeshRange>().is_err());
-        assert!("10.0.0.0".parse::<MeshRange>().is_err());
-        assert!("banana/16".parse::<MeshRange>().is_err());
     }
 
     #[test]

@@ -171,6 +171,16 @@ pub struct PeerStats {
     pub dropped_bad_source: u64,
 }
 
+impl PeerStats {
+    /// Whether the tunnel has a session it may use: a handshake within REJECT_AFTER_TIME
+    /// (WireGuard whitepaper 6.1). The one "tunnel is up" rule: status, invites and the
+    /// bootstrap fallback all ask this.
+    pub fn has_session(&self) -> bool {
+        self.last_handshake
+            .is_some_and(|d| d < crate::constants::REJECT_AFTER_TIME)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

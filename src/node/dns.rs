@@ -1,195 +1,158 @@
-//! Mesh DNS in the node: the zone follows the membership view; the server follows the node's
-//! address.
+//! The mesh DNS role of the node: the server on the node's mesh address, the zone it serves
+//! (following the snapshot), and the host's resolver integration. It owns all of that; the node
+//! tells it where to listen and what the zone is.
 
-use super::Node;
 use crate::control::{DnsRecordView, DnsReport, DnsStatus};
-use crate::dns::zone::{self, NodeEntry, ServiceEntry, ZoneInput};
+use crate::dns::resolved::Resolved;
+use crate::dns::zone::{self, ZoneInput};
 use crate::dns::{upstream, DnsServer};
-use crate::gossip::Liveness;
-use tracing::{error, warn};
+use crate::id::MeshRange;
+use std::net::{Ipv4Addr, SocketAddr};
+use tracing::{error, info, warn};
 
 /// DNS port on the mesh address.
 pub const DNS_PORT: u16 = 53;
 
-impl<P: super::platform::Platform> Node<P> {
-    /// The zone as the membership view says it should be.
-    pub(super) fn dns_input(&self) -> ZoneInput {
-        let assign = self.m.assignments();
-        let range = self.m.params.range;
-        let names = zone::unique_names(self.m.active().map(|x| {
-            (
-                x.cert.name.as_str(),
-                x.cert.issued_at,
-                x.cert.node_id.to_string(),
-            )
-        }));
-        let mut nodes = Vec::new();
-        let mut services = Vec::new();
-        for x in self.m.active() {
-            let Some(a) = assign.get(&x.cert.node_id) else {
-                continue;
-            };
-            let name = names[&x.cert.node_id.to_string()].clone();
-            let ip = range.node_ip(a.slot);
-            nodes.push(NodeEntry {
-                name: name.clone(),
-                ip,
-            });
-            let live = x.cert.node_id == self.cert.node_id || x.liveness != Liveness::Dead;
-            if !live {
-                continue;
-            }
-            for s in x.services.iter().flat_map(|r| r.services.iter()) {
-                let sip = s.address.unwrap_or(ip);
-                // A node may only publish addresses of its own /24.
-                if range.slot_of(sip) != Some(a.slot) || !crate::util::is_dns_label(&s.name) {
-                    continue;
-                }
-                services.push(ServiceEntry {
-                    service: s.name.clone(),
-                    node: name.clone(),
-                    ip: sip,
-                    port: s.port,
-                });
-            }
-        }
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        services.sort();
-        ZoneInput {
-            domain: self.m.params.domain.clone(),
-            range,
-            serving: names
-                .get(&self.cert.node_id.to_string())
-                .cloned()
-                .unwrap_or_else(|| self.cert.name.clone()),
-            nodes,
-            services,
+pub struct DnsRole {
+    tun: String,
+    tun_index: u32,
+    /// Configured upstreams (empty: the host's).
+    upstream: Vec<SocketAddr>,
+    server: Option<DnsServer>,
+    /// The zone being served.
+    zone: Option<ZoneInput>,
+    /// Why DNS is not serving, if it is not.
+    error: Option<String>,
+    /// How the host resolves the mesh domain.
+    host: String,
+    resolved: Option<Resolved>,
+}
+
+impl DnsRole {
+    pub fn new(tun: &str, tun_index: u32, upstream: Vec<SocketAddr>) -> DnsRole {
+        DnsRole {
+            tun: tun.to_string(),
+            tun_index,
+            upstream,
+            server: None,
+            zone: None,
+            error: None,
+            host: String::new(),
+            resolved: None,
         }
     }
 
-    /// (Re)start the DNS server on the current mesh address.
-    pub(super) async fn start_dns(&mut self) {
-        if let Some(d) = self.dns.take() {
+    /// (Re)start the server on `ip` (the node's mesh address, which moves with its /24).
+    pub async fn start(&mut self, ip: Ipv4Addr, zone: &ZoneInput, range: &MeshRange) {
+        if let Some(d) = self.server.take() {
             d.stop().await;
         }
-        let input = self.dns_input();
-        let upstreams = upstream::discover(&self.config.dns_upstream, &self.m.params.range);
+        let upstreams = upstream::discover(&self.upstream, range);
         if upstreams.is_empty() {
             warn!("no upstream DNS server found (resolv.conf); names outside the mesh will not resolve through meshd");
         }
-        match DnsServer::start(
-            self.mesh_ip(),
-            DNS_PORT,
-            &self.config.tun,
-            &input,
-            upstreams,
-        )
-        .await
-        {
+        match DnsServer::start(ip, DNS_PORT, &self.tun, zone, upstreams).await {
             Ok(d) => {
-                self.dns = Some(d);
-                self.dns_input = Some(input);
-                self.dns_error = None;
+                self.server = Some(d);
+                self.zone = Some(zone.clone());
+                self.error = None;
             }
             Err(e) => {
                 error!(error = %e, "mesh DNS is not serving");
-                self.dns_error = Some(format!("{e:#}"));
+                self.error = Some(format!("{e:#}"));
             }
         }
-        self.register_dns_with_host().await;
+        self.register_with_host(&zone.domain).await;
     }
 
-    /// Push membership changes into the zone.
-    pub(super) fn refresh_dns(&mut self) {
-        if self.dns.is_none() {
+    /// Serve `zone` from now on (a no-op if it is what is served).
+    pub fn update(&mut self, zone: &ZoneInput) {
+        let Some(d) = &mut self.server else { return };
+        if self.zone.as_ref() == Some(zone) {
             return;
         }
-        let input = self.dns_input();
-        if self.dns_input.as_ref() == Some(&input) {
-            return;
-        }
-        let Some(d) = &mut self.dns else { return };
-        if let Err(e) = d.update(&input) {
+        if let Err(e) = d.update(zone) {
             error!(error = %e, "updating the mesh zone failed");
             return;
         }
-        self.dns_input = Some(input);
+        self.zone = Some(zone.clone());
     }
 
-    pub(super) fn dns_status(&self) -> DnsStatus {
+    pub fn status(&self, domain: &str) -> DnsStatus {
         DnsStatus {
-            domain: self.m.params.domain.clone(),
-            listen: self.dns.as_ref().map(|d| d.listen.to_string()),
+            domain: domain.to_string(),
+            listen: self.server.as_ref().map(|d| d.listen.to_string()),
             upstreams: self
-                .dns
+                .server
                 .as_ref()
                 .map(|d| d.upstreams.iter().map(|u| u.to_string()).collect())
                 .unwrap_or_default(),
-            host: self.dns_host.clone(),
-            error: self.dns_error.clone(),
+            host: self.host.clone(),
+            error: self.error.clone(),
         }
     }
 
-    pub(super) fn dns_report(&self) -> DnsReport {
+    /// `meshctl dns`: the records as served.
+    pub fn report(&self, domain: &str) -> DnsReport {
         let mut records = Vec::new();
-        if let Some(input) = &self.dns_input {
-            if let Ok(z) = zone::build(input, 0) {
-                for r in z.forward.iter().chain(z.reverse.values().flatten()) {
-                    let rtype = r.record_type().to_string();
-                    if rtype == "SOA" || rtype == "NS" {
-                        continue;
-                    }
-                    records.push(DnsRecordView {
-                        name: r.name.to_string(),
-                        rtype,
-                        ttl: r.ttl,
-                        value: r.data.to_string(),
-                    });
+        if let Some(z) = self.zone.as_ref().and_then(|z| zone::build(z, 0).ok()) {
+            for r in z.forward.iter().chain(z.reverse.values().flatten()) {
+                let rtype = r.record_type().to_string();
+                if rtype == "SOA" || rtype == "NS" {
+                    continue;
                 }
+                records.push(DnsRecordView {
+                    name: r.name.to_string(),
+                    rtype,
+                    ttl: r.ttl,
+                    value: r.data.to_string(),
+                });
             }
         }
         DnsReport {
-            status: self.dns_status(),
+            status: self.status(domain),
             records,
         }
     }
 
     /// Host integration: see [`crate::dns::resolved`]. Without systemd-resolved, the host's
     /// resolver configuration is left alone and `meshctl dns` says how to use the server.
-    pub(super) async fn register_dns_with_host(&mut self) {
-        let Some(d) = &self.dns else {
-            self.dns_host = "not registered (DNS not serving)".to_string();
+    async fn register_with_host(&mut self, domain: &str) {
+        let Some(d) = &self.server else {
+            self.host = "not registered (DNS not serving)".to_string();
             return;
         };
-        let ip = match d.listen.ip() {
-            std::net::IpAddr::V4(v4) => v4,
-            _ => return,
+        let std::net::IpAddr::V4(ip) = d.listen.ip() else {
+            return;
         };
         if self.resolved.is_none() {
-            self.resolved = crate::dns::resolved::Resolved::detect().await;
+            self.resolved = Resolved::detect().await;
         }
         let Some(r) = &self.resolved else {
-            self.dns_host = "not registered (no systemd-resolved); see `meshctl dns`".to_string();
+            self.host = "not registered (no systemd-resolved); see `meshctl dns`".to_string();
             return;
         };
-        let domain = self.m.params.domain.clone();
-        match r.register(self.tun_index as i32, ip, &domain).await {
+        match r.register(self.tun_index as i32, ip, domain).await {
             Ok(()) => {
-                tracing::info!(link = %self.config.tun, %domain, "registered mesh DNS with systemd-resolved");
-                self.dns_host = format!("systemd-resolved ({}: ~{domain})", self.config.tun);
+                info!(link = %self.tun, %domain, "registered mesh DNS with systemd-resolved");
+                self.host = format!("systemd-resolved ({}: ~{domain})", self.tun);
             }
             Err(e) => {
                 warn!(error = %e, "registering mesh DNS with systemd-resolved failed");
-                self.dns_host = format!("systemd-resolved registration failed: {e}");
+                self.host = format!("systemd-resolved registration failed: {e}");
             }
         }
     }
 
-    pub(super) async fn unregister_dns_from_host(&mut self) {
+    /// Unregister from the host and stop serving.
+    pub async fn stop(&mut self) {
         if let Some(r) = self.resolved.take() {
             if let Err(e) = r.revert(self.tun_index as i32).await {
                 warn!(error = %e, "removing mesh DNS from systemd-resolved failed");
             }
+        }
+        if let Some(d) = self.server.take() {
+            d.stop().await;
         }
     }
 }

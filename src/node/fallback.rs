@@ -1,161 +1,176 @@
-//! The token's bootstrap endpoints as the fallback of a running node (DESIGN, "Restart"): a
-//! node that hears from no member for a while (its member cache was lost or moved aside, or
-//! every cached endpoint went stale while it was down) sends its join request to them again.
-//! A seed answers a member's request like a retried join, with its own certificate and record
-//! and a few other members; the node takes those in, its tunnels come up and gossip resumes.
+//! The bootstrap fallback of a running node (DESIGN, "Restart"): a node that hears from no
+//! member for a while (its member cache was lost or moved aside, or every cached endpoint went
+//! stale while it was down) sends its join request to the token's bootstrap endpoints again. A
+//! seed answers a member's request like a retried join, with its own certificate and record and
+//! a few other members; the node takes those in, its tunnels come up and gossip resumes.
+//!
+//! [`Fallback`] is the rule as a small state machine with `now` passed in: when to ask, which
+//! answers are welcome. The node sends and ingests.
 
-use super::Node;
 use crate::constants::{BOOTSTRAP_FALLBACK_AFTER, BOOTSTRAP_FALLBACK_RETRY};
-use crate::join::{encode_frame, make_request, verify_accept, Frame};
-use crate::trust::{Key32, Signed};
-use crate::util::unix_now;
+use crate::id::{Key32, MeshId};
+use crate::join::verify_accept;
+use crate::trust::{Cert, Signed};
+use crate::wire::{JoinAccept, JoinRefuse};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tracing::{debug, info, warn};
 
-/// A tunnel that handshook this recently means the node is in touch with the mesh.
-const IN_TOUCH: Duration = Duration::from_secs(180);
+/// How often the node looks at its tunnels (the look walks every peer's statistics).
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Requests whose answers are still welcome.
 const PENDING_MAX: usize = 8;
 const PENDING_TTL: Duration = Duration::from_secs(120);
 
-pub(super) struct Fallback {
+/// A place the fallback asks: an address and, where known, the WireGuard key of the node there
+/// (an answer must then come from that node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub wireguard: Option<Key32>,
+}
+
+pub struct Fallback {
     /// Since when this node has had no live tunnel (or since start).
     cut_off_since: Instant,
     last_sent: Option<Instant>,
-    /// The check walks every peer's statistics: once a second is plenty.
     last_check: Option<Instant>,
+    /// Nonces of requests sent, with when.
     pending: Vec<([u8; 16], Instant)>,
 }
 
 impl Fallback {
-    pub(super) fn new() -> Fallback {
+    pub fn new(now: Instant) -> Fallback {
         Fallback {
-            cut_off_since: Instant::now(),
+            cut_off_since: now,
             last_sent: None,
             last_check: None,
             pending: Vec::new(),
         }
     }
+
+    /// Whether the node should look at its tunnels now ([`CHECK_EVERY`]).
+    pub fn check_due(&mut self, now: Instant) -> bool {
+        if self
+            .last_check
+            .is_some_and(|t| now.saturating_duration_since(t) < CHECK_EVERY)
+        {
+            return false;
+        }
+        self.last_check = Some(now);
+        true
+    }
+
+    /// What the node saw: whether any tunnel is in touch. Returns whether to ask the targets
+    /// now: after [`BOOTSTRAP_FALLBACK_AFTER`] cut off, then every
+    /// [`BOOTSTRAP_FALLBACK_RETRY`] while it stays so.
+    pub fn should_ask(&mut self, now: Instant, in_touch: bool, have_targets: bool) -> bool {
+        if in_touch {
+            self.cut_off_since = now;
+            self.last_sent = None;
+            return false;
+        }
+        if !have_targets
+            || now.saturating_duration_since(self.cut_off_since) < BOOTSTRAP_FALLBACK_AFTER
+            || self
+                .last_sent
+                .is_some_and(|t| now.saturating_duration_since(t) < BOOTSTRAP_FALLBACK_RETRY)
+        {
+            return false;
+        }
+        self.last_sent = Some(now);
+        true
+    }
+
+    /// A request with `nonce` went out.
+    pub fn asked(&mut self, nonce: [u8; 16], now: Instant) {
+        self.pending
+            .retain(|(_, t)| now.saturating_duration_since(*t) < PENDING_TTL);
+        if self.pending.len() >= PENDING_MAX {
+            self.pending.remove(0);
+        }
+        self.pending.push((nonce, now));
+    }
+
+    /// Whether a refusal answers one of this node's requests (and is worth a warning).
+    pub fn answers(&self, r: &JoinRefuse) -> bool {
+        self.pending.iter().any(|(n, _)| *n == r.nonce)
+    }
+
+    /// An acceptance from `from`: the seed and its answer if it comes from one of `targets`
+    /// (from the node the target names, where it names one) and answers a pending request.
+    /// Once one is taken, earlier requests are no longer welcome.
+    pub fn accept(
+        &mut self,
+        raw: &Signed,
+        from: SocketAddr,
+        targets: &[Target],
+        mesh: &MeshId,
+        identity: &Key32,
+    ) -> Option<(Cert, JoinAccept)> {
+        let target = targets.iter().find(|t| t.addr == from)?;
+        let verified = self.pending.iter().find_map(|(nonce, _)| {
+            verify_accept(raw, mesh, nonce, identity, target.wireguard.as_ref()).ok()
+        })?;
+        self.pending.clear();
+        Some(verified)
+    }
 }
 
-impl<P: super::platform::Platform> Node<P> {
-    /// The bootstrap endpoints this node joined through, with their WireGuard keys.
-    fn bootstrap_entries(&self) -> Vec<(SocketAddr, Option<Key32>)> {
-        self.config
-            .bootstrap
-            .iter()
-            .map(|b| (b.addr, crate::state::decode_key(&b.wireguard).ok()))
-            .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_asks_only_after_being_cut_off_for_a_while_and_then_slowly() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut f = Fallback::new(t0);
+        // In touch: never.
+        assert!(!f.should_ask(t0 + s(100), true, true));
+        // Cut off since t0 + 100: not before the grace, then once, then after the retry time.
+        assert!(!f.should_ask(t0 + s(110), false, true));
+        assert!(f.should_ask(t0 + s(100) + BOOTSTRAP_FALLBACK_AFTER, false, true));
+        let first = t0 + s(100) + BOOTSTRAP_FALLBACK_AFTER;
+        assert!(!f.should_ask(first + s(1), false, true));
+        assert!(!f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY - s(1), false, true));
+        assert!(f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY, false, true));
+        // Nowhere to ask: nothing, however long.
+        let mut g = Fallback::new(t0);
+        assert!(!g.should_ask(t0 + s(1000), false, false));
+        // Back in touch resets the grace.
+        let later = first + s(200);
+        assert!(!f.should_ask(later, true, true));
+        assert!(!f.should_ask(later + s(5), false, true));
+        assert!(f.should_ask(later + BOOTSTRAP_FALLBACK_AFTER, false, true));
     }
 
-    /// Called every tick: send the join request to the bootstrap endpoints when cut off.
-    pub(super) async fn bootstrap_fallback(&mut self) {
-        let now = Instant::now();
-        if self
-            .fallback
-            .last_check
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.fallback.last_check = Some(now);
-        let in_touch = self
-            .device
-            .stats()
-            .iter()
-            .any(|s| s.last_handshake.is_some_and(|t| t < IN_TOUCH));
-        if in_touch {
-            self.fallback.cut_off_since = now;
-            self.fallback.last_sent = None;
-            return;
-        }
-        let entries = self.bootstrap_entries();
-        if entries.is_empty()
-            || now.duration_since(self.fallback.cut_off_since) < BOOTSTRAP_FALLBACK_AFTER
-            || self
-                .fallback
-                .last_sent
-                .is_some_and(|t| now.duration_since(t) < BOOTSTRAP_FALLBACK_RETRY)
-        {
-            return;
-        }
-        self.fallback.last_sent = Some(now);
-        let (req, nonce) = make_request(
-            &self.keys,
-            &self.cert.raw,
-            self.endpoints.clone(),
-            unix_now(),
-        );
-        self.fallback
-            .pending
-            .retain(|(_, t)| now.duration_since(*t) < PENDING_TTL);
-        if self.fallback.pending.len() >= PENDING_MAX {
-            self.fallback.pending.remove(0);
-        }
-        self.fallback.pending.push((nonce, now));
-        let frame = encode_frame(&Frame::Request(req));
-        let addrs: Vec<SocketAddr> = entries.iter().map(|(a, _)| *a).collect();
-        info!(bootstrap = ?addrs, "no tunnel to any member for a while; asking the token's bootstrap endpoints");
-        for addr in addrs {
-            self.device.send_control(&frame, addr).await;
-        }
+    #[test]
+    fn tunnels_are_looked_at_once_a_second() {
+        let t0 = Instant::now();
+        let mut f = Fallback::new(t0);
+        assert!(f.check_due(t0));
+        assert!(!f.check_due(t0 + Duration::from_millis(200)));
+        assert!(f.check_due(t0 + CHECK_EVERY));
     }
 
-    /// A refusal arrived: worth a warning if it answers this node's fallback request (the
-    /// reason, e.g. a removal, is what the operator needs to know); ignored otherwise.
-    pub(super) fn on_refusal(&mut self, r: &crate::join::JoinRefuse, from: SocketAddr) {
-        if self.fallback.pending.iter().any(|(n, _)| *n == r.nonce) {
-            warn!(%from, reason = ?r.reason, "a bootstrap member refused this node: {}", r.message);
-        }
-    }
-
-    /// An acceptance arrived: if it answers one of this node's fallback requests, take in the
-    /// seed and the members it lists.
-    pub(super) async fn on_accept(&mut self, raw: &Signed, from: SocketAddr) {
-        let Some((_, expected)) = self
-            .bootstrap_entries()
-            .into_iter()
-            .find(|(a, _)| *a == from)
-        else {
-            debug!(%from, "ignoring a join answer from an address this node never asked");
-            return;
+    #[test]
+    fn only_refusals_of_pending_requests_count_and_the_pending_list_is_bounded() {
+        let t0 = Instant::now();
+        let mut f = Fallback::new(t0);
+        let refusal = |n: u8| JoinRefuse {
+            nonce: [n; 16],
+            reason: crate::wire::RefuseReason::Revoked,
+            message: String::new(),
         };
-        let identity = self.keys.identity_public();
-        let mesh = self.m.params.mesh;
-        let verified = self.fallback.pending.iter().find_map(|(nonce, _)| {
-            verify_accept(raw, &mesh, nonce, &identity, expected.as_ref()).ok()
-        });
-        let Some((seed, accept)) = verified else {
-            debug!(%from, "ignoring a join answer that answers no request of this node");
-            return;
-        };
-        self.fallback.pending.clear();
-        let now = unix_now();
-        for r in &accept.revocations {
-            let _ = self.m.ingest_revocation(r);
+        assert!(!f.answers(&refusal(1)));
+        for n in 1..=(PENDING_MAX as u8 + 2) {
+            f.asked([n; 16], t0);
         }
-        let mut learnt = 0;
-        let statements = std::iter::once((&accept.seed_cert, Some(&accept.seed_record)))
-            .chain(accept.members.iter().map(|(c, r)| (c, r.as_ref())));
-        for (cert, record) in statements {
-            match self.m.ingest_cert(cert, now) {
-                Ok(id) => {
-                    learnt += 1;
-                    if let Some(r) = record {
-                        let _ = self.m.ingest_record(id, r);
-                    }
-                }
-                Err(e) => debug!(error = %e, "skipping a member from the bootstrap answer"),
-            }
-        }
-        if accept.slot_k != self.record.slot_k {
-            warn!(
-                seed = %seed.name,
-                "the bootstrap member places this node differently; keeping its own claim"
-            );
-        }
-        info!(seed = %seed.name, %from, members = learnt, "back in touch through a bootstrap endpoint");
-        self.push_peers().await;
+        assert!(!f.answers(&refusal(1)), "the oldest were dropped");
+        assert!(f.answers(&refusal(PENDING_MAX as u8 + 2)));
+        // Requests too old are forgotten on the next one.
+        f.asked([99; 16], t0 + PENDING_TTL);
+        assert!(!f.answers(&refusal(PENDING_MAX as u8 + 2)));
+        assert!(f.answers(&refusal(99)));
     }
 }

@@ -1,11 +1,11 @@
 //! What the node runtime needs from the operating system, behind one trait: the TUN device and
 //! its address, the mesh UDP socket, the gossip transport and the machine's addresses.
-//! [`LinuxPlatform`] is the real thing; the in-memory twin in `sim.rs` runs whole meshes in one
-//! process for fast multi-node scenarios (DESIGN "Testing").
+//! [`LinuxPlatform`] is the real thing; the in-memory twin in `testing::sim` runs whole meshes in
+//! one process for fast multi-node scenarios (DESIGN "Testing").
 
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use crate::mesh::io::{TunIo, UdpIo};
-use crate::mesh::linux::{local_addresses, LinuxTun, LinuxUdp, NetConfig};
+use crate::mesh::linux::{local_addresses, LinuxTun, LinuxUdp, NetConfig, NetError};
 use chitchat::transport::Transport;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,7 +14,7 @@ pub trait Platform: Send + Sync + 'static {
     type Tun: TunIo;
     type Udp: UdpIo;
 
-    fn bind_udp(&self, port: u16) -> anyhow::Result<Self::Udp>;
+    fn bind_udp(&self, port: u16) -> Result<Self::Udp, NetError>;
 
     /// Create the TUN device with the node's address (mesh prefix, which routes the mesh range
     /// to it) and MTU, up. Returns it and its interface index.
@@ -24,7 +24,7 @@ pub trait Platform: Send + Sync + 'static {
         addr: Ipv4Addr,
         prefix: u8,
         mtu: u16,
-    ) -> impl Future<Output = anyhow::Result<(Self::Tun, u32)>> + Send;
+    ) -> impl Future<Output = Result<(Self::Tun, u32), NetError>> + Send;
 
     /// Give the TUN device a new address (the node's slot moved).
     fn readdress(
@@ -32,7 +32,7 @@ pub trait Platform: Send + Sync + 'static {
         index: u32,
         addr: Ipv4Addr,
         prefix: u8,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
 
     /// How gossip travels (through the TUN device, on Linux).
     fn gossip_transport(&self, tun: &str) -> Box<dyn Transport>;
@@ -53,7 +53,7 @@ impl Platform for LinuxPlatform {
     type Tun = LinuxTun;
     type Udp = LinuxUdp;
 
-    fn bind_udp(&self, port: u16) -> anyhow::Result<LinuxUdp> {
+    fn bind_udp(&self, port: u16) -> Result<LinuxUdp, NetError> {
         LinuxUdp::bind(port)
     }
 
@@ -63,7 +63,7 @@ impl Platform for LinuxPlatform {
         addr: Ipv4Addr,
         prefix: u8,
         mtu: u16,
-    ) -> anyhow::Result<(LinuxTun, u32)> {
+    ) -> Result<(LinuxTun, u32), NetError> {
         let tun = LinuxTun::create(name)?;
         let index = tun.index;
         NetConfig::new()?
@@ -72,7 +72,7 @@ impl Platform for LinuxPlatform {
         Ok((tun, index))
     }
 
-    async fn readdress(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+    async fn readdress(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
         NetConfig::new()?.replace_address(index, addr, prefix).await
     }
 

@@ -4,14 +4,19 @@
 
 use super::platform::Platform;
 use crate::constants::{DEFAULT_INVITE_TTL, TOKEN_BOOTSTRAP_MEMBERS};
+use crate::id::MeshRange;
 use crate::join::{self, JoinError};
-use crate::mesh::addressing::MeshRange;
+use crate::mesh::linux::NetError;
 use crate::state::{
-    encode_key, BootstrapEntry, CachedMember, MemberCache, NodeConfig, StateDir, STATE_VERSION,
+    encode_key, BootstrapEntry, CachedMember, MemberCache, NodeConfig, StateDir, StateError,
+    STATE_VERSION,
 };
-use crate::trust::{Bootstrap, Cert, InviteBody, MeshId, NodeCertBody, NodeKeys, RootKey, Token};
+use crate::trust::{
+    Bootstrap, Cert, InviteBody, MeshId, NodeCertBody, NodeKeys, RootKey, Token, TrustError,
+};
 use ed25519_dalek::SigningKey;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub struct InitParams {
@@ -35,6 +40,61 @@ pub struct JoinParams {
     pub dns_upstream: Vec<SocketAddr>,
     /// The node's keys; `None` makes new ones (tests choose them).
     pub keys: Option<NodeKeys>,
+}
+
+/// Why `meshd init` or `meshd join` did not create a node. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(
+        "{} holds the root key of mesh {kept} (kept when this node left it); a new mesh here would \
+         overwrite it, and it is the only way to administer that mesh. Move {} somewhere safe, \
+         or use another --state-dir",
+        .dir.display(),
+        .key.display()
+    )]
+    KeptRootKey {
+        dir: PathBuf,
+        kept: MeshId,
+        key: PathBuf,
+    },
+    #[error(
+        "{} holds the root key of mesh {kept} (kept when this node left it); joining mesh {token} \
+         here would mix the two. Move {} somewhere safe (it is the only way to administer that \
+         mesh), or use another --state-dir",
+        .dir.display(),
+        .key.display()
+    )]
+    KeptRootKeyOtherMesh {
+        dir: PathBuf,
+        kept: MeshId,
+        token: MeshId,
+        key: PathBuf,
+    },
+    #[error(
+        "this node ({name:?} in {}) is already a member of mesh {current}; the token is for mesh \
+         {token}. Leave the current mesh first (meshd leave) or use another --state-dir",
+        .dir.display()
+    )]
+    OtherMesh {
+        name: String,
+        dir: PathBuf,
+        current: MeshId,
+        token: MeshId,
+    },
+    #[error(
+        "the join token cannot be used: {0}; ask an administrator for a new one (meshctl invite)"
+    )]
+    StaleToken(TrustError),
+    #[error("join refused: {0}")]
+    Refused(JoinError),
+    #[error("join failed: {0}")]
+    Failed(JoinError),
 }
 
 /// Endpoints to publish: the explicit ones, or the machine's addresses with the port.
@@ -84,17 +144,14 @@ pub fn create_mesh<P: Platform>(
     state: &StateDir,
     p: &InitParams,
     now: u64,
-) -> anyhow::Result<Token> {
+) -> Result<Token, SetupError> {
     state.ensure_empty()?;
     if let Some(old) = state.load_root()? {
-        anyhow::bail!(
-            "{} holds the root key of mesh {} (kept when this node left it); a new mesh here would \
-             overwrite it, and it is the only way to administer that mesh. Move {} somewhere safe, \
-             or use another --state-dir",
-            state.path().display(),
-            MeshId(old.public()),
-            state.file("root.key").display()
-        );
+        return Err(SetupError::KeptRootKey {
+            dir: state.path().to_path_buf(),
+            kept: MeshId(old.public()),
+            key: state.file("root.key"),
+        });
     }
     let root = RootKey::generate();
     let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
@@ -163,18 +220,17 @@ pub async fn join_mesh<P: Platform>(
     token: &Token,
     p: &JoinParams,
     now: u64,
-) -> anyhow::Result<P::Udp> {
+) -> Result<P::Udp, SetupError> {
     if state.is_initialized() {
         if let Ok(c) = state.load_node() {
             if let Ok(m) = c.mesh_id() {
                 if m != token.mesh() {
-                    anyhow::bail!(
-                        "this node ({:?} in {}) is already a member of mesh {m}; the token is for mesh {}. \
-                         Leave the current mesh first (meshd leave) or use another --state-dir",
-                        c.name,
-                        state.path().display(),
-                        token.mesh()
-                    );
+                    return Err(SetupError::OtherMesh {
+                        name: c.name,
+                        dir: state.path().to_path_buf(),
+                        current: m,
+                        token: token.mesh(),
+                    });
                 }
             }
         }
@@ -182,20 +238,15 @@ pub async fn join_mesh<P: Platform>(
     }
     if let Some(root) = state.load_root()? {
         if root.public() != token.mesh().0 {
-            anyhow::bail!(
-                "{} holds the root key of mesh {} (kept when this node left it); joining mesh {} here \
-                 would mix the two. Move {} somewhere safe (it is the only way to administer that \
-                 mesh), or use another --state-dir",
-                state.path().display(),
-                MeshId(root.public()),
-                token.mesh(),
-                state.file("root.key").display()
-            );
+            return Err(SetupError::KeptRootKeyOtherMesh {
+                dir: state.path().to_path_buf(),
+                kept: MeshId(root.public()),
+                token: token.mesh(),
+                key: state.file("root.key"),
+            });
         }
     }
-    token.check_fresh(now).map_err(|e| {
-        anyhow::anyhow!("the join token cannot be used: {e}; ask an administrator for a new one (meshctl invite)")
-    })?;
+    token.check_fresh(now).map_err(SetupError::StaleToken)?;
     let keys = p.keys.clone().unwrap_or_else(NodeKeys::generate);
     // A joiner whose clock is a little behind the administrator's still issues a certificate
     // inside the invite's validity (seeds check the time against their own clocks).
@@ -216,8 +267,8 @@ pub async fn join_mesh<P: Platform>(
     let outcome = join::join(&udp, token, &keys, &cert, endpoints, &p.bootstrap, now)
         .await
         .map_err(|e| match e {
-            JoinError::Refused { .. } => anyhow::anyhow!("join refused: {e}"),
-            other => anyhow::anyhow!("join failed: {other}"),
+            JoinError::Refused { .. } => SetupError::Refused(e),
+            other => SetupError::Failed(other),
         })?;
     let acc = &outcome.accept;
     tracing::info!(

@@ -4,7 +4,7 @@
 
 use super::dial::connect;
 use super::preamble::{self, ExitReply, ExitRequest, ExitStatus, EXIT_MAGIC, EXIT_REPLY_MAGIC};
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;

@@ -1,7 +1,7 @@
 //! What the gateway and the proxy need to know about the mesh, as one immutable snapshot the
 //! node's main loop publishes on every change ([`MeshView`]). Pure lookups.
 
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 

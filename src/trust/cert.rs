@@ -3,7 +3,7 @@
 use super::keys::xeddsa;
 use super::signed::message;
 use super::{encode, verify_sig, Context, Key32, MeshId, NodeId, NodeKeys, Signed, TrustError};
-use crate::mesh::addressing::MeshRange;
+use crate::id::MeshRange;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 

@@ -16,78 +16,7 @@ pub use revocation::{Revocation, RevocationBody};
 pub use signed::{decode, encode, Context, Signed};
 pub use token::{Bootstrap, Token, TOKEN_PREFIX};
 
-use sha2::{Digest, Sha256};
-use std::fmt;
-
-/// A 32-byte public key (ed25519 or x25519).
-pub type Key32 = [u8; 32];
-
-/// The mesh identity: the root key's public half.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct MeshId(pub Key32);
-
-impl MeshId {
-    /// Short form for humans and for chitchat's cluster id.
-    pub fn short(&self) -> String {
-        crate::util::hex(&self.0[..6])
-    }
-}
-
-impl fmt::Display for MeshId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.short())
-    }
-}
-
-impl fmt::Debug for MeshId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MeshId({})", self.short())
-    }
-}
-
-/// Short node id: 8 bytes of SHA-256 over the identity key, printed as 16 hex digits. Used as
-/// the chitchat node id (DESIGN: keep gossip ids short, full keys go in values).
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct NodeId(pub [u8; 8]);
-
-impl NodeId {
-    pub fn of_identity(identity: &Key32) -> NodeId {
-        let mut h = Sha256::new();
-        h.update(b"meshd/node-id/v1");
-        h.update(identity);
-        let d = h.finalize();
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&d[..8]);
-        NodeId(id)
-    }
-
-    pub fn parse(s: &str) -> Option<NodeId> {
-        if s.len() != 16 {
-            return None;
-        }
-        let mut id = [0u8; 8];
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(NodeId(id))
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::util::hex(&self.0))
-    }
-}
-
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeId({self})")
-    }
-}
+pub use crate::id::{Key32, MeshId, NodeId};
 
 /// Why something failed to verify. Messages name what failed; callers add how to fix it.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

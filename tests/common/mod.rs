@@ -15,8 +15,8 @@
 
 pub mod workloads;
 
+use meshd::cli::demo::lab::{Lan, Netns};
 use meshd::control::StatusReport;
-use meshd::netns::{Lan, Netns};
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -287,7 +287,7 @@ impl Lab {
 
     /// One ICMP echo over the mesh from host `from`.
     pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
-        meshd::netns::ping(self.ns(from), to, Duration::from_millis(700)).is_ok()
+        meshd::cli::demo::lab::ping(self.ns(from), to, Duration::from_millis(700)).is_ok()
     }
 
     /// Poll `f` until it holds or `timeout` passes; returns how long it took.

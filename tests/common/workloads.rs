@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use meshd::netns::Netns;
+use meshd::cli::demo::lab::Netns;
 use meshd::proxy::dial::Prefixed;
 use meshd::proxy::proxy_protocol;
 use std::net::SocketAddr;

@@ -315,7 +315,7 @@ impl Netlink {
 
     pub async fn set_up_named(&self, name: &str) -> anyhow::Result<()> {
         let i = self.index(name).await?;
-        self.set_up(i).await
+        Ok(self.set_up(i).await?)
     }
 
     pub async fn add_bridge(&self, name: &str) -> anyhow::Result<()> {
@@ -385,7 +385,7 @@ impl Netlink {
         prefix: u8,
     ) -> anyhow::Result<()> {
         let i = self.index(name).await?;
-        self.add_address(i, addr, prefix).await
+        Ok(self.add_address(i, addr, prefix).await?)
     }
 }
 

@@ -3,9 +3,11 @@
 //! `init`/`join` path, shows `meshctl status` and a reachability matrix over the mesh, and on
 //! Ctrl-C (or with `--once`) removes everything it made.
 
+pub mod lab;
+
 use crate::control::client::Client;
 use crate::control::StatusReport;
-use crate::netns::{ping, Lan, Netns};
+use lab::{ping, Lan, Netns};
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

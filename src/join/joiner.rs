@@ -1,0 +1,253 @@
+//! The joiner's side of a join: the signed request, the check of an answer, and the retry loop
+//! over the token's bootstrap endpoints.
+
+use crate::constants::{JOIN_ATTEMPT_MAX, JOIN_ATTEMPT_TIMEOUT, JOIN_DEADLINE, MAX_JOIN_FRAME};
+use crate::mesh::io::UdpIo;
+use crate::trust::{Cert, Context, Key32, MeshId, NodeKeys, Signed, Token, TrustError};
+use crate::wire::{decode_frame, encode_frame, Frame, JoinAccept, JoinRequest, RefuseReason};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// What a successful join yields.
+pub struct JoinOutcome {
+    pub seed: Cert,
+    pub seed_addr: SocketAddr,
+    pub accept: JoinAccept,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{addr} refused the join: {message}")]
+    Refused {
+        addr: SocketAddr,
+        reason: RefuseReason,
+        message: String,
+    },
+    #[error(
+        "no bootstrap endpoint answered ({tried}); check that one of them is running meshd and that \
+         UDP to its port is not blocked, or pass a live member with --bootstrap ADDR:PORT"
+    )]
+    NoAnswer { tried: String },
+    #[error("{addr} could not read the join request: {message}")]
+    Unreadable { addr: SocketAddr, message: String },
+    #[error("the token lists no bootstrap endpoint; pass one with --bootstrap ADDR:PORT")]
+    NoBootstrap,
+    #[error("sending the join request: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Build the signed request.
+pub fn make_request(
+    keys: &NodeKeys,
+    cert: &Signed,
+    endpoints: Vec<SocketAddr>,
+    now: u64,
+) -> (Signed, [u8; 16]) {
+    use rand_core::RngCore;
+    let mut nonce = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut nonce);
+    let req = JoinRequest {
+        cert: cert.clone(),
+        endpoints,
+        sent_at: now,
+        nonce,
+    };
+    (
+        Signed::sign(Context::JoinRequest, &req, &keys.identity),
+        nonce,
+    )
+}
+
+/// Verify an acceptance: signed by a member of the token's mesh (and, where the token named the
+/// endpoint's key, by that very node), answering our nonce and our identity.
+pub fn verify_accept(
+    raw: &Signed,
+    mesh: &MeshId,
+    nonce: &[u8; 16],
+    identity: &Key32,
+    expected_wg: Option<&Key32>,
+) -> Result<(Cert, JoinAccept), TrustError> {
+    let peek: JoinAccept = raw.peek("join answer")?;
+    let seed = Cert::verify(&peek.seed_cert, mesh)?;
+    let acc: JoinAccept = raw.verify(Context::JoinAccept, &seed.identity, "join answer")?;
+    if acc.nonce != *nonce || acc.joiner != *identity {
+        return Err(TrustError::Malformed {
+            what: "join answer",
+            detail: "it answers another request".into(),
+        });
+    }
+    if let Some(wg) = expected_wg {
+        if *wg != seed.wireguard {
+            return Err(TrustError::Malformed {
+                what: "join answer",
+                detail: "it comes from another node than the token names".into(),
+            });
+        }
+    }
+    Ok((seed, acc))
+}
+
+/// The joiner's side: try each bootstrap endpoint in turn, passes with growing waits, until one
+/// accepts, one refuses for a reason every member would agree on, or [`JOIN_DEADLINE`] passes.
+/// Retries resend the same request, which a seed answers the same way (it is idempotent).
+pub async fn join<U: UdpIo>(
+    udp: &U,
+    token: &Token,
+    keys: &NodeKeys,
+    cert: &Signed,
+    endpoints: Vec<SocketAddr>,
+    extra_bootstrap: &[SocketAddr],
+    now: u64,
+) -> Result<JoinOutcome, JoinError> {
+    let mut targets: Vec<(SocketAddr, Option<Key32>)> =
+        extra_bootstrap.iter().map(|a| (*a, None)).collect();
+    targets.extend(token.bootstrap.iter().map(|b| (b.addr, Some(b.wireguard))));
+    if targets.is_empty() {
+        return Err(JoinError::NoBootstrap);
+    }
+    let (req, nonce) = make_request(keys, cert, endpoints, now);
+    let frame = encode_frame(&Frame::Request(req));
+    let identity = keys.identity_public();
+    let mut buf = vec![0u8; MAX_JOIN_FRAME + 1];
+    let give_up = Instant::now() + JOIN_DEADLINE;
+    let mut wait = JOIN_ATTEMPT_TIMEOUT;
+    let mut pass = 0u32;
+    let mut unreadable = None;
+    let mut unreadable_from = std::collections::HashSet::new();
+    while Instant::now() < give_up {
+        if pass > 0 {
+            tracing::info!(pass, "no answer to the join request yet; retrying");
+        }
+        pass += 1;
+        for (addr, wg) in &targets {
+            if let Err(e) = udp.send_to(&frame, *addr).await {
+                tracing::debug!(%addr, error = %e, "join request not sent");
+                continue;
+            }
+            let deadline = (Instant::now() + wait).min(give_up);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let Ok(r) = tokio::time::timeout(left, udp.recv_gro(&mut buf)).await else {
+                    break;
+                };
+                // With UDP GRO, equal answers to retried requests may arrive as one buffer.
+                let (n, from, segment) = r?;
+                let n = n.min(segment.max(1));
+                if from != *addr {
+                    continue;
+                }
+                match decode_frame(&buf[..n]) {
+                    Ok(Frame::Accept(raw)) => {
+                        match verify_accept(&raw, &token.mesh(), &nonce, &identity, wg.as_ref()) {
+                            Ok((seed, accept)) => {
+                                return Ok(JoinOutcome {
+                                    seed,
+                                    seed_addr: *addr,
+                                    accept,
+                                })
+                            }
+                            Err(e) => {
+                                tracing::warn!(%addr, error = %e, "ignoring an answer that does not verify");
+                            }
+                        }
+                    }
+                    // Refusals are unsigned, so only one naming this request's nonce counts (a
+                    // sender that cannot see the request cannot make one).
+                    Ok(Frame::Refuse(r)) if r.nonce == nonce => {
+                        return Err(JoinError::Refused {
+                            addr: *addr,
+                            reason: r.reason,
+                            message: r.message,
+                        });
+                    }
+                    // A seed that cannot parse the request cannot name its nonce. Not final
+                    // (anyone could send it), but the likeliest explanation if nobody else
+                    // answers, so it is what the joiner reports in the end.
+                    Ok(Frame::Refuse(r)) if r.nonce == [0u8; 16] => {
+                        tracing::debug!(%addr, "the seed could not read the join request: {}", r.message);
+                        unreadable_from.insert(*addr);
+                        unreadable = Some(JoinError::Unreadable {
+                            addr: *addr,
+                            message: r.message,
+                        });
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if unreadable_from.len() == targets.len() {
+            break; // every seed says the same; retrying will not change it
+        }
+        wait = (wait * 3 / 2).min(JOIN_ATTEMPT_MAX);
+    }
+    if let Some(e) = unreadable {
+        return Err(e);
+    }
+    Err(JoinError::NoAnswer {
+        tried: targets
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::cert::tests::cert;
+    use crate::trust::RootKey;
+    use crate::wire::JoinRefuse;
+
+    /// A seed that cannot parse a request (another meshd version) answers without a nonce; the
+    /// joiner reports that instead of "nobody answered", and gives up once every seed said so.
+    #[tokio::test]
+    async fn a_seed_that_cannot_read_the_request_is_reported() {
+        use crate::testing::mem::MemNet;
+        let net = MemNet::new();
+        let seed_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let seed = net.bind(seed_addr).unwrap();
+        let joiner = net.bind("192.0.2.2:51820".parse().unwrap()).unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
+                let no = JoinRefuse {
+                    nonce: [0; 16],
+                    reason: RefuseReason::Malformed,
+                    message: "unknown field wg_sig".into(),
+                };
+                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from).await;
+            }
+        });
+        let root = RootKey::generate();
+        let now = crate::util::unix_now();
+        let token = crate::node::setup::make_token(
+            &root,
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            std::time::Duration::from_secs(3600),
+            None,
+            vec![],
+            now,
+        );
+        let keys = NodeKeys::generate();
+        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let r = tokio::time::timeout(
+            JOIN_DEADLINE * 2,
+            join(&joiner, &token, &keys, &c, vec![], &[seed_addr], now),
+        )
+        .await
+        .expect("join gives up by its deadline");
+        match r {
+            Err(e @ JoinError::Unreadable { .. }) => {
+                assert!(e.to_string().contains("unknown field wg_sig"), "{e}")
+            }
+            Err(e) => panic!("expected Unreadable, got {e}"),
+            Ok(_) => panic!("expected Unreadable, got an acceptance"),
+        }
+    }
+}

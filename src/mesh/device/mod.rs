@@ -1,0 +1,298 @@
+//! The data plane (DESIGN "Data plane"), split by verb like wireguard-go's device/: [`send`]
+//! (TUN -> encapsulate -> UDP), [`receive`] (UDP -> demultiplex -> decapsulate -> [`admission`]
+//! -> TUN), [`timers`] (WireGuard timers). This file holds the device and its peer table. The
+//! device owns no policy: the control plane tells it which peers exist ([`Device::set_peers`])
+//! and receives the control frames that arrive on the shared UDP port.
+
+pub mod admission;
+mod receive;
+mod send;
+#[cfg(test)]
+mod tests;
+mod timers;
+
+use super::io::{TunIo, UdpIo};
+use super::peer::{Peer, PeerSpec, PeerStats};
+use crate::constants::{HANDSHAKE_RATE_LIMIT, PERSISTENT_KEEPALIVE};
+use crate::id::{Key32, MeshRange, NodeId};
+use crate::util::short_key;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Largest datagram or raw TUN read handled.
+const MAX_PACKET: usize = 65535;
+/// One IP packet from the TUN device after offload splitting (MTU-sized, with room to spare).
+const TUN_PACKET_BUF: usize = 2048;
+/// Packets one TUN read may split into (64 KiB / MTU, and then some).
+const TUN_BATCH: usize = 128;
+/// Datagrams taken per receive wake-up.
+const UDP_BATCH: usize = 32;
+/// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
+const OUT_BUF: usize = MAX_PACKET + 64;
+
+/// What the data plane reports to the control plane.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// A control frame (join request/answer) received on the mesh port.
+    Control(Vec<u8>, SocketAddr),
+    /// A valid handshake initiation for this node's key from a key that is not a peer (for
+    /// example a removed node): the control plane may tell it why.
+    UnknownInitiator(Key32, SocketAddr),
+}
+
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    pub dropped_no_peer: AtomicU64,
+    pub dropped_bad_source: AtomicU64,
+    /// Decrypted packets not addressed to this node's subnet: a member may only send here
+    /// what is for here (no routing through this node).
+    pub dropped_bad_destination: AtomicU64,
+    pub dropped_unknown_frame: AtomicU64,
+    pub dropped_unknown_peer: AtomicU64,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_slot: HashMap<u32, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    by_key: HashMap<Key32, Arc<Peer>>,
+    by_node: HashMap<NodeId, Arc<Peer>>,
+}
+
+pub struct Device<T, U> {
+    tun: T,
+    udp: U,
+    secret: StaticSecret,
+    public: PublicKey,
+    range: MeshRange,
+    own_slot: AtomicU32,
+    table: RwLock<PeerTable>,
+    limiter: Arc<RateLimiter>,
+    /// Unknown initiators reported to the node, per key: once a second each, 4096 keys.
+    unknown_reported: Mutex<crate::util::KeyedLimiter<Key32>>,
+    next_index: AtomicU32,
+    events: mpsc::Sender<DeviceEvent>,
+    pub counters: DeviceCounters,
+}
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    pub fn new(
+        tun: T,
+        udp: U,
+        secret: StaticSecret,
+        range: MeshRange,
+        own_slot: u32,
+    ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
+        let public = PublicKey::from(&secret);
+        let (events, events_rx) = mpsc::channel(256);
+        // Every initiation is counted twice by this one limiter: in the pre-check before the
+        // peer lookup (`inbound`) and again inside the peer's `Tunn::decapsulate`. Doubling
+        // the threshold makes cookies start at HANDSHAKE_RATE_LIMIT initiations a second. One
+        // shared limiter (not two) so the cookie a sender gets satisfies both checks.
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT * 2));
+        let dev = Device {
+            tun,
+            udp,
+            secret,
+            public,
+            range,
+            own_slot: AtomicU32::new(own_slot),
+            table: RwLock::new(PeerTable::default()),
+            limiter,
+            unknown_reported: Mutex::new(crate::util::KeyedLimiter::new(
+                Duration::from_secs(1),
+                1,
+                4096,
+            )),
+            next_index: AtomicU32::new(rand_index()),
+            events,
+            counters: DeviceCounters::default(),
+        };
+        (Arc::new(dev), events_rx)
+    }
+
+    pub fn udp(&self) -> &U {
+        &self.udp
+    }
+
+    pub fn set_own_slot(&self, slot: u32) {
+        self.own_slot.store(slot, Ordering::Relaxed);
+    }
+
+    /// Run the data plane until `shutdown` fires or an edge breaks for good.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let a = tokio::spawn(self.clone().tun_loop());
+        let b = tokio::spawn(self.clone().udp_loop());
+        let c = tokio::spawn(self.clone().timer_loop());
+        let loops = [a.abort_handle(), b.abort_handle(), c.abort_handle()];
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            r = a => warn!(result = ?r, "tun loop ended"),
+            r = b => warn!(result = ?r, "udp loop ended"),
+            r = c => warn!(result = ?r, "timer loop ended"),
+        }
+        // One loop ending stops the data plane as a whole; the node sees `run` return.
+        for l in loops {
+            l.abort();
+        }
+    }
+
+    /// Reconcile the peer set with what the control plane wants. New peers get a handshake
+    /// initiation right away, so tunnels are up before the first packet needs them.
+    pub async fn set_peers(&self, specs: &[PeerSpec]) {
+        let mut fresh = Vec::new();
+        {
+            let mut t = self.table.write().unwrap();
+            let wanted: HashMap<Key32, &PeerSpec> = specs.iter().map(|s| (s.wg, s)).collect();
+            let gone: Vec<Arc<Peer>> = t
+                .by_key
+                .values()
+                .filter(|p| !wanted.contains_key(&p.wg))
+                .cloned()
+                .collect();
+            for p in gone {
+                info!(peer = %p.name(), key = %short_key(&p.wg), "peer removed");
+                t.by_key.remove(&p.wg);
+                t.by_index.remove(&p.index);
+                t.by_node.remove(&p.node_id);
+                if t.by_slot.get(&p.slot()).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    t.by_slot.remove(&p.slot());
+                }
+            }
+            let now = Instant::now();
+            for s in specs {
+                if s.wg == self.public.to_bytes() {
+                    continue;
+                }
+                if let Some(p) = t.by_key.get(&s.wg).cloned() {
+                    if p.slot() != s.slot {
+                        if t.by_slot.get(&p.slot()).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                            t.by_slot.remove(&p.slot());
+                        }
+                        p.set_slot(s.slot);
+                    }
+                    t.by_slot.insert(s.slot, p.clone());
+                    *p.name.lock().unwrap() = s.name.clone();
+                    p.endpoints
+                        .lock()
+                        .unwrap()
+                        .set_candidates(s.endpoints.clone(), now);
+                    continue;
+                }
+                let index = self.alloc_index(&t);
+                let tunn = Tunn::new(
+                    self.secret.clone(),
+                    PublicKey::from(s.wg),
+                    None,
+                    Some(PERSISTENT_KEEPALIVE),
+                    index,
+                    Some(self.limiter.clone()),
+                );
+                let p = Arc::new(Peer::new(s, index, tunn));
+                info!(peer = %s.name, key = %short_key(&s.wg), slot = s.slot, endpoints = ?s.endpoints, "peer added");
+                t.by_key.insert(s.wg, p.clone());
+                t.by_node.insert(s.node_id, p.clone());
+                t.by_index.insert(index, p.clone());
+                t.by_slot.insert(s.slot, p.clone());
+                fresh.push(p);
+            }
+        }
+        let mut out = vec![0u8; 256];
+        for p in fresh {
+            let len = match p
+                .tunn
+                .lock()
+                .unwrap()
+                .format_handshake_initiation(&mut out, false)
+            {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => continue,
+            };
+            self.send_to_peer(&p, &out[..len]).await;
+        }
+    }
+
+    /// Send a control frame (join answer) from the mesh port.
+    pub async fn send_control(&self, frame: &[u8], to: SocketAddr) {
+        if let Err(e) = self.udp.send_to(frame, to).await {
+            debug!(%to, error = %e, "control frame send failed");
+        }
+    }
+
+    /// Every peer, taken out of the table (so no lock is held while they are used).
+    fn peers(&self) -> Vec<Arc<Peer>> {
+        self.table
+            .read()
+            .unwrap()
+            .by_key
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Per-peer statistics.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.peers()
+            .iter()
+            .map(|p| {
+                let (hs, tx, rx, _, _) = p.tunn.lock().unwrap().stats();
+                PeerStats {
+                    node_id: p.node_id,
+                    name: p.name(),
+                    wg: p.wg,
+                    slot: p.slot(),
+                    endpoint: p.endpoint(),
+                    last_handshake: hs,
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                    dropped_bad_source: p.counters.dropped_bad_source.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether `addr` is where some peer's tunnel currently sends.
+    pub fn is_peer_endpoint(&self, addr: SocketAddr) -> bool {
+        self.table
+            .read()
+            .unwrap()
+            .by_key
+            .values()
+            .any(|p| p.endpoint() == Some(addr))
+    }
+
+    pub fn peer_by_node(&self, node: &NodeId) -> Option<Arc<Peer>> {
+        self.table.read().unwrap().by_node.get(node).cloned()
+    }
+
+    fn alloc_index(&self, t: &PeerTable) -> u32 {
+        loop {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            if !t.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+}
+
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        Interrupted | WouldBlock | ConnectionRefused | ConnectionReset | OutOfMemory
+    ) || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+fn rand_index() -> u32 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32() & 0x00ff_ffff
+}

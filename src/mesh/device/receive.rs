@@ -1,0 +1,247 @@
+//! Receiving: datagrams on the mesh port are demultiplexed (WireGuard or control frame),
+//! handshakes are matched to peers (rate-limited before any Diffie-Hellman), data is decrypted,
+//! checked by the admission policy and handed to the TUN device in batches.
+
+use super::admission::{admit, Admission};
+use super::{
+    transient, Device, DeviceEvent, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH,
+};
+use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
+use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
+use crate::mesh::peer::Peer;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    /// Receive: one wait, then whatever else has already arrived (up to a batch); decrypt into
+    /// TUN buffers and hand them to the kernel together, so it can coalesce TCP segments.
+    pub(super) async fn udp_loop(self: Arc<Self>) {
+        let mut dgrams = vec![vec![0u8; MAX_PACKET]; UDP_BATCH];
+        let mut meta = vec![(0usize, SocketAddr::from(([0, 0, 0, 0], 0)), 0usize); UDP_BATCH];
+        let mut to_tun: Vec<Vec<u8>> = (0..TUN_BATCH)
+            .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
+            .collect();
+        let mut out = vec![0u8; OUT_BUF];
+        loop {
+            meta[0] = match self.udp.recv_gro(&mut dgrams[0]).await {
+                Ok(r) => r,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    warn!(error = %e, "reading the UDP socket failed");
+                    return;
+                }
+            };
+            let mut k = 1;
+            while k < UDP_BATCH {
+                match self.udp.try_recv_gro(&mut dgrams[k]) {
+                    Ok(r) => {
+                        meta[k] = r;
+                        k += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut ready = 0;
+            for i in 0..k {
+                let (n, from, segment) = meta[i];
+                // With GRO one read may hold several datagrams of `segment` bytes.
+                for d in dgrams[i][..n].chunks(segment.max(1)) {
+                    if ready == to_tun.len() {
+                        self.write_tun(&mut to_tun[..ready]).await;
+                        ready = 0;
+                    }
+                    match classify(d) {
+                        FrameKind::WireGuard => {
+                            if self.inbound(d, from, &mut to_tun[ready], &mut out).await {
+                                ready += 1;
+                            }
+                        }
+                        FrameKind::Control => {
+                            if self
+                                .events
+                                .try_send(DeviceEvent::Control(d.to_vec(), from))
+                                .is_err()
+                            {
+                                debug!(%from, "control queue full; frame dropped");
+                            }
+                        }
+                        FrameKind::Unknown => {
+                            self.counters
+                                .dropped_unknown_frame
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            self.write_tun(&mut to_tun[..ready]).await;
+        }
+    }
+
+    async fn write_tun(&self, bufs: &mut [Vec<u8>]) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tun.send_batch(bufs).await {
+            debug!(error = %e, "writing to the TUN device failed");
+        }
+    }
+
+    fn find_peer(&self, packet: &Packet, from: SocketAddr) -> Option<Arc<Peer>> {
+        let t = self.table.read().unwrap();
+        match packet {
+            Packet::HandshakeInit(p) => {
+                let half = parse_handshake_anon(&self.secret, &self.public, p).ok()?;
+                let peer = t.by_key.get(&half.peer_static_public).cloned();
+                if peer.is_none()
+                    && self
+                        .unknown_reported
+                        .lock()
+                        .unwrap()
+                        .allow(half.peer_static_public, Instant::now())
+                {
+                    let _ = self
+                        .events
+                        .try_send(DeviceEvent::UnknownInitiator(half.peer_static_public, from));
+                }
+                peer
+            }
+            Packet::HandshakeResponse(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Packet::PacketCookieReply(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Packet::PacketData(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        }
+    }
+
+    /// Handle one WireGuard datagram. Returns true when it carried a packet for the TUN device,
+    /// left in `to_tun` at `TUN_HEADROOM`.
+    async fn inbound(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        to_tun: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> bool {
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            self.counters
+                .dropped_unknown_frame
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let mut roams = !matches!(packet, Packet::PacketCookieReply(_));
+        if matches!(packet, Packet::HandshakeInit(_)) {
+            // Check MAC1 and the handshake rate before the costly part of finding the peer
+            // (a Diffie-Hellman): under load, the sender must first prove its address.
+            match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let cookie = cookie.to_vec();
+                    let _ = self.udp.send_to(&cookie, from).await;
+                    return false;
+                }
+                Err(_) => {
+                    self.counters
+                        .dropped_unknown_frame
+                        .fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        let Some(peer) = self.find_peer(&packet, from) else {
+            self.counters
+                .dropped_unknown_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+
+        enum Action {
+            Nothing,
+            Tun(usize, IpAddr),
+            Net(Vec<Vec<u8>>),
+        }
+        // Decrypt straight into the TUN buffer (room for a handshake answer too).
+        to_tun.resize(TUN_HEADROOM + datagram.len().max(256), 0);
+        let action = {
+            let mut t = peer.tunn.lock().unwrap();
+            match t.decapsulate(Some(from.ip()), datagram, &mut to_tun[TUN_HEADROOM..]) {
+                TunnResult::WriteToNetwork(d) => {
+                    // A cookie reply answers a message that was not authenticated (it was
+                    // sent because of load): no reason to follow its sender anywhere.
+                    if d.first() == Some(&3) {
+                        roams = false;
+                    }
+                    let mut replies = vec![d.to_vec()];
+                    // Flush packets queued while the handshake was in flight.
+                    let mut guard = 0;
+                    while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], out) {
+                        replies.push(d.to_vec());
+                        guard += 1;
+                        if guard > 1024 {
+                            break;
+                        }
+                    }
+                    Action::Net(replies)
+                }
+                TunnResult::WriteToTunnelV4(d, src) => Action::Tun(d.len(), IpAddr::V4(src)),
+                TunnResult::WriteToTunnelV6(d, src) => Action::Tun(d.len(), IpAddr::V6(src)),
+                TunnResult::Done => Action::Nothing,
+                TunnResult::Err(WireGuardError::DuplicateCounter) => return false,
+                TunnResult::Err(e) => {
+                    debug!(peer = %peer.name(), %from, error = ?e, "decapsulate failed");
+                    return false;
+                }
+            }
+        };
+        // Authenticated: follow the peer to wherever it now sends from.
+        if roams
+            && peer
+                .endpoints
+                .lock()
+                .unwrap()
+                .authenticated(from, Instant::now())
+        {
+            info!(peer = %peer.name(), endpoint = %from, "peer endpoint changed");
+        }
+        match action {
+            Action::Nothing => false,
+            Action::Net(replies) => {
+                for r in replies {
+                    self.send_to_peer(&peer, &r).await;
+                }
+                false
+            }
+            Action::Tun(len, src) => {
+                let packet = &to_tun[TUN_HEADROOM..TUN_HEADROOM + len];
+                let own = self.own_slot.load(Ordering::Relaxed);
+                match admit(&self.range, peer.slot(), own, src, ipv4_dst(packet)) {
+                    Admission::Deliver => {
+                        peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                        to_tun.truncate(TUN_HEADROOM + len);
+                        true
+                    }
+                    Admission::BadSource => {
+                        peer.counters
+                            .dropped_bad_source
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .dropped_bad_source
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
+                        false
+                    }
+                    Admission::BadDestination => {
+                        self.counters
+                            .dropped_bad_destination
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(peer = %peer.name(), dst = ?ipv4_dst(packet), "dropped packet not addressed to this node's subnet");
+                        false
+                    }
+                }
+            }
+        }
+    }
+}

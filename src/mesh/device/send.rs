@@ -1,0 +1,205 @@
+//! Sending: packets read from the TUN device are encrypted for the peer that holds their
+//! destination /24 and sent to its endpoint, runs of equal datagrams in one system call (UDP GSO).
+
+use super::{transient, Device, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF};
+use crate::mesh::io::{TunIo, UdpIo};
+use crate::mesh::packet::ipv4_dst;
+use crate::mesh::peer::Peer;
+use boringtun::noise::TunnResult;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// Encrypted datagrams for one endpoint, all `seg` bytes but possibly the last, sent with one
+/// system call (UDP GSO). The kernel takes at most 64 segments and 64 KiB.
+pub(super) struct GsoBatch {
+    buf: Vec<u8>,
+    len: usize,
+    seg: usize,
+    count: usize,
+    to: Option<SocketAddr>,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 60_000;
+
+impl GsoBatch {
+    pub(super) fn new() -> GsoBatch {
+        GsoBatch {
+            buf: vec![0u8; GSO_MAX_BYTES + OUT_BUF],
+            len: 0,
+            seg: 0,
+            count: 0,
+            to: None,
+            closed: false,
+        }
+    }
+
+    /// Where the next datagram is encrypted to (always at least OUT_BUF bytes).
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    fn fits(&self, to: SocketAddr, len: usize) -> bool {
+        self.count == 0
+            || (self.to == Some(to)
+                && !self.closed
+                && len <= self.seg
+                && self.count < GSO_MAX_SEGMENTS
+                && self.len + len <= GSO_MAX_BYTES)
+    }
+
+    /// Take the datagram just written at `len` (or moved to 0 after a flush).
+    fn append(&mut self, to: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.seg = len;
+        } else if len < self.seg {
+            self.closed = true;
+        }
+        self.len += len;
+        self.count += 1;
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+        self.seg = 0;
+        self.count = 0;
+        self.to = None;
+        self.closed = false;
+    }
+}
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    pub(super) async fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+        let is_initiation = datagram.first() == Some(&1);
+        let to = {
+            let mut ep = peer.endpoints.lock().unwrap();
+            if is_initiation {
+                ep.for_initiation(Instant::now())
+            } else {
+                ep.current()
+            }
+        };
+        match to {
+            Some(to) => {
+                if let Err(e) = self.udp.send_to(datagram, to).await {
+                    debug!(peer = %peer.name(), %to, error = %e, "send failed");
+                } else {
+                    peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
+        }
+    }
+
+    pub(super) async fn tun_loop(self: Arc<Self>) {
+        let mut scratch = vec![0u8; MAX_PACKET + 64];
+        let mut bufs = vec![vec![0u8; TUN_PACKET_BUF]; TUN_BATCH];
+        let mut sizes = vec![0usize; TUN_BATCH];
+        let mut gso = GsoBatch::new();
+        loop {
+            let n = match self
+                .tun
+                .recv_batch(&mut scratch, &mut bufs, &mut sizes)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    warn!(error = %e, "reading the TUN device failed");
+                    return;
+                }
+            };
+            for i in 0..n {
+                self.outbound(&bufs[i][..sizes[i]], &mut gso).await;
+            }
+            self.flush(&mut gso).await;
+        }
+    }
+
+    /// Encrypt one packet from the TUN device. Data messages join `gso` (sent together with
+    /// the others of the batch that go to the same endpoint); handshakes go out at once.
+    async fn outbound(&self, packet: &[u8], gso: &mut GsoBatch) {
+        let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
+            return;
+        };
+        if slot == self.own_slot.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(peer) = self.table.read().unwrap().by_slot.get(&slot).cloned() else {
+            self.counters
+                .dropped_no_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let start = gso.len;
+        let len = match peer.tunn.lock().unwrap().encapsulate(packet, gso.spare()) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            TunnResult::Err(e) => {
+                debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
+                return;
+            }
+            _ => return,
+        };
+        let is_data = gso.buf[start] == 4;
+        let to = peer.endpoint();
+        match (is_data, to) {
+            (true, Some(to)) => {
+                if !gso.fits(to, len) {
+                    self.flush(gso).await;
+                    gso.buf.copy_within(start..start + len, 0);
+                }
+                gso.append(to, len);
+                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, None) => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
+            (false, _) => {
+                let d = gso.buf[start..start + len].to_vec();
+                self.send_to_peer(&peer, &d).await;
+            }
+        }
+    }
+
+    async fn flush(&self, gso: &mut GsoBatch) {
+        if let Some(to) = gso.to {
+            if let Err(e) = self.udp.send_gso(&gso.buf[..gso.len], gso.seg, to).await {
+                debug!(%to, error = %e, "send failed");
+            }
+        }
+        gso.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_batches_hold_equal_datagrams_for_one_endpoint() {
+        let a = SocketAddr::from(([192, 0, 2, 1], 1));
+        let b = SocketAddr::from(([192, 0, 2, 2], 1));
+        let mut g = GsoBatch::new();
+        assert!(g.fits(a, 100));
+        g.append(a, 100);
+        assert!(g.fits(a, 100));
+        assert!(!g.fits(b, 100), "another endpoint");
+        assert!(!g.fits(a, 120), "a larger datagram");
+        g.append(a, 100);
+        assert!(g.fits(a, 60));
+        g.append(a, 60);
+        assert!(!g.fits(a, 60), "a shorter datagram ends the run");
+        assert_eq!((g.len, g.seg, g.count), (260, 100, 3));
+        g.reset();
+        for _ in 0..GSO_MAX_SEGMENTS {
+            assert!(g.fits(a, 10));
+            g.append(a, 10);
+        }
+        assert!(!g.fits(a, 10), "segment limit");
+        assert!(g.spare().len() >= OUT_BUF);
+    }
+}

@@ -1,0 +1,260 @@
+//! Device tests: two or more devices over the in-memory underlay.
+
+use super::*;
+use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
+use crate::mesh::packet::{classify, FrameKind};
+use crate::testing::mem::{MemNet, MemTun, MemTunHandle, MemUdp};
+use std::net::Ipv4Addr;
+use tokio::time::timeout;
+
+struct TestNode {
+    dev: Arc<Device<MemTun, MemUdp>>,
+    tun: MemTunHandle,
+    wg: Key32,
+    slot: u32,
+    addr: SocketAddr,
+    _ctl: mpsc::Receiver<DeviceEvent>,
+}
+
+fn range() -> MeshRange {
+    "10.210.0.0/16".parse().unwrap()
+}
+
+fn node(net: &MemNet, host: u8, slot: u32, stop: &CancellationToken) -> TestNode {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let wg = PublicKey::from(&secret).to_bytes();
+    let addr = SocketAddr::from(([192, 0, 2, host], 51820));
+    let (tun, handle) = MemTun::new();
+    let (dev, ctl) = Device::new(tun, net.bind(addr).unwrap(), secret, range(), slot);
+    tokio::spawn(dev.clone().run(stop.clone()));
+    TestNode {
+        dev,
+        tun: handle,
+        wg,
+        slot,
+        addr,
+        _ctl: ctl,
+    }
+}
+
+fn spec(n: &TestNode, endpoints: Vec<SocketAddr>) -> PeerSpec {
+    let mut id = [0u8; 8];
+    id[..4].copy_from_slice(&n.slot.to_le_bytes());
+    PeerSpec {
+        node_id: NodeId(id),
+        name: format!("n{}", n.slot),
+        wg: n.wg,
+        slot: n.slot,
+        endpoints,
+    }
+}
+
+fn ip(slot: u32, host: u8) -> Ipv4Addr {
+    let r = range();
+    Ipv4Addr::from(u32::from(r.subnet(slot)) + host as u32)
+}
+
+async fn expect_delivery(n: &mut TestNode, payload: &[u8]) -> Vec<u8> {
+    loop {
+        let p = timeout(Duration::from_secs(10), n.tun.delivered.recv())
+            .await
+            .expect("packet delivered within 10 s")
+            .expect("tun open");
+        if p.ends_with(payload) {
+            return p;
+        }
+    }
+}
+
+#[tokio::test]
+async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let mut a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    net.start_capture();
+
+    let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1000, 2000, b"hello-b");
+    a.tun.inject.send(p.clone()).await.unwrap();
+    assert_eq!(expect_delivery(&mut b, b"hello-b").await, p);
+    let q = build_ipv4_udp(ip(7, 5), ip(3, 9), 2000, 1000, b"hello-a");
+    b.tun.inject.send(q.clone()).await.unwrap();
+    assert_eq!(expect_delivery(&mut a, b"hello-a").await, q);
+
+    // Nothing crossed the underlay in clear.
+    for (_, _, d) in net.captured() {
+        assert_eq!(classify(&d), FrameKind::WireGuard);
+        assert!(!d.windows(7).any(|w| w == b"hello-b" || w == b"hello-a"));
+    }
+
+    // B sends with a source outside its /24: A drops and counts it.
+    let spoofed = build_ipv4_udp(ip(9, 1), ip(3, 1), 1, 1, b"spoof");
+    b.tun.inject.send(spoofed).await.unwrap();
+    let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after");
+    b.tun.inject.send(marker).await.unwrap();
+    let got = expect_delivery(&mut a, b"after").await;
+    assert_eq!(ipv4_src(&got), Some(ip(7, 1)));
+    let st = a.dev.stats();
+    assert_eq!(st[0].dropped_bad_source, 1);
+    assert_eq!(a.dev.counters.dropped_bad_source.load(Ordering::Relaxed), 1);
+    assert!(st[0].last_handshake.is_some());
+    assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+
+    // B (a member, with a valid tunnel) sends A a packet for a third subnet, as if A were a
+    // router: A drops and counts it instead of delivering it to its TUN device.
+    let elsewhere = build_ipv4_udp(ip(7, 1), ip(9, 1), 1, 1, b"route-me");
+    let a_id = spec(&a, vec![]).node_id;
+    let peer = b.dev.peer_by_node(&a_id).expect("B knows A");
+    let mut out = vec![0u8; 2048];
+    let sealed = match peer.tunn.lock().unwrap().encapsulate(&elsewhere, &mut out) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("the session is up, so encapsulation yields a datagram"),
+    };
+    b.dev.udp().send_to(&sealed, a.addr).await.unwrap();
+    let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after2");
+    b.tun.inject.send(marker).await.unwrap();
+    let got = expect_delivery(&mut a, b"after2").await;
+    assert!(!got.ends_with(b"route-me"));
+    assert_eq!(
+        a.dev
+            .counters
+            .dropped_bad_destination
+            .load(Ordering::Relaxed),
+        1
+    );
+    stop.cancel();
+}
+
+/// A flood of replayed handshake initiations from elsewhere puts the device under load: it
+/// answers with cookie replies (before any Diffie-Hellman) and never moves the real peer's
+/// endpoint to the flooder.
+#[tokio::test]
+async fn a_replayed_handshake_flood_gets_cookies_and_moves_nothing() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let mut a = node(&net, 1, 3, &stop);
+    let b = node(&net, 2, 7, &stop);
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    net.start_capture();
+    let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"hi");
+    b.tun.inject.send(p).await.unwrap();
+    expect_delivery(&mut a, b"hi").await;
+    let init = net
+        .captured()
+        .into_iter()
+        .find(|(from, _, d)| *from == b.addr && d.first() == Some(&1))
+        .expect("b initiated the handshake")
+        .2;
+
+    let flooder = net.bind(SocketAddr::from(([192, 0, 2, 99], 4000))).unwrap();
+    for _ in 0..(HANDSHAKE_RATE_LIMIT * 3) {
+        flooder.send_to(&init, a.addr).await.unwrap();
+    }
+    let mut buf = vec![0u8; 256];
+    let cookie = timeout(Duration::from_secs(10), async {
+        loop {
+            let (n, _) = flooder.recv_from(&mut buf).await.unwrap();
+            if n > 0 && buf[0] == 3 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(cookie.is_ok(), "the flood is answered with cookie replies");
+    let st = a.dev.stats();
+    assert_eq!(st[0].endpoint, Some(b.addr), "the peer did not move");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_burst_arrives_complete_and_in_order_through_batching() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    // Establish the session first.
+    a.tun
+        .inject
+        .send(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"hello"))
+        .await
+        .unwrap();
+    expect_delivery(&mut b, b"hello").await;
+    // 200 equal packets, then one short one: GSO runs and GRO-coalesced reads.
+    let mut sent = Vec::new();
+    for i in 0..200u32 {
+        let mut payload = vec![0u8; 1000];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload));
+    }
+    sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, b"last"));
+    for p in &sent {
+        a.tun.inject.send(p.clone()).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
+            .await
+            .expect("all packets within 10 s")
+            .expect("open");
+        if p.len() > 28 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+            got.push(p);
+        }
+    }
+    assert_eq!(got, sent);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_dead_first_candidate_is_skipped() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    // A only knows a stale address of B first, then the right one.
+    let stale = SocketAddr::from(([192, 0, 2, 99], 51820));
+    a.dev.set_peers(&[spec(&b, vec![stale, b.addr])]).await;
+    b.dev.set_peers(&[spec(&a, vec![])]).await;
+    let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"rotated");
+    a.tun.inject.send(p).await.unwrap();
+    // boringtun retries after 5 s, to the next candidate.
+    expect_delivery(&mut b, b"rotated").await;
+    assert_eq!(a.dev.stats()[0].endpoint, Some(b.addr));
+    // B learnt A's address from the authenticated handshake (roaming).
+    assert_eq!(b.dev.stats()[0].endpoint, Some(a.addr));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn removed_peers_are_unreachable_and_unknown_keys_are_ignored() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    // B knows A, A does not know B: B's handshakes go nowhere.
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"x");
+    b.tun.inject.send(p).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.dev.counters.dropped_unknown_peer.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "A never saw B's initiation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.dev.stats().is_empty());
+    // Once removed, nothing is routed to the peer any more.
+    b.dev.set_peers(&[]).await;
+    let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"y");
+    let before = b.dev.counters.dropped_no_peer.load(Ordering::Relaxed);
+    b.tun.inject.send(p).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.dev.counters.dropped_no_peer.load(Ordering::Relaxed) == before {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = b.tun.delivered.try_recv();
+    stop.cancel();
+}

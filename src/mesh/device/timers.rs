@@ -1,0 +1,54 @@
+//! The WireGuard timers: `update_timers` for every peer every [`TIMER_TICK`], the shared
+//! handshake rate limiter reset every second, and peers whose handshakes gave up retried at a
+//! slower pace while they stay members.
+
+use super::{Device, OUT_BUF};
+use crate::constants::{RETRY_EXPIRED_PEER, TIMER_TICK};
+use crate::mesh::io::{TunIo, UdpIo};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::TunnResult;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    pub(super) async fn timer_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = vec![0u8; OUT_BUF];
+        let mut last_reset = Instant::now();
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            if now.duration_since(last_reset) >= Duration::from_secs(1) {
+                self.limiter.reset_count();
+                last_reset = now;
+            }
+            for p in self.peers() {
+                let len = {
+                    let mut t = p.tunn.lock().unwrap();
+                    match t.update_timers(&mut out) {
+                        TunnResult::WriteToNetwork(d) => Some(d.len()),
+                        TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                            // boringtun gave up (REKEY_ATTEMPT_TIME). This peer is still a
+                            // member, so keep knocking at a slower pace.
+                            let mut last = p.last_retry.lock().unwrap();
+                            if last.is_none_or(|l| now.duration_since(l) >= RETRY_EXPIRED_PEER) {
+                                *last = Some(now);
+                                match t.format_handshake_initiation(&mut out, false) {
+                                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                                    _ => None,
+                                }
+                            } else {
+                                None
+                            }
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(len) = len {
+                    self.send_to_peer(&p, &out[..len]).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Interfaces, addresses and routes through netlink (rtnetlink): no `ip` binary needed.
+
+use super::NetError;
+use futures::TryStreamExt;
+use std::net::{IpAddr, Ipv4Addr};
+use tracing::warn;
+
+/// Netlink configuration of interfaces, addresses and routes.
+pub struct NetConfig {
+    handle: rtnetlink::Handle,
+}
+
+impl NetConfig {
+    pub fn new() -> Result<NetConfig, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetError::io("cannot open a netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(NetConfig { handle })
+    }
+
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// The index of interface `name`.
+    pub async fn index(&self, name: &str) -> Result<u32, NetError> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| NetError::NoInterface(name.to_string()))
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<(), NetError> {
+        use rtnetlink::LinkUnspec;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("bringing interface {index} up"), e))
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u16) -> Result<(), NetError> {
+        use rtnetlink::LinkUnspec;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu as u32).build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("setting the MTU of interface {index}"), e))
+    }
+
+    pub async fn add_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+            .map_err(|e| {
+                NetError::netlink(format!("adding {addr}/{prefix} to interface {index}"), e)
+            })
+    }
+
+    /// Remove every address from an interface.
+    pub async fn flush_addresses(&self, index: u32) -> Result<(), NetError> {
+        let mut old = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut msgs = Vec::new();
+        while let Some(m) = old.try_next().await.map_err(|e| {
+            NetError::netlink(format!("listing the addresses of interface {index}"), e)
+        })? {
+            msgs.push(m);
+        }
+        for m in msgs {
+            if let Err(e) = self.handle.address().del(m).execute().await {
+                warn!(error = %e, "removing an old address failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// MTU, the node's address with the mesh prefix (which also routes the whole mesh range
+    /// to the device), and link up.
+    pub async fn configure_tun(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u16,
+    ) -> Result<(), NetError> {
+        self.set_mtu(index, mtu).await?;
+        self.add_address(index, addr, prefix).await?;
+        self.set_up(index).await
+    }
+
+    /// Replace the TUN device's address (a moved slot).
+    pub async fn replace_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        self.flush_addresses(index).await?;
+        self.add_address(index, addr, prefix).await
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(l)) => Ok(Some(l.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(NetError::netlink(format!("looking up interface {name}"), e)),
+        }
+    }
+}

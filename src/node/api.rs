@@ -1,0 +1,308 @@
+//! The control API as the node answers it: one handler per call, each checking the request with
+//! a pure function first (so a bad request changes nothing), then changing the one part it is
+//! about, persisting settings, and publishing what other nodes must learn. Replies are typed
+//! ([`ApiReply`]).
+
+use super::platform::Platform;
+use super::{admin, edge, report, services, Exit, Node, NodeError};
+use crate::constants::{GOSSIP_INTERVAL, GOSSIP_PORT};
+use crate::control::{
+    ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
+    GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, ProxyResponse,
+    RemoveRequest, RemoveResponse, SelfStatus, ServiceAddRequest, ServiceAddResponse,
+    ServiceRemoveRequest, ServiceRemoveResponse, StatusReport, ToggleRequest, UnexposeResponse,
+};
+use crate::gossip::Liveness;
+use crate::mesh::addressing::subnet_string;
+use crate::state::{ListenPair, STATE_VERSION};
+use crate::util::{b64, unix_now, unix_now_ms};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tracing::{info, warn};
+
+impl<P: Platform> Node<P> {
+    /// Answer one call; `Some(exit)` when the node must stop (after `leave`).
+    pub(super) async fn on_api(&mut self, call: ApiCall) -> Result<Option<Exit>, NodeError> {
+        let mut exit = None;
+        let result = match call.request {
+            ApiRequest::Status => Ok(ApiReply::Status(Box::new(self.status()))),
+            ApiRequest::Invite(r) => self.invite(r).map(ApiReply::Invite),
+            ApiRequest::Remove(r) => self.remove(r).await.map(ApiReply::Remove),
+            ApiRequest::Dns => Ok(ApiReply::Dns(self.dns.report(&self.view.m().params.domain))),
+            ApiRequest::Services => Ok(ApiReply::Services(self.view.snapshot().services())),
+            ApiRequest::ServiceAdd(r) => self.service_add(r).await.map(ApiReply::ServiceAdd),
+            ApiRequest::ServiceRemove(r) => {
+                self.service_remove(r).await.map(ApiReply::ServiceRemove)
+            }
+            ApiRequest::Expose(r) => self.expose(r).await.map(ApiReply::Expose),
+            ApiRequest::Unexpose(r) => self.unexpose(r).await.map(ApiReply::Unexpose),
+            ApiRequest::Gateway(r) => self.gateway(r).await.map(ApiReply::Gateway),
+            ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
+            ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
+            ApiRequest::Leave => {
+                let r = self.leave().await;
+                exit = Some(Exit::Left);
+                Ok(ApiReply::Leave(r))
+            }
+        };
+        // Whatever the call changed in the view (a removal, a service), the data plane, DNS
+        // and the edge follow before the reply goes out.
+        self.refresh().await?;
+        let _ = call.reply.send(result);
+        Ok(exit)
+    }
+
+    fn status(&self) -> StatusReport {
+        let snap = self.view.snapshot();
+        let stats: HashMap<_, _> = self
+            .plane
+            .device
+            .stats()
+            .into_iter()
+            .map(|s| (s.node_id, s))
+            .collect();
+        let l = &self.local;
+        let me = SelfStatus {
+            name: l.cert.name.clone(),
+            node_id: l.cert.node_id.to_string(),
+            mesh_ip: self.mesh_ip().to_string(),
+            subnet: subnet_string(&snap.params.range, l.slot),
+            wg_key: b64(&l.cert.wireguard),
+            port: l.config.port,
+            endpoints: self
+                .publisher
+                .endpoints()
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            admin: l.root.is_some(),
+            tun: l.config.tun.clone(),
+        };
+        report::status(
+            me,
+            snap,
+            &stats,
+            self.view.m().revocations().count(),
+            self.dns.status(&snap.params.domain),
+            self.edge.status(&self.settings),
+            report::drops(&self.plane.device.counters),
+        )
+    }
+
+    fn invite(&self, r: InviteRequest) -> Result<InviteResponse, ApiFailure> {
+        let snap = self.view.snapshot();
+        let stats: HashMap<_, _> = self
+            .plane
+            .device
+            .stats()
+            .into_iter()
+            .map(|s| (s.node_id, s))
+            .collect();
+        let bootstrap = admin::bootstrap_list(
+            self.publisher.endpoints(),
+            self.local.keys.wg_public(),
+            snap,
+            &stats,
+        );
+        let token = admin::invite(
+            self.local.root.as_ref(),
+            &r,
+            snap,
+            bootstrap.clone(),
+            unix_now(),
+        )?;
+        info!(expires_in = ?(token.invite.expires_at - token.invite.created_at), uses = ?r.uses, "invite created");
+        Ok(InviteResponse {
+            token: token.encode(),
+            expires_at: token.invite.expires_at,
+            uses: r.uses,
+            bootstrap: bootstrap.iter().map(|b| b.addr.to_string()).collect(),
+        })
+    }
+
+    async fn remove(&mut self, r: RemoveRequest) -> Result<RemoveResponse, ApiFailure> {
+        let rev = admin::removal(self.local.root.as_ref(), self.view.m(), &r, unix_now())?;
+        self.view
+            .m_mut()
+            .ingest_revocation(&rev.raw)
+            .map_err(|e| ApiFailure::internal(e.to_string()))?;
+        let _ = self.view.persist(&self.local.state, Instant::now());
+        info!(node = %rev.body.name, id = %rev.node_id, "member removed; revocation spreading");
+        Ok(RemoveResponse {
+            name: rev.body.name.clone(),
+            node_id: rev.node_id.to_string(),
+        })
+    }
+
+    /// Write settings.json (services and the edge roles).
+    fn save_settings(&mut self) -> Result<(), ApiFailure> {
+        self.settings.version = STATE_VERSION;
+        self.local
+            .state
+            .save_settings(&self.settings)
+            .map_err(|e| ApiFailure::internal(format!("saving settings: {e}")))
+    }
+
+    async fn publish_services(&mut self) {
+        let p = self
+            .publisher
+            .services(self.settings.services.clone(), unix_now_ms());
+        self.publish(p).await;
+    }
+
+    async fn service_add(
+        &mut self,
+        r: ServiceAddRequest,
+    ) -> Result<ServiceAddResponse, ApiFailure> {
+        let range = self.view.m().params.range;
+        let def = services::service_def(&r, &range, self.local.slot)?;
+        let s = &mut self.settings.services;
+        let replaced = s.iter().any(|x| x.name == def.name);
+        s.retain(|x| x.name != def.name);
+        s.push(def);
+        s.sort();
+        self.save_settings()?;
+        self.publish_services().await;
+        info!(service = %r.name, port = r.port, "service published");
+        Ok(ServiceAddResponse {
+            address: r.address.unwrap_or(self.mesh_ip()).to_string(),
+            dns: format!("{}.svc.{}", r.name, self.view.m().params.domain),
+            name: r.name,
+            port: r.port,
+            replaced,
+        })
+    }
+
+    async fn service_remove(
+        &mut self,
+        r: ServiceRemoveRequest,
+    ) -> Result<ServiceRemoveResponse, ApiFailure> {
+        if !self.settings.services.iter().any(|s| s.name == r.name) {
+            return Err(ApiFailure::not_found(format!(
+                "this node publishes no service {:?}; `meshctl service ls` lists them",
+                r.name
+            )));
+        }
+        self.settings.services.retain(|s| s.name != r.name);
+        self.save_settings()?;
+        self.publish_services().await;
+        info!(service = %r.name, "service withdrawn");
+        Ok(ServiceRemoveResponse { name: r.name })
+    }
+
+    async fn expose(&mut self, r: ExposeRequest) -> Result<ExposeResponse, ApiFailure> {
+        let e = edge::exposure(&r)?;
+        let (host, to) = (e.hostname.clone(), e.to);
+        let exposed = &mut self.settings.exposed;
+        let replaced = exposed.iter().any(|x| x.hostname == host);
+        exposed.retain(|x| x.hostname != host);
+        exposed.push(e);
+        exposed.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        self.save_settings()?;
+        self.publish_routes().await;
+        info!(%host, %to, proxy_protocol = r.proxy_protocol, "hostname exposed");
+        Ok(ExposeResponse {
+            hostname: host,
+            to: to.to_string(),
+            replaced,
+        })
+    }
+
+    async fn unexpose(&mut self, r: ExposeRequest) -> Result<UnexposeResponse, ApiFailure> {
+        let host = edge::normalize_hostname(&r.hostname);
+        if !self.settings.exposed.iter().any(|e| e.hostname == host) {
+            return Err(ApiFailure::not_found(format!(
+                "this node does not expose {host:?}; `meshctl status` lists what it exposes"
+            )));
+        }
+        self.settings.exposed.retain(|e| e.hostname != host);
+        self.save_settings()?;
+        self.publish_routes().await;
+        info!(%host, "hostname withdrawn");
+        Ok(UnexposeResponse { hostname: host })
+    }
+
+    async fn gateway(&mut self, r: ListenRequest) -> Result<GatewayResponse, ApiFailure> {
+        let (https, http) = edge::GATEWAY_DEFAULT;
+        let pair = edge::listen_pair(&r, "gateway", https, http)?;
+        self.edge.apply_gateway(pair.clone()).await?;
+        self.settings.gateway = pair.clone();
+        self.save_settings()?;
+        let (enabled, https, http) = pair_view(&pair);
+        Ok(GatewayResponse {
+            enabled,
+            https,
+            http,
+        })
+    }
+
+    async fn proxy(&mut self, r: ListenRequest) -> Result<ProxyResponse, ApiFailure> {
+        let (pair, public) = edge::proxy_pair(&r)?;
+        if !public.is_empty() {
+            warn!(addresses = ?public, "the proxy listens on non-loopback addresses: anyone who reaches them reaches the mesh");
+        }
+        self.edge.apply_proxy(pair.clone()).await?;
+        self.settings.proxy = pair.clone();
+        self.save_settings()?;
+        let (enabled, socks5, http) = pair_view(&pair);
+        Ok(ProxyResponse {
+            enabled,
+            socks5,
+            http,
+        })
+    }
+
+    async fn exit_node(&mut self, r: ToggleRequest) -> Result<ExitNodeResponse, ApiFailure> {
+        self.settings.exit_node = r.enable;
+        self.save_settings()?;
+        self.publish_routes().await;
+        info!(enabled = r.enable, "exit node setting changed");
+        Ok(ExitNodeResponse {
+            exit_node: r.enable,
+        })
+    }
+
+    /// Announce the departure, push it to every member directly, and give gossip a few rounds
+    /// to carry it further.
+    async fn leave(&mut self) -> LeaveResponse {
+        self.publisher.leave();
+        self.publish_record().await;
+        let snap = self.view.snapshot().clone();
+        let range = snap.params.range;
+        let targets: Vec<SocketAddr> = snap
+            .members
+            .iter()
+            .filter(|r| !r.is_self && r.liveness != Liveness::Dead)
+            .filter_map(|r| r.slot)
+            .map(|slot| SocketAddr::from((range.node_ip(slot), GOSSIP_PORT)))
+            .collect();
+        if !targets.is_empty() {
+            for round in 0..4 {
+                if let Some(g) = &self.gossip {
+                    for t in &targets {
+                        g.gossip_now(*t);
+                    }
+                }
+                tokio::time::sleep(GOSSIP_INTERVAL).await;
+                tracing::debug!(round, "departure pushed");
+            }
+        }
+        info!("left the mesh");
+        LeaveResponse {
+            name: self.local.cert.name.clone(),
+            subnet: subnet_string(&range, self.local.slot),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Whether a role is on, and its two listen addresses.
+fn pair_view(p: &Option<ListenPair>) -> (bool, Option<String>, Option<String>) {
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    (
+        p.is_some(),
+        p.as_ref().and_then(|p| addr(p.first)),
+        p.as_ref().and_then(|p| addr(p.second)),
+    )
+}
