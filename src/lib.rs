@@ -17,7 +17,7 @@ pub mod mesh;
 pub mod node;
 pub mod proxy;
 pub mod state;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod trust;
 pub mod util;

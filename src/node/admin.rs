@@ -142,3 +142,86 @@ pub fn removal(
         },
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixtures::{World, T0};
+
+    #[test]
+    fn a_token_lists_this_node_then_members_online_by_gossip_or_tunnel() {
+        let w = World::new("10.210.0.0/16");
+        let (mut m, members) = w.mesh(4);
+        let id = |i: usize| members[i].1.node_id;
+        m.set_liveness(id(2), Liveness::Dead, T0);
+        m.set_liveness(id(3), Liveness::Dead, T0);
+        let snap = Snapshot::of(&m);
+        // n3 is declared dead but its tunnel just handshook, at an address nobody gossiped.
+        let roamed: SocketAddr = "203.0.113.5:4000".parse().unwrap();
+        let stats: HashMap<NodeId, PeerStats> = [(
+            id(3),
+            PeerStats {
+                node_id: id(3),
+                name: "n3".into(),
+                wg: members[3].1.wireguard,
+                slot: 0,
+                endpoint: Some(roamed),
+                last_handshake: Some(Duration::from_secs(3)),
+                rx_bytes: 0,
+                tx_bytes: 0,
+                dropped_bad_source: 0,
+            },
+        )]
+        .into();
+        let own: SocketAddr = "198.51.100.1:51820".parse().unwrap();
+        let list = bootstrap_list(&[own], members[0].0.wg_public(), &snap, &stats);
+        let addrs: Vec<SocketAddr> = list.iter().map(|b| b.addr).collect();
+        assert_eq!(addrs[0], own, "this node first");
+        let mut rest = addrs[1..].to_vec();
+        rest.sort();
+        let n1: SocketAddr = "198.51.0.2:51820".parse().unwrap();
+        assert_eq!(rest, vec![n1, roamed], "n2 is offline and has no tunnel");
+        let b3 = list.iter().find(|b| b.addr == roamed).unwrap();
+        assert_eq!(b3.wireguard, members[3].1.wireguard);
+    }
+
+    #[test]
+    fn removals_need_the_root_key_and_never_take_this_node() {
+        let w = World::new("10.210.0.0/16");
+        let (m, _) = w.mesh(2);
+        let r = |node: &str| RemoveRequest { node: node.into() };
+        let e = removal(None, &m, &r("n1"), T0).unwrap_err();
+        assert_eq!(e.status, 403);
+        assert!(
+            e.message.contains("run meshctl remove on an admin node"),
+            "{}",
+            e.message
+        );
+        let root = Some(&w.root);
+        assert_eq!(removal(root, &m, &r("n0"), T0).unwrap_err().status, 400);
+        assert_eq!(removal(root, &m, &r("nobody"), T0).unwrap_err().status, 404);
+        let rev = removal(root, &m, &r("n1"), T0).unwrap();
+        assert_eq!(rev.body.name, "n1");
+        let snap = Snapshot::of(&m);
+        let e = invite(None, &InviteRequest::default(), &snap, vec![], T0).unwrap_err();
+        assert!(
+            e.message.contains("run meshctl invite on an admin node"),
+            "{}",
+            e.message
+        );
+        let zero = InviteRequest {
+            expires_secs: Some(0),
+            uses: None,
+        };
+        assert_eq!(
+            invite(root, &zero, &snap, vec![], T0).unwrap_err().status,
+            400
+        );
+        let once = InviteRequest {
+            expires_secs: Some(60),
+            uses: Some(1),
+        };
+        let t = invite(root, &once, &snap, vec![], T0).unwrap();
+        assert_eq!((t.invite.max_uses, t.invite.expires_at), (Some(1), T0 + 60));
+    }
+}

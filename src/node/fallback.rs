@@ -173,4 +173,65 @@ mod tests {
         assert!(!f.answers(&refusal(PENDING_MAX as u8 + 2)));
         assert!(f.answers(&refusal(99)));
     }
+
+    /// Only an answer from a target (from the node it names), to a pending request of this
+    /// node, is taken; once one is, the others are no longer welcome.
+    #[test]
+    fn only_a_signed_answer_from_a_target_to_a_pending_request_is_taken() {
+        use crate::join::{acceptance, decide, make_request};
+        use crate::testing::fixtures::{World, T0};
+        let w = World::new("10.210.0.0/16");
+        let (seed_view, members) = w.mesh(2);
+        let (seed_keys, seed_cert) = &members[0];
+        let (me_keys, me_cert) = &members[1];
+        let seed_addr: SocketAddr = "198.51.100.1:51820".parse().unwrap();
+        let seed_record = World::record(seed_keys, 1, 0, vec![seed_addr]);
+        let (req, nonce) = make_request(me_keys, &me_cert.raw, vec![], T0);
+        let adm = decide(&seed_view, &req, T0).expect("a member asking again is admitted");
+        let answer = acceptance(
+            &seed_view,
+            seed_keys,
+            &seed_cert.raw,
+            &seed_record,
+            &adm,
+            seed_addr,
+        );
+
+        let t0 = Instant::now();
+        let mesh = w.params.mesh;
+        let me = me_keys.identity_public();
+        let target = |wg: Option<Key32>| {
+            vec![Target {
+                addr: seed_addr,
+                wireguard: wg,
+            }]
+        };
+        let right = target(Some(seed_keys.wg_public()));
+        let mut f = Fallback::new(t0);
+        assert!(
+            f.accept(&answer, seed_addr, &right, &mesh, &me).is_none(),
+            "nothing asked yet"
+        );
+        f.asked(nonce, t0);
+        let elsewhere: SocketAddr = "198.51.100.9:51820".parse().unwrap();
+        assert!(
+            f.accept(&answer, elsewhere, &right, &mesh, &me).is_none(),
+            "not a target"
+        );
+        let wrong_node = target(Some(me_keys.wg_public()));
+        assert!(
+            f.accept(&answer, seed_addr, &wrong_node, &mesh, &me)
+                .is_none(),
+            "another node"
+        );
+        let (seed, accept) = f
+            .accept(&answer, seed_addr, &right, &mesh, &me)
+            .expect("the answer is taken");
+        assert_eq!(seed.node_id, seed_cert.node_id);
+        assert_eq!(accept.nonce, nonce);
+        assert!(
+            f.accept(&answer, seed_addr, &right, &mesh, &me).is_none(),
+            "taken once"
+        );
+    }
 }

@@ -7,7 +7,7 @@
 //! - [`view::View`] holds the membership view, its [`snapshot::Snapshot`] (recomputed once per
 //!   change: what the data plane, DNS, the edge roles and status read) and the member cache;
 //! - [`publisher::Publisher`] signs everything this node says about itself, with one
-//!   sequence-number rule;
+//!   sequence-number rule; [`own`] publishes it, runs gossip and follows this node's /24;
 //! - [`frames`] handles the control frames outside the tunnels, with the pure rules of
 //!   [`crate::join::seed`], [`notices`] and [`fallback`];
 //! - [`dns::DnsRole`] and [`edge::EdgeRoles`] own the mesh DNS server and the edge listeners;
@@ -23,6 +23,7 @@ mod edge;
 mod fallback;
 mod frames;
 mod notices;
+mod own;
 pub mod platform;
 pub mod publisher;
 mod report;
@@ -31,10 +32,9 @@ pub mod setup;
 pub mod snapshot;
 pub mod view;
 
-use crate::constants::{ENDPOINT_RESCAN, GOSSIP_PORT, RECONCILE_TICK, TUN_MTU};
+use crate::constants::{ENDPOINT_RESCAN, RECONCILE_TICK, TUN_MTU};
 use crate::control::{server as api_server, ApiCall};
-use crate::gossip::chitchat_glue::KEY_CERT;
-use crate::gossip::{Gossip, GossipConfig};
+use crate::gossip::Gossip;
 use crate::id::MeshRange;
 use crate::mesh::addressing::subnet_string;
 use crate::mesh::device::DeviceEvent;
@@ -44,7 +44,7 @@ use crate::state::{NodeConfig, Settings, StateDir, StateError};
 use crate::trust::{Cert, NodeKeys, RootKey};
 use crate::util::{unix_now, unix_now_ms};
 use platform::{LinuxPlatform, Platform};
-use publisher::{Publication, Publisher};
+use publisher::Publisher;
 use snapshot::Snapshot;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use view::View;
 
 /// Where a node keeps its state and serves its API.
@@ -369,24 +369,21 @@ impl<P: Platform> Node<P> {
         if let Some(g) = &mut self.gossip {
             g.poll(self.view.m_mut(), now).await;
         }
-        for name in self.view.m_mut().prune(now) {
-            info!(member = %name, "forgetting a member that has not been seen for too long");
-        }
-        match self.view.verdict(self.publisher.left()) {
-            Some(Exit::Removed) => {
+        match self.view.tick(now, self.publisher.left()) {
+            Ok(Some(snap)) => self.apply(&snap).await?,
+            Ok(None) => {}
+            Err(Exit::Removed) => {
                 error!("this node was removed from the mesh by an administrator; shutting down");
                 return Ok(Some(Exit::Removed));
             }
-            Some(exit) => {
+            Err(exit) => {
                 error!(
                     "this node joined with an invite that other nodes used up first (a one-use \
                      token used twice at the same moment); the earlier joiner keeps it. Shutting down"
                 );
                 return Ok(Some(exit));
             }
-            None => {}
         }
-        self.refresh().await?;
         self.send_slot_loser_notices().await;
         self.bootstrap_fallback().await;
         if let Some(g) = &mut self.gossip {
@@ -396,136 +393,21 @@ impl<P: Platform> Node<P> {
         Ok(None)
     }
 
-    /// Follow the view if it changed: this node's own /24, the data plane's peers, the zone,
-    /// the edge's routes.
+    /// Follow the view if it changed since the last snapshot.
     async fn refresh(&mut self) -> Result<(), NodeError> {
-        let Some(snap) = self.view.refresh() else {
-            return Ok(());
-        };
-        self.follow_own_slot(&snap).await?;
+        match self.view.refresh() {
+            Some(snap) => self.apply(&snap).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Follow a new snapshot: this node's own /24, the data plane's peers, the zone, the
+    /// edge's routes.
+    async fn apply(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
+        self.follow_own_slot(snap).await?;
         self.plane.install(&snap.peers).await;
         self.dns.update(&snap.zone);
-        self.edge.update(&snap);
+        self.edge.update(snap);
         Ok(())
-    }
-
-    /// Sign-ingest-gossip: the one way a statement of this node goes out.
-    async fn publish(&mut self, p: Publication) {
-        let me = self.local.cert.node_id;
-        if let Err(e) = p.ingest(self.view.m_mut(), me) {
-            warn!(error = %e, "this node's own statement was not taken in");
-        }
-        if let Some(g) = &self.gossip {
-            g.set(p.key(), p.raw.to_b64()).await;
-        }
-    }
-
-    async fn publish_record(&mut self) {
-        let p = self.publisher.record(unix_now_ms());
-        self.publish(p).await;
-    }
-
-    /// Hostnames and exit flag, as settings say; and the same to the mesh-side listeners.
-    async fn publish_routes(&mut self) {
-        let hostnames = self
-            .settings
-            .exposed
-            .iter()
-            .map(|e| e.hostname.clone())
-            .collect();
-        let p = self
-            .publisher
-            .routes(hostnames, self.settings.exit_node, unix_now_ms());
-        self.publish(p).await;
-        self.edge.set_offers(&self.settings);
-    }
-
-    /// Gossip on the current mesh address, seeded with every member's, starting from this
-    /// node's certificate, its latest statements and every revocation it knows.
-    async fn start_gossip(&mut self) -> Result<(), NodeError> {
-        let m = self.view.m();
-        let me = self.local.cert.node_id;
-        let seeds: Vec<SocketAddr> = self
-            .view
-            .snapshot()
-            .assignments
-            .iter()
-            .filter(|(id, _)| **id != me)
-            .map(|(_, a)| SocketAddr::from((m.params.range.node_ip(a.slot), GOSSIP_PORT)))
-            .collect();
-        let mut initial = vec![(KEY_CERT.to_string(), self.local.cert.raw.to_b64())];
-        initial.extend(
-            self.publisher
-                .latest()
-                .map(|p| (p.key().to_string(), p.raw.to_b64())),
-        );
-        let cfg = GossipConfig {
-            node_id: me,
-            addr: SocketAddr::from((self.mesh_ip(), GOSSIP_PORT)),
-            cluster_id: format!("meshd-{}", m.params.mesh.short()),
-            seeds,
-            initial,
-        };
-        let transport = self.platform.gossip_transport(&self.local.config.tun);
-        let mut g = Gossip::start(cfg, transport.as_ref())
-            .await
-            .map_err(|e| NodeError::Gossip(e.to_string()))?;
-        g.publish_revocations(self.view.m()).await;
-        self.gossip = Some(g);
-        Ok(())
-    }
-
-    /// If the deterministic rule moved this node (it lost a slot conflict), follow: new claim,
-    /// new address, gossip and the mesh-side services restarted on it.
-    async fn follow_own_slot(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
-        let Some(a) = snap.assignments.get(&self.local.cert.node_id).copied() else {
-            return Ok(());
-        };
-        if a.k == self.local.config.slot_k && a.slot == self.local.slot {
-            return Ok(());
-        }
-        let range = snap.params.range;
-        warn!(
-            from = %subnet_string(&range, self.local.slot),
-            to = %subnet_string(&range, a.slot),
-            "subnet conflict lost to an earlier member; moving"
-        );
-        self.local.config.slot_k = a.k;
-        self.local.state.save_node(&self.local.config)?;
-        self.view
-            .m_mut()
-            .set_admitted_k(self.local.cert.node_id, a.k);
-        self.publisher.set_slot_k(a.k);
-        if a.slot != self.local.slot {
-            self.local.slot = a.slot;
-            let ip = self.mesh_ip();
-            self.platform
-                .readdress(self.local.tun_index, ip, range.prefix)
-                .await?;
-            self.plane.device.set_own_slot(a.slot);
-            services::warn_outside_subnet(&self.settings.services, &range, a.slot);
-            if let Some(g) = self.gossip.take() {
-                g.shutdown().await;
-            }
-            self.start_gossip().await?;
-            if self.platform.host_services() {
-                self.start_mesh_services().await;
-            }
-        }
-        self.publish_record().await;
-        Ok(())
-    }
-
-    async fn refresh_endpoints(&mut self) {
-        let e = setup::effective_endpoints(
-            &self.local.config.endpoints,
-            self.local.config.port,
-            self.platform
-                .local_addresses(&self.local.config.tun, &self.view.m().params.range),
-        );
-        if self.publisher.set_endpoints(e.clone()) {
-            info!(endpoints = ?e, "endpoints changed");
-            self.publish_record().await;
-        }
     }
 }

@@ -126,3 +126,119 @@ pub fn judge_conflict_notice(
         .map(|(_, c, r)| (c, r))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::addressing::candidate;
+    use crate::testing::fixtures::{World, T0};
+    use crate::trust::{NodeKeys, Revocation, RevocationBody};
+
+    #[test]
+    fn a_removed_node_that_knocks_gets_its_revocation_every_30_seconds() {
+        let w = World::new("10.210.0.0/16");
+        let (mut m, members) = w.mesh(2);
+        let (kb, b) = &members[1];
+        let rev = Revocation::issue(
+            &w.root.0,
+            RevocationBody {
+                mesh: w.params.mesh,
+                identity: b.identity,
+                wireguard: b.wireguard,
+                name: "n1".into(),
+                revoked_at: T0,
+            },
+        );
+        m.ingest_revocation(&rev.raw).unwrap();
+        let mut c = Cooldowns::default();
+        let t0 = Instant::now();
+        let wg = kb.wg_public();
+        match for_unknown_initiator(&m, &wg, &mut c, t0) {
+            Some(Frame::Revoked(raw)) => assert_eq!(raw, rev.raw),
+            other => panic!("expected the revocation, got {other:?}"),
+        }
+        assert!(for_unknown_initiator(&m, &wg, &mut c, t0 + Duration::from_secs(29)).is_none());
+        assert!(for_unknown_initiator(&m, &wg, &mut c, t0 + REVOCATION_NOTICE_EVERY).is_some());
+        // A key nobody knows gets nothing.
+        let stranger = NodeKeys::generate().wg_public();
+        assert!(for_unknown_initiator(&m, &stranger, &mut c, t0).is_none());
+    }
+
+    #[test]
+    fn slot_loser_notices_go_at_most_every_3_seconds_per_member() {
+        let w = World::new("10.210.0.0/20");
+        let (ka, a) = w.node("a", T0 + 1);
+        let mut m = Membership::new(w.params.clone(), a.clone(), T0);
+        m.ingest_record(a.node_id, &World::record(&ka, 1, 0, vec![]))
+            .unwrap();
+        let slots = w.params.range.slots();
+        let a_slot = candidate(&w.params.mesh, &a.wireguard, 0, slots);
+        let ky = (0..10_000)
+            .map(|_| NodeKeys::generate())
+            .find(|k| candidate(&w.params.mesh, &k.wg_public(), 0, slots) == a_slot)
+            .expect("a colliding key within 10 000 tries");
+        let y = w.cert(&ky, "y", T0 + 2);
+        m.ingest_cert(&y.raw, T0).unwrap();
+        m.ingest_record(
+            y.node_id,
+            &World::record(&ky, 1, 0, vec!["192.0.2.7:9".parse().unwrap()]),
+        )
+        .unwrap();
+        let snap = Snapshot::of(&m);
+        let mut c = Cooldowns::default();
+        let t0 = Instant::now();
+        let due = slot_loser_notices(&snap, &mut c, t0);
+        assert_eq!(due.len(), 1);
+        let (id, to, frame) = &due[0];
+        assert_eq!(
+            (*id, *to),
+            (y.node_id, Some("192.0.2.7:9".parse().unwrap()))
+        );
+        assert!(matches!(frame, Frame::Conflict(v) if v[0].0 == a.raw));
+        assert!(slot_loser_notices(&snap, &mut c, t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(
+            slot_loser_notices(&snap, &mut c, t0 + CONFLICT_NOTICE_EVERY).len(),
+            1
+        );
+    }
+
+    /// A notice is believed only for what it proves about this node: statements that take its
+    /// /24 are kept, the rest of the notice is not; a notice that moves nothing teaches nothing.
+    #[test]
+    fn a_conflict_notice_teaches_only_what_moves_this_node() {
+        let w = World::new("10.210.0.0/20");
+        let slots = w.params.range.slots();
+        let (kme, me) = w.node("me", T0 + 10);
+        let mut m = Membership::new(w.params.clone(), me.clone(), T0);
+        m.ingest_record(me.node_id, &World::record(&kme, 1, 0, vec![]))
+            .unwrap();
+        let my_slot = m.assignments()[&me.node_id].slot;
+        // An earlier member on this node's slot, and an unrelated one.
+        let kw = (0..10_000)
+            .map(|_| NodeKeys::generate())
+            .find(|k| candidate(&w.params.mesh, &k.wg_public(), 0, slots) == my_slot)
+            .expect("a colliding key within 10 000 tries");
+        let winner = w.cert(&kw, "winner", T0 + 1);
+        let winner_rec = World::record(&kw, 1, 0, vec![]);
+        let (ko, other) = w.node("other", T0 + 2);
+        let other_rec = World::record(&ko, 1, 0, vec![]);
+        let take = judge_conflict_notice(
+            &m,
+            vec![
+                (other.raw.clone(), other_rec.clone()),
+                (winner.raw.clone(), winner_rec.clone()),
+            ],
+            T0,
+        );
+        assert_eq!(take, vec![(winner.raw.clone(), winner_rec)]);
+        // Without the winner, nothing moves this node: nothing is taken.
+        assert!(judge_conflict_notice(&m, vec![(other.raw, other_rec)], T0).is_empty());
+        // Statements that do not verify are ignored.
+        let forged = World::record(&ko, 1, 0, vec![]);
+        assert!(judge_conflict_notice(&m, vec![(winner.raw, forged)], T0).is_empty());
+        assert!(
+            m.get(&winner.node_id).is_none(),
+            "the view itself is untouched"
+        );
+    }
+}

@@ -314,3 +314,192 @@ fn mesh_view(params: &MeshParams, members: &[MemberRow]) -> MeshView {
         .sort_by(|a, b| (&a.pattern, &a.node).cmp(&(&b.pattern, &b.node)));
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::addressing::candidate;
+    use crate::testing::fixtures::{World, T0};
+    use crate::trust::{NodeKeys, ServiceDef};
+
+    fn svc(name: &str, port: u16, address: Option<&str>) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            port,
+            address: address.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    /// DNS, the gateway's routes, the proxy's services and `meshctl service ls` are one
+    /// projection: a dead member keeps its name but its services go; a service outside its
+    /// node's /24 or under a name that is no DNS label is answered nowhere; two members with
+    /// one name answer to distinct DNS names.
+    #[test]
+    fn every_consumer_sees_the_same_members_names_and_services() {
+        let w = World::new("10.210.0.0/16");
+        let (m, members) = w.mesh(3);
+        let mut m = m;
+        let (k0, _) = &members[0];
+        let (k1, c1) = &members[1];
+        let (_, c2) = &members[2];
+        let s = Snapshot::of(&m);
+        let ip = |id| s.params.range.node_ip(s.assignments[id].slot);
+        let ip1 = ip(&c1.node_id);
+        let o = ip1.octets();
+        let in1 = format!("{}.{}.{}.7", o[0], o[1], o[2]);
+        m.ingest_services(
+            c1.node_id,
+            &World::services(
+                k1,
+                2,
+                vec![
+                    svc("web", 80, Some(&in1)),
+                    svc("Bad_Name", 81, None),
+                    svc("moved", 82, Some("10.210.255.9")),
+                ],
+            ),
+        )
+        .unwrap();
+        // A later member with n0's name, and n2 offline.
+        let (kx, cx) = w.node("n0", T0 + 100);
+        m.ingest_cert(&cx.raw, T0).unwrap();
+        let k = m.claim_for_newcomer(&cx.wireguard).unwrap();
+        m.ingest_record(cx.node_id, &World::record(&kx, 1, k, vec![]))
+            .unwrap();
+        m.set_liveness(cx.node_id, Liveness::Alive, T0);
+        m.set_liveness(c2.node_id, Liveness::Dead, T0);
+        let s = Snapshot::of(&m);
+        assert_eq!(s.version, m.version());
+
+        let row = |id| s.member(id).unwrap();
+        assert_eq!(row(&members[0].1.node_id).dns_name, "n0");
+        let twin = &row(&cx.node_id).dns_name;
+        assert!(twin.starts_with("n0-") && twin != "n0", "{twin}");
+        assert!(row(&members[0].1.node_id).is_self);
+        assert!(!row(&c2.node_id).live());
+
+        // DNS: every node with a /24 (the offline one too); only answerable live services.
+        let names: Vec<&str> = s.zone.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names.len(), 4);
+        assert!(names.contains(&"n2") && names.contains(&twin.as_str()));
+        let mut dns_svc: Vec<(String, String, Ipv4Addr)> = s
+            .zone
+            .services
+            .iter()
+            .map(|e| (e.service.clone(), e.node.clone(), e.ip))
+            .collect();
+        dns_svc.sort();
+        let web1 = ("web".to_string(), "n1".to_string(), in1.parse().unwrap());
+        assert!(dns_svc.contains(&web1), "{dns_svc:?}");
+        assert!(
+            !dns_svc.iter().any(|(_, n, _)| n == "n2"),
+            "offline n2's service"
+        );
+        assert!(!dns_svc
+            .iter()
+            .any(|(svc, _, _)| svc == "moved" || svc == "Bad_Name"));
+        assert_eq!(s.zone.serving, "n0");
+
+        // The proxy's services are exactly DNS's.
+        let mut proxy_svc: Vec<(String, String, Ipv4Addr)> = s
+            .routes
+            .services
+            .iter()
+            .flat_map(|(svc, v)| v.iter().map(move |(n, ip)| (svc.clone(), n.clone(), *ip)))
+            .collect();
+        proxy_svc.sort();
+        assert_eq!(proxy_svc, dns_svc);
+        // Routes: by DNS name, with liveness and exit flags; hostnames that are patterns.
+        assert!(!s.routes.nodes["n2"].live);
+        assert!(
+            s.routes.nodes["n0"].exit,
+            "every tenth member (n0) is an exit"
+        );
+        assert!(s.routes.route("app1.example.com")[0].node == "n1");
+
+        // `meshctl service ls`: everything, flagged.
+        let ls = s.services();
+        let moved = ls.iter().find(|v| v.name == "moved").unwrap();
+        assert!(moved.outside_subnet && !moved.live);
+        let web_n2 = ls
+            .iter()
+            .find(|v| v.name == "web" && v.node == "n2")
+            .unwrap();
+        assert!(!web_n2.live && !web_n2.outside_subnet);
+        assert!(ls.iter().any(|v| v.local && v.node == "n0"));
+
+        // The data plane: every member but this node, with its published endpoints.
+        assert_eq!(s.peers.len(), 3);
+        assert!(s.peers.iter().all(|p| p.node_id != members[0].1.node_id));
+        assert!(s
+            .member_endpoints
+            .contains(&"198.51.0.2:51820".parse().unwrap()));
+        assert!(
+            !s.member_endpoints
+                .contains(&"198.51.0.1:51820".parse().unwrap()),
+            "not this node's own"
+        );
+        let _ = k0;
+    }
+
+    /// A member still claiming a /24 an earlier certificate holds is listed with the winner's
+    /// statements, for the notice that tells it.
+    #[test]
+    fn a_member_claiming_a_lost_slot_is_listed_with_the_winner() {
+        let w = World::new("10.210.0.0/20"); // 16 slots: collisions are easy to find
+        let (a_keys, a) = w.node("a", T0 + 1);
+        let mut m = Membership::new(w.params.clone(), a.clone(), T0);
+        m.ingest_record(a.node_id, &World::record(&a_keys, 1, 0, vec![]))
+            .unwrap();
+        let slots = w.params.range.slots();
+        let a_slot = candidate(&w.params.mesh, &a.wireguard, 0, slots);
+        // Keys whose first candidate is not a's slot, then keys whose first is x's.
+        let first = |k: &NodeKeys| candidate(&w.params.mesh, &k.wg_public(), 0, slots);
+        let keys_where = |want: &dyn Fn(u32) -> bool| {
+            (0..10_000)
+                .map(|_| NodeKeys::generate())
+                .find(|k| want(first(k)))
+                .expect("found within 10 000 tries")
+        };
+        let kx = keys_where(&|s| s != a_slot);
+        let x = w.cert(&kx, "x", T0 + 2);
+        let x_slot = first(&kx);
+        let ky = keys_where(&|s| s == x_slot);
+        let y = w.cert(&ky, "y", T0 + 3);
+        for (k, c) in [(&kx, &x), (&ky, &y)] {
+            m.ingest_cert(&c.raw, T0).unwrap();
+            m.ingest_record(
+                c.node_id,
+                &World::record(k, 1, 0, vec!["192.0.2.9:1".parse().unwrap()]),
+            )
+            .unwrap();
+        }
+        let s = Snapshot::of(&m);
+        assert_eq!(s.losers.len(), 1, "{:?}", s.losers);
+        let l = &s.losers[0];
+        assert_eq!(l.id, y.node_id, "the later certificate lost");
+        assert_eq!(l.published, Some("192.0.2.9:1".parse().unwrap()));
+        assert_eq!(l.winners.len(), 1);
+        assert_eq!(l.winners[0].0, x.raw);
+        assert_ne!(s.assignments[&y.node_id].slot, x_slot);
+    }
+
+    /// The view recomputes its snapshot only when the membership changed.
+    #[test]
+    fn the_snapshot_is_recomputed_only_after_a_change() {
+        let w = World::new("10.210.0.0/16");
+        let (m, members) = w.mesh(3);
+        let mut v = super::super::view::View::new(m, std::time::Instant::now());
+        assert!(v.refresh().is_none());
+        assert!(v.tick(T0, false).unwrap().is_none());
+        // Heartbeats of a live member change nothing; a liveness change does.
+        v.m_mut()
+            .set_liveness(members[1].1.node_id, Liveness::Alive, T0 + 5);
+        assert!(v.refresh().is_none());
+        v.m_mut()
+            .set_liveness(members[1].1.node_id, Liveness::Dead, T0 + 5);
+        let s = v.tick(T0 + 5, false).unwrap().expect("a new snapshot");
+        assert!(!s.member(&members[1].1.node_id).unwrap().live());
+        assert!(v.refresh().is_none());
+    }
+}

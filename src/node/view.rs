@@ -10,7 +10,7 @@ use crate::state::{StateDir, StateError};
 use crate::util::unix_now;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::error;
+use tracing::{error, info};
 
 const PERSIST_AFTER_CHANGE: Duration = Duration::from_secs(1);
 const PERSIST_ANYWAY: Duration = Duration::from_secs(3600);
@@ -50,6 +50,18 @@ impl View {
         }
         self.snap = Arc::new(Snapshot::of(&self.m));
         Some(self.snap.clone())
+    }
+
+    /// The pure part of a reconcile tick: forget members gone too long, check whether this
+    /// node must stop, and recompute the snapshot if the view changed (the new one, if so).
+    pub fn tick(&mut self, now: u64, left: bool) -> Result<Option<Arc<Snapshot>>, Exit> {
+        for name in self.m.prune(now) {
+            info!(member = %name, "forgetting a member that has not been seen for too long");
+        }
+        if let Some(exit) = self.verdict(left) {
+            return Err(exit);
+        }
+        Ok(self.refresh())
     }
 
     /// Whether the view says this node must stop: it was removed, or it was shut out because
