@@ -5,6 +5,28 @@
 //! ([`mesh::addressing`]), carry traffic over userspace WireGuard ([`mesh`]) and learn about each
 //! other by gossip inside the tunnels ([`gossip`]). [`node`] wires the pieces together; the
 //! binaries in `src/bin/` are thin shells over [`cli`].
+//!
+//! # Layout
+//!
+//! - [`id`]: keys, node and mesh ids, the mesh range. A leaf every other module may use.
+//! - [`trust`]: root key, invites, node certificates, signed records, revocations, join
+//!   tokens. Pure: bytes in, verified values out.
+//! - [`mesh`]: the data plane. [`mesh::addressing`] derives each node's /24;
+//!   [`mesh::device`] runs the WireGuard sessions (send, receive, timers, the admission policy);
+//!   [`mesh::io`] is the TUN/UDP edge as traits; [`mesh::linux`] the real edge.
+//! - [`gossip`]: the membership view built from verified statements (pure, with its cache) and
+//!   chitchat running inside the tunnels.
+//! - [`wire`]: the codec of the control frames outside the tunnels; [`join`]: the seed's
+//!   decision (pure) and the joiner.
+//! - [`node`]: the runtime, in parts: state loading, the view and its snapshot, the publisher of
+//!   this node's statements, control-frame handling, the DNS and edge roles, the API handlers.
+//! - [`dns`]: the mesh zone (pure) and the DNS server; [`proxy`]: gateway, serving side, exit
+//!   node and local proxies.
+//! - [`control`]: the local API (wire types, server, client); [`state`]: the state directory,
+//!   written atomically; [`cli`]: the two command lines and `meshd demo`.
+//! - [`constants`] (protocol constants with their sources), [`util`] (formatting, limiters).
+//! - `testing` (tests, and benchmarks with the `testing` feature): fixtures, in-memory
+//!   twins of the edges, the whole-node harness.
 
 pub mod cli;
 pub mod constants;

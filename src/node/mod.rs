@@ -1,18 +1,18 @@
 //! The node runtime: loads the state, brings up the TUN device and the data plane, runs gossip
 //! inside the tunnels, answers joins and the control API, and keeps all of them consistent.
 //!
-//! Parts, each with one job (the [`Node`] only wires them and runs the main loop):
+//! Parts, each with one job (the `Node` only wires them and runs the main loop):
 //!
-//! - [`boot`] loads and checks the state directory;
+//! - `boot` loads and checks the state directory;
 //! - [`view::View`] holds the membership view, its [`snapshot::Snapshot`] (recomputed once per
 //!   change: what the data plane, DNS, the edge roles and status read) and the member cache;
 //! - [`publisher::Publisher`] signs everything this node says about itself, with one
-//!   sequence-number rule; [`own`] publishes it, runs gossip and follows this node's /24;
-//! - [`frames`] handles the control frames outside the tunnels, with the pure rules of
-//!   [`crate::join::seed`], [`notices`] and [`fallback`];
-//! - [`dns::DnsRole`] and [`edge::EdgeRoles`] own the mesh DNS server and the edge listeners;
-//! - [`api`] answers the control API with typed replies, using the pure checks of
-//!   [`services`], [`admin`] and the edge requests, and [`report`] for `meshctl status`;
+//!   sequence-number rule; `own` publishes it, runs gossip and follows this node's /24;
+//! - `frames` handles the control frames outside the tunnels, with the pure rules of
+//!   [`crate::join::seed`], `notices` and `fallback`;
+//! - `dns::DnsRole` and `edge::EdgeRoles` own the mesh DNS server and the edge listeners;
+//! - `api` answers the control API with typed replies, using the pure checks of
+//!   `services`, `admin` and the edge requests, and `report` for `meshctl status`;
 //! - [`setup`] creates a node's state (`init`, `join`); [`platform`] is the OS behind a trait.
 
 mod admin;

@@ -1,7 +1,7 @@
 //! The membership view: everything this node believes about the mesh, built only from verified
 //! statements (certificates chained to the root, records signed by their node, root-signed
 //! revocations) plus liveness from the failure detector. Pure logic with `now` passed in: the
-//! gossip task feeds it, the data plane and DNS read from it. [`cache`] persists it.
+//! gossip task feeds it, the data plane and DNS read from it. `cache` persists it.
 
 mod cache;
 

@@ -1,6 +1,6 @@
-//! The data plane (DESIGN "Data plane"), split by verb like wireguard-go's device/: [`send`]
-//! (TUN -> encapsulate -> UDP), [`receive`] (UDP -> demultiplex -> decapsulate -> [`admission`]
-//! -> TUN), [`timers`] (WireGuard timers). This file holds the device and its peer table. The
+//! The data plane (DESIGN "Data plane"), split by verb like wireguard-go's device/: `send`
+//! (TUN -> encapsulate -> UDP), `receive` (UDP -> demultiplex -> decapsulate -> [`admission`]
+//! -> TUN), `timers` (WireGuard timers). This file holds the device and its peer table. The
 //! device owns no policy: the control plane tells it which peers exist ([`Device::set_peers`])
 //! and receives the control frames that arrive on the shared UDP port.
 

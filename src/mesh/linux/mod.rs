@@ -1,6 +1,6 @@
-//! The real edges on Linux, one file per verb: [`tun`] the TUN device, [`netlink`] interface
-//! configuration, [`udp`] the mesh UDP socket, [`ifaddr`] the machine's own addresses,
-//! [`sockets`] listeners bound to the TUN device.
+//! The real edges on Linux, one file per verb: `tun` the TUN device, `netlink` interface
+//! configuration, `udp` the mesh UDP socket, `ifaddr` the machine's own addresses,
+//! `sockets` listeners bound to the TUN device.
 
 mod ifaddr;
 mod netlink;
