@@ -429,6 +429,7 @@ impl Lan {
     /// Add one more host to the bridge; returns its index.
     pub fn add_host(&mut self) -> anyhow::Result<usize> {
         let i = self.hosts.len() + 1;
+        make_room_for_neighbours(i);
         let ns = Netns::create(&format!("{}-{i}", self.prefix))?;
         let addr = Ipv4Addr::from(u32::from(self.base) + i as u32);
         let target = ns.open_fd()?;
@@ -448,6 +449,27 @@ impl Lan {
         })?;
         self.hosts.push(Host { ns, addr });
         Ok(i - 1)
+    }
+}
+
+/// The kernel has one ARP table for all network namespaces, and drops packets to a new
+/// neighbour once it holds `gc_thresh3` entries (1024 by default): "neighbor table overflow",
+/// `NEIGH_CREATEFAIL` drops. Every host of a LAN of `n` learns up to `n` neighbours, so a lab
+/// of more than about 30 hosts overflows the default, although each real machine of such a
+/// fleet would hold only its own `n`. Raise the limits (never lower them) to fit `n * n`.
+fn make_room_for_neighbours(n: usize) {
+    let need = n * n + 256;
+    for (knob, want) in [("gc_thresh3", 2 * need), ("gc_thresh2", need)] {
+        for family in ["ipv4", "ipv6"] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+            let now: usize = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(usize::MAX);
+            if now < want {
+                let _ = std::fs::write(&path, want.to_string());
+            }
+        }
     }
 }
 
