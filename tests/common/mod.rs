@@ -13,6 +13,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod workloads;
 
 use meshd::cli::demo::lab::{Lan, Netns};
@@ -209,6 +210,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id of the daemon on `h`, if one runs.
+    pub fn pid(&self, h: usize) -> Option<u32> {
+        self.daemons[h].as_ref().map(|d| d.child.id())
     }
 
     pub fn kill9(&mut self, h: usize) {
