@@ -101,6 +101,13 @@ pub struct Gossip {
     first_heard: HashMap<NodeId, Instant>,
     /// Revocations this node has put into its own gossip state.
     published_revocations: HashSet<NodeId>,
+    /// Nodes whose gossip state chitchat holds, as of the last poll.
+    heard: HashSet<NodeId>,
+    /// Nodes chitchat's failure detector considers live, as of the last poll.
+    live: HashSet<NodeId>,
+    /// Per node, the state version whose keys were all taken in: a node whose version has not
+    /// moved is skipped (so an idle poll is a version comparison per node).
+    taken_in: HashMap<ChitchatId, u64>,
 }
 
 /// chitchat could not start (its socket, mostly).
@@ -143,6 +150,9 @@ impl Gossip {
             rejected_logged: HashMap::new(),
             first_heard: HashMap::new(),
             published_revocations: HashSet::new(),
+            heard: HashSet::new(),
+            live: HashSet::new(),
+            taken_in: HashMap::new(),
         })
     }
 
@@ -168,7 +178,12 @@ impl Gossip {
         }
     }
 
-    /// Ask chitchat to gossip with `addr` now (a member just admitted).
+    /// Whether chitchat holds gossip state of `id` (as of the last poll).
+    pub fn has_heard(&self, id: &NodeId) -> bool {
+        self.heard.contains(id)
+    }
+
+    /// Ask chitchat to gossip with `addr` now.
     pub fn gossip_now(&self, addr: SocketAddr) {
         let _ = self.handle.gossip(addr);
     }
@@ -180,12 +195,15 @@ impl Gossip {
         let cc = cc.lock().await;
         let me = cc.self_chitchat_id().clone();
         let mut changed = false;
-        // Collect (id, key, version, value) for keys whose version moved.
+        // Collect (id, key, version, value) for keys whose version moved, from the nodes whose
+        // state moved since it was last taken in completely (most polls: none).
         let mut todo: Vec<(ChitchatId, String, u64, String)> = Vec::new();
+        let mut scanned: Vec<(ChitchatId, u64)> = Vec::new();
         for (cid, st) in cc.node_states() {
-            if *cid == me {
+            if *cid == me || self.taken_in.get(cid) == Some(&st.max_version()) {
                 continue;
             }
+            scanned.push((cid.clone(), st.max_version()));
             for (k, v) in st.key_values() {
                 if !SIGNED_KEYS.contains(&k) && !k.starts_with(PREFIX_REVOCATION) {
                     continue;
@@ -199,24 +217,28 @@ impl Gossip {
                 todo.push((cid.clone(), k.to_string(), vv.version, v.to_string()));
             }
         }
-        let live: HashSet<NodeId> = cc
-            .live_nodes()
-            .filter(|c| **c != me)
-            .filter_map(|c| NodeId::parse(&c.node_id))
-            .collect();
-        let known: HashSet<NodeId> = cc
-            .node_states()
-            .keys()
-            .filter_map(|c| NodeId::parse(&c.node_id))
-            .collect();
+        self.live.clear();
+        self.live.extend(
+            cc.live_nodes()
+                .filter(|c| **c != me)
+                .filter_map(|c| NodeId::parse(&c.node_id)),
+        );
         // Bookkeeping follows chitchat: what it forgot (a dead node's old generation), this
         // forgets too, so a long-running node does not grow with every restart it has seen.
-        let present: HashSet<&ChitchatId> = cc.node_states().keys().collect();
-        self.seen.retain(|(cid, _), _| present.contains(cid));
-        self.rejected_logged
-            .retain(|(cid, _), _| present.contains(cid));
-        self.first_heard.retain(|id, _| known.contains(id));
-        drop(present);
+        if cc.node_states().len() != self.taken_in.len() + 1 || !scanned.is_empty() {
+            self.heard.clear();
+            self.heard.extend(
+                cc.node_states()
+                    .keys()
+                    .filter_map(|c| NodeId::parse(&c.node_id)),
+            );
+            let present: HashSet<&ChitchatId> = cc.node_states().keys().collect();
+            self.seen.retain(|(cid, _), _| present.contains(cid));
+            self.rejected_logged
+                .retain(|(cid, _), _| present.contains(cid));
+            self.taken_in.retain(|cid, _| present.contains(cid));
+            self.first_heard.retain(|id, _| self.heard.contains(id));
+        }
         drop(cc);
 
         // Revocations first, then certificates, then records: each may depend on the previous.
@@ -230,6 +252,8 @@ impl Gossip {
             }
         };
         todo.sort_by_key(|t| rank(&t.1));
+        // A node is taken in completely once none of its keys waits for a retry.
+        let mut retry: HashSet<ChitchatId> = HashSet::new();
         for (cid, key, version, value) in todo {
             let Some(under) = NodeId::parse(&cid.node_id) else {
                 self.seen.insert((cid, key), version);
@@ -267,7 +291,9 @@ impl Gossip {
                     self.seen.insert((cid, key), version);
                 }
                 // The certificate may simply not have been processed yet: retry next time.
-                Err(Reject::UnknownNode(_)) => {}
+                Err(Reject::UnknownNode(_)) => {
+                    retry.insert(cid);
+                }
                 Err(Reject::Stale) => {
                     self.seen.insert((cid, key), version);
                 }
@@ -284,8 +310,13 @@ impl Gossip {
             }
         }
 
+        for (cid, max_version) in scanned {
+            if !retry.contains(&cid) {
+                self.taken_in.insert(cid, max_version);
+            }
+        }
         let now_i = Instant::now();
-        for id in &known {
+        for id in &self.heard {
             self.first_heard.entry(*id).or_insert(now_i);
         }
         let past_grace = self.started.elapsed() > UNHEARD_GRACE;
@@ -295,11 +326,11 @@ impl Gossip {
                 .first_heard
                 .get(&id)
                 .is_some_and(|t| now_i.duration_since(*t) > UNHEARD_GRACE);
-            let now_l = if live.contains(&id) {
+            let now_l = if self.live.contains(&id) {
                 Liveness::Alive
             } else if before == Liveness::Alive
                 || heard_long_ago
-                || (!known.contains(&id) && past_grace)
+                || (!self.heard.contains(&id) && past_grace)
             {
                 Liveness::Dead
             } else {

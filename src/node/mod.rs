@@ -23,6 +23,7 @@ mod edge;
 mod fallback;
 mod frames;
 mod notices;
+mod outreach;
 mod own;
 pub mod platform;
 pub mod publisher;
@@ -141,6 +142,7 @@ struct Node<P: Platform> {
     gossip: Option<Gossip>,
     plane: Plane<P>,
     frames: frames::Frames,
+    outreach: outreach::Outreach,
     settings: Settings,
     dns: dns::DnsRole,
     edge: edge::EdgeRoles,
@@ -241,6 +243,7 @@ pub async fn run_on<P: Platform>(
             installed: Vec::new(),
         },
         frames: frames::Frames::new(now),
+        outreach: outreach::Outreach::default(),
         settings: loaded.settings,
         edge,
         platform,
@@ -384,6 +387,7 @@ impl<P: Platform> Node<P> {
                 return Ok(Some(exit));
             }
         }
+        self.reach_out();
         self.send_slot_loser_notices().await;
         self.bootstrap_fallback().await;
         if let Some(g) = &mut self.gossip {

@@ -9,9 +9,11 @@ use super::{services, setup, Node, NodeError};
 use crate::constants::GOSSIP_PORT;
 use crate::gossip::chitchat_glue::KEY_CERT;
 use crate::gossip::{Gossip, GossipConfig};
+use crate::id::NodeId;
 use crate::mesh::addressing::subnet_string;
 use crate::util::unix_now_ms;
 use std::net::SocketAddr;
+use std::time::Instant;
 use tracing::{info, warn};
 
 impl<P: Platform> Node<P> {
@@ -132,6 +134,27 @@ impl<P: Platform> Node<P> {
         if self.publisher.set_endpoints(e.clone()) {
             info!(endpoints = ?e, "endpoints changed");
             self.publish_record().await;
+        }
+    }
+
+    /// Talk to the members gossip has not heard from, directly (see [`super::outreach`]).
+    pub(super) fn reach_out(&mut self) {
+        let Some(g) = &self.gossip else { return };
+        let snap = self.view.snapshot();
+        let unheard: Vec<NodeId> = snap
+            .members
+            .iter()
+            .filter(|r| !r.is_self && r.slot.is_some() && !g.has_heard(&r.id))
+            .map(|r| r.id)
+            .collect();
+        if unheard.is_empty() {
+            return;
+        }
+        for id in self.outreach.due(&unheard, Instant::now()) {
+            if let Some(slot) = snap.member(&id).and_then(|r| r.slot) {
+                let addr = SocketAddr::from((snap.params.range.node_ip(slot), GOSSIP_PORT));
+                g.gossip_now(addr);
+            }
         }
     }
 }

@@ -1,0 +1,87 @@
+//! Reaching out to members this node knows of but has not heard in gossip.
+//!
+//! chitchat only gossips with nodes whose gossip state it already holds (and with its seeds, at
+//! random). A member this node learnt of another way is invisible to it: a joiner it just
+//! admitted (the joiner's own gossip can only reach the one member that knows it, its seed,
+//! and picks it at random among the members its acceptance listed), a member from the cache or
+//! from a bootstrap answer. So the node asks gossip to talk to each such member directly, at
+//! once and then with a growing pause while it stays unheard: one exchange with the seed tells
+//! the joiner the whole mesh and the mesh the joiner, instead of waiting for a random pick.
+//! A member that stays silent (it is down) costs one small datagram a minute at most.
+
+use crate::id::NodeId;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The first retry comes this soon; then each pause doubles, up to [`MAX_PAUSE`].
+pub const FIRST_PAUSE: Duration = Duration::from_millis(500);
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// At most this many reach-outs per call (a tick): a node that knows a thousand silent members
+/// spreads the datagrams over time.
+pub const MAX_PER_TICK: usize = 16;
+
+#[derive(Default)]
+pub struct Outreach {
+    /// Per unheard member: when to try next, and the pause after that.
+    next: HashMap<NodeId, (Instant, Duration)>,
+}
+
+impl Outreach {
+    /// The members among `unheard` to reach out to now. Members no longer unheard are
+    /// forgotten (a member heard again and then lost starts from the first pause).
+    pub fn due(&mut self, unheard: &[NodeId], now: Instant) -> Vec<NodeId> {
+        self.next.retain(|id, _| unheard.contains(id));
+        let mut out = Vec::new();
+        for id in unheard {
+            if out.len() >= MAX_PER_TICK {
+                break;
+            }
+            let (at, pause) = *self.next.entry(*id).or_insert((now, FIRST_PAUSE));
+            if now >= at {
+                out.push(*id);
+                self.next
+                    .insert(*id, (now + pause, (pause * 2).min(MAX_PAUSE)));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unheard_members_are_reached_at_once_then_with_growing_pauses() {
+        let t0 = Instant::now();
+        let a = NodeId([1; 8]);
+        let b = NodeId([2; 8]);
+        let mut o = Outreach::default();
+        assert_eq!(o.due(&[a], t0), vec![a], "at once");
+        assert!(o.due(&[a], t0 + Duration::from_millis(100)).is_empty());
+        assert_eq!(o.due(&[a, b], t0 + FIRST_PAUSE), vec![a, b]);
+        // a's next pause is twice the first.
+        let t1 = t0 + FIRST_PAUSE;
+        assert!(o.due(&[a], t1 + FIRST_PAUSE).is_empty());
+        assert_eq!(o.due(&[a], t1 + 2 * FIRST_PAUSE), vec![a]);
+        // Pauses stop growing at the cap.
+        let mut t = t1 + 2 * FIRST_PAUSE;
+        for _ in 0..20 {
+            t += MAX_PAUSE;
+            assert_eq!(o.due(&[a], t), vec![a]);
+        }
+        // Heard (no longer listed), then unheard again: from the start.
+        assert!(o.due(&[], t).is_empty());
+        assert_eq!(o.due(&[a], t + Duration::from_millis(1)), vec![a]);
+    }
+
+    #[test]
+    fn a_tick_reaches_out_to_a_bounded_number() {
+        let t0 = Instant::now();
+        let many: Vec<NodeId> = (0..100u8).map(|i| NodeId([i; 8])).collect();
+        let mut o = Outreach::default();
+        assert_eq!(o.due(&many, t0).len(), MAX_PER_TICK);
+        // The others get their turn on the next ticks.
+        assert_eq!(o.due(&many, t0).len(), MAX_PER_TICK);
+    }
+}
