@@ -21,13 +21,22 @@ pub const TUN_MTU: u16 = 1420;
 
 /// Gossip (chitchat) UDP port, bound on the node's mesh address only.
 pub const GOSSIP_PORT: u16 = 7946;
-/// How often chitchat gossips. With the phi threshold below, a silent node is declared dead
-/// after about `PHI_THRESHOLD * mean heartbeat interval` (~4-8 s), inside the 15 s budget.
-pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
-/// chitchat's phi-accrual threshold (its default; Cassandra uses the same).
+/// How often chitchat gossips on its own (anti-entropy). Every exchange carries a digest of
+/// every member (about 20 bytes each, compressed), with three partners a round each way:
+/// at 100 members a round costs a node about 24 KB, so rounds are two seconds apart. News
+/// does not wait for them: a node that learns something new pushes it at once
+/// ([`GOSSIP_PUSH_EVERY`]), and failures are found by probes through the tunnels
+/// (`node::probe`), not by gossip heartbeats.
+pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
+/// A node that took in (or made) new statements gossips with two live members at once, at most
+/// this often: an admission spreads across a 100-node mesh in a few hops, not a few rounds.
+pub const GOSSIP_PUSH_EVERY: Duration = Duration::from_millis(300);
+/// chitchat's phi-accrual threshold (its default; Cassandra uses the same). With heartbeats
+/// every [`GOSSIP_INTERVAL`] it declares a silent node dead after ~16 s: the backstop behind
+/// the probes (and the only detector where probes cannot run, as in the in-memory harness).
 pub const PHI_THRESHOLD: f64 = 8.0;
 /// Prior mean heartbeat interval for the failure detector before samples exist.
-pub const FD_INITIAL_INTERVAL: Duration = Duration::from_secs(1);
+pub const FD_INITIAL_INTERVAL: Duration = GOSSIP_INTERVAL;
 /// After this long dead, chitchat forgets a node's gossip state. The member cache keeps the
 /// node (offline, holding its subnet) independently of this.
 pub const DEAD_NODE_GRACE: Duration = Duration::from_secs(15 * 60);

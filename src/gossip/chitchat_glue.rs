@@ -189,8 +189,16 @@ impl Gossip {
     }
 
     /// Feed everything new in chitchat into the membership view and update liveness.
-    /// Returns whether the view changed.
-    pub async fn poll(&mut self, m: &mut Membership, now: u64) -> bool {
+    /// Returns whether new statements were taken in (news worth pushing on).
+    ///
+    /// `probes` are what direct probes through the tunnels say of members (see
+    /// `node::probe`): they decide over chitchat's failure detector where they say anything.
+    pub async fn poll(
+        &mut self,
+        m: &mut Membership,
+        now: u64,
+        probes: &HashMap<NodeId, Liveness>,
+    ) -> bool {
         let cc = self.handle.chitchat();
         let cc = cc.lock().await;
         let me = cc.self_chitchat_id().clone();
@@ -326,7 +334,9 @@ impl Gossip {
                 .first_heard
                 .get(&id)
                 .is_some_and(|t| now_i.duration_since(*t) > UNHEARD_GRACE);
-            let now_l = if self.live.contains(&id) {
+            let now_l = if let Some(l) = probes.get(&id) {
+                *l
+            } else if self.live.contains(&id) {
                 Liveness::Alive
             } else if before == Liveness::Alive
                 || heard_long_ago
@@ -336,9 +346,7 @@ impl Gossip {
             } else {
                 before
             };
-            if now_l != before {
-                changed = true;
-            }
+
             m.set_liveness(id, now_l, now);
         }
         changed

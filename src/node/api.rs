@@ -5,7 +5,7 @@
 
 use super::platform::Platform;
 use super::{admin, edge, report, services, Exit, Node, NodeError};
-use crate::constants::{GOSSIP_INTERVAL, GOSSIP_PORT};
+use crate::constants::GOSSIP_PORT;
 use crate::control::{
     ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
     GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, ProxyResponse,
@@ -20,6 +20,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tracing::{info, warn};
+
+/// `meshd leave` pushes the departure to every member four times, this far apart.
+const LEAVE_PUSH_SPACING: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl<P: Platform> Node<P> {
     /// Answer one call; `Some(exit)` when the node must stop (after `leave`).
@@ -284,7 +287,7 @@ impl<P: Platform> Node<P> {
                         g.gossip_now(*t);
                     }
                 }
-                tokio::time::sleep(GOSSIP_INTERVAL).await;
+                tokio::time::sleep(LEAVE_PUSH_SPACING).await;
                 tracing::debug!(round, "departure pushed");
             }
         }

@@ -26,6 +26,8 @@ mod notices;
 mod outreach;
 mod own;
 pub mod platform;
+pub mod probe;
+mod prober;
 pub mod publisher;
 mod report;
 mod services;
@@ -143,6 +145,13 @@ struct Node<P: Platform> {
     plane: Plane<P>,
     frames: frames::Frames,
     outreach: outreach::Outreach,
+    push: outreach::Push,
+    /// Direct probes through the tunnels (with host services) and what they say.
+    prober: Option<prober::Prober>,
+    verdicts: (
+        tokio::sync::watch::Sender<prober::Verdicts>,
+        tokio::sync::watch::Receiver<prober::Verdicts>,
+    ),
     settings: Settings,
     dns: dns::DnsRole,
     edge: edge::EdgeRoles,
@@ -244,6 +253,9 @@ pub async fn run_on<P: Platform>(
         },
         frames: frames::Frames::new(now),
         outreach: outreach::Outreach::default(),
+        push: outreach::Push::default(),
+        prober: None,
+        verdicts: tokio::sync::watch::channel(Default::default()),
         settings: loaded.settings,
         edge,
         platform,
@@ -264,6 +276,7 @@ pub async fn run_on<P: Platform>(
         g.shutdown().await;
     }
     node.edge.stop_all();
+    node.prober = None;
     node.dns.stop().await;
     dev_stop.cancel();
     // State first, then the API socket: a `meshd leave` waiting on this process sees the state
@@ -310,11 +323,31 @@ impl<P: Platform> Node<P> {
         Ok(())
     }
 
-    /// DNS and the mesh-side edge listeners, on the current mesh address.
+    /// DNS, the prober and the mesh-side edge listeners, on the current mesh address.
     async fn start_mesh_services(&mut self) {
         let snap = self.view.snapshot().clone();
         let range = snap.params.range;
         self.dns.start(self.mesh_ip(), &snap.zone, &range).await;
+        self.prober = None;
+        let device = self.plane.device.clone();
+        let sessions: prober::Sessions = Arc::new(move || {
+            device
+                .stats()
+                .into_iter()
+                .filter(|s| s.has_session())
+                .map(|s| s.node_id)
+                .collect()
+        });
+        match prober::spawn(
+            self.mesh_ip(),
+            &self.local.config.tun,
+            self.view.subscribe(),
+            sessions,
+            self.verdicts.0.clone(),
+        ) {
+            Ok(p) => self.prober = Some(p),
+            Err(e) => error!(error = %e, "cannot probe members: failures show through gossip only"),
+        }
         self.edge.start_mesh_side(
             self.mesh_ip(),
             &self.local.config.tun,
@@ -370,7 +403,10 @@ impl<P: Platform> Node<P> {
     async fn tick(&mut self) -> Result<Option<Exit>, NodeError> {
         let now = unix_now();
         if let Some(g) = &mut self.gossip {
-            g.poll(self.view.m_mut(), now).await;
+            let probes = self.verdicts.1.borrow().clone();
+            if g.poll(self.view.m_mut(), now, &probes).await {
+                self.push.news();
+            }
         }
         match self.view.tick(now, self.publisher.left()) {
             Ok(Some(snap)) => self.apply(&snap).await?,
@@ -388,6 +424,7 @@ impl<P: Platform> Node<P> {
             }
         }
         self.reach_out();
+        self.push_news();
         self.send_slot_loser_notices().await;
         self.bootstrap_fallback().await;
         if let Some(g) = &mut self.gossip {

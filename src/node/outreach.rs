@@ -8,7 +8,11 @@
 //! once and then with a growing pause while it stays unheard: one exchange with the seed tells
 //! the joiner the whole mesh and the mesh the joiner, instead of waiting for a random pick.
 //! A member that stays silent (it is down) costs one small datagram a minute at most.
+//!
+//! News travels the same way: a node that learnt or made new statements gossips with two live
+//! members at once ([`Push`]) instead of waiting for chitchat's next round.
 
+use crate::constants::GOSSIP_PUSH_EVERY;
 use crate::id::NodeId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -47,6 +51,34 @@ impl Outreach {
     }
 }
 
+/// News to push: set when this node took in or made new statements; taken at most every
+/// [`GOSSIP_PUSH_EVERY`].
+#[derive(Default)]
+pub struct Push {
+    due: bool,
+    last: Option<Instant>,
+}
+
+impl Push {
+    pub fn news(&mut self) {
+        self.due = true;
+    }
+
+    /// Whether to push now.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if !self.due
+            || self
+                .last
+                .is_some_and(|t| now.saturating_duration_since(t) < GOSSIP_PUSH_EVERY)
+        {
+            return false;
+        }
+        self.due = false;
+        self.last = Some(now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +105,19 @@ mod tests {
         // Heard (no longer listed), then unheard again: from the start.
         assert!(o.due(&[], t).is_empty());
         assert_eq!(o.due(&[a], t + Duration::from_millis(1)), vec![a]);
+    }
+
+    #[test]
+    fn news_is_pushed_at_once_then_at_most_every_push_period() {
+        let t0 = Instant::now();
+        let mut p = Push::default();
+        assert!(!p.take(t0), "no news");
+        p.news();
+        assert!(p.take(t0));
+        assert!(!p.take(t0), "taken");
+        p.news();
+        assert!(!p.take(t0 + GOSSIP_PUSH_EVERY / 2), "too soon");
+        assert!(p.take(t0 + GOSSIP_PUSH_EVERY), "still due, now allowed");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::snapshot::Snapshot;
 use super::{services, setup, Node, NodeError};
 use crate::constants::GOSSIP_PORT;
 use crate::gossip::chitchat_glue::KEY_CERT;
+use crate::gossip::Liveness;
 use crate::gossip::{Gossip, GossipConfig};
 use crate::id::NodeId;
 use crate::mesh::addressing::subnet_string;
@@ -26,6 +27,7 @@ impl<P: Platform> Node<P> {
         if let Some(g) = &self.gossip {
             g.set(p.key(), p.raw.to_b64()).await;
         }
+        self.push.news();
     }
 
     pub(super) async fn publish_record(&mut self) {
@@ -155,6 +157,31 @@ impl<P: Platform> Node<P> {
                 let addr = SocketAddr::from((snap.params.range.node_ip(slot), GOSSIP_PORT));
                 g.gossip_now(addr);
             }
+        }
+    }
+
+    /// Push news to two live members at random, if there is news and it is time.
+    pub(super) fn push_news(&mut self) {
+        let Some(g) = &self.gossip else { return };
+        if !self.push.take(Instant::now()) {
+            return;
+        }
+        let snap = self.view.snapshot();
+        let live: Vec<SocketAddr> = snap
+            .members
+            .iter()
+            .filter(|r| !r.is_self && r.liveness == Liveness::Alive)
+            .filter_map(|r| {
+                Some(SocketAddr::from((
+                    snap.params.range.node_ip(r.slot?),
+                    GOSSIP_PORT,
+                )))
+            })
+            .collect();
+        let mut rng = rand_core::OsRng;
+        for _ in 0..2.min(live.len()) {
+            let i = rand_core::RngCore::next_u32(&mut rng) as usize % live.len();
+            g.gossip_now(live[i]);
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::state::{StateDir, StateError};
 use crate::util::unix_now;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tracing::{error, info};
 
 const PERSIST_AFTER_CHANGE: Duration = Duration::from_secs(1);
@@ -18,16 +19,25 @@ const PERSIST_ANYWAY: Duration = Duration::from_secs(3600);
 pub struct View {
     m: Membership,
     snap: Arc<Snapshot>,
+    /// Every new snapshot, for the parts that run as their own tasks.
+    tx: watch::Sender<Arc<Snapshot>>,
     last_persist: Instant,
 }
 
 impl View {
     pub fn new(m: Membership, now: Instant) -> View {
+        let snap = Arc::new(Snapshot::of(&m));
         View {
-            snap: Arc::new(Snapshot::of(&m)),
+            tx: watch::channel(snap.clone()).0,
+            snap,
             m,
             last_persist: now,
         }
+    }
+
+    /// The snapshots from now on, starting with the current one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
     }
 
     pub fn m(&self) -> &Membership {
@@ -49,6 +59,7 @@ impl View {
             return None;
         }
         self.snap = Arc::new(Snapshot::of(&self.m));
+        self.tx.send_replace(self.snap.clone());
         Some(self.snap.clone())
     }
 
