@@ -20,6 +20,8 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Requests whose answers are still welcome.
 const PENDING_MAX: usize = 8;
 const PENDING_TTL: Duration = Duration::from_secs(120);
+/// Places asked in one round (a request is one datagram of about 1.5 KB).
+pub const PER_ROUND: usize = 16;
 
 /// A place the fallback asks: an address and, where known, the WireGuard key of the node there
 /// (an answer must then come from that node).
@@ -36,6 +38,10 @@ pub struct Fallback {
     last_check: Option<Instant>,
     /// Nonces of requests sent, with when.
     pending: Vec<([u8; 16], Instant)>,
+    /// Members asked directly (where their handshakes came from), still welcome to answer.
+    direct: Vec<(Target, Instant)>,
+    /// Where the next round over members' endpoints starts.
+    rotation: usize,
 }
 
 impl Fallback {
@@ -45,6 +51,8 @@ impl Fallback {
             last_sent: None,
             last_check: None,
             pending: Vec::new(),
+            direct: Vec::new(),
+            rotation: 0,
         }
     }
 
@@ -60,17 +68,29 @@ impl Fallback {
         true
     }
 
-    /// What the node saw: whether any tunnel is in touch. Returns whether to ask the targets
-    /// now: after [`BOOTSTRAP_FALLBACK_AFTER`] cut off, then every
-    /// [`BOOTSTRAP_FALLBACK_RETRY`] while it stays so.
-    pub fn should_ask(&mut self, now: Instant, in_touch: bool, have_targets: bool) -> bool {
+    /// What the node saw: whether any tunnel is in touch, and whether it has any peer to try
+    /// at all. Returns whether to ask the targets now: after [`BOOTSTRAP_FALLBACK_AFTER`] cut
+    /// off (at once if there is no peer whose tunnel could come up by itself: a cache left
+    /// without records), then every [`BOOTSTRAP_FALLBACK_RETRY`] while it stays so.
+    pub fn should_ask(
+        &mut self,
+        now: Instant,
+        in_touch: bool,
+        have_peers: bool,
+        have_targets: bool,
+    ) -> bool {
         if in_touch {
             self.cut_off_since = now;
             self.last_sent = None;
             return false;
         }
+        let grace = if have_peers {
+            BOOTSTRAP_FALLBACK_AFTER
+        } else {
+            Duration::ZERO
+        };
         if !have_targets
-            || now.saturating_duration_since(self.cut_off_since) < BOOTSTRAP_FALLBACK_AFTER
+            || now.saturating_duration_since(self.cut_off_since) < grace
             || self
                 .last_sent
                 .is_some_and(|t| now.saturating_duration_since(t) < BOOTSTRAP_FALLBACK_RETRY)
@@ -89,6 +109,37 @@ impl Fallback {
             self.pending.remove(0);
         }
         self.pending.push((nonce, now));
+    }
+
+    /// Which of `members` (their known endpoints) to ask this round, with `bootstrap` always:
+    /// at most [`PER_ROUND`], the members taken in turn over the rounds.
+    pub fn round(&mut self, bootstrap: Vec<Target>, members: Vec<Target>) -> Vec<Target> {
+        let mut out = bootstrap;
+        if !members.is_empty() {
+            let room = PER_ROUND.saturating_sub(out.len()).min(members.len());
+            let start = self.rotation % members.len();
+            out.extend(members.iter().cycle().skip(start).take(room).cloned());
+            self.rotation = start + room;
+        }
+        out
+    }
+
+    /// A member was asked directly, at the address `target` names: its answer is welcome.
+    pub fn asked_directly(&mut self, target: Target, nonce: [u8; 16], now: Instant) {
+        self.direct.retain(|(t, at)| {
+            t.addr != target.addr && now.saturating_duration_since(*at) < PENDING_TTL
+        });
+        if self.direct.len() >= PENDING_MAX {
+            self.direct.remove(0);
+        }
+        self.direct.push((target, now));
+        self.asked(nonce, now);
+    }
+
+    /// Everywhere an answer is welcome from: `targets`, and the members asked directly.
+    pub fn welcome(&self, mut targets: Vec<Target>) -> Vec<Target> {
+        targets.extend(self.direct.iter().map(|(t, _)| t.clone()));
+        targets
     }
 
     /// Whether a refusal answers one of this node's requests (and is worth a warning).
@@ -126,22 +177,62 @@ mod tests {
         let s = Duration::from_secs;
         let mut f = Fallback::new(t0);
         // In touch: never.
-        assert!(!f.should_ask(t0 + s(100), true, true));
+        assert!(!f.should_ask(t0 + s(100), true, true, true));
         // Cut off since t0 + 100: not before the grace, then once, then after the retry time.
-        assert!(!f.should_ask(t0 + s(110), false, true));
-        assert!(f.should_ask(t0 + s(100) + BOOTSTRAP_FALLBACK_AFTER, false, true));
+        assert!(!f.should_ask(t0 + s(110), false, true, true));
+        assert!(f.should_ask(t0 + s(100) + BOOTSTRAP_FALLBACK_AFTER, false, true, true));
         let first = t0 + s(100) + BOOTSTRAP_FALLBACK_AFTER;
-        assert!(!f.should_ask(first + s(1), false, true));
-        assert!(!f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY - s(1), false, true));
-        assert!(f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY, false, true));
+        assert!(!f.should_ask(first + s(1), false, true, true));
+        assert!(!f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY - s(1), false, true, true));
+        assert!(f.should_ask(first + BOOTSTRAP_FALLBACK_RETRY, false, true, true));
         // Nowhere to ask: nothing, however long.
         let mut g = Fallback::new(t0);
-        assert!(!g.should_ask(t0 + s(1000), false, false));
+        assert!(!g.should_ask(t0 + s(1000), false, true, false));
         // Back in touch resets the grace.
         let later = first + s(200);
-        assert!(!f.should_ask(later, true, true));
-        assert!(!f.should_ask(later + s(5), false, true));
-        assert!(f.should_ask(later + BOOTSTRAP_FALLBACK_AFTER, false, true));
+        assert!(!f.should_ask(later, true, true, true));
+        assert!(!f.should_ask(later + s(5), false, true, true));
+        assert!(f.should_ask(later + BOOTSTRAP_FALLBACK_AFTER, false, true, true));
+    }
+
+    /// With no peer whose tunnel could come up by itself (a cache left without records), a node
+    /// asks at once, and then at the retry pace.
+    #[test]
+    fn a_node_with_nothing_to_try_asks_at_once() {
+        let t0 = Instant::now();
+        let mut f = Fallback::new(t0);
+        assert!(f.should_ask(t0, false, false, true));
+        assert!(!f.should_ask(t0 + Duration::from_secs(1), false, false, true));
+        assert!(f.should_ask(t0 + BOOTSTRAP_FALLBACK_RETRY, false, false, true));
+    }
+
+    /// A round asks the token's bootstrap endpoints and members' endpoints in turn, never more
+    /// than PER_ROUND.
+    #[test]
+    fn rounds_take_members_in_turn() {
+        let t = |i: u16| Target {
+            addr: SocketAddr::from(([198, 51, 100, 1], i)),
+            wireguard: None,
+        };
+        let mut f = Fallback::new(Instant::now());
+        let members: Vec<Target> = (0..40).map(t).collect();
+        let boot = vec![t(1000)];
+        let r1 = f.round(boot.clone(), members.clone());
+        assert_eq!(r1.len(), PER_ROUND);
+        assert_eq!(r1[0], t(1000));
+        assert_eq!(r1[1], t(0));
+        let r2 = f.round(boot.clone(), members.clone());
+        assert_eq!(
+            r2[1],
+            t(PER_ROUND as u16 - 1),
+            "continues where the last round stopped"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            seen.extend(f.round(vec![], members.clone()).into_iter().map(|x| x.addr));
+        }
+        assert_eq!(seen.len(), 40, "every member's endpoint gets asked");
+        assert_eq!(f.round(boot.clone(), vec![]), boot);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Frames {
     refusal_log: KeyedLimiter<IpAddr>,
     cooldowns: Cooldowns,
     fallback: Fallback,
+    /// Direct asks of unroutable members, per source address.
+    direct_asks: KeyedLimiter<IpAddr>,
 }
 
 impl Frames {
@@ -33,13 +35,14 @@ impl Frames {
             refusal_log: KeyedLimiter::new(Duration::from_secs(60), 1, 1024),
             cooldowns: Cooldowns::default(),
             fallback: Fallback::new(now),
+            direct_asks: KeyedLimiter::new(Duration::from_secs(5), 1, 1024),
         }
     }
 }
 
 impl<P: Platform> Node<P> {
-    /// Where the bootstrap fallback asks: the bootstrap endpoints this node joined through.
-    fn fallback_targets(&self) -> Vec<Target> {
+    /// The bootstrap endpoints this node joined through.
+    fn bootstrap_targets(&self) -> Vec<Target> {
         self.local
             .config
             .bootstrap
@@ -49,6 +52,44 @@ impl<P: Platform> Node<P> {
                 wireguard: decode_key(&b.wireguard).ok(),
             })
             .collect()
+    }
+
+    /// Every member's last known endpoints, each answerable only by that member.
+    fn member_targets(&self) -> Vec<Target> {
+        self.view
+            .snapshot()
+            .members
+            .iter()
+            .filter(|r| !r.is_self)
+            .flat_map(|r| {
+                r.endpoints.iter().map(|a| Target {
+                    addr: *a,
+                    wireguard: Some(r.wg),
+                })
+            })
+            .collect()
+    }
+
+    /// Send this node's join request to `targets`, as a member asking again.
+    async fn ask(&mut self, targets: &[Target], direct: bool) {
+        let now = Instant::now();
+        let (req, nonce) = make_request(
+            &self.local.keys,
+            &self.local.cert.raw,
+            self.publisher.endpoints().to_vec(),
+            unix_now(),
+        );
+        if direct {
+            for t in targets {
+                self.frames.fallback.asked_directly(t.clone(), nonce, now);
+            }
+        } else {
+            self.frames.fallback.asked(nonce, now);
+        }
+        let frame = encode_frame(&Frame::Request(req));
+        for t in targets {
+            self.plane.send(&frame, t.addr).await;
+        }
     }
 
     pub(super) async fn on_control_frame(
@@ -172,14 +213,26 @@ impl<P: Platform> Node<P> {
         }
     }
 
-    /// A node this one does not know tried to handshake: tell it why, if the view knows.
+    /// A node this one does not know tried to handshake: tell it why, if the view knows; or,
+    /// if it is a member this node cannot route to (it knows its certificate but not its
+    /// claim: a cache a crash left without records), ask it, where its handshake came from.
     pub(super) async fn on_unknown_initiator(&mut self, wg: Key32, from: SocketAddr) {
-        let notice = notices::for_unknown_initiator(
-            self.view.m(),
-            &wg,
-            &mut self.frames.cooldowns,
-            Instant::now(),
-        );
+        let now = Instant::now();
+        let snap = self.view.snapshot();
+        let unroutable = snap.members.iter().any(|r| r.wg == wg && r.slot.is_none());
+        // An initiation can be replayed from any address: one ask per source per few seconds
+        // bounds what a replayer can make this node send (a request is ~1.5 KB).
+        if unroutable && self.frames.direct_asks.allow(sender_key(from.ip()), now) {
+            debug!(%from, "a member this node cannot route to knocked; asking it for its record");
+            let target = Target {
+                addr: from,
+                wireguard: Some(wg),
+            };
+            self.ask(&[target], true).await;
+            return;
+        }
+        let notice =
+            notices::for_unknown_initiator(self.view.m(), &wg, &mut self.frames.cooldowns, now);
         if let Some(frame) = notice {
             debug!(%from, "telling a node this one does not know why");
             self.plane.send(&encode_frame(&frame), from).await;
@@ -207,34 +260,28 @@ impl<P: Platform> Node<P> {
         }
     }
 
-    /// Called every tick: ask the bootstrap endpoints again when cut off from every member.
+    /// Called every tick: when cut off from every member, ask the token's bootstrap endpoints
+    /// and members' last known endpoints, a round at a time.
     pub(super) async fn bootstrap_fallback(&mut self) {
         let now = Instant::now();
         if !self.frames.fallback.check_due(now) {
             return;
         }
         let in_touch = self.plane.device.stats().iter().any(|s| s.has_session());
-        let targets = self.fallback_targets();
+        let have_peers = !self.plane.installed.is_empty();
+        let (boot, members) = (self.bootstrap_targets(), self.member_targets());
+        let have_targets = !boot.is_empty() || !members.is_empty();
         if !self
             .frames
             .fallback
-            .should_ask(now, in_touch, !targets.is_empty())
+            .should_ask(now, in_touch, have_peers, have_targets)
         {
             return;
         }
-        let (req, nonce) = make_request(
-            &self.local.keys,
-            &self.local.cert.raw,
-            self.publisher.endpoints().to_vec(),
-            unix_now(),
-        );
-        self.frames.fallback.asked(nonce, now);
-        let frame = encode_frame(&Frame::Request(req));
-        let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
-        info!(bootstrap = ?addrs, "no tunnel to any member for a while; asking the token's bootstrap endpoints");
-        for addr in addrs {
-            self.plane.send(&frame, addr).await;
-        }
+        let round = self.frames.fallback.round(boot, members);
+        let addrs: Vec<SocketAddr> = round.iter().map(|t| t.addr).collect();
+        info!(asking = ?addrs, "no tunnel to any member; asking the bootstrap endpoints and members' last known addresses");
+        self.ask(&round, false).await;
     }
 
     /// An answer to the fallback: take in the seed and the members it lists.
@@ -243,7 +290,9 @@ impl<P: Platform> Node<P> {
         raw: &Signed,
         from: SocketAddr,
     ) -> Result<(), NodeError> {
-        let targets = self.fallback_targets();
+        let mut known = self.bootstrap_targets();
+        known.extend(self.member_targets());
+        let targets = self.frames.fallback.welcome(known);
         let m = self.view.m();
         let (mesh, identity) = (m.params.mesh, self.local.keys.identity_public());
         let Some((seed, accept)) = self
@@ -279,7 +328,11 @@ impl<P: Platform> Node<P> {
                 "the bootstrap member places this node differently; keeping its own claim"
             );
         }
-        info!(seed = %seed.name, %from, members = learnt, "back in touch through a bootstrap endpoint");
+        if self.local.config.bootstrap.iter().any(|b| b.addr == from) {
+            info!(seed = %seed.name, %from, members = learnt, "back in touch through a bootstrap endpoint");
+        } else {
+            info!(seed = %seed.name, %from, members = learnt, "back in touch through a member it asked");
+        }
         self.refresh().await
     }
 }

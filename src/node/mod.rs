@@ -338,11 +338,17 @@ impl<P: Platform> Node<P> {
                 .map(|s| s.node_id)
                 .collect()
         });
+        let device = self.plane.device.clone();
+        let rehandshake: prober::Rehandshake = Arc::new(move |id| {
+            let device = device.clone();
+            tokio::spawn(async move { device.rehandshake(&id).await });
+        });
         match prober::spawn(
             self.mesh_ip(),
             &self.local.config.tun,
             self.view.subscribe(),
             sessions,
+            rehandshake,
             self.verdicts.0.clone(),
         ) {
             Ok(p) => self.prober = Some(p),

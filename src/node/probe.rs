@@ -31,6 +31,9 @@ pub const HELPERS: usize = 4;
 pub const GIVE_UP_AFTER: Duration = Duration::from_millis(1000);
 /// A member found down is pinged this often, to notice its return.
 pub const DOWN_RETRY: Duration = Duration::from_secs(1);
+/// ...and its tunnel asked for a fresh handshake this often: a member that restarted lost its
+/// session keys, and WireGuard alone would only notice after 15 s of one-way traffic.
+pub const DOWN_REHANDSHAKE: Duration = Duration::from_secs(5);
 /// An answer counts as "alive" evidence this long.
 pub const ALIVE_FOR: Duration = Duration::from_secs(10);
 /// Pings this node sent whose answers are still awaited (bounded).
@@ -120,7 +123,7 @@ struct Peer {
     reachable: bool,
     last_answer: Option<Instant>,
     probe: Option<Probe>,
-    /// Down since, and when to ping it again.
+    /// Down: when to ping it again, and when to ask its tunnel for a fresh handshake again.
     down: Option<(Instant, Instant)>,
 }
 
@@ -138,6 +141,8 @@ enum Pending {
 
 pub struct Detector {
     peers: HashMap<Ipv4Addr, Peer>,
+    /// Down members whose tunnels want a fresh handshake (taken by [`Detector::rehandshakes`]).
+    rehandshake: Vec<Ipv4Addr>,
     pending: HashMap<u32, (Pending, Instant)>,
     next_seq: u32,
     next_round: Instant,
@@ -148,6 +153,7 @@ impl Detector {
     pub fn new(now: Instant, seed: u64) -> Detector {
         Detector {
             peers: HashMap::new(),
+            rehandshake: Vec::new(),
             pending: HashMap::new(),
             next_seq: seed as u32,
             next_round: now,
@@ -242,7 +248,8 @@ impl Detector {
                     out.extend(self.first_ping(ip, now));
                     continue;
                 }
-                p.down = Some((now, now + DOWN_RETRY));
+                p.down = Some((now + DOWN_RETRY, now + DOWN_REHANDSHAKE));
+                self.rehandshake.push(ip);
                 let tell: Vec<Ipv4Addr> = self
                     .peers
                     .iter()
@@ -284,12 +291,16 @@ impl Detector {
         let retry: Vec<Ipv4Addr> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.down.is_some_and(|(_, next)| now >= next))
+            .filter(|(_, p)| p.down.is_some_and(|(next, _)| now >= next))
             .map(|(ip, _)| *ip)
             .collect();
         for ip in retry {
-            if let Some((since, _)) = self.peers[&ip].down {
-                self.peers.get_mut(&ip).expect("peer").down = Some((since, now + DOWN_RETRY));
+            if let Some((_, mut rehandshake)) = self.peers[&ip].down {
+                if now >= rehandshake {
+                    rehandshake = now + DOWN_REHANDSHAKE;
+                    self.rehandshake.push(ip);
+                }
+                self.peers.get_mut(&ip).expect("peer").down = Some((now + DOWN_RETRY, rehandshake));
             }
             out.push(self.ping(ip, Pending::Mine { target: ip }, now));
         }
@@ -365,6 +376,11 @@ impl Detector {
                 }
             }
         }
+    }
+
+    /// Down members whose tunnels should start a fresh handshake now.
+    pub fn rehandshakes(&mut self) -> Vec<Ipv4Addr> {
+        std::mem::take(&mut self.rehandshake)
     }
 
     /// What the probes say: down members are dead; members that answered lately are alive.
@@ -575,6 +591,12 @@ mod tests {
         let t = w.until_all_say(7, Liveness::Dead, Duration::from_secs(10));
         println!("down everywhere after {t:?}");
         assert!(t <= Duration::from_secs(5), "down everywhere after {t:?}");
+        // Every node that found it down asked for a fresh handshake with it; more every 5 s.
+        for i in (0..30).filter(|i| *i != 7) {
+            assert!(w.nodes[i].rehandshakes().contains(&w.ips[7]), "node {i}");
+        }
+        w.run(DOWN_REHANDSHAKE + Duration::from_secs(1));
+        assert!(w.nodes[0].rehandshakes().contains(&w.ips[7]));
         w.dead.remove(&7);
         let t = w.until_all_say(7, Liveness::Alive, Duration::from_secs(10));
         assert!(t <= Duration::from_secs(2), "back everywhere after {t:?}");

@@ -24,6 +24,8 @@ const SESSIONS_EVERY: Duration = Duration::from_secs(1);
 
 /// The members whose tunnel has a session now.
 pub type Sessions = Arc<dyn Fn() -> HashSet<NodeId> + Send + Sync>;
+/// Ask the data plane for a fresh handshake with a member.
+pub type Rehandshake = Arc<dyn Fn(NodeId) + Send + Sync>;
 /// Per member, what the probes say (members they say nothing of are absent).
 pub type Verdicts = Arc<HashMap<NodeId, Liveness>>;
 
@@ -44,12 +46,20 @@ pub fn spawn(
     tun: &str,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     sessions: Sessions,
+    rehandshake: Rehandshake,
     verdicts: watch::Sender<Verdicts>,
 ) -> io::Result<Prober> {
     let sock = bind_udp_on_device(SocketAddr::from((ip, PROBE_PORT)), tun)?;
     let sock = tokio::net::UdpSocket::from_std(sock)?;
     let stop = CancellationToken::new();
-    tokio::spawn(run(sock, snapshots, sessions, verdicts, stop.clone()));
+    tokio::spawn(run(
+        sock,
+        snapshots,
+        sessions,
+        rehandshake,
+        verdicts,
+        stop.clone(),
+    ));
     Ok(Prober { stop })
 }
 
@@ -57,6 +67,7 @@ async fn run(
     sock: tokio::net::UdpSocket,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     sessions: Sessions,
+    rehandshake: Rehandshake,
     verdicts: watch::Sender<Verdicts>,
     stop: CancellationToken,
 ) {
@@ -93,6 +104,11 @@ async fn run(
                     d.set_members(&targets);
                 }
                 let out = d.tick(now);
+                for ip in d.rehandshakes() {
+                    if let Some(id) = by_ip.get(&ip) {
+                        rehandshake(*id);
+                    }
+                }
                 let v: HashMap<NodeId, Liveness> = d
                     .verdicts(now)
                     .filter_map(|(ip, l)| Some((*by_ip.get(&ip)?, l)))

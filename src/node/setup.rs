@@ -284,6 +284,8 @@ pub async fn join_mesh<P: Platform>(
         routes: None,
         last_seen: now,
         first_seen: now,
+        admitted_k: None,
+        admitted_from: None,
     }];
     for (c, r) in &acc.members {
         members.push(CachedMember {
@@ -293,6 +295,8 @@ pub async fn join_mesh<P: Platform>(
             routes: None,
             last_seen: now,
             first_seen: now,
+            admitted_k: None,
+            admitted_from: None,
         });
     }
     let cache = MemberCache {

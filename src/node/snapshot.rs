@@ -32,7 +32,8 @@ pub struct MemberRow {
     /// Its /24, if the range has one for it.
     pub slot: Option<u32>,
     pub liveness: Liveness,
-    /// Addresses it published (its signed record).
+    /// Addresses it published (its signed record), then where it asked to join from if this
+    /// node admitted it.
     pub endpoints: Vec<SocketAddr>,
     pub hostnames: Vec<String>,
     pub exit_node: bool,
@@ -134,11 +135,16 @@ impl Snapshot {
                     .collect(),
                 None => Vec::new(),
             };
-            let endpoints = x
+            // Every address known for it: those it published, and where it asked to join from
+            // when this node admitted it.
+            let mut endpoints = x
                 .record
                 .as_ref()
                 .map(|r| r.endpoints.clone())
                 .unwrap_or_default();
+            if let Some(a) = x.admitted_from.filter(|a| !endpoints.contains(a)) {
+                endpoints.push(a);
+            }
             if id != me {
                 member_endpoints.extend(endpoints.iter().copied());
                 // The claim as this node knows it: from the member's record, or, if none has

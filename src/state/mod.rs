@@ -232,6 +232,13 @@ pub struct CachedMember {
     pub last_seen: u64,
     /// Unix seconds when this node first learnt of the member.
     pub first_seen: u64,
+    /// The slot candidate this node assigned the member when it admitted it (its claim until
+    /// its own record is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted_k: Option<u32>,
+    /// Where the member asked to join from, when this node admitted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted_from: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -84,6 +84,8 @@ impl Membership {
                 m.last_seen = c.last_seen.saturating_add(downtime).min(now);
                 m.first_seen = c.first_seen.saturating_add(downtime).min(now);
                 m.liveness = Liveness::Unknown;
+                m.admitted_k = m.admitted_k.or(c.admitted_k);
+                m.admitted_from = m.admitted_from.or(c.admitted_from);
             }
         }
         self.dirty = false;
@@ -104,6 +106,8 @@ impl Membership {
                     routes: m.routes_raw.as_ref().map(|r| r.to_b64()),
                     last_seen: m.last_seen,
                     first_seen: m.first_seen,
+                    admitted_k: m.admitted_k,
+                    admitted_from: m.admitted_from,
                 })
                 .collect(),
             tombstones: self

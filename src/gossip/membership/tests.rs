@@ -342,3 +342,24 @@ fn a_pending_member_that_never_came_gives_its_invite_use_back() {
     assert!(m.get(&c.node_id).is_some());
     assert_eq!(m.invite_uses(&b.invite.invite_key, &a.node_id), 1);
 }
+
+/// A member this node admitted keeps its claim and the address it asked from across a
+/// restart, before its own record ever arrived: the restarted node still routes to it.
+#[test]
+fn an_admission_survives_a_restart_before_the_members_record_arrives() {
+    let w = world(None);
+    let (_, a) = node(&w, "a", 100);
+    let (_, b) = node(&w, "b", 200);
+    let mut m = Membership::new(params(&w), a.clone(), 1000);
+    m.ingest_cert(&b.raw, 1000).unwrap();
+    m.set_admitted_k(b.node_id, 3);
+    let from: std::net::SocketAddr = "192.0.2.9:51820".parse().unwrap();
+    m.set_admitted_from(b.node_id, from);
+    let slot = m.assignments()[&b.node_id].slot;
+    let mut after = Membership::new(params(&w), a, 1000);
+    assert!(after.load_cache(&m.to_cache(), 1000).is_empty());
+    assert_eq!(after.get(&b.node_id).unwrap().admitted_k, Some(3));
+    assert_eq!(after.assignments()[&b.node_id].slot, slot);
+    let specs = after.peer_specs(&after.assignments());
+    assert_eq!(specs[0].endpoints, vec![from]);
+}

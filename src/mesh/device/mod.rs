@@ -260,6 +260,25 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             .collect()
     }
 
+    /// Start a fresh handshake with the peer of `node` now (it may have restarted and lost its
+    /// session keys; WireGuard alone notices only after 15 s of one-way traffic).
+    pub async fn rehandshake(&self, node: &NodeId) {
+        let Some(peer) = self.peer_by_node(node) else {
+            return;
+        };
+        let mut out = [0u8; 256];
+        let len = match peer
+            .tunn
+            .lock()
+            .unwrap()
+            .format_handshake_initiation(&mut out, true)
+        {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return,
+        };
+        self.send_to_peer(&peer, &out[..len]).await;
+    }
+
     /// Whether `addr` is where some peer's tunnel currently sends.
     pub fn is_peer_endpoint(&self, addr: SocketAddr) -> bool {
         self.table
