@@ -353,6 +353,8 @@ mod tests {
         let ip1 = ip(&c1.node_id);
         let o = ip1.octets();
         let in1 = format!("{}.{}.{}.7", o[0], o[1], o[2]);
+        // Another /24 of the range, whatever slot n1's random keys landed on.
+        let out1 = format!("{}.{}.{}.9", o[0], o[1], o[2] ^ 1);
         m.ingest_services(
             c1.node_id,
             &World::services(
@@ -361,7 +363,7 @@ mod tests {
                 vec![
                     svc("web", 80, Some(&in1)),
                     svc("Bad_Name", 81, None),
-                    svc("moved", 82, Some("10.210.255.9")),
+                    svc("moved", 82, Some(&out1)),
                 ],
             ),
         )
