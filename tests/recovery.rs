@@ -18,9 +18,22 @@ fn a_node_restarted_from_a_cache_without_records_comes_back() {
         lab.join(h, name, &token);
     }
     lab.wait_all_pairs(&[0, 1, 2, 3], Duration::from_secs(30));
+    // The tick writes the cache within a second of a change; crash once it holds all three.
+    let path = lab.state_dir(0).join("members.json");
+    let cached = || -> usize {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["members"].as_array().map(|a| a.len()))
+            .unwrap_or(0)
+    };
+    lab.wait_for(
+        "three members in the cache",
+        Duration::from_secs(10),
+        || cached() == 3,
+    );
     lab.kill9(0);
     // What a crash in the second between an admission and the next cache write leaves.
-    let path = lab.state_dir(0).join("members.json");
     let mut cache: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let members = cache["members"].as_array_mut().expect("members");
