@@ -23,7 +23,7 @@ mod edge;
 mod fallback;
 mod frames;
 mod notices;
-mod outreach;
+pub mod outreach;
 mod own;
 pub mod platform;
 pub mod probe;
@@ -144,8 +144,7 @@ struct Node<P: Platform> {
     gossip: Option<Gossip>,
     plane: Plane<P>,
     frames: frames::Frames,
-    outreach: outreach::Outreach,
-    push: outreach::Push,
+    spread: outreach::Spread,
     /// Direct probes through the tunnels (with host services) and what they say.
     prober: Option<prober::Prober>,
     verdicts: (
@@ -252,8 +251,7 @@ pub async fn run_on<P: Platform>(
             installed: Vec::new(),
         },
         frames: frames::Frames::new(now),
-        outreach: outreach::Outreach::default(),
-        push: outreach::Push::default(),
+        spread: outreach::Spread::default(),
         prober: None,
         verdicts: tokio::sync::watch::channel(Default::default()),
         settings: loaded.settings,
@@ -410,9 +408,9 @@ impl<P: Platform> Node<P> {
         let now = unix_now();
         if let Some(g) = &mut self.gossip {
             let probes = self.verdicts.1.borrow().clone();
-            if g.poll(self.view.m_mut(), now, &probes).await {
-                self.push.news();
-            }
+            self.spread
+                .take_in(g, self.view.m_mut(), now, &probes)
+                .await;
         }
         match self.view.tick(now, self.publisher.left()) {
             Ok(Some(snap)) => self.apply(&snap).await?,
@@ -429,8 +427,9 @@ impl<P: Platform> Node<P> {
                 return Ok(Some(exit));
             }
         }
-        self.reach_out();
-        self.push_news();
+        if let Some(g) = &self.gossip {
+            self.spread.send(g, self.view.snapshot(), Instant::now());
+        }
         self.send_slot_loser_notices().await;
         self.bootstrap_fallback().await;
         if let Some(g) = &mut self.gossip {

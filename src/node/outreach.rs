@@ -12,9 +12,12 @@
 //! News travels the same way: a node that learnt or made new statements gossips with two live
 //! members at once ([`Push`]) instead of waiting for chitchat's next round.
 
-use crate::constants::GOSSIP_PUSH_EVERY;
+use super::snapshot::Snapshot;
+use crate::constants::{GOSSIP_PORT, GOSSIP_PUSH_EVERY};
+use crate::gossip::{Gossip, Liveness, Membership};
 use crate::id::NodeId;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// The first retry comes this soon; then each pause doubles, up to [`MAX_PAUSE`].
@@ -76,6 +79,67 @@ impl Push {
         self.due = false;
         self.last = Some(now);
         true
+    }
+}
+
+/// How gossip spreads from this node beyond chitchat's own rounds: taking in what chitchat
+/// heard (news to push on), reaching out to the unheard, pushing news. The node's tick runs it;
+/// so does the gossip-scale harness, so what it measures is what nodes do.
+#[derive(Default)]
+pub struct Spread {
+    outreach: Outreach,
+    push: Push,
+}
+
+impl Spread {
+    /// This node made a new statement.
+    pub fn news(&mut self) {
+        self.push.news();
+    }
+
+    /// Take in what chitchat heard (see [`Gossip::poll`]).
+    pub async fn take_in(
+        &mut self,
+        g: &mut Gossip,
+        m: &mut Membership,
+        now: u64,
+        probes: &HashMap<NodeId, Liveness>,
+    ) {
+        if g.poll(m, now, probes).await {
+            self.push.news();
+        }
+    }
+
+    /// Reach out to the members gossip has not heard, and push news to two live members.
+    pub fn send(&mut self, g: &Gossip, snap: &Snapshot, now: Instant) {
+        let addr = |slot| SocketAddr::from((snap.params.range.node_ip(slot), GOSSIP_PORT));
+        let unheard: Vec<NodeId> = snap
+            .members
+            .iter()
+            .filter(|r| !r.is_self && r.slot.is_some() && !g.has_heard(&r.id))
+            .map(|r| r.id)
+            .collect();
+        if !unheard.is_empty() {
+            for id in self.outreach.due(&unheard, now) {
+                if let Some(slot) = snap.member(&id).and_then(|r| r.slot) {
+                    g.gossip_now(addr(slot));
+                }
+            }
+        }
+        if !self.push.take(now) {
+            return;
+        }
+        let live: Vec<SocketAddr> = snap
+            .members
+            .iter()
+            .filter(|r| !r.is_self && r.liveness == Liveness::Alive)
+            .filter_map(|r| Some(addr(r.slot?)))
+            .collect();
+        let mut rng = rand_core::OsRng;
+        for _ in 0..2.min(live.len()) {
+            let i = rand_core::RngCore::next_u32(&mut rng) as usize % live.len();
+            g.gossip_now(live[i]);
+        }
     }
 }
 

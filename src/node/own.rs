@@ -8,13 +8,10 @@ use super::snapshot::Snapshot;
 use super::{services, setup, Node, NodeError};
 use crate::constants::GOSSIP_PORT;
 use crate::gossip::chitchat_glue::KEY_CERT;
-use crate::gossip::Liveness;
 use crate::gossip::{Gossip, GossipConfig};
-use crate::id::NodeId;
 use crate::mesh::addressing::subnet_string;
 use crate::util::unix_now_ms;
 use std::net::SocketAddr;
-use std::time::Instant;
 use tracing::{info, warn};
 
 impl<P: Platform> Node<P> {
@@ -27,7 +24,7 @@ impl<P: Platform> Node<P> {
         if let Some(g) = &self.gossip {
             g.set(p.key(), p.raw.to_b64()).await;
         }
-        self.push.news();
+        self.spread.news();
     }
 
     pub(super) async fn publish_record(&mut self) {
@@ -136,52 +133,6 @@ impl<P: Platform> Node<P> {
         if self.publisher.set_endpoints(e.clone()) {
             info!(endpoints = ?e, "endpoints changed");
             self.publish_record().await;
-        }
-    }
-
-    /// Talk to the members gossip has not heard from, directly (see [`super::outreach`]).
-    pub(super) fn reach_out(&mut self) {
-        let Some(g) = &self.gossip else { return };
-        let snap = self.view.snapshot();
-        let unheard: Vec<NodeId> = snap
-            .members
-            .iter()
-            .filter(|r| !r.is_self && r.slot.is_some() && !g.has_heard(&r.id))
-            .map(|r| r.id)
-            .collect();
-        if unheard.is_empty() {
-            return;
-        }
-        for id in self.outreach.due(&unheard, Instant::now()) {
-            if let Some(slot) = snap.member(&id).and_then(|r| r.slot) {
-                let addr = SocketAddr::from((snap.params.range.node_ip(slot), GOSSIP_PORT));
-                g.gossip_now(addr);
-            }
-        }
-    }
-
-    /// Push news to two live members at random, if there is news and it is time.
-    pub(super) fn push_news(&mut self) {
-        let Some(g) = &self.gossip else { return };
-        if !self.push.take(Instant::now()) {
-            return;
-        }
-        let snap = self.view.snapshot();
-        let live: Vec<SocketAddr> = snap
-            .members
-            .iter()
-            .filter(|r| !r.is_self && r.liveness == Liveness::Alive)
-            .filter_map(|r| {
-                Some(SocketAddr::from((
-                    snap.params.range.node_ip(r.slot?),
-                    GOSSIP_PORT,
-                )))
-            })
-            .collect();
-        let mut rng = rand_core::OsRng;
-        for _ in 0..2.min(live.len()) {
-            let i = rand_core::RngCore::next_u32(&mut rng) as usize % live.len();
-            g.gossip_now(live[i]);
         }
     }
 }
