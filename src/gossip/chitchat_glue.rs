@@ -14,7 +14,9 @@ use chitchat::{
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// chitchat keeps time with tokio's clock; so does this glue, so both can run on a paused one.
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// This node's certificate.
@@ -130,7 +132,9 @@ impl Gossip {
             seed_nodes: cfg.seeds.iter().map(|s| s.to_string()).collect(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: PHI_THRESHOLD,
-                sampling_window_size: 1000,
+                // Intervals between heartbeats kept per node (8 bytes each): a hundred rounds is
+                // enough history for a mean, and a thousand would cost 8 KB per member.
+                sampling_window_size: 100,
                 max_interval: Duration::from_secs(10),
                 initial_interval: FD_INITIAL_INTERVAL,
                 dead_node_grace_period: DEAD_NODE_GRACE,

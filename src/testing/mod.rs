@@ -3,6 +3,7 @@
 //! ([`mem`]), a whole-node harness on them ([`sim`]) and the multi-node scenarios run on it.
 
 pub mod fixtures;
+pub mod gossip_fleet;
 #[cfg(test)]
 pub mod mem;
 #[cfg(test)]
