@@ -19,14 +19,16 @@
 //! - [`wire`]: the codec of the control frames outside the tunnels; [`join`]: the seed's
 //!   decision (pure) and the joiner.
 //! - [`node`]: the runtime, in parts: state loading, the view and its snapshot, the publisher of
-//!   this node's statements, control-frame handling, the DNS and edge roles, the API handlers.
+//!   this node's statements, control-frame handling, gossip outreach and news pushes, the
+//!   failure detector (a pure SWIM-style state machine and the task that probes), the bootstrap
+//!   fallback, the DNS and edge roles, the API handlers.
 //! - [`dns`]: the mesh zone (pure) and the DNS server; [`proxy`]: gateway, serving side, exit
 //!   node and local proxies.
 //! - [`control`]: the local API (wire types, server, client); [`state`]: the state directory,
 //!   written atomically; [`cli`]: the two command lines and `meshd demo`.
 //! - [`constants`] (protocol constants with their sources), [`util`] (formatting, limiters).
 //! - `testing` (tests, and benchmarks with the `testing` feature): fixtures, in-memory
-//!   twins of the edges, the whole-node harness.
+//!   twins of the edges, the whole-node harness, a gossip-only fleet on a simulated clock.
 
 pub mod cli;
 pub mod constants;
