@@ -182,6 +182,24 @@ pub enum MeshctlCommand {
         #[command(subcommand)]
         command: ToggleCommand,
     },
+    /// Round trips to a member through its tunnel, with the path they take (like `ping`).
+    Ping {
+        /// A member: name, NAME.<domain>, mesh address or node id.
+        node: String,
+        /// How many round trips (one a second).
+        #[arg(short = 'c', long, default_value_t = 3)]
+        count: u32,
+        /// Machine-readable output (one JSON object per answer).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where members see this node from: its public address per observer, whether its NAT maps
+    /// per destination (hard NAT), and hole punches made.
+    Netcheck {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect stdin/stdout to HOST:PORT through the mesh (for ssh -o ProxyCommand='meshctl nc %h %p').
     Nc {
         /// A mesh name (db1, db1.mesh.internal, api.svc.mesh.internal) or address; anything with --exit.

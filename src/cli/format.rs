@@ -1,7 +1,9 @@
 //! Human output for `meshctl status` (like `tailscale status` / `innernet show`): one line per
 //! peer, durations as "12s ago", sizes as "1.2 MiB", keys abbreviated.
 
-use crate::control::{DnsReport, DnsStatus, PeerState, ServiceView, StatusReport};
+use crate::control::{
+    DnsReport, DnsStatus, NetcheckReport, PeerState, PingResponse, ServiceView, StatusReport,
+};
 use crate::util::{ago, human_bytes, short_key};
 use base64::Engine;
 use std::fmt::Write;
@@ -126,7 +128,11 @@ pub fn status(s: &StatusReport) -> String {
                     PeerState::Offline => "offline",
                 }
                 .into(),
-                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                match (&p.path, &p.endpoint) {
+                    (Some(path), Some(e)) => format!("{e} ({path})"),
+                    (None, Some(e)) => e.clone(),
+                    _ => "-".into(),
+                },
                 p.last_handshake_secs
                     .map(|s| ago(Duration::from_secs(s)))
                     .unwrap_or_else(|| "never".into()),
@@ -214,6 +220,76 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     for r in rows {
         o += &line(r.iter().map(|s| s.as_str()).collect());
     }
+    o
+}
+
+/// One `meshctl ping` answer.
+pub fn pong(r: &PingResponse) -> String {
+    format!(
+        "pong from {} ({}) via {} ({}) in {:.2} ms",
+        r.name,
+        r.mesh_ip,
+        r.endpoint.as_deref().unwrap_or("-"),
+        r.path,
+        r.rtt_us as f64 / 1000.0
+    )
+}
+
+/// `meshctl netcheck`.
+pub fn netcheck(r: &NetcheckReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "published endpoints: {}",
+        if r.endpoints.is_empty() {
+            "(none)".to_string()
+        } else {
+            r.endpoints.join(", ")
+        }
+    );
+    let _ = writeln!(
+        o,
+        "behind NAT: {}",
+        match r.behind_nat {
+            Some(true) => "yes (members see another address than this node's own)",
+            Some(false) => "no (members see this node's own address)",
+            None => "unknown (no member has said where it sees this node yet)",
+        }
+    );
+    let _ = writeln!(
+        o,
+        "mapping: {}",
+        match r.mapping.as_str() {
+            "endpoint-independent" => "endpoint-independent (one public address for every destination: easy NAT)",
+            "endpoint-dependent" => "endpoint-dependent (a new public port per destination: hard NAT; direct paths only to peers whose NAT lets any port in)",
+            _ => "unknown (needs two observers at different addresses)",
+        }
+    );
+    let _ = writeln!(
+        o,
+        "hole punches: {} sent, {} made for others' requests; {} path messages refused",
+        r.punches_sent, r.punches_answered, r.dropped
+    );
+    if r.observations.is_empty() {
+        return o;
+    }
+    let rows: Vec<Vec<String>> = r
+        .observations
+        .iter()
+        .map(|x| {
+            vec![
+                x.observer.clone(),
+                x.observer_at.clone(),
+                x.seen.clone(),
+                ago(Duration::from_secs(x.age_secs)),
+            ]
+        })
+        .collect();
+    o.push('\n');
+    o.push_str(&table(
+        &["OBSERVER", "OBSERVER AT", "SEES THIS NODE AT", "AGE"],
+        &rows,
+    ));
     o
 }
 
@@ -312,6 +388,7 @@ mod tests {
                 state: PeerState::Online,
                 online: true,
                 endpoint: Some("198.51.100.2:51820".into()),
+                path: Some("direct".into()),
                 last_handshake_secs: Some(12),
                 rx_bytes: 1229,
                 tx_bytes: 10,

@@ -6,9 +6,10 @@ use super::args::{
 use crate::control::client::Client;
 use crate::control::{
     ConnectRequest, DnsReport, ExitNodeResponse, ExposeRequest, ExposeResponse, GatewayResponse,
-    InviteRequest, InviteResponse, ListenRequest, ProxyResponse, RemoveRequest, RemoveResponse,
-    ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
-    ServiceView, StatusReport, ToggleRequest, UnexposeResponse,
+    InviteRequest, InviteResponse, ListenRequest, NetcheckReport, PingRequest, PingResponse,
+    ProxyResponse, RemoveRequest, RemoveResponse, ServiceAddRequest, ServiceAddResponse,
+    ServiceRemoveRequest, ServiceRemoveResponse, ServiceView, StatusReport, ToggleRequest,
+    UnexposeResponse,
 };
 use clap::Parser;
 
@@ -80,6 +81,45 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 "removed {} ({}); the revocation is spreading to every member",
                 r.name, r.node_id
             );
+        }
+        MeshctlCommand::Ping { node, count, json } => {
+            let mut answered = 0;
+            let mut last_err = None;
+            for i in 0..count.max(1) {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                match c
+                    .post::<_, PingResponse>("/v1/ping", &PingRequest { node: node.clone() })
+                    .await
+                {
+                    Ok(r) => {
+                        answered += 1;
+                        if json {
+                            println!("{}", serde_json::to_string(&r)?);
+                        } else {
+                            println!("{}", super::format::pong(&r));
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        last_err = Some(e);
+                    }
+                }
+            }
+            if answered == 0 {
+                return Err(last_err
+                    .map(anyhow::Error::from)
+                    .unwrap_or_else(|| anyhow::anyhow!("no answer")));
+            }
+        }
+        MeshctlCommand::Netcheck { json } => {
+            let r: NetcheckReport = c.get("/v1/netcheck").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", super::format::netcheck(&r));
+            }
         }
         MeshctlCommand::Dns { json } => {
             if json {

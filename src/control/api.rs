@@ -201,6 +201,9 @@ pub struct PeerReport {
     pub state: PeerState,
     pub online: bool,
     pub endpoint: Option<String>,
+    /// How traffic to it travels: `direct` (to `endpoint`), or absent without a working path.
+    #[serde(default)]
+    pub path: Option<String>,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -220,6 +223,52 @@ pub struct InviteResponse {
     pub expires_at: u64,
     pub uses: Option<u32>,
     pub bootstrap: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PingRequest {
+    /// Node name, DNS name, mesh address or node id.
+    pub node: String,
+}
+
+/// One round trip through the tunnel to a member.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PingResponse {
+    pub name: String,
+    pub mesh_ip: String,
+    /// `direct`.
+    pub path: String,
+    /// The underlay address the tunnel sends to.
+    pub endpoint: Option<String>,
+    pub rtt_us: u64,
+}
+
+/// What members see of this node's underlay address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// This node's candidates as it publishes them (local addresses, then observed ones).
+    pub endpoints: Vec<String>,
+    pub observations: Vec<ObservationView>,
+    /// `endpoint-independent`, `endpoint-dependent` (hard NAT) or `unknown` (fewer than two
+    /// observers at different addresses).
+    pub mapping: String,
+    /// Whether members see this node at an address that is not its own (a NAT between);
+    /// `None` before any member said.
+    pub behind_nat: Option<bool>,
+    pub punches_sent: u64,
+    pub punches_answered: u64,
+    /// Path messages refused (garbage, or not from a member).
+    pub dropped: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObservationView {
+    pub observer: String,
+    /// Where the observer is, as this node sees it.
+    pub observer_at: String,
+    /// Where this node is, as the observer sees it.
+    pub seen: String,
+    pub age_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -308,6 +357,8 @@ pub enum ApiReply {
     Gateway(GatewayResponse),
     Proxy(ProxyResponse),
     ExitNode(ExitNodeResponse),
+    Ping(PingResponse),
+    Netcheck(NetcheckReport),
 }
 
 /// Error body of every failed call.
@@ -332,6 +383,8 @@ pub enum ApiRequest {
     Gateway(ListenRequest),
     Proxy(ListenRequest),
     ExitNode(ToggleRequest),
+    Ping(PingRequest),
+    Netcheck,
 }
 
 /// A failure with its HTTP status.

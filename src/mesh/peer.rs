@@ -51,6 +51,11 @@ impl Endpoints {
         &self.candidates
     }
 
+    /// How long ago the last authenticated packet arrived.
+    pub fn heard(&self, now: Instant) -> Option<Duration> {
+        self.last_auth_rx.map(|r| now.saturating_duration_since(r))
+    }
+
     /// An authenticated packet arrived from `from`. Returns true if the endpoint moved.
     pub fn authenticated(&mut self, from: SocketAddr, now: Instant) -> bool {
         self.last_auth_rx = Some(now);
@@ -165,6 +170,8 @@ pub struct PeerStats {
     pub wg: Key32,
     pub slot: u32,
     pub endpoint: Option<SocketAddr>,
+    /// Since the last authenticated packet from the peer.
+    pub last_rx: Option<Duration>,
     pub last_handshake: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

@@ -166,6 +166,7 @@ mod tests {
                 wg: members[3].1.wireguard,
                 slot: 0,
                 endpoint: Some(roamed),
+                last_rx: Some(Duration::from_secs(1)),
                 last_handshake: Some(Duration::from_secs(3)),
                 rx_bytes: 0,
                 tx_bytes: 0,

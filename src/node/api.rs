@@ -4,13 +4,16 @@
 //! ([`ApiReply`]).
 
 use super::platform::Platform;
-use super::{admin, edge, report, services, Exit, Node, NodeError};
+use super::snapshot::{MemberRow, Snapshot};
+use super::traversal::Mapping;
+use super::{admin, edge, report, services, setup, traverser, Exit, Node, NodeError};
 use crate::constants::GOSSIP_PORT;
 use crate::control::{
     ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
-    GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, ProxyResponse,
-    RemoveRequest, RemoveResponse, SelfStatus, ServiceAddRequest, ServiceAddResponse,
-    ServiceRemoveRequest, ServiceRemoveResponse, StatusReport, ToggleRequest, UnexposeResponse,
+    GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, NetcheckReport,
+    ObservationView, PingResponse, ProxyResponse, RemoveRequest, RemoveResponse, SelfStatus,
+    ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
+    StatusReport, ToggleRequest, UnexposeResponse,
 };
 use crate::gossip::Liveness;
 use crate::mesh::addressing::subnet_string;
@@ -27,6 +30,17 @@ const LEAVE_PUSH_SPACING: std::time::Duration = std::time::Duration::from_millis
 impl<P: Platform> Node<P> {
     /// Answer one call; `Some(exit)` when the node must stop (after `leave`).
     pub(super) async fn on_api(&mut self, call: ApiCall) -> Result<Option<Exit>, NodeError> {
+        // A ping waits for the network: answered by a task of its own, the loop goes on.
+        let call = match call.request {
+            ApiRequest::Ping(r) => {
+                self.ping(&r.node, call.reply);
+                return Ok(None);
+            }
+            request => ApiCall {
+                request,
+                reply: call.reply,
+            },
+        };
         let mut exit = None;
         let result = match call.request {
             ApiRequest::Status => Ok(ApiReply::Status(Box::new(self.status()))),
@@ -43,6 +57,8 @@ impl<P: Platform> Node<P> {
             ApiRequest::Gateway(r) => self.gateway(r).await.map(ApiReply::Gateway),
             ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
+            ApiRequest::Netcheck => Ok(ApiReply::Netcheck(self.netcheck())),
+            ApiRequest::Ping(_) => unreachable!("answered above"),
             ApiRequest::Leave => {
                 let r = self.leave().await;
                 exit = Some(Exit::Left);
@@ -54,6 +70,111 @@ impl<P: Platform> Node<P> {
         self.refresh().await?;
         let _ = call.reply.send(result);
         Ok(exit)
+    }
+
+    /// `meshctl ping`: one round trip through the tunnel, answered on `reply` by a task.
+    fn ping(&self, query: &str, reply: tokio::sync::oneshot::Sender<Result<ApiReply, ApiFailure>>) {
+        let snap = self.view.snapshot();
+        let row = match find_member(snap, query) {
+            Ok(r) => r,
+            Err(f) => {
+                let _ = reply.send(Err(f));
+                return;
+            }
+        };
+        let Some(t) = &self.traverser else {
+            let _ = reply.send(Err(ApiFailure::internal(
+                "this node runs no path task (see its log)",
+            )));
+            return;
+        };
+        let (id, name) = (row.id, row.name.clone());
+        let mesh_ip = row
+            .slot
+            .map(|s| snap.params.range.node_ip(s).to_string())
+            .unwrap_or_default();
+        let requests = t.requests.clone();
+        let device = self.plane.device.clone();
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let asked = requests
+                .send(traverser::Request::Ping {
+                    node: id,
+                    reply: tx,
+                })
+                .await;
+            let rtt = match asked {
+                Ok(()) => rx.await.ok().flatten(),
+                Err(_) => None,
+            };
+            let endpoint = device
+                .peer_by_node(&id)
+                .and_then(|p| p.endpoint())
+                .map(|e| e.to_string());
+            let r = match rtt {
+                Some(rtt) => Ok(ApiReply::Ping(PingResponse {
+                    name,
+                    mesh_ip,
+                    path: "direct".into(),
+                    endpoint,
+                    rtt_us: rtt.as_micros() as u64,
+                })),
+                None => Err(ApiFailure {
+                    status: 504,
+                    message: format!(
+                        "no answer from {name} ({mesh_ip}) within {} s: no working path to it \
+                         (last tried {}); `meshctl status` shows its state",
+                        traverser::PING_TIMEOUT.as_secs(),
+                        endpoint.as_deref().unwrap_or("no endpoint")
+                    ),
+                }),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    /// `meshctl netcheck`: what members see of this node.
+    fn netcheck(&self) -> NetcheckReport {
+        let v = self.nat.view.lock().unwrap().clone();
+        let snap = self.view.snapshot();
+        let now = Instant::now();
+        let own = self.publisher.endpoints();
+        let mut observations: Vec<ObservationView> = v
+            .observations
+            .iter()
+            .map(|(id, o)| ObservationView {
+                observer: snap
+                    .member(id)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_else(|| id.to_string()),
+                observer_at: o.observer_at.to_string(),
+                seen: o.seen.to_string(),
+                age_secs: now.saturating_duration_since(o.at).as_secs(),
+            })
+            .collect();
+        observations.sort_by(|a, b| a.observer.cmp(&b.observer));
+        let local = setup::effective_endpoints(
+            &self.local.config.endpoints,
+            self.local.config.port,
+            self.platform
+                .local_addresses(&self.local.config.tun, &snap.params.range),
+        );
+        let behind_nat = (!v.observations.is_empty())
+            .then(|| v.observations.iter().any(|(_, o)| !local.contains(&o.seen)));
+        NetcheckReport {
+            endpoints: own.iter().map(|e| e.to_string()).collect(),
+            observations,
+            mapping: match v.mapping {
+                Mapping::Unknown => "unknown",
+                Mapping::Independent => "endpoint-independent",
+                Mapping::Dependent => "endpoint-dependent",
+            }
+            .into(),
+            behind_nat,
+            punches_sent: v.punches_sent,
+            punches_answered: v.punches_answered,
+            dropped: v.dropped,
+        }
     }
 
     fn status(&self) -> StatusReport {
@@ -308,4 +429,41 @@ fn pair_view(p: &Option<ListenPair>) -> (bool, Option<String>, Option<String>) {
         p.as_ref().and_then(|p| addr(p.first)),
         p.as_ref().and_then(|p| addr(p.second)),
     )
+}
+
+/// The member a command names: by name, DNS name, mesh address or node id.
+pub(super) fn find_member<'a>(
+    snap: &'a Snapshot,
+    query: &str,
+) -> Result<&'a MemberRow, ApiFailure> {
+    let q = query.trim().trim_end_matches('.');
+    let domain = format!(".{}", snap.params.domain);
+    let q = q.strip_suffix(domain.as_str()).unwrap_or(q);
+    let ip: Option<std::net::Ipv4Addr> = q.parse().ok();
+    let found = snap.members.iter().filter(|r| !r.is_self).find(|r| {
+        r.dns_name == q
+            || r.id.to_string() == q
+            || ip.is_some_and(|ip| r.slot.map(|s| snap.params.range.node_ip(s)) == Some(ip))
+    });
+    let found = found.or_else(|| {
+        let mut by_name = snap.members.iter().filter(|r| !r.is_self && r.name == q);
+        match (by_name.next(), by_name.next()) {
+            (Some(r), None) => Some(r),
+            _ => None,
+        }
+    });
+    match found {
+        Some(r) => Ok(r),
+        None if snap
+            .members
+            .iter()
+            .any(|r| r.is_self && (r.name == q || r.dns_name == q)) =>
+        {
+            Err(ApiFailure::bad_request(format!("{q} is this node")))
+        }
+        None => Err(ApiFailure::not_found(format!(
+            "no member named {q:?} (a name, NAME.{}, a mesh address or a node id)",
+            snap.params.domain
+        ))),
+    }
 }

@@ -33,6 +33,8 @@ mod report;
 mod services;
 pub mod setup;
 pub mod snapshot;
+pub mod traversal;
+mod traverser;
 pub mod view;
 
 use crate::constants::{ENDPOINT_RESCAN, RECONCILE_TICK, TUN_MTU};
@@ -151,6 +153,9 @@ struct Node<P: Platform> {
         tokio::sync::watch::Sender<prober::Verdicts>,
         tokio::sync::watch::Receiver<prober::Verdicts>,
     ),
+    /// Observed addresses, hole punches and `meshctl ping` (with host services).
+    traverser: Option<traverser::Traverser>,
+    nat: traverser::Outputs,
     settings: Settings,
     dns: dns::DnsRole,
     edge: edge::EdgeRoles,
@@ -254,6 +259,11 @@ pub async fn run_on<P: Platform>(
         spread: outreach::Spread::default(),
         prober: None,
         verdicts: tokio::sync::watch::channel(Default::default()),
+        traverser: None,
+        nat: traverser::Outputs {
+            candidates: tokio::sync::watch::channel(Vec::new()).0,
+            view: Default::default(),
+        },
         settings: loaded.settings,
         edge,
         platform,
@@ -275,6 +285,7 @@ pub async fn run_on<P: Platform>(
     }
     node.edge.stop_all();
     node.prober = None;
+    node.traverser = None;
     node.dns.stop().await;
     dev_stop.cancel();
     // State first, then the API socket: a `meshd leave` waiting on this process sees the state
@@ -352,6 +363,40 @@ impl<P: Platform> Node<P> {
             Ok(p) => self.prober = Some(p),
             Err(e) => error!(error = %e, "cannot probe members: failures show through gossip only"),
         }
+        self.traverser = None;
+        let device = self.plane.device.clone();
+        let tunnels: traverser::Tunnels = Arc::new(move || {
+            device
+                .stats()
+                .into_iter()
+                .map(|s| traverser::Tunnel {
+                    node: s.node_id,
+                    endpoint: s.endpoint,
+                    up: s.has_session() && s.last_rx.is_some_and(|d| d < traverser::PATH_QUIET),
+                })
+                .collect()
+        });
+        let device = self.plane.device.clone();
+        let punch: traverser::Punch = Arc::new(move |id, seen| {
+            let device = device.clone();
+            tokio::spawn(async move {
+                let extra: Vec<SocketAddr> = seen.into_iter().collect();
+                device.punch(&id, &extra).await
+            });
+        });
+        match traverser::spawn(
+            self.mesh_ip(),
+            &self.local.config.tun,
+            self.view.subscribe(),
+            tunnels,
+            punch,
+            self.nat.clone(),
+        ) {
+            Ok(t) => self.traverser = Some(t),
+            Err(e) => {
+                error!(error = %e, "cannot run NAT traversal: members behind NAT may stay unreachable")
+            }
+        }
         self.edge.start_mesh_side(
             self.mesh_ip(),
             &self.local.config.tun,
@@ -371,6 +416,7 @@ impl<P: Platform> Node<P> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rescan = tokio::time::interval(ENDPOINT_RESCAN);
         rescan.tick().await;
+        let mut observed = self.nat.candidates.subscribe();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
@@ -398,6 +444,7 @@ impl<P: Platform> Node<P> {
                     }
                 }
                 _ = rescan.tick() => self.refresh_endpoints().await,
+                Ok(()) = observed.changed() => self.refresh_endpoints().await,
             }
         }
     }

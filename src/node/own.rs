@@ -124,12 +124,18 @@ impl<P: Platform> Node<P> {
     }
 
     pub(super) async fn refresh_endpoints(&mut self) {
-        let e = setup::effective_endpoints(
+        let mut e = setup::effective_endpoints(
             &self.local.config.endpoints,
             self.local.config.port,
             self.platform
                 .local_addresses(&self.local.config.tun, &self.view.m().params.range),
         );
+        // Then where members see this node from (its NAT's public side), if not already there.
+        for a in self.nat.candidates.borrow().iter() {
+            if !e.contains(a) {
+                e.push(*a);
+            }
+        }
         if self.publisher.set_endpoints(e.clone()) {
             info!(endpoints = ?e, "endpoints changed");
             self.publish_record().await;

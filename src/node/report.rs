@@ -46,6 +46,9 @@ pub fn peers(snap: &Snapshot, stats: &HashMap<NodeId, PeerStats>) -> Vec<PeerRep
                 state,
                 online: state == PeerState::Online,
                 endpoint: st.and_then(|s| s.endpoint).map(|e| e.to_string()),
+                path: st
+                    .filter(|s| state == PeerState::Online && s.endpoint.is_some())
+                    .map(|_| "direct".to_string()),
                 last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
                 rx_bytes: st.map_or(0, |s| s.rx_bytes),
                 tx_bytes: st.map_or(0, |s| s.tx_bytes),

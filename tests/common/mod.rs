@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod nat;
 pub mod workloads;
 
 use meshd::cli::demo::lab::{Lan, Netns};

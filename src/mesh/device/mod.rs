@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// Addresses one punch sends to, at most.
+pub const PUNCH_TARGETS: usize = 8;
 /// Largest datagram or raw TUN read handled.
 const MAX_PACKET: usize = 65535;
 /// One IP packet from the TUN device after offload splitting (MTU-sized, with room to spare).
@@ -241,16 +243,22 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
 
     /// Per-peer statistics.
     pub fn stats(&self) -> Vec<PeerStats> {
+        let now = Instant::now();
         self.peers()
             .iter()
             .map(|p| {
                 let (hs, tx, rx, _, _) = p.tunn.lock().unwrap().stats();
+                let (endpoint, last_rx) = {
+                    let e = p.endpoints.lock().unwrap();
+                    (e.current(), e.heard(now))
+                };
                 PeerStats {
                     node_id: p.node_id,
                     name: p.name(),
                     wg: p.wg,
                     slot: p.slot(),
-                    endpoint: p.endpoint(),
+                    endpoint,
+                    last_rx,
                     last_handshake: hs,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -277,6 +285,43 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             _ => return,
         };
         self.send_to_peer(&peer, &out[..len]).await;
+    }
+
+    /// Punch a path to the peer of `node`: one fresh handshake initiation, sent to each of its
+    /// candidates and to `extra` (where a go-between sees it) at once. Whichever gets an
+    /// authenticated answer becomes the endpoint. At most [`PUNCH_TARGETS`] addresses.
+    pub async fn punch(&self, node: &NodeId, extra: &[SocketAddr]) {
+        let Some(peer) = self.peer_by_node(node) else {
+            return;
+        };
+        let mut to: Vec<SocketAddr> = Vec::new();
+        {
+            let e = peer.endpoints.lock().unwrap();
+            for a in e.current().iter().chain(e.candidates()).chain(extra) {
+                if !to.contains(a) && to.len() < PUNCH_TARGETS {
+                    to.push(*a);
+                }
+            }
+        }
+        if to.is_empty() {
+            return;
+        }
+        let mut out = [0u8; 256];
+        let len = match peer
+            .tunn
+            .lock()
+            .unwrap()
+            .format_handshake_initiation(&mut out, true)
+        {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return,
+        };
+        debug!(peer = %peer.name(), targets = ?to, "punching");
+        for a in to {
+            if self.udp.send_to(&out[..len], a).await.is_ok() {
+                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether `addr` is where some peer's tunnel currently sends.

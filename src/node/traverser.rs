@@ -1,0 +1,327 @@
+//! The path task: runs the [`traversal`](super::traversal) rules on a UDP socket on the node's
+//! mesh address (bound to the TUN device, so messages only ever arrive through a tunnel from a
+//! member). It tells members where their datagrams come from, collects what they say of this
+//! node (published by the node as candidates), punches paths to members it has none to, passes
+//! punches on for others, and answers `meshctl ping`.
+
+use super::snapshot::Snapshot;
+use super::traversal::{
+    Action, Mapping, Msg, Observation, Observations, PathState, Punches, PATH_PORT,
+};
+use crate::id::NodeId;
+use crate::mesh::linux::bind_udp_on_device;
+use crate::util::KeyedLimiter;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// How often the schedule runs.
+const TICK: Duration = Duration::from_millis(250);
+/// Each member with a working path is told where it is seen from this often (and at once when
+/// that changes).
+const SEEN_EVERY: Duration = Duration::from_secs(15);
+/// A tunnel counts as a working path while authenticated packets arrived this recently
+/// (keepalives come every 25 s on an idle one).
+pub const PATH_QUIET: Duration = Duration::from_secs(35);
+/// `meshctl ping` waits this long for an answer.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+const PINGS_MAX: usize = 256;
+
+/// One member's tunnel as the data plane reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Tunnel {
+    pub node: NodeId,
+    pub endpoint: Option<SocketAddr>,
+    pub up: bool,
+}
+
+/// The members' tunnels now.
+pub type Tunnels = Arc<dyn Fn() -> Vec<Tunnel> + Send + Sync>;
+/// Punch a path to a member (with the address a go-between sees it at).
+pub type Punch = Arc<dyn Fn(NodeId, Option<SocketAddr>) + Send + Sync>;
+
+/// What members see of this node (for `meshctl netcheck`).
+#[derive(Clone, Debug)]
+pub struct NatView {
+    pub observations: Vec<(NodeId, Observation)>,
+    pub mapping: Mapping,
+    /// Path messages refused: garbage, or from an address that is no member's.
+    pub dropped: u64,
+    pub punches_sent: u64,
+    pub punches_answered: u64,
+}
+
+impl Default for NatView {
+    fn default() -> Self {
+        NatView {
+            observations: Vec::new(),
+            mapping: Mapping::Unknown,
+            dropped: 0,
+            punches_sent: 0,
+            punches_answered: 0,
+        }
+    }
+}
+
+/// Asked of the running task.
+pub enum Request {
+    /// Round trip to a member through its tunnel; `None` without an answer in time.
+    Ping {
+        node: NodeId,
+        reply: oneshot::Sender<Option<Duration>>,
+    },
+}
+
+/// A running path task; stopped when dropped.
+pub struct Traverser {
+    stop: CancellationToken,
+    pub requests: mpsc::Sender<Request>,
+}
+
+impl Drop for Traverser {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Where the task reports: observed candidates (changed only when they change) and the view.
+#[derive(Clone)]
+pub struct Outputs {
+    pub candidates: watch::Sender<Vec<SocketAddr>>,
+    pub view: Arc<Mutex<NatView>>,
+}
+
+/// Start the path task on `ip` (the node's mesh address) on `tun`.
+pub fn spawn(
+    ip: Ipv4Addr,
+    tun: &str,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    tunnels: Tunnels,
+    punch: Punch,
+    out: Outputs,
+) -> io::Result<Traverser> {
+    let sock = bind_udp_on_device(SocketAddr::from((ip, PATH_PORT)), tun)?;
+    let sock = tokio::net::UdpSocket::from_std(sock)?;
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(16);
+    let task = Task {
+        sock,
+        snapshots,
+        tunnels,
+        punch,
+        out,
+        observations: Observations::default(),
+        punches: Punches::new(),
+        forwards: KeyedLimiter::new(Duration::from_secs(1), 4, 1024),
+        by_ip: HashMap::new(),
+        ip_of: HashMap::new(),
+        endpoints: HashMap::new(),
+        told: HashMap::new(),
+        pings: HashMap::new(),
+        next_seq: 1,
+        view: NatView::default(),
+    };
+    tokio::spawn(task.run(rx, stop.clone()));
+    Ok(Traverser { stop, requests: tx })
+}
+
+struct Task {
+    sock: tokio::net::UdpSocket,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    tunnels: Tunnels,
+    punch: Punch,
+    out: Outputs,
+    observations: Observations,
+    punches: Punches,
+    /// CallMe passed on, per requester.
+    forwards: KeyedLimiter<NodeId>,
+    by_ip: HashMap<Ipv4Addr, NodeId>,
+    ip_of: HashMap<NodeId, Ipv4Addr>,
+    /// Where each member's tunnel sends now.
+    endpoints: HashMap<NodeId, SocketAddr>,
+    /// What each member was last told, and when.
+    told: HashMap<NodeId, (SocketAddr, Instant)>,
+    pings: HashMap<u32, (Instant, NodeId, oneshot::Sender<Option<Duration>>)>,
+    next_seq: u32,
+    view: NatView,
+}
+
+impl Task {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = [0u8; 128];
+        self.snapshots.mark_changed();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.tick(Instant::now()).await,
+                Some(r) = requests.recv() => self.request(r).await,
+                r = self.sock.recv_from(&mut buf) => match r {
+                    Ok((n, SocketAddr::V4(from))) => {
+                        let d = buf[..n].to_vec();
+                        self.receive(*from.ip(), &d, Instant::now()).await;
+                    }
+                    Ok(_) => self.view.dropped += 1,
+                    Err(e) => debug!(error = %e, "path socket"),
+                },
+            }
+        }
+    }
+
+    async fn send(&self, to: NodeId, msg: Msg) {
+        let Some(ip) = self.ip_of.get(&to) else {
+            return;
+        };
+        let to = SocketAddr::new(IpAddr::V4(*ip), PATH_PORT);
+        if let Err(e) = self.sock.send_to(&msg.encode(), to).await {
+            debug!(%to, error = %e, "path message not sent");
+        }
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        if self.snapshots.has_changed().unwrap_or(false) {
+            let snap = self.snapshots.borrow_and_update().clone();
+            self.by_ip = snap
+                .members
+                .iter()
+                .filter(|r| !r.is_self)
+                .filter_map(|r| Some((snap.params.range.node_ip(r.slot?), r.id)))
+                .collect();
+            self.ip_of = self.by_ip.iter().map(|(ip, id)| (*id, *ip)).collect();
+        }
+        let snap = self.snapshots.borrow().clone();
+        let tunnels = (self.tunnels)();
+        self.endpoints = tunnels
+            .iter()
+            .filter_map(|t| Some((t.node, t.endpoint?)))
+            .collect();
+        let members: Vec<PathState> = tunnels
+            .iter()
+            .filter(|t| self.ip_of.contains_key(&t.node))
+            .map(|t| PathState {
+                node: t.node,
+                up: t.up,
+                wanted: snap.member(&t.node).is_some_and(|r| r.live()),
+            })
+            .collect();
+        // Tell members with a working path where their datagrams come from.
+        for t in tunnels.iter().filter(|t| t.up) {
+            let Some(ep) = t.endpoint else { continue };
+            let due = match self.told.get(&t.node) {
+                Some((said, at)) => *said != ep || now.duration_since(*at) >= SEEN_EVERY,
+                None => true,
+            };
+            if due {
+                self.told.insert(t.node, (ep, now));
+                self.send(t.node, Msg::Seen { addr: ep }).await;
+            }
+        }
+        self.told.retain(|id, _| self.ip_of.contains_key(id));
+        for a in self.punches.tick(now, &members) {
+            match a {
+                Action::Punch(node) => {
+                    self.view.punches_sent += 1;
+                    (self.punch)(node, None);
+                }
+                Action::CallMe { via, target } => self.send(via, Msg::CallMe { target }).await,
+            }
+        }
+        // Pings past their time get their answer: none.
+        let late: Vec<u32> = self
+            .pings
+            .iter()
+            .filter(|(_, (sent, _, _))| now.duration_since(*sent) >= PING_TIMEOUT)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in late {
+            if let Some((_, _, reply)) = self.pings.remove(&s) {
+                let _ = reply.send(None);
+            }
+        }
+        self.observations.prune(now);
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let candidates = self.observations.candidates(&[]);
+        self.out.candidates.send_if_modified(|c| {
+            if *c == candidates {
+                return false;
+            }
+            info!(observed = ?candidates, "members see this node at new addresses");
+            *c = candidates;
+            true
+        });
+        self.view.observations = self.observations.iter().map(|(i, o)| (*i, *o)).collect();
+        self.view.mapping = self.observations.mapping();
+        *self.out.view.lock().unwrap() = self.view.clone();
+    }
+
+    async fn request(&mut self, r: Request) {
+        match r {
+            Request::Ping { node, reply } => {
+                if self.pings.len() >= PINGS_MAX || !self.ip_of.contains_key(&node) {
+                    let _ = reply.send(None);
+                    return;
+                }
+                let seq = self.next_seq;
+                self.next_seq = self.next_seq.wrapping_add(1);
+                self.pings.insert(seq, (Instant::now(), node, reply));
+                self.send(node, Msg::Ping { seq }).await;
+            }
+        }
+    }
+
+    async fn receive(&mut self, from: Ipv4Addr, d: &[u8], now: Instant) {
+        let (Some(sender), Some(msg)) = (self.by_ip.get(&from).copied(), Msg::decode(d)) else {
+            self.view.dropped += 1;
+            return;
+        };
+        match msg {
+            Msg::Seen { addr } => {
+                // Where the observer is, as this node sees it: observers behind one address
+                // count as one.
+                let Some(at) = self.endpoints.get(&sender) else {
+                    return;
+                };
+                self.observations.observe(sender, at.ip(), addr, now);
+                self.publish();
+            }
+            Msg::CallMe { target } => {
+                if target == sender
+                    || !self.ip_of.contains_key(&target)
+                    || !self.forwards.allow(sender, now)
+                {
+                    self.view.dropped += 1;
+                    return;
+                }
+                let seen = self.endpoints.get(&sender).copied();
+                self.send(target, Msg::Punch { peer: sender, seen }).await;
+            }
+            Msg::Punch { peer, seen } => {
+                if peer == sender || !self.ip_of.contains_key(&peer) {
+                    self.view.dropped += 1;
+                    return;
+                }
+                if self.punches.asked(peer, now) {
+                    self.view.punches_answered += 1;
+                    (self.punch)(peer, seen);
+                }
+            }
+            Msg::Ping { seq } => self.send(sender, Msg::Pong { seq }).await,
+            Msg::Pong { seq } => {
+                if self.pings.get(&seq).is_some_and(|(_, n, _)| *n == sender) {
+                    if let Some((sent, _, reply)) = self.pings.remove(&seq) {
+                        let _ = reply.send(Some(now.duration_since(sent)));
+                    }
+                }
+            }
+        }
+    }
+}
