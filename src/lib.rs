@@ -21,7 +21,8 @@
 //! - [`node`]: the runtime, in parts: state loading, the view and its snapshot, the publisher of
 //!   this node's statements, control-frame handling, gossip outreach and news pushes, the
 //!   failure detector (a pure SWIM-style state machine and the task that probes), the bootstrap
-//!   fallback, the DNS and edge roles, the API handlers.
+//!   fallback, NAT traversal (observed addresses and punch rules, sans-IO, and the task that
+//!   carries them), the DNS and edge roles, the API handlers.
 //! - [`dns`]: the mesh zone (pure) and the DNS server; [`proxy`]: gateway, serving side, exit
 //!   node and local proxies.
 //! - [`control`]: the local API (wire types, server, client); [`state`]: the state directory,

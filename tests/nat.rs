@@ -12,11 +12,19 @@ mod common;
 
 use common::nat::NatKind;
 use common::Lab;
+use meshd::id::NodeId;
+use meshd::node::traversal::{Msg, PATH_PORT};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 const P: usize = 0;
+
+fn netcheck(lab: &Lab, h: usize) -> meshd::control::NetcheckReport {
+    let o = lab.meshctl(h, &["netcheck", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("netcheck JSON")
+}
 
 fn endpoint_of(lab: &Lab, h: usize, peer: &str) -> Option<String> {
     lab.try_status(h)?
@@ -112,9 +120,7 @@ fn nodes_behind_every_kind_of_nat_reach_each_other_directly() {
     assert!(failures.is_empty(), "no direct path: {failures:#?}");
     // Each NATed node knows where members see it from, and publishes it.
     for i in 0..n {
-        let o = lab.meshctl(node(i), &["netcheck", "--json"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: meshd::control::NetcheckReport = serde_json::from_slice(&o.stdout).unwrap();
+        let r = netcheck(&lab, node(i));
         assert_eq!(r.behind_nat, Some(true), "n{i}: {r:?}");
         assert!(
             r.endpoints
@@ -164,6 +170,32 @@ fn two_nodes_behind_one_nat_talk_over_their_lan() {
     let o = lab.meshctl(a, &["ping", "nobody"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no member named"));
+
+    // Hostile path messages from a member (garbage, a call-me and a punch naming no member)
+    // are refused and counted, and make a punch nobody.
+    let before = netcheck(&lab, a);
+    let (a_ip, p_ip) = (lab.mesh_ip(a), lab.mesh_ip(P));
+    lab.ns(P)
+        .run(move || {
+            let s = std::net::UdpSocket::bind((p_ip, 0)).expect("bind on p's mesh address");
+            let to = (a_ip, PATH_PORT);
+            let stranger = NodeId([0xee; 8]);
+            s.send_to(b"garbage", to).unwrap();
+            s.send_to(&Msg::CallMe { target: stranger }.encode(), to)
+                .unwrap();
+            let punch = Msg::Punch {
+                peer: stranger,
+                seen: Some("198.51.100.99:9".parse().unwrap()),
+            };
+            s.send_to(&punch.encode(), to).unwrap();
+        })
+        .unwrap();
+    lab.wait_for(
+        "a to refuse three messages",
+        Duration::from_secs(10),
+        || netcheck(&lab, a).dropped >= before.dropped + 3,
+    );
+    assert_eq!(netcheck(&lab, a).punches_answered, before.punches_answered);
 }
 
 /// A node behind two NATs in a row (carrier NAT in front of a home router) reaches a node
