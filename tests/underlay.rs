@@ -17,23 +17,6 @@ const B: usize = 1;
 const NAT: usize = 2;
 const C: usize = 3;
 
-/// Run a command in host `h`, failing the test with its stderr if it fails.
-fn must(lab: &Lab, h: usize, program: &str, args: &[&str]) {
-    let o = lab.sh(h, program, args);
-    assert!(
-        o.status.success(),
-        "{program} {args:?} in host {h}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// An nftables ruleset loaded in host `h`.
-fn nft(lab: &Lab, h: usize, ruleset: &str) {
-    let path = lab.dir.path().join(format!("nft-{h}.conf"));
-    std::fs::write(&path, ruleset).unwrap();
-    must(lab, h, "nft", &["-f", path.to_str().unwrap()]);
-}
-
 /// A node behind NAT advertises addresses nobody can reach. It joins through the NAT (the seed
 /// answers where the request came from), and every member reaches it: its own handshakes open
 /// the NAT mapping and the members' tunnels follow them to the NAT's public address.
@@ -42,43 +25,25 @@ fn a_node_behind_nat_joins_and_every_member_reaches_it() {
     let mut lab = Lab::new("nat", 4);
     // Move host C off the bridge, behind the NAT host.
     let c_ns = lab.ns(C).name().to_string();
-    must(&lab, C, "ip", &["link", "del", "eth0"]);
-    must(
-        &lab,
+    lab.must(C, "ip", &["link", "del", "eth0"]);
+    lab.must(
         NAT,
         "ip",
         &[
             "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &c_ns,
         ],
     );
-    must(
-        &lab,
-        NAT,
-        "ip",
-        &["addr", "add", "203.0.113.1/24", "dev", "lan0"],
-    );
-    must(&lab, NAT, "ip", &["link", "set", "lan0", "up"]);
-    must(&lab, NAT, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    nft(
-        &lab,
-        NAT,
+    lab.must(NAT, "ip", &["addr", "add", "203.0.113.1/24", "dev", "lan0"]);
+    lab.must(NAT, "ip", &["link", "set", "lan0", "up"]);
+    lab.must(NAT, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    lab.nft(NAT,
         "table ip nat {\n\
          \tchain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade random; }\n\
          }\n",
     );
-    must(
-        &lab,
-        C,
-        "ip",
-        &["addr", "add", "203.0.113.2/24", "dev", "eth0"],
-    );
-    must(&lab, C, "ip", &["link", "set", "eth0", "up"]);
-    must(
-        &lab,
-        C,
-        "ip",
-        &["route", "add", "default", "via", "203.0.113.1"],
-    );
+    lab.must(C, "ip", &["addr", "add", "203.0.113.2/24", "dev", "eth0"]);
+    lab.must(C, "ip", &["link", "set", "eth0", "up"]);
+    lab.must(C, "ip", &["route", "add", "default", "via", "203.0.113.1"]);
 
     let token = lab.init(A, "a", &[]);
     lab.join(B, "b", &token);
@@ -109,9 +74,7 @@ fn a_node_behind_nat_joins_and_every_member_reaches_it() {
 fn the_mesh_forms_and_carries_traffic_under_20_percent_loss() {
     let mut lab = Lab::new("loss", 3);
     for h in 0..3 {
-        nft(
-            &lab,
-            h,
+        lab.nft(h,
             "table inet loss {\n\
              \tchain input { type filter hook input priority 0; iifname \"eth0\" udp dport 51820 numgen random mod 100 < 20 counter drop; }\n\
              }\n",
