@@ -222,3 +222,40 @@ fn a_node_behind_carrier_nat_reaches_a_node_behind_another_nat() {
         "b reaches a at the carrier's address, got {ep}"
     );
 }
+
+/// Routers that forget a UDP mapping after 4 s of silence: the pair stays connected through
+/// two idle minutes (no traffic of its own; what keeps the mappings is meshd's).
+#[test]
+fn a_direct_path_survives_two_idle_minutes_behind_nats_with_short_mapping_timeouts() {
+    let mut lab = Lab::new("natidle", 5);
+    let (ra, a, rb, b) = (1, 2, 3, 4);
+    lab.nat(ra, NatKind::PortRestricted, 0, &[a]);
+    lab.nat(rb, NatKind::PortRestricted, 1, &[b]);
+    for r in [ra, rb] {
+        lab.must(
+            r,
+            "sysctl",
+            &[
+                "-qw",
+                "net.netfilter.nf_conntrack_udp_timeout=4",
+                "net.netfilter.nf_conntrack_udp_timeout_stream=4",
+            ],
+        );
+    }
+    let token = lab.init(P, "p", &[]);
+    lab.join(a, "a", &token);
+    lab.join(b, "b", &token);
+    lab.wait_all_pairs(&[P, a, b], Duration::from_secs(60));
+    let before = endpoint_of(&lab, a, "b").unwrap_or_default();
+    assert!(
+        before.starts_with(&format!("{}:", lab.addr(rb))),
+        "{before}"
+    );
+    // The idle time is what is tested: nothing to wait for but the clock.
+    std::thread::sleep(Duration::from_secs(120));
+    // The first packet after the idle time gets through (one echo, no retry).
+    assert!(lab.ping(a, lab.mesh_ip(b)), "a -> b after two idle minutes");
+    assert!(lab.ping(b, lab.mesh_ip(a)), "b -> a after two idle minutes");
+    let after = endpoint_of(&lab, a, "b").unwrap_or_default();
+    assert!(after.starts_with(&format!("{}:", lab.addr(rb))), "{after}");
+}
