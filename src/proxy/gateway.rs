@@ -157,13 +157,14 @@ fn not_found(host: &str, why: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Read from `s` until `done` says the head is complete, within `HELLO_TIMEOUT` overall.
-async fn read_head<T>(
+/// Read from `s`, after what already arrived in `buf`, until `done` says the head is
+/// complete, within `HELLO_TIMEOUT` overall.
+pub(super) async fn read_head<T>(
     s: &mut TcpStream,
+    mut buf: Vec<u8>,
     max: usize,
     mut done: impl FnMut(&[u8]) -> Option<T>,
 ) -> Option<(T, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(2048);
     let r = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut chunk = [0u8; 4096];
         loop {
@@ -188,12 +189,15 @@ async fn read_head<T>(
 
 /// One HTTPS client.
 pub async fn https_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketAddr) {
-    let verdict = read_head(&mut client, sni::MAX_HELLO + 5 * 8, |b| {
-        match sni::parse(b) {
+    let verdict = read_head(
+        &mut client,
+        Vec::new(),
+        sni::MAX_HELLO + 5 * 8,
+        |b| match sni::parse(b) {
             Ok(Sni::NeedMore) => None,
             other => Some(other),
-        }
-    })
+        },
+    )
     .await;
     let Some((verdict, hello)) = verdict else {
         debug!(%peer, "no ClientHello in time; closed");
@@ -247,6 +251,7 @@ fn http_route(h: &http_head::RequestHead, buf: &[u8]) -> Option<(String, Vec<u8>
 pub async fn http_session(gw: Arc<Gateway>, mut client: TcpStream, peer: SocketAddr) {
     let verdict = read_head(
         &mut client,
+        Vec::new(),
         http_head::MAX_HEAD,
         |b| match http_head::parse(b) {
             Ok(None) => None,

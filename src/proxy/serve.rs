@@ -80,8 +80,21 @@ pub async fn session(
         Kind::Http => match target.http_to {
             Some(a) => a,
             None => {
+                // The request head may still be on its way after the handoff.
+                let head = super::gateway::read_head(
+                    &mut from_gw,
+                    rest,
+                    super::http_head::MAX_HEAD,
+                    |b| match super::http_head::parse(b) {
+                        Ok(None) => None,
+                        _ => Some(()),
+                    },
+                )
+                .await
+                .map(|(_, head)| head)
+                .unwrap_or_default();
                 let _ = from_gw
-                    .write_all(&redirect_to_https(&handoff.hostname, &rest))
+                    .write_all(&redirect_to_https(&handoff.hostname, &head))
                     .await;
                 return;
             }
