@@ -2,7 +2,8 @@
 //! peer, durations as "12s ago", sizes as "1.2 MiB", keys abbreviated.
 
 use crate::control::{
-    DnsReport, DnsStatus, NetcheckReport, PeerState, PingResponse, ServiceView, StatusReport,
+    DnsReport, DnsStatus, NatMapping, NetcheckReport, PeerState, PingResponse, ServiceView,
+    StatusReport,
 };
 use crate::util::{ago, human_bytes, short_key};
 use base64::Engine;
@@ -259,10 +260,10 @@ pub fn netcheck(r: &NetcheckReport) -> String {
     let _ = writeln!(
         o,
         "mapping: {}",
-        match r.mapping.as_str() {
-            "endpoint-independent" => "endpoint-independent (one public address for every destination: easy NAT)",
-            "endpoint-dependent" => "endpoint-dependent (a new public port per destination: hard NAT; direct paths only to peers whose NAT lets any port in)",
-            _ => "unknown (needs two observers at different addresses)",
+        match r.mapping {
+            NatMapping::EndpointIndependent => "endpoint-independent (one public address for every destination: easy NAT)",
+            NatMapping::EndpointDependent => "endpoint-dependent (a new public port per destination: hard NAT; direct paths only to peers whose NAT lets any port in)",
+            NatMapping::Unknown => "unknown (needs two observers at different addresses)",
         }
     );
     let _ = writeln!(

@@ -249,9 +249,7 @@ pub struct NetcheckReport {
     /// This node's candidates as it publishes them (local addresses, then observed ones).
     pub endpoints: Vec<String>,
     pub observations: Vec<ObservationView>,
-    /// `endpoint-independent`, `endpoint-dependent` (hard NAT) or `unknown` (fewer than two
-    /// observers at different addresses).
-    pub mapping: String,
+    pub mapping: NatMapping,
     /// Whether members see this node at an address that is not its own (a NAT between);
     /// `None` before any member said.
     pub behind_nat: Option<bool>,
@@ -259,6 +257,18 @@ pub struct NetcheckReport {
     pub punches_answered: u64,
     /// Path messages refused (garbage, or not from a member).
     pub dropped: u64,
+}
+
+/// Whether a node's NAT gives it one public address for every destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatMapping {
+    /// Fewer than two observers at different addresses: nothing can be said.
+    Unknown,
+    /// One public address for every destination ("easy" NAT, or none).
+    EndpointIndependent,
+    /// A new public port per destination ("hard" NAT, symmetric).
+    EndpointDependent,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

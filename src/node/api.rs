@@ -6,13 +6,13 @@
 use super::platform::Platform;
 use super::snapshot::{MemberRow, Snapshot};
 use super::traversal::Mapping;
-use super::{admin, edge, report, services, setup, traverser, Exit, Node, NodeError};
+use super::{admin, edge, report, services, traverser, Exit, Node, NodeError};
 use crate::constants::GOSSIP_PORT;
 use crate::control::{
     ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
-    GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, NetcheckReport,
-    ObservationView, PingResponse, ProxyResponse, RemoveRequest, RemoveResponse, SelfStatus,
-    ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
+    GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, NatMapping,
+    NetcheckReport, ObservationView, PingResponse, ProxyResponse, RemoveRequest, RemoveResponse,
+    SelfStatus, ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
     StatusReport, ToggleRequest, UnexposeResponse,
 };
 use crate::gossip::Liveness;
@@ -153,23 +153,17 @@ impl<P: Platform> Node<P> {
             })
             .collect();
         observations.sort_by(|a, b| a.observer.cmp(&b.observer));
-        let local = setup::effective_endpoints(
-            &self.local.config.endpoints,
-            self.local.config.port,
-            self.platform
-                .local_addresses(&self.local.config.tun, &snap.params.range),
-        );
+        let local = self.local_endpoints();
         let behind_nat = (!v.observations.is_empty())
             .then(|| v.observations.iter().any(|(_, o)| !local.contains(&o.seen)));
         NetcheckReport {
             endpoints: own.iter().map(|e| e.to_string()).collect(),
             observations,
             mapping: match v.mapping {
-                Mapping::Unknown => "unknown",
-                Mapping::Independent => "endpoint-independent",
-                Mapping::Dependent => "endpoint-dependent",
-            }
-            .into(),
+                Mapping::Unknown => NatMapping::Unknown,
+                Mapping::Independent => NatMapping::EndpointIndependent,
+                Mapping::Dependent => NatMapping::EndpointDependent,
+            },
             behind_nat,
             punches_sent: v.punches_sent,
             punches_answered: v.punches_answered,
@@ -465,5 +459,45 @@ pub(super) fn find_member<'a>(
             "no member named {q:?} (a name, NAME.{}, a mesh address or a node id)",
             snap.params.domain
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixtures::World;
+
+    /// `meshctl ping` names a member as people write it: its name, its DNS name (with or
+    /// without the domain and a trailing dot), its mesh address or its node id; this node and
+    /// strangers get clear errors.
+    #[test]
+    fn members_are_found_by_any_of_their_names() {
+        let w = World::new("10.210.0.0/16");
+        let (m, members) = w.mesh(3);
+        let snap = Snapshot::of(&m);
+        let n1 = &members[1].1;
+        let ip = snap
+            .params
+            .range
+            .node_ip(snap.member(&n1.node_id).unwrap().slot.unwrap())
+            .to_string();
+        let id = n1.node_id.to_string();
+        for q in [
+            "n1",
+            "n1.mesh.internal",
+            "n1.mesh.internal.",
+            " n1 ",
+            &ip,
+            &id,
+        ] {
+            let r = find_member(&snap, q).unwrap_or_else(|e| panic!("{q:?}: {}", e.message));
+            assert_eq!(r.id, n1.node_id, "{q:?}");
+        }
+        let me = find_member(&snap, "n0").unwrap_err();
+        assert_eq!(me.status, 400);
+        assert!(me.message.contains("is this node"), "{}", me.message);
+        let none = find_member(&snap, "nobody").unwrap_err();
+        assert_eq!(none.status, 404);
+        assert!(none.message.contains("no member named"), "{}", none.message);
     }
 }

@@ -119,6 +119,10 @@ struct Local {
 }
 
 /// The data plane as the control plane drives it.
+/// Every peer's tunnel as the data plane reports it now (it walks every peer: call it at most
+/// every second or so).
+pub(crate) type TunnelStats = Arc<dyn Fn() -> Vec<crate::mesh::PeerStats> + Send + Sync>;
+
 struct Plane<P: Platform> {
     device: Arc<Device<P::Tun, P::Udp>>,
     /// The peer set last installed.
@@ -339,14 +343,7 @@ impl<P: Platform> Node<P> {
         self.dns.start(self.mesh_ip(), &snap.zone, &range).await;
         self.prober = None;
         let device = self.plane.device.clone();
-        let sessions: prober::Sessions = Arc::new(move || {
-            device
-                .stats()
-                .into_iter()
-                .filter(|s| s.has_session())
-                .map(|s| s.node_id)
-                .collect()
-        });
+        let stats: TunnelStats = Arc::new(move || device.stats());
         let device = self.plane.device.clone();
         let rehandshake: prober::Rehandshake = Arc::new(move |id| {
             let device = device.clone();
@@ -356,7 +353,7 @@ impl<P: Platform> Node<P> {
             self.mesh_ip(),
             &self.local.config.tun,
             self.view.subscribe(),
-            sessions,
+            stats.clone(),
             rehandshake,
             self.verdicts.0.clone(),
         ) {
@@ -364,18 +361,6 @@ impl<P: Platform> Node<P> {
             Err(e) => error!(error = %e, "cannot probe members: failures show through gossip only"),
         }
         self.traverser = None;
-        let device = self.plane.device.clone();
-        let tunnels: traverser::Tunnels = Arc::new(move || {
-            device
-                .stats()
-                .into_iter()
-                .map(|s| traverser::Tunnel {
-                    node: s.node_id,
-                    endpoint: s.endpoint,
-                    up: s.has_session() && s.last_rx.is_some_and(|d| d < traverser::PATH_QUIET),
-                })
-                .collect()
-        });
         let device = self.plane.device.clone();
         let punch: traverser::Punch = Arc::new(move |id, seen| {
             let device = device.clone();
@@ -388,7 +373,7 @@ impl<P: Platform> Node<P> {
             self.mesh_ip(),
             &self.local.config.tun,
             self.view.subscribe(),
-            tunnels,
+            stats,
             punch,
             self.nat.clone(),
         ) {

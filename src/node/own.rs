@@ -123,13 +123,18 @@ impl<P: Platform> Node<P> {
         Ok(())
     }
 
-    pub(super) async fn refresh_endpoints(&mut self) {
-        let mut e = setup::effective_endpoints(
+    /// This node's own endpoints: the configured ones, else its addresses on the mesh port.
+    pub(super) fn local_endpoints(&self) -> Vec<SocketAddr> {
+        setup::effective_endpoints(
             &self.local.config.endpoints,
             self.local.config.port,
             self.platform
                 .local_addresses(&self.local.config.tun, &self.view.m().params.range),
-        );
+        )
+    }
+
+    pub(super) async fn refresh_endpoints(&mut self) {
+        let mut e = self.local_endpoints();
         // Then where members see this node from (its NAT's public side), if not already there.
         for a in self.nat.candidates.borrow().iter() {
             if !e.contains(a) {

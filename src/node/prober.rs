@@ -5,6 +5,7 @@
 
 use super::probe::{Detector, Msg, Target, PROBE_PORT};
 use super::snapshot::Snapshot;
+use super::TunnelStats;
 use crate::gossip::Liveness;
 use crate::id::NodeId;
 use crate::mesh::linux::bind_udp_on_device;
@@ -22,8 +23,6 @@ const TICK: Duration = Duration::from_millis(200);
 /// How often which tunnels have a session is looked at (it walks every peer).
 const SESSIONS_EVERY: Duration = Duration::from_secs(1);
 
-/// The members whose tunnel has a session now.
-pub type Sessions = Arc<dyn Fn() -> HashSet<NodeId> + Send + Sync>;
 /// Ask the data plane for a fresh handshake with a member.
 pub type Rehandshake = Arc<dyn Fn(NodeId) + Send + Sync>;
 /// Per member, what the probes say (members they say nothing of are absent).
@@ -45,7 +44,7 @@ pub fn spawn(
     ip: Ipv4Addr,
     tun: &str,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    sessions: Sessions,
+    stats: TunnelStats,
     rehandshake: Rehandshake,
     verdicts: watch::Sender<Verdicts>,
 ) -> io::Result<Prober> {
@@ -55,7 +54,7 @@ pub fn spawn(
     tokio::spawn(run(
         sock,
         snapshots,
-        sessions,
+        stats,
         rehandshake,
         verdicts,
         stop.clone(),
@@ -66,7 +65,7 @@ pub fn spawn(
 async fn run(
     sock: tokio::net::UdpSocket,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    sessions: Sessions,
+    stats: TunnelStats,
     rehandshake: Rehandshake,
     verdicts: watch::Sender<Verdicts>,
     stop: CancellationToken,
@@ -89,7 +88,11 @@ async fn run(
                     || last_sessions.is_none_or(|t| now.duration_since(t) >= SESSIONS_EVERY)
                 {
                     last_sessions = Some(now);
-                    let up = sessions();
+                    let up: HashSet<NodeId> = stats()
+                        .into_iter()
+                        .filter(|s| s.has_session())
+                        .map(|s| s.node_id)
+                        .collect();
                     let snap = snapshots.borrow_and_update().clone();
                     by_ip = snap
                         .members

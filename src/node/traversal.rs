@@ -230,10 +230,12 @@ impl Observations {
         );
     }
 
-    /// Forget observations past their time.
-    pub fn prune(&mut self, now: Instant) {
+    /// Forget observations past their time; whether any went.
+    pub fn prune(&mut self, now: Instant) -> bool {
+        let before = self.by_observer.len();
         self.by_observer
             .retain(|_, o| now.saturating_duration_since(o.at) < OBSERVATION_TTL);
+        self.by_observer.len() != before
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&NodeId, &Observation)> {

@@ -8,8 +8,10 @@ use super::snapshot::Snapshot;
 use super::traversal::{
     Action, Mapping, Msg, Observation, Observations, PathState, Punches, PATH_PORT,
 };
+use super::TunnelStats;
 use crate::id::NodeId;
 use crate::mesh::linux::bind_udp_on_device;
+use crate::mesh::PeerStats;
 use crate::util::KeyedLimiter;
 use std::collections::HashMap;
 use std::io;
@@ -20,8 +22,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// How often the schedule runs.
+/// How often the schedule runs (and pings time out).
 const TICK: Duration = Duration::from_millis(250);
+/// How often the tunnels are looked at (it walks every peer).
+const TUNNELS_EVERY: Duration = Duration::from_secs(1);
 /// Each member with a working path is told where it is seen from this often (and at once when
 /// that changes).
 const SEEN_EVERY: Duration = Duration::from_secs(15);
@@ -32,16 +36,24 @@ pub const PATH_QUIET: Duration = Duration::from_secs(35);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 const PINGS_MAX: usize = 256;
 
-/// One member's tunnel as the data plane reports it.
+/// One member's tunnel, as the schedule sees it.
 #[derive(Clone, Copy, Debug)]
-pub struct Tunnel {
-    pub node: NodeId,
-    pub endpoint: Option<SocketAddr>,
-    pub up: bool,
+struct Tunnel {
+    node: NodeId,
+    endpoint: Option<SocketAddr>,
+    /// A working path: a session, and authenticated packets within [`PATH_QUIET`].
+    up: bool,
 }
 
-/// The members' tunnels now.
-pub type Tunnels = Arc<dyn Fn() -> Vec<Tunnel> + Send + Sync>;
+impl Tunnel {
+    fn of(s: &PeerStats) -> Tunnel {
+        Tunnel {
+            node: s.node_id,
+            endpoint: s.endpoint,
+            up: s.has_session() && s.last_rx.is_some_and(|d| d < PATH_QUIET),
+        }
+    }
+}
 /// Punch a path to a member (with the address a go-between sees it at).
 pub type Punch = Arc<dyn Fn(NodeId, Option<SocketAddr>) + Send + Sync>;
 
@@ -101,7 +113,7 @@ pub fn spawn(
     ip: Ipv4Addr,
     tun: &str,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    tunnels: Tunnels,
+    stats: TunnelStats,
     punch: Punch,
     out: Outputs,
 ) -> io::Result<Traverser> {
@@ -112,7 +124,10 @@ pub fn spawn(
     let task = Task {
         sock,
         snapshots,
-        tunnels,
+        stats,
+        tunnels: Vec::new(),
+        tunnels_at: None,
+        dirty: true,
         punch,
         out,
         observations: Observations::default(),
@@ -133,7 +148,12 @@ pub fn spawn(
 struct Task {
     sock: tokio::net::UdpSocket,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    tunnels: Tunnels,
+    stats: TunnelStats,
+    /// The tunnels as last looked at, and when.
+    tunnels: Vec<Tunnel>,
+    tunnels_at: Option<Instant>,
+    /// What the node and `meshctl netcheck` see changed since the last publish.
+    dirty: bool,
     punch: Punch,
     out: Outputs,
     observations: Observations,
@@ -167,11 +187,17 @@ impl Task {
                         let d = buf[..n].to_vec();
                         self.receive(*from.ip(), &d, Instant::now()).await;
                     }
-                    Ok(_) => self.view.dropped += 1,
+                    Ok(_) => self.refused(),
                     Err(e) => debug!(error = %e, "path socket"),
                 },
             }
         }
+    }
+
+    /// A path message refused: garbage, not from a member, or naming no member.
+    fn refused(&mut self) {
+        self.view.dropped += 1;
+        self.dirty = true;
     }
 
     async fn send(&self, to: NodeId, msg: Msg) {
@@ -195,42 +221,18 @@ impl Task {
                 .collect();
             self.ip_of = self.by_ip.iter().map(|(ip, id)| (*id, *ip)).collect();
         }
-        let snap = self.snapshots.borrow().clone();
-        let tunnels = (self.tunnels)();
-        self.endpoints = tunnels
-            .iter()
-            .filter_map(|t| Some((t.node, t.endpoint?)))
-            .collect();
-        let members: Vec<PathState> = tunnels
-            .iter()
-            .filter(|t| self.ip_of.contains_key(&t.node))
-            .map(|t| PathState {
-                node: t.node,
-                up: t.up,
-                wanted: snap.member(&t.node).is_some_and(|r| r.live()),
-            })
-            .collect();
-        // Tell members with a working path where their datagrams come from.
-        for t in tunnels.iter().filter(|t| t.up) {
-            let Some(ep) = t.endpoint else { continue };
-            let due = match self.told.get(&t.node) {
-                Some((said, at)) => *said != ep || now.duration_since(*at) >= SEEN_EVERY,
-                None => true,
-            };
-            if due {
-                self.told.insert(t.node, (ep, now));
-                self.send(t.node, Msg::Seen { addr: ep }).await;
-            }
-        }
-        self.told.retain(|id, _| self.ip_of.contains_key(id));
-        for a in self.punches.tick(now, &members) {
-            match a {
-                Action::Punch(node) => {
-                    self.view.punches_sent += 1;
-                    (self.punch)(node, None);
-                }
-                Action::CallMe { via, target } => self.send(via, Msg::CallMe { target }).await,
-            }
+        if self
+            .tunnels_at
+            .is_none_or(|t| now.duration_since(t) >= TUNNELS_EVERY)
+        {
+            self.tunnels_at = Some(now);
+            self.tunnels = (self.stats)().iter().map(Tunnel::of).collect();
+            self.endpoints = self
+                .tunnels
+                .iter()
+                .filter_map(|t| Some((t.node, t.endpoint?)))
+                .collect();
+            self.schedule(now).await;
         }
         // Pings past their time get their answer: none.
         let late: Vec<u32> = self
@@ -244,10 +246,59 @@ impl Task {
                 let _ = reply.send(None);
             }
         }
-        self.observations.prune(now);
-        self.publish();
+        if self.observations.prune(now) {
+            self.dirty = true;
+        }
+        if self.dirty {
+            self.dirty = false;
+            self.publish();
+        }
     }
 
+    /// Tell members with a working path where their datagrams come from; punch the members
+    /// without one.
+    async fn schedule(&mut self, now: Instant) {
+        let snap = self.snapshots.borrow().clone();
+        let members: Vec<PathState> = self
+            .tunnels
+            .iter()
+            .filter(|t| self.ip_of.contains_key(&t.node))
+            .map(|t| PathState {
+                node: t.node,
+                up: t.up,
+                wanted: snap.member(&t.node).is_some_and(|r| r.live()),
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in self.tunnels.iter().filter(|t| t.up) {
+            let Some(ep) = t.endpoint else { continue };
+            let due = match self.told.get(&t.node) {
+                Some((said, at)) => *said != ep || now.duration_since(*at) >= SEEN_EVERY,
+                None => true,
+            };
+            if due {
+                seen.push((t.node, ep));
+            }
+        }
+        for (node, ep) in seen {
+            self.told.insert(node, (ep, now));
+            self.send(node, Msg::Seen { addr: ep }).await;
+        }
+        self.told.retain(|id, _| self.ip_of.contains_key(id));
+        for a in self.punches.tick(now, &members) {
+            match a {
+                Action::Punch(node) => {
+                    self.view.punches_sent += 1;
+                    self.dirty = true;
+                    (self.punch)(node, None);
+                }
+                Action::CallMe { via, target } => self.send(via, Msg::CallMe { target }).await,
+            }
+        }
+    }
+
+    /// Hand the observed candidates to the node (only when they changed) and the view to
+    /// `meshctl netcheck`.
     fn publish(&mut self) {
         let candidates = self.observations.candidates(&[]);
         self.out.candidates.send_if_modified(|c| {
@@ -280,7 +331,7 @@ impl Task {
 
     async fn receive(&mut self, from: Ipv4Addr, d: &[u8], now: Instant) {
         let (Some(sender), Some(msg)) = (self.by_ip.get(&from).copied(), Msg::decode(d)) else {
-            self.view.dropped += 1;
+            self.refused();
             return;
         };
         match msg {
@@ -291,14 +342,14 @@ impl Task {
                     return;
                 };
                 self.observations.observe(sender, at.ip(), addr, now);
-                self.publish();
+                self.dirty = true;
             }
             Msg::CallMe { target } => {
                 if target == sender
                     || !self.ip_of.contains_key(&target)
                     || !self.forwards.allow(sender, now)
                 {
-                    self.view.dropped += 1;
+                    self.refused();
                     return;
                 }
                 let seen = self.endpoints.get(&sender).copied();
@@ -306,11 +357,12 @@ impl Task {
             }
             Msg::Punch { peer, seen } => {
                 if peer == sender || !self.ip_of.contains_key(&peer) {
-                    self.view.dropped += 1;
+                    self.refused();
                     return;
                 }
                 if self.punches.asked(peer, now) {
                     self.view.punches_answered += 1;
+                    self.dirty = true;
                     (self.punch)(peer, seen);
                 }
             }

@@ -208,18 +208,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 fresh.push(p);
             }
         }
-        let mut out = vec![0u8; 256];
+        let mut out = [0u8; INITIATION_BUF];
         for p in fresh {
-            let len = match p
-                .tunn
-                .lock()
-                .unwrap()
-                .format_handshake_initiation(&mut out, false)
-            {
-                TunnResult::WriteToNetwork(d) => d.len(),
-                _ => continue,
-            };
-            self.send_to_peer(&p, &out[..len]).await;
+            if let Some(len) = initiation(&p, false, &mut out) {
+                self.send_to_peer(&p, &out[..len]).await;
+            }
         }
     }
 
@@ -274,17 +267,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let Some(peer) = self.peer_by_node(node) else {
             return;
         };
-        let mut out = [0u8; 256];
-        let len = match peer
-            .tunn
-            .lock()
-            .unwrap()
-            .format_handshake_initiation(&mut out, true)
-        {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => return,
-        };
-        self.send_to_peer(&peer, &out[..len]).await;
+        let mut out = [0u8; INITIATION_BUF];
+        if let Some(len) = initiation(&peer, true, &mut out) {
+            self.send_to_peer(&peer, &out[..len]).await;
+        }
     }
 
     /// Punch a path to the peer of `node`: one fresh handshake initiation, sent to each of its
@@ -306,15 +292,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         if to.is_empty() {
             return;
         }
-        let mut out = [0u8; 256];
-        let len = match peer
-            .tunn
-            .lock()
-            .unwrap()
-            .format_handshake_initiation(&mut out, true)
-        {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => return,
+        let mut out = [0u8; INITIATION_BUF];
+        let Some(len) = initiation(&peer, true, &mut out) else {
+            return;
         };
         debug!(peer = %peer.name(), targets = ?to, "punching");
         for a in to {
@@ -345,6 +325,23 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 return i;
             }
         }
+    }
+}
+
+/// Room for a handshake initiation (148 bytes).
+const INITIATION_BUF: usize = 256;
+
+/// A handshake initiation for `peer` in `out` (a fresh one if `force`, else only when none is
+/// in flight); its length.
+fn initiation(peer: &Peer, force: bool, out: &mut [u8]) -> Option<usize> {
+    match peer
+        .tunn
+        .lock()
+        .unwrap()
+        .format_handshake_initiation(out, force)
+    {
+        TunnResult::WriteToNetwork(d) => Some(d.len()),
+        _ => None,
     }
 }
 
