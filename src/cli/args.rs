@@ -182,6 +182,12 @@ pub enum MeshctlCommand {
         #[command(subcommand)]
         command: ToggleCommand,
     },
+    /// Relay for members that cannot reach each other directly (on by default; the relay sees
+    /// only their WireGuard ciphertext).
+    Relay {
+        #[command(subcommand)]
+        command: ToggleCommand,
+    },
     /// Round trips to a member through its tunnel, with the path they take (like `ping`).
     Ping {
         /// A member: name, NAME.<domain>, mesh address or node id.

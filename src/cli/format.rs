@@ -130,6 +130,9 @@ pub fn status(s: &StatusReport) -> String {
                 }
                 .into(),
                 match (&p.path, &p.endpoint) {
+                    (Some(_), Some(e)) if p.relay.is_some() => {
+                        format!("{e} (relayed via {})", p.relay.as_deref().unwrap_or("-"))
+                    }
                     (Some(path), Some(e)) => format!("{e} ({path})"),
                     (None, Some(e)) => e.clone(),
                     _ => "-".into(),
@@ -226,12 +229,15 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// One `meshctl ping` answer.
 pub fn pong(r: &PingResponse) -> String {
+    let path = match &r.relay {
+        Some(relay) => format!("relayed via {relay}"),
+        None => r.path.clone(),
+    };
     format!(
-        "pong from {} ({}) via {} ({}) in {:.2} ms",
+        "pong from {} ({}) via {} ({path}) in {:.2} ms",
         r.name,
         r.mesh_ip,
         r.endpoint.as_deref().unwrap_or("-"),
-        r.path,
         r.rtt_us as f64 / 1000.0
     )
 }
@@ -271,6 +277,29 @@ pub fn netcheck(r: &NetcheckReport) -> String {
         "hole punches: {} sent, {} made for others' requests; {} path messages refused",
         r.punches_sent, r.punches_answered, r.dropped
     );
+    let x = &r.relay;
+    let _ = writeln!(
+        o,
+        "relay for others: {}; {} session(s), {} packets ({}) forwarded; refused {} ask(s); dropped {} frame(s) for no session, {} from unbound addresses, {} over the rate",
+        if x.enabled { "on" } else { "off (meshctl relay enable)" },
+        x.sessions.len(),
+        x.forwarded_packets,
+        human_bytes(x.forwarded_bytes),
+        x.refused,
+        x.dropped_unknown,
+        x.dropped_unbound,
+        x.dropped_rate
+    );
+    for s in &x.sessions {
+        let _ = writeln!(
+            o,
+            "  relaying {} <-> {} ({} <-> {})",
+            s.between[0],
+            s.between[1],
+            s.endpoints[0].as_deref().unwrap_or("-"),
+            s.endpoints[1].as_deref().unwrap_or("-")
+        );
+    }
     if r.observations.is_empty() {
         return o;
     }
@@ -390,6 +419,7 @@ mod tests {
                 online: true,
                 endpoint: Some("198.51.100.2:51820".into()),
                 path: Some("direct".into()),
+                relay: None,
                 last_handshake_secs: Some(12),
                 rx_bytes: 1229,
                 tx_bytes: 10,

@@ -5,7 +5,7 @@ use super::args::{
 };
 use crate::control::client::Client;
 use crate::control::{
-    ConnectRequest, DnsReport, ExitNodeResponse, ExposeRequest, ExposeResponse, GatewayResponse,
+    ConnectRequest, DnsReport, ExitNodeResponse, RelayResponse, ExposeRequest, ExposeResponse, GatewayResponse,
     InviteRequest, InviteResponse, ListenRequest, NetcheckReport, PingRequest, PingResponse,
     ProxyResponse, RemoveRequest, RemoveResponse, ServiceAddRequest, ServiceAddResponse,
     ServiceRemoveRequest, ServiceRemoveResponse, ServiceView, StatusReport, ToggleRequest,
@@ -261,6 +261,18 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
             } else {
                 println!("proxy disabled");
             }
+        }
+        MeshctlCommand::Relay { command } => {
+            let enable = matches!(command, ToggleCommand::Enable);
+            let _: RelayResponse = c.post("/v1/relay", &ToggleRequest { enable }).await?;
+            println!(
+                "{}",
+                if enable {
+                    "this node relays for members that cannot reach each other directly"
+                } else {
+                    "this node no longer relays for other members (the sessions it held end)"
+                }
+            );
         }
         MeshctlCommand::ExitNode { command } => {
             let enable = matches!(command, ToggleCommand::Enable);

@@ -201,9 +201,13 @@ pub struct PeerReport {
     pub state: PeerState,
     pub online: bool,
     pub endpoint: Option<String>,
-    /// How traffic to it travels: `direct` (to `endpoint`), or absent without a working path.
+    /// How traffic to it travels: `direct` (to `endpoint`) or `relayed` (through `relay`), or
+    /// absent without a working path.
     #[serde(default)]
     pub path: Option<String>,
+    /// The member relaying to it, when relayed.
+    #[serde(default)]
+    pub relay: Option<String>,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -236,9 +240,12 @@ pub struct PingRequest {
 pub struct PingResponse {
     pub name: String,
     pub mesh_ip: String,
-    /// `direct`.
+    /// `direct` or `relayed`.
     pub path: String,
-    /// The underlay address the tunnel sends to.
+    /// The member relaying, when relayed.
+    #[serde(default)]
+    pub relay: Option<String>,
+    /// The underlay address the tunnel sends to (the relay's, when relayed).
     pub endpoint: Option<String>,
     pub rtt_us: u64,
 }
@@ -257,6 +264,41 @@ pub struct NetcheckReport {
     pub punches_answered: u64,
     /// Path messages refused (garbage, or not from a member).
     pub dropped: u64,
+    /// This node as a relay for others.
+    #[serde(default)]
+    pub relay: RelayReport,
+}
+
+/// A node's relay role: what it relays for other members and what it refused.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayReport {
+    pub enabled: bool,
+    pub sessions: Vec<RelaySessionView>,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    /// Relayed frames for no session here.
+    pub dropped_unknown: u64,
+    /// Relayed frames from an address bound to neither end of their session.
+    pub dropped_unbound: u64,
+    /// Relayed frames over their session's rate.
+    pub dropped_rate: u64,
+    /// Relay asks refused (relaying off, no direct path to both members, too many sessions).
+    pub refused: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelaySessionView {
+    /// The session id, hex.
+    pub session: String,
+    /// The two members it relays between.
+    pub between: [String; 2],
+    /// Their endpoints as bound, in the same order.
+    pub endpoints: [Option<String>; 2],
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayResponse {
+    pub relay: bool,
 }
 
 /// Whether a node's NAT gives it one public address for every destination.
@@ -367,6 +409,7 @@ pub enum ApiReply {
     Gateway(GatewayResponse),
     Proxy(ProxyResponse),
     ExitNode(ExitNodeResponse),
+    Relay(RelayResponse),
     Ping(PingResponse),
     Netcheck(NetcheckReport),
 }
@@ -393,6 +436,7 @@ pub enum ApiRequest {
     Gateway(ListenRequest),
     Proxy(ListenRequest),
     ExitNode(ToggleRequest),
+    Relay(ToggleRequest),
     Ping(PingRequest),
     Netcheck,
 }

@@ -214,6 +214,7 @@ async fn handle(
         (&Method::POST, "/v1/gateway") => parse_required(&body).map(ApiRequest::Gateway),
         (&Method::POST, "/v1/proxy") => parse_required(&body).map(ApiRequest::Proxy),
         (&Method::POST, "/v1/exit-node") => parse_required(&body).map(ApiRequest::ExitNode),
+        (&Method::POST, "/v1/relay") => parse_required(&body).map(ApiRequest::Relay),
         (&Method::POST, "/v1/ping") => parse_required(&body).map(ApiRequest::Ping),
         (&Method::GET, "/v1/netcheck") => Ok(ApiRequest::Netcheck),
         (_, p) => {

@@ -7,7 +7,9 @@ pub mod device;
 pub mod io;
 pub mod linux;
 pub mod packet;
+pub mod path;
 pub mod peer;
+pub mod relay;
 
 pub use device::Device;
 pub use peer::{PeerSpec, PeerStats};

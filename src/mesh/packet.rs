@@ -11,6 +11,8 @@ pub const CONTROL_MAGIC: &[u8; 4] = b"MSHD";
 pub enum FrameKind {
     WireGuard,
     Control,
+    /// A relayed WireGuard datagram behind a session header ([`super::relay`]).
+    Relay,
     Unknown,
 }
 
@@ -20,6 +22,8 @@ pub fn classify(datagram: &[u8]) -> FrameKind {
         FrameKind::WireGuard
     } else if datagram.len() > CONTROL_MAGIC.len() && datagram.starts_with(CONTROL_MAGIC) {
         FrameKind::Control
+    } else if super::relay::parse(datagram).is_some() {
+        FrameKind::Relay
     } else {
         FrameKind::Unknown
     }
@@ -92,6 +96,8 @@ mod tests {
         assert_eq!(classify(&[1, 0, 1, 0]), FrameKind::Unknown);
         assert_eq!(classify(b"MSHD\x01rest"), FrameKind::Control);
         assert_eq!(classify(b"MSHD"), FrameKind::Unknown);
+        assert_eq!(classify(b"MSHR\0\0\0\0\0\0\0\x01\x04"), FrameKind::Relay);
+        assert_eq!(classify(b"MSHR\0\0\0\0\0\0\0\x01"), FrameKind::Unknown);
         assert_eq!(classify(&[]), FrameKind::Unknown);
     }
 

@@ -171,6 +171,8 @@ mod tests {
                 rx_bytes: 0,
                 tx_bytes: 0,
                 dropped_bad_source: 0,
+                path: crate::mesh::peer::PathKind::Direct,
+                path_switches: 0,
             },
         )]
         .into();

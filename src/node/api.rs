@@ -11,12 +11,14 @@ use crate::constants::GOSSIP_PORT;
 use crate::control::{
     ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
     GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, NatMapping,
-    NetcheckReport, ObservationView, PingResponse, ProxyResponse, RemoveRequest, RemoveResponse,
+    NetcheckReport, ObservationView, PingResponse, ProxyResponse, RelayReport, RelayResponse,
+    RelaySessionView, RemoveRequest, RemoveResponse,
     SelfStatus, ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
     StatusReport, ToggleRequest, UnexposeResponse,
 };
 use crate::gossip::Liveness;
 use crate::mesh::addressing::subnet_string;
+use crate::mesh::path::PathKind;
 use crate::state::{ListenPair, STATE_VERSION};
 use crate::util::{b64, unix_now, unix_now_ms};
 use std::collections::HashMap;
@@ -57,6 +59,7 @@ impl<P: Platform> Node<P> {
             ApiRequest::Gateway(r) => self.gateway(r).await.map(ApiReply::Gateway),
             ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
+            ApiRequest::Relay(r) => self.relay(r).map(ApiReply::Relay),
             ApiRequest::Netcheck => Ok(ApiReply::Netcheck(self.netcheck())),
             ApiRequest::Ping(_) => unreachable!("answered above"),
             ApiRequest::Leave => {
@@ -95,6 +98,7 @@ impl<P: Platform> Node<P> {
             .unwrap_or_default();
         let requests = t.requests.clone();
         let device = self.plane.device.clone();
+        let snap = snap.clone();
         tokio::spawn(async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let asked = requests
@@ -107,15 +111,24 @@ impl<P: Platform> Node<P> {
                 Ok(()) => rx.await.ok().flatten(),
                 Err(_) => None,
             };
-            let endpoint = device
-                .peer_by_node(&id)
-                .and_then(|p| p.endpoint())
-                .map(|e| e.to_string());
+            let (kind, direct) = match device.peer_by_node(&id) {
+                Some(p) => {
+                    let paths = p.paths.lock().unwrap();
+                    (paths.kind(), paths.current())
+                }
+                None => (PathKind::Direct, None),
+            };
+            let endpoint = match kind {
+                PathKind::Relay(r) => Some(r.via),
+                PathKind::Direct => direct,
+            }
+            .map(|e| e.to_string());
             let r = match rtt {
                 Some(rtt) => Ok(ApiReply::Ping(PingResponse {
                     name,
                     mesh_ip,
-                    path: "direct".into(),
+                    path: report::path_name(&kind).into(),
+                    relay: report::relay_name(&kind, &snap),
                     endpoint,
                     rtt_us: rtt.as_micros() as u64,
                 })),
@@ -168,6 +181,47 @@ impl<P: Platform> Node<P> {
             punches_sent: v.punches_sent,
             punches_answered: v.punches_answered,
             dropped: v.dropped,
+            relay: self.relay_report(&v),
+        }
+    }
+
+    fn relay_report(&self, v: &super::traverser::NatView) -> RelayReport {
+        let snap = self.view.snapshot();
+        let name = |id: &crate::id::NodeId| {
+            snap.member(id)
+                .map(|r| r.name.clone())
+                .unwrap_or_else(|| id.to_string())
+        };
+        let device = &self.plane.device;
+        let c = &device.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let mut sessions: Vec<RelaySessionView> = v
+            .relay_sessions
+            .iter()
+            .map(|(s, a, b)| {
+                let ends = device.relay_ends(*s);
+                RelaySessionView {
+                    session: format!("{s:016x}"),
+                    between: [name(a), name(b)],
+                    endpoints: [
+                        ends.map(|e| e[0].to_string()),
+                        ends.map(|e| e[1].to_string()),
+                    ],
+                }
+            })
+            .collect();
+        sessions.sort_by(|x, y| x.between.cmp(&y.between));
+        RelayReport {
+            enabled: self
+                .relay_enabled
+                .load(std::sync::atomic::Ordering::Relaxed),
+            sessions,
+            forwarded_packets: get(&c.relayed_packets),
+            forwarded_bytes: get(&c.relayed_bytes),
+            dropped_unknown: get(&c.dropped_relay_unknown),
+            dropped_unbound: get(&c.dropped_relay_unbound),
+            dropped_rate: get(&c.dropped_relay_rate),
+            refused: v.relay_refused,
         }
     }
 
@@ -369,6 +423,15 @@ impl<P: Platform> Node<P> {
             socks5,
             http,
         })
+    }
+
+    fn relay(&mut self, r: ToggleRequest) -> Result<RelayResponse, ApiFailure> {
+        self.settings.relay_disabled = !r.enable;
+        self.save_settings()?;
+        self.relay_enabled
+            .store(r.enable, std::sync::atomic::Ordering::Relaxed);
+        info!(enabled = r.enable, "relay setting changed");
+        Ok(RelayResponse { relay: r.enable })
     }
 
     async fn exit_node(&mut self, r: ToggleRequest) -> Result<ExitNodeResponse, ApiFailure> {

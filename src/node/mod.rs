@@ -29,6 +29,7 @@ pub mod platform;
 pub mod probe;
 mod prober;
 pub mod publisher;
+pub mod relays;
 mod report;
 mod services;
 pub mod setup;
@@ -142,6 +143,33 @@ impl<P: Platform> Plane<P> {
     }
 }
 
+/// The data plane as the path task drives it.
+struct DevicePaths<T, U>(Arc<Device<T, U>>);
+
+impl<T: crate::mesh::io::TunIo, U: crate::mesh::io::UdpIo> traverser::PathPlane
+    for DevicePaths<T, U>
+{
+    fn punch(&self, node: crate::id::NodeId, seen: Option<SocketAddr>) {
+        let device = self.0.clone();
+        tokio::spawn(async move {
+            let extra: Vec<SocketAddr> = seen.into_iter().collect();
+            device.punch(&node, &extra).await
+        });
+    }
+    fn use_relay(&self, peer: crate::id::NodeId, relay: crate::mesh::path::RelayPath, first: bool) {
+        self.0.use_relay(&peer, relay, first);
+    }
+    fn drop_relay(&self, peer: crate::id::NodeId, relay: crate::id::NodeId) {
+        self.0.drop_relay(&peer, &relay);
+    }
+    fn bind(&self, session: u64, a: SocketAddr, b: SocketAddr) -> bool {
+        self.0.relay_bind(session, a, b)
+    }
+    fn unbind(&self, session: u64) {
+        self.0.relay_unbind(session);
+    }
+}
+
 struct Node<P: Platform> {
     platform: Arc<P>,
     local: Local,
@@ -160,6 +188,8 @@ struct Node<P: Platform> {
     /// Observed addresses, hole punches and `meshctl ping` (with host services).
     traverser: Option<traverser::Traverser>,
     nat: traverser::Outputs,
+    /// Whether this node relays for others (`meshctl relay`; on unless turned off).
+    relay_enabled: Arc<std::sync::atomic::AtomicBool>,
     settings: Settings,
     dns: dns::DnsRole,
     edge: edge::EdgeRoles,
@@ -268,6 +298,9 @@ pub async fn run_on<P: Platform>(
             candidates: tokio::sync::watch::channel(Vec::new()).0,
             view: Default::default(),
         },
+        relay_enabled: Arc::new(std::sync::atomic::AtomicBool::new(
+            !loaded.settings.relay_disabled,
+        )),
         settings: loaded.settings,
         edge,
         platform,
@@ -361,20 +394,14 @@ impl<P: Platform> Node<P> {
             Err(e) => error!(error = %e, "cannot probe members: failures show through gossip only"),
         }
         self.traverser = None;
-        let device = self.plane.device.clone();
-        let punch: traverser::Punch = Arc::new(move |id, seen| {
-            let device = device.clone();
-            tokio::spawn(async move {
-                let extra: Vec<SocketAddr> = seen.into_iter().collect();
-                device.punch(&id, &extra).await
-            });
-        });
+        let plane: Arc<dyn traverser::PathPlane> = Arc::new(DevicePaths(self.plane.device.clone()));
         match traverser::spawn(
             self.mesh_ip(),
             &self.local.config.tun,
             self.view.subscribe(),
             stats,
-            punch,
+            plane,
+            self.relay_enabled.clone(),
             self.nat.clone(),
         ) {
             Ok(t) => self.traverser = Some(t),

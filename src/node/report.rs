@@ -9,6 +9,7 @@ use crate::gossip::Liveness;
 use crate::id::NodeId;
 use crate::mesh::addressing::subnet_string;
 use crate::mesh::device::DeviceCounters;
+use crate::mesh::path::PathKind;
 use crate::mesh::PeerStats;
 use crate::util::b64;
 use std::collections::HashMap;
@@ -48,7 +49,10 @@ pub fn peers(snap: &Snapshot, stats: &HashMap<NodeId, PeerStats>) -> Vec<PeerRep
                 endpoint: st.and_then(|s| s.endpoint).map(|e| e.to_string()),
                 path: st
                     .filter(|s| state == PeerState::Online && s.endpoint.is_some())
-                    .map(|_| "direct".to_string()),
+                    .map(|s| path_name(&s.path).to_string()),
+                relay: st
+                    .filter(|_| state == PeerState::Online)
+                    .and_then(|s| relay_name(&s.path, snap)),
                 last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
                 rx_bytes: st.map_or(0, |s| s.rx_bytes),
                 tx_bytes: st.map_or(0, |s| s.tx_bytes),
@@ -59,6 +63,26 @@ pub fn peers(snap: &Snapshot, stats: &HashMap<NodeId, PeerStats>) -> Vec<PeerRep
         .collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     peers
+}
+
+/// `direct` or `relayed`.
+pub fn path_name(p: &PathKind) -> &'static str {
+    match p {
+        PathKind::Direct => "direct",
+        PathKind::Relay(_) => "relayed",
+    }
+}
+
+/// The name of the member relaying, when relayed.
+pub fn relay_name(p: &PathKind, snap: &Snapshot) -> Option<String> {
+    match p {
+        PathKind::Direct => None,
+        PathKind::Relay(r) => Some(
+            snap.member(&r.node)
+                .map(|m| m.name.clone())
+                .unwrap_or_else(|| r.node.to_string()),
+        ),
+    }
 }
 
 pub fn drops(c: &DeviceCounters) -> DropStatus {

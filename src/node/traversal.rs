@@ -60,6 +60,15 @@ pub enum Msg {
     Pong {
         seq: u32,
     },
+    /// Member to relay: "relay between me and `peer`" ([`super::relays`]).
+    RelayAsk {
+        peer: NodeId,
+    },
+    /// Relay to member: "you reach `peer` through me, behind `session`."
+    Relayed {
+        peer: NodeId,
+        session: u64,
+    },
 }
 
 fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
@@ -134,6 +143,15 @@ impl Msg {
                 out.push(5);
                 out.extend_from_slice(&seq.to_be_bytes());
             }
+            Msg::RelayAsk { peer } => {
+                out.push(6);
+                out.extend_from_slice(&peer.0);
+            }
+            Msg::Relayed { peer, session } => {
+                out.push(7);
+                out.extend_from_slice(&peer.0);
+                out.extend_from_slice(&session.to_be_bytes());
+            }
         }
         out
     }
@@ -168,6 +186,17 @@ impl Msg {
             5 => Some(Msg::Pong {
                 seq: take_seq(rest)?,
             }),
+            6 => match take_node(rest)? {
+                (peer, []) => Some(Msg::RelayAsk { peer }),
+                _ => None,
+            },
+            7 => {
+                let (peer, rest) = take_node(rest)?;
+                Some(Msg::Relayed {
+                    peer,
+                    session: u64::from_be_bytes(rest.try_into().ok()?),
+                })
+            }
             _ => None,
         }
     }
@@ -302,8 +331,11 @@ impl Observations {
 #[derive(Clone, Copy, Debug)]
 pub struct PathState {
     pub node: NodeId,
-    /// A two-way exchange happened recently on the tunnel.
+    /// A two-way exchange happened recently on the tunnel, on any path (it can pass a punch on).
     pub up: bool,
+    /// ...and directly: a member reached only through a relay is punched still, so traffic
+    /// moves to a direct path once one opens.
+    pub direct: bool,
     /// Worth trying: a member not known to be down.
     pub wanted: bool,
 }
@@ -357,7 +389,7 @@ impl Punches {
             .retain(|_, t| now.saturating_duration_since(*t) < PUNCH_BACKOFF_MAX);
         let mut out = Vec::new();
         for m in members {
-            if m.up || !m.wanted {
+            if m.direct || !m.wanted {
                 self.attempts.remove(&m.node);
                 continue;
             }
@@ -431,6 +463,11 @@ mod tests {
             },
             Msg::Ping { seq: 1 },
             Msg::Pong { seq: u32::MAX },
+            Msg::RelayAsk { peer: id(3) },
+            Msg::Relayed {
+                peer: id(4),
+                session: u64::MAX - 1,
+            },
         ];
         for m in all {
             let e = m.encode();
@@ -544,11 +581,13 @@ mod tests {
         let up = |n| PathState {
             node: id(n),
             up: true,
+            direct: true,
             wanted: true,
         };
         let down = PathState {
             node: id(9),
             up: false,
+            direct: false,
             wanted: true,
         };
         let members = [up(1), up(2), up(3), down];
@@ -587,6 +626,17 @@ mod tests {
             p.tick(at + PUNCH_FIRST, &[up(1), down])[0],
             Action::Punch(id(9))
         );
+        // A relayed member is punched still (the relay passes the call on too).
+        let relayed = PathState {
+            up: true,
+            ..down
+        };
+        assert!(p.tick(at + Duration::from_secs(99), &[up(1), up(9)]).is_empty());
+        let a = p.tick(at + Duration::from_secs(100), &[up(1), relayed]);
+        assert!(a.is_empty(), "a moment's grace");
+        let a = p.tick(at + Duration::from_secs(101), &[up(1), relayed]);
+        assert_eq!(a[0], Action::Punch(id(9)));
+        assert!(p.tick(at + Duration::from_secs(102), &[up(1), up(9)]).is_empty());
         // A member known to be down is left alone.
         let dead = PathState {
             wanted: false,

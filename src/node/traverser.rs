@@ -4,6 +4,7 @@
 //! node (published by the node as candidates), punches paths to members it has none to, passes
 //! punches on for others, and answers `meshctl ping`.
 
+use super::relays::{self, Member, Relays};
 use super::snapshot::Snapshot;
 use super::traversal::{
     Action, Mapping, Msg, Observation, Observations, PathState, Punches, PATH_PORT,
@@ -11,11 +12,13 @@ use super::traversal::{
 use super::TunnelStats;
 use crate::id::NodeId;
 use crate::mesh::linux::bind_udp_on_device;
+use crate::mesh::path::{PathKind, RelayPath};
 use crate::mesh::PeerStats;
 use crate::util::KeyedLimiter;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -43,19 +46,33 @@ struct Tunnel {
     endpoint: Option<SocketAddr>,
     /// A working path: a session, and authenticated packets within [`PATH_QUIET`].
     up: bool,
+    /// ...on which the data plane sends directly.
+    direct: bool,
 }
 
 impl Tunnel {
     fn of(s: &PeerStats) -> Tunnel {
+        let up = s.has_session() && s.last_rx.is_some_and(|d| d < PATH_QUIET);
         Tunnel {
             node: s.node_id,
             endpoint: s.endpoint,
-            up: s.has_session() && s.last_rx.is_some_and(|d| d < PATH_QUIET),
+            up,
+            direct: up && s.path == PathKind::Direct,
         }
     }
 }
-/// Punch a path to a member (with the address a go-between sees it at).
-pub type Punch = Arc<dyn Fn(NodeId, Option<SocketAddr>) + Send + Sync>;
+
+/// What the path task asks of the data plane.
+pub trait PathPlane: Send + Sync {
+    /// Punch a path to a member (with the address a go-between sees it at).
+    fn punch(&self, node: NodeId, seen: Option<SocketAddr>);
+    /// Reach `peer` through a relay too (`first`: send through it while direct fails).
+    fn use_relay(&self, peer: NodeId, relay: RelayPath, first: bool);
+    fn drop_relay(&self, peer: NodeId, relay: NodeId);
+    /// As a relay: forward `session` between `a` and `b`; false when full.
+    fn bind(&self, session: u64, a: SocketAddr, b: SocketAddr) -> bool;
+    fn unbind(&self, session: u64);
+}
 
 /// What members see of this node (for `meshctl netcheck`).
 #[derive(Clone, Debug)]
@@ -66,6 +83,10 @@ pub struct NatView {
     pub dropped: u64,
     pub punches_sent: u64,
     pub punches_answered: u64,
+    /// Sessions this node relays for others: (session, a, b).
+    pub relay_sessions: Vec<(u64, NodeId, NodeId)>,
+    /// Relay asks refused (relaying off, no direct path to both, too many).
+    pub relay_refused: u64,
 }
 
 impl Default for NatView {
@@ -76,6 +97,8 @@ impl Default for NatView {
             dropped: 0,
             punches_sent: 0,
             punches_answered: 0,
+            relay_sessions: Vec::new(),
+            relay_refused: 0,
         }
     }
 }
@@ -108,13 +131,15 @@ pub struct Outputs {
     pub view: Arc<Mutex<NatView>>,
 }
 
-/// Start the path task on `ip` (the node's mesh address) on `tun`.
+/// Start the path task on `ip` (the node's mesh address) on `tun`. `relay_enabled`: whether
+/// this node relays for others (read every time it is asked).
 pub fn spawn(
     ip: Ipv4Addr,
     tun: &str,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stats: TunnelStats,
-    punch: Punch,
+    plane: Arc<dyn PathPlane>,
+    relay_enabled: Arc<AtomicBool>,
     out: Outputs,
 ) -> io::Result<Traverser> {
     let sock = bind_udp_on_device(SocketAddr::from((ip, PATH_PORT)), tun)?;
@@ -128,7 +153,13 @@ pub fn spawn(
         tunnels: Vec::new(),
         tunnels_at: None,
         dirty: true,
-        punch,
+        plane,
+        relay_enabled,
+        relays: Relays::default(),
+        members: Vec::new(),
+        rtt: HashMap::new(),
+        given: HashMap::new(),
+        relay_asks: KeyedLimiter::new(Duration::from_secs(1), 8, 1024),
         out,
         observations: Observations::default(),
         punches: Punches::new(),
@@ -154,7 +185,17 @@ struct Task {
     tunnels_at: Option<Instant>,
     /// What the node and `meshctl netcheck` see changed since the last publish.
     dirty: bool,
-    punch: Punch,
+    plane: Arc<dyn PathPlane>,
+    relay_enabled: Arc<AtomicBool>,
+    relays: Relays,
+    /// Members as the relay rules last saw them.
+    members: Vec<Member>,
+    /// Round trips measured to members through their tunnels.
+    rtt: HashMap<NodeId, Duration>,
+    /// The relay endpoint handed to the data plane per (peer, relay).
+    given: HashMap<(NodeId, NodeId), SocketAddr>,
+    /// Relay asks taken, per requester.
+    relay_asks: KeyedLimiter<NodeId>,
     out: Outputs,
     observations: Observations,
     punches: Punches,
@@ -166,7 +207,8 @@ struct Task {
     endpoints: HashMap<NodeId, SocketAddr>,
     /// What each member was last told, and when.
     told: HashMap<NodeId, (SocketAddr, Instant)>,
-    pings: HashMap<u32, (Instant, NodeId, oneshot::Sender<Option<Duration>>)>,
+    /// Pings in flight; those without a reply channel measure round trips for relay choice.
+    pings: HashMap<u32, (Instant, NodeId, Option<oneshot::Sender<Option<Duration>>>)>,
     next_seq: u32,
     view: NatView,
 }
@@ -242,7 +284,7 @@ impl Task {
             .map(|(s, _)| *s)
             .collect();
         for s in late {
-            if let Some((_, _, reply)) = self.pings.remove(&s) {
+            if let Some((_, _, Some(reply))) = self.pings.remove(&s) {
                 let _ = reply.send(None);
             }
         }
@@ -266,7 +308,18 @@ impl Task {
             .map(|t| PathState {
                 node: t.node,
                 up: t.up,
+                direct: t.direct,
                 wanted: snap.member(&t.node).is_some_and(|r| r.live()),
+            })
+            .collect();
+        self.members = members
+            .iter()
+            .map(|m| Member {
+                node: m.node,
+                live: m.wanted,
+                up: m.up,
+                direct: m.direct,
+                rtt: self.rtt.get(&m.node).copied(),
             })
             .collect();
         let mut seen = Vec::new();
@@ -283,18 +336,119 @@ impl Task {
         for (node, ep) in seen {
             self.told.insert(node, (ep, now));
             self.send(node, Msg::Seen { addr: ep }).await;
+            // And measure the round trip (relays are chosen by it).
+            self.ping(node, None, now).await;
         }
+        self.rtt.retain(|id, _| self.ip_of.contains_key(id));
         self.told.retain(|id, _| self.ip_of.contains_key(id));
         for a in self.punches.tick(now, &members) {
             match a {
                 Action::Punch(node) => {
                     self.view.punches_sent += 1;
                     self.dirty = true;
-                    (self.punch)(node, None);
+                    self.plane.punch(node, None);
                 }
                 Action::CallMe { via, target } => self.send(via, Msg::CallMe { target }).await,
             }
         }
+        let enabled = self.relay_enabled.load(Ordering::Relaxed);
+        let actions = self.relays.tick(now, &self.members, enabled);
+        self.relay(actions).await;
+        // A relay's endpoint moved (it roamed): the data plane follows.
+        let moved: Vec<(NodeId, NodeId, SocketAddr)> = self
+            .given
+            .iter()
+            .filter_map(|((peer, relay), via)| {
+                let now_at = *self.endpoints.get(relay)?;
+                (now_at != *via).then_some((*peer, *relay, now_at))
+            })
+            .collect();
+        for (peer, relay, via) in moved {
+            if let Some((i, (_, session))) = self
+                .relays
+                .using(&peer)
+                .into_iter()
+                .enumerate()
+                .find(|(_, (r, _))| *r == relay)
+            {
+                self.given.insert((peer, relay), via);
+                self.plane.use_relay(
+                    peer,
+                    RelayPath {
+                        node: relay,
+                        via,
+                        session,
+                    },
+                    i == 0,
+                );
+            }
+        }
+    }
+
+    /// Carry out what the relay rules want.
+    async fn relay(&mut self, actions: Vec<relays::Action>) {
+        use relays::Action as A;
+        for a in actions {
+            match a {
+                A::Ask { relay, peer } => self.send(relay, Msg::RelayAsk { peer }).await,
+                A::Use {
+                    peer,
+                    relay,
+                    session,
+                    first,
+                } => {
+                    let Some(via) = self.endpoints.get(&relay).copied() else {
+                        continue;
+                    };
+                    self.given.insert((peer, relay), via);
+                    self.plane.use_relay(
+                        peer,
+                        RelayPath {
+                            node: relay,
+                            via,
+                            session,
+                        },
+                        first,
+                    );
+                }
+                A::Drop { peer, relay } => {
+                    self.given.remove(&(peer, relay));
+                    self.plane.drop_relay(peer, relay);
+                }
+                A::Bind { session, a, b } => {
+                    if let (Some(ea), Some(eb)) = (self.endpoints.get(&a), self.endpoints.get(&b))
+                    {
+                        self.plane.bind(session, *ea, *eb);
+                    }
+                }
+                A::Unbind { session } => {
+                    self.plane.unbind(session);
+                    self.dirty = true;
+                }
+                A::Tell { to, peer, session } => {
+                    self.dirty = true;
+                    self.send(to, Msg::Relayed { peer, session }).await
+                }
+            }
+        }
+    }
+
+    async fn ping(
+        &mut self,
+        node: NodeId,
+        reply: Option<oneshot::Sender<Option<Duration>>>,
+        now: Instant,
+    ) {
+        if self.pings.len() >= PINGS_MAX || !self.ip_of.contains_key(&node) {
+            if let Some(r) = reply {
+                let _ = r.send(None);
+            }
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.pings.insert(seq, (now, node, reply));
+        self.send(node, Msg::Ping { seq }).await;
     }
 
     /// Hand the observed candidates to the node (only when they changed) and the view to
@@ -311,21 +465,13 @@ impl Task {
         });
         self.view.observations = self.observations.iter().map(|(i, o)| (*i, *o)).collect();
         self.view.mapping = self.observations.mapping();
+        self.view.relay_sessions = self.relays.served();
         *self.out.view.lock().unwrap() = self.view.clone();
     }
 
     async fn request(&mut self, r: Request) {
         match r {
-            Request::Ping { node, reply } => {
-                if self.pings.len() >= PINGS_MAX || !self.ip_of.contains_key(&node) {
-                    let _ = reply.send(None);
-                    return;
-                }
-                let seq = self.next_seq;
-                self.next_seq = self.next_seq.wrapping_add(1);
-                self.pings.insert(seq, (Instant::now(), node, reply));
-                self.send(node, Msg::Ping { seq }).await;
-            }
+            Request::Ping { node, reply } => self.ping(node, Some(reply), Instant::now()).await,
         }
     }
 
@@ -363,14 +509,53 @@ impl Task {
                 if self.punches.asked(peer, now) {
                     self.view.punches_answered += 1;
                     self.dirty = true;
-                    (self.punch)(peer, seen);
+                    self.plane.punch(peer, seen);
+                }
+            }
+            Msg::RelayAsk { peer } => {
+                let enabled = self.relay_enabled.load(Ordering::Relaxed);
+                let session = {
+                    use rand_core::RngCore;
+                    rand_core::OsRng.next_u64()
+                };
+                let taken = self.relay_asks.allow(sender, now)
+                    && self.ip_of.contains_key(&peer)
+                    && match self
+                        .relays
+                        .asked(sender, peer, &self.members, enabled, session, now)
+                    {
+                        Some(actions) => {
+                            self.relay(actions).await;
+                            true
+                        }
+                        None => false,
+                    };
+                if !taken {
+                    self.view.relay_refused += 1;
+                    self.dirty = true;
+                }
+            }
+            Msg::Relayed { peer, session } => {
+                if !self.ip_of.contains_key(&peer) {
+                    self.refused();
+                    return;
+                }
+                if let Some(a) = self
+                    .relays
+                    .told(sender, peer, session, &self.members, now)
+                {
+                    self.relay(vec![a]).await;
                 }
             }
             Msg::Ping { seq } => self.send(sender, Msg::Pong { seq }).await,
             Msg::Pong { seq } => {
                 if self.pings.get(&seq).is_some_and(|(_, n, _)| *n == sender) {
                     if let Some((sent, _, reply)) = self.pings.remove(&seq) {
-                        let _ = reply.send(Some(now.duration_since(sent)));
+                        let rtt = now.duration_since(sent);
+                        self.rtt.insert(sender, rtt);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Some(rtt));
+                        }
                     }
                 }
             }

@@ -167,6 +167,9 @@ pub struct Settings {
     /// Whether this node serves as an exit node.
     #[serde(default)]
     pub exit_node: bool,
+    /// This node does not relay for other members (`meshctl relay disable`).
+    #[serde(default)]
+    pub relay_disabled: bool,
 }
 
 /// Two optional listen addresses: gateway (HTTPS, HTTP) or proxy (SOCKS5, HTTP).

@@ -12,7 +12,9 @@ mod tests;
 mod timers;
 
 use super::io::{TunIo, UdpIo};
+use super::path::{RelayPath, Route};
 use super::peer::{Peer, PeerSpec, PeerStats};
+use super::relay::{self, RelayTable, RELAY_HEADER};
 use crate::constants::{HANDSHAKE_RATE_LIMIT, PERSISTENT_KEEPALIVE};
 use crate::id::{Key32, MeshRange, NodeId};
 use crate::util::short_key;
@@ -60,6 +62,14 @@ pub struct DeviceCounters {
     pub dropped_bad_destination: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
+    /// Relayed frames for no session here, from an address not bound to theirs, or over the
+    /// session's rate.
+    pub dropped_relay_unknown: AtomicU64,
+    pub dropped_relay_unbound: AtomicU64,
+    pub dropped_relay_rate: AtomicU64,
+    /// Frames this node relayed for others, and their bytes.
+    pub relayed_packets: AtomicU64,
+    pub relayed_bytes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -68,6 +78,8 @@ struct PeerTable {
     by_index: HashMap<u32, Arc<Peer>>,
     by_key: HashMap<Key32, Arc<Peer>>,
     by_node: HashMap<NodeId, Arc<Peer>>,
+    /// Relay sessions this node's peers are reached through.
+    by_relay_session: HashMap<u64, Arc<Peer>>,
 }
 
 pub struct Device<T, U> {
@@ -83,6 +95,8 @@ pub struct Device<T, U> {
     unknown_reported: Mutex<crate::util::KeyedLimiter<Key32>>,
     next_index: AtomicU32,
     events: mpsc::Sender<DeviceEvent>,
+    /// Sessions this node relays for others.
+    relay: Mutex<RelayTable>,
     pub counters: DeviceCounters,
 }
 
@@ -117,6 +131,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             )),
             next_index: AtomicU32::new(rand_index()),
             events,
+            relay: Mutex::new(RelayTable::default()),
             counters: DeviceCounters::default(),
         };
         (Arc::new(dev), events_rx)
@@ -166,6 +181,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 t.by_key.remove(&p.wg);
                 t.by_index.remove(&p.index);
                 t.by_node.remove(&p.node_id);
+                t.by_relay_session.retain(|_, q| !Arc::ptr_eq(q, &p));
                 if t.by_slot.get(&p.slot()).is_some_and(|q| Arc::ptr_eq(q, &p)) {
                     t.by_slot.remove(&p.slot());
                 }
@@ -184,7 +200,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     }
                     t.by_slot.insert(s.slot, p.clone());
                     *p.name.lock().unwrap() = s.name.clone();
-                    p.endpoints
+                    p.paths
                         .lock()
                         .unwrap()
                         .set_candidates(s.endpoints.clone(), now);
@@ -241,9 +257,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             .iter()
             .map(|p| {
                 let (hs, tx, rx, _, _) = p.tunn.lock().unwrap().stats();
-                let (endpoint, last_rx) = {
-                    let e = p.endpoints.lock().unwrap();
-                    (e.current(), e.heard(now))
+                let (endpoint, last_rx, path, path_switches) = {
+                    let e = p.paths.lock().unwrap();
+                    (e.current(), e.heard(now), e.kind(), e.switches())
                 };
                 PeerStats {
                     node_id: p.node_id,
@@ -256,6 +272,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     dropped_bad_source: p.counters.dropped_bad_source.load(Ordering::Relaxed),
+                    path,
+                    path_switches,
                 }
             })
             .collect()
@@ -282,7 +300,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         };
         let mut to: Vec<SocketAddr> = Vec::new();
         {
-            let e = peer.endpoints.lock().unwrap();
+            let e = peer.paths.lock().unwrap();
             for a in e.current().iter().chain(e.candidates()).chain(extra) {
                 if !to.contains(a) && to.len() < PUNCH_TARGETS {
                     to.push(*a);
@@ -312,6 +330,77 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             .by_key
             .values()
             .any(|p| p.endpoint() == Some(addr))
+    }
+
+    /// Reach the peer of `node` through `relay` too (`first`: send through it while the
+    /// direct path does not work).
+    pub fn use_relay(&self, node: &NodeId, relay: RelayPath, first: bool) {
+        let mut t = self.table.write().unwrap();
+        let Some(peer) = t.by_node.get(node).cloned() else {
+            return;
+        };
+        let changed = {
+            let mut paths = peer.paths.lock().unwrap();
+            let changed = paths.add_relay(relay, first, Instant::now());
+            let kept: Vec<u64> = paths.relays().iter().map(|r| r.session).collect();
+            t.by_relay_session
+                .retain(|s, q| !Arc::ptr_eq(q, &peer) || kept.contains(s));
+            changed
+        };
+        t.by_relay_session.insert(relay.session, peer.clone());
+        if changed {
+            info!(peer = %peer.name(), relay = %relay.via, session = relay.session, "relay path");
+        }
+    }
+
+    /// Stop reaching the peer of `node` through the relay `relay`.
+    pub fn drop_relay(&self, node: &NodeId, relay: &NodeId) {
+        let mut t = self.table.write().unwrap();
+        let Some(peer) = t.by_node.get(node).cloned() else {
+            return;
+        };
+        let mut paths = peer.paths.lock().unwrap();
+        if paths.remove_relay(relay, Instant::now()) {
+            info!(peer = %peer.name(), "relay path dropped");
+        }
+        let kept: Vec<u64> = paths.relays().iter().map(|r| r.session).collect();
+        t.by_relay_session
+            .retain(|s, q| !Arc::ptr_eq(q, &peer) || kept.contains(s));
+    }
+
+    /// As a relay: forward `session` between `a` and `b` (or rebind it). False when full.
+    pub fn relay_bind(&self, session: u64, a: SocketAddr, b: SocketAddr) -> bool {
+        self.relay
+            .lock()
+            .unwrap()
+            .bind(session, a, b, Instant::now())
+    }
+
+    pub fn relay_unbind(&self, session: u64) {
+        self.relay.lock().unwrap().unbind(session);
+    }
+
+    /// The endpoints `session` is bound to here, as a relay.
+    pub fn relay_ends(&self, session: u64) -> Option<[SocketAddr; 2]> {
+        self.relay.lock().unwrap().ends(session)
+    }
+
+    /// Sessions relayed for others now.
+    pub fn relay_sessions(&self) -> usize {
+        self.relay.lock().unwrap().len()
+    }
+
+    /// Send one datagram on `route` (behind the session header through a relay).
+    pub(super) async fn send_route(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
+        match route {
+            Route::Direct(to) => self.udp.send_to(datagram, to).await,
+            Route::Relay { via, session } => {
+                let mut framed = Vec::with_capacity(RELAY_HEADER + datagram.len());
+                framed.extend_from_slice(&relay::header(session));
+                framed.extend_from_slice(datagram);
+                self.udp.send_to(&framed, via).await
+            }
+        }
     }
 
     pub fn peer_by_node(&self, node: &NodeId) -> Option<Arc<Peer>> {

@@ -8,6 +8,8 @@ use super::{
 };
 use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
+use crate::mesh::path::{Heard, Route, Via};
+use crate::mesh::relay::{self, Refused};
 use crate::mesh::peer::Peer;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -58,7 +60,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     }
                     match classify(d) {
                         FrameKind::WireGuard => {
-                            if self.inbound(d, from, &mut to_tun[ready], &mut out).await {
+                            if self
+                                .inbound(d, from, Via::Direct, None, &mut to_tun[ready], &mut out)
+                                .await
+                            {
+                                ready += 1;
+                            }
+                        }
+                        FrameKind::Relay => {
+                            if self.relayed(d, from, &mut to_tun[ready], &mut out).await {
                                 ready += 1;
                             }
                         }
@@ -92,6 +102,64 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
+    /// A relayed frame: for one of this node's peers through a relay it uses, or for this node
+    /// to relay between two members it agreed to. Anything else is dropped and counted.
+    async fn relayed(
+        &self,
+        frame: &[u8],
+        from: SocketAddr,
+        to_tun: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> bool {
+        let Some((session, inner)) = relay::parse(frame) else {
+            return false;
+        };
+        let mine = self
+            .table
+            .read()
+            .unwrap()
+            .by_relay_session
+            .get(&session)
+            .cloned()
+            .filter(|p| p.paths.lock().unwrap().relay_session(session, from));
+        if let Some(peer) = mine {
+            if classify(inner) != FrameKind::WireGuard {
+                self.counters
+                    .dropped_unknown_frame
+                    .fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            return self
+                .inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out)
+                .await;
+        }
+        let verdict = self
+            .relay
+            .lock()
+            .unwrap()
+            .forward(session, from, frame.len(), Instant::now());
+        let c = &self.counters;
+        match verdict {
+            Ok(to) => {
+                if self.udp.send_to(frame, to).await.is_ok() {
+                    c.relayed_packets.fetch_add(1, Ordering::Relaxed);
+                    c.relayed_bytes
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Err(Refused::Unknown) => {
+                c.dropped_relay_unknown.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(Refused::Unbound) => {
+                c.dropped_relay_unbound.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(Refused::Rate) => {
+                c.dropped_relay_rate.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        false
+    }
+
     fn find_peer(&self, packet: &Packet, from: SocketAddr) -> Option<Arc<Peer>> {
         let t = self.table.read().unwrap();
         match packet {
@@ -117,12 +185,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    /// Handle one WireGuard datagram. Returns true when it carried a packet for the TUN device,
-    /// left in `to_tun` at `TUN_HEADROOM`.
+    /// Handle one WireGuard datagram that arrived `via` (through a relay: it must be from
+    /// `expect`, the peer that relay session is for). Returns true when it carried a packet for
+    /// the TUN device, left in `to_tun` at `TUN_HEADROOM`.
     async fn inbound(
         &self,
         datagram: &[u8],
         from: SocketAddr,
+        via: Via,
+        expect: Option<&Arc<Peer>>,
         to_tun: &mut Vec<u8>,
         out: &mut [u8],
     ) -> bool {
@@ -133,6 +204,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             return false;
         };
         let mut roams = !matches!(packet, Packet::PacketCookieReply(_));
+        let heard = match packet {
+            Packet::HandshakeInit(_) => Heard::Initiation,
+            Packet::HandshakeResponse(_) => Heard::HandshakeAnswer,
+            _ => Heard::Data,
+        };
         if matches!(packet, Packet::HandshakeInit(_)) {
             // Check MAC1 and the handshake rate before the costly part of finding the peer
             // (a Diffie-Hellman): under load, the sender must first prove its address.
@@ -140,7 +216,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     let cookie = cookie.to_vec();
-                    let _ = self.udp.send_to(&cookie, from).await;
+                    let back = match (via, expect) {
+                        (Via::Relay(_), Some(p)) => p.paths.lock().unwrap().route_back(via),
+                        _ => Some(Route::Direct(from)),
+                    };
+                    if let Some(r) = back {
+                        let _ = self.send_route(r, &cookie).await;
+                    }
                     return false;
                 }
                 Err(_) => {
@@ -157,6 +239,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         };
+        if expect.is_some_and(|e| !Arc::ptr_eq(e, &peer)) {
+            // A relay session carries one pair's datagrams only.
+            self.counters
+                .dropped_unknown_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
 
         enum Action {
             Nothing,
@@ -199,18 +288,30 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         // Authenticated: follow the peer to wherever it now sends from.
         if roams
             && peer
-                .endpoints
+                .paths
                 .lock()
                 .unwrap()
-                .authenticated(from, Instant::now())
+                .heard_from(via, from, heard, Instant::now())
         {
             info!(peer = %peer.name(), endpoint = %from, "peer endpoint changed");
         }
         match action {
             Action::Nothing => false,
             Action::Net(replies) => {
+                // Answers go back the way the question came.
+                let back = peer.paths.lock().unwrap().route_back(via);
                 for r in replies {
-                    self.send_to_peer(&peer, &r).await;
+                    match back {
+                        Some(route) => {
+                            if r.first() == Some(&2) {
+                                peer.paths.lock().unwrap().answered(route, Instant::now());
+                            }
+                            if self.send_route(route, &r).await.is_ok() {
+                                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        None => self.send_to_peer(&peer, &r).await,
+                    }
                 }
                 false
             }

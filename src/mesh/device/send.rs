@@ -4,6 +4,8 @@
 use super::{transient, Device, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF};
 use crate::mesh::io::{TunIo, UdpIo};
 use crate::mesh::packet::ipv4_dst;
+use crate::mesh::path::Route;
+use crate::mesh::relay::{self, RELAY_HEADER};
 use crate::mesh::peer::Peer;
 use boringtun::noise::TunnResult;
 use std::net::SocketAddr;
@@ -77,18 +79,18 @@ impl GsoBatch {
 impl<T: TunIo, U: UdpIo> Device<T, U> {
     pub(super) async fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
         let is_initiation = datagram.first() == Some(&1);
-        let to = {
-            let mut ep = peer.endpoints.lock().unwrap();
+        let route = {
+            let mut paths = peer.paths.lock().unwrap();
             if is_initiation {
-                ep.for_initiation(Instant::now())
+                paths.for_initiation(Instant::now())
             } else {
-                ep.current()
+                paths.route(Instant::now())
             }
         };
-        match to {
-            Some(to) => {
-                if let Err(e) = self.udp.send_to(datagram, to).await {
-                    debug!(peer = %peer.name(), %to, error = %e, "send failed");
+        match route {
+            Some(route) => {
+                if let Err(e) = self.send_route(route, datagram).await {
+                    debug!(peer = %peer.name(), to = %route.to(), error = %e, "send failed");
                 } else {
                     peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
                 }
@@ -115,8 +117,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     return;
                 }
             };
+            let now = Instant::now();
             for i in 0..n {
-                self.outbound(&bufs[i][..sizes[i]], &mut gso).await;
+                self.outbound(&bufs[i][..sizes[i]], &mut gso, now).await;
             }
             self.flush(&mut gso).await;
         }
@@ -124,7 +127,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
 
     /// Encrypt one packet from the TUN device. Data messages join `gso` (sent together with
     /// the others of the batch that go to the same endpoint); handshakes go out at once.
-    async fn outbound(&self, packet: &[u8], gso: &mut GsoBatch) {
+    async fn outbound(&self, packet: &[u8], gso: &mut GsoBatch, now: Instant) {
         let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
             return;
         };
@@ -137,8 +140,19 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let route = peer.paths.lock().unwrap().route_data(now);
+        // Through a relay, the session header goes in front of the datagram.
+        let head = match route {
+            Some(Route::Relay { .. }) => RELAY_HEADER,
+            _ => 0,
+        };
         let start = gso.len;
-        let len = match peer.tunn.lock().unwrap().encapsulate(packet, gso.spare()) {
+        let len = match peer
+            .tunn
+            .lock()
+            .unwrap()
+            .encapsulate(packet, &mut gso.spare()[head..])
+        {
             TunnResult::WriteToNetwork(d) => d.len(),
             TunnResult::Err(e) => {
                 debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
@@ -146,10 +160,19 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             }
             _ => return,
         };
-        let is_data = gso.buf[start] == 4;
-        let to = peer.endpoint();
-        match (is_data, to) {
-            (true, Some(to)) => {
+        let is_data = gso.buf[start + head] == 4;
+        if !is_data {
+            // A handshake (the session needed one first): out at once, on its own.
+            let d = gso.buf[start + head..start + head + len].to_vec();
+            self.send_to_peer(&peer, &d).await;
+            return;
+        }
+        if let Some(Route::Relay { session, .. }) = route {
+            gso.buf[start..start + head].copy_from_slice(&relay::header(session));
+        }
+        let len = len + head;
+        match route.map(|r| r.to()) {
+            Some(to) => {
                 if !gso.fits(to, len) {
                     self.flush(gso).await;
                     gso.buf.copy_within(start..start + len, 0);
@@ -157,11 +180,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 gso.append(to, len);
                 peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
             }
-            (true, None) => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
-            (false, _) => {
-                let d = gso.buf[start..start + len].to_vec();
-                self.send_to_peer(&peer, &d).await;
-            }
+            None => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
         }
     }
 
