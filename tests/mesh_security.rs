@@ -175,7 +175,11 @@ fn the_underlay_carries_only_wireguard_and_join_frames() {
             // A relayed WireGuard datagram: still only ciphertext behind the session header.
             FrameKind::Relay => {
                 let inner = &udp[8 + meshd::mesh::relay::RELAY_HEADER..];
-                assert_eq!(classify(inner), FrameKind::WireGuard, "a relay frame carries WireGuard");
+                assert_eq!(
+                    classify(inner),
+                    FrameKind::WireGuard,
+                    "a relay frame carries WireGuard"
+                );
                 by_type[inner[0] as usize] += 1;
             }
             FrameKind::Unknown => panic!("a datagram that is neither WireGuard nor a join frame"),

@@ -5,11 +5,11 @@ use super::args::{
 };
 use crate::control::client::Client;
 use crate::control::{
-    ConnectRequest, DnsReport, ExitNodeResponse, RelayResponse, ExposeRequest, ExposeResponse, GatewayResponse,
+    ConnectRequest, DnsReport, ExitNodeResponse, ExposeRequest, ExposeResponse, GatewayResponse,
     InviteRequest, InviteResponse, ListenRequest, NetcheckReport, PingRequest, PingResponse,
-    ProxyResponse, RemoveRequest, RemoveResponse, ServiceAddRequest, ServiceAddResponse,
-    ServiceRemoveRequest, ServiceRemoveResponse, ServiceView, StatusReport, ToggleRequest,
-    UnexposeResponse,
+    ProxyResponse, RelayResponse, RemoveRequest, RemoveResponse, ServiceAddRequest,
+    ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse, ServiceView, StatusReport,
+    ToggleRequest, UnexposeResponse,
 };
 use clap::Parser;
 

@@ -43,7 +43,10 @@ pub const MAX_RELAYS: usize = 2;
 pub enum Route {
     Direct(SocketAddr),
     /// To the relay at `via`, behind the header of `session`.
-    Relay { via: SocketAddr, session: u64 },
+    Relay {
+        via: SocketAddr,
+        session: u64,
+    },
 }
 
 impl Route {
@@ -203,7 +206,9 @@ impl Paths {
             return;
         }
         if self.relayed {
-            let fresh_proof = self.proved.is_some_and(|p| self.switched.is_none_or(|s| p > s));
+            let fresh_proof = self
+                .proved
+                .is_some_and(|p| self.switched.is_none_or(|s| p > s));
             if fresh_proof && self.direct_good(now) {
                 self.switch(false, now);
             } else if self.stalled(now) && self.relays.len() > 1 {
@@ -248,10 +253,14 @@ impl Paths {
     pub fn route_back(&self, via: Via) -> Option<Route> {
         match via {
             Via::Direct => self.current.map(Route::Direct),
-            Via::Relay(s) => self.relays.iter().find(|r| r.session == s).map(|r| Route::Relay {
-                via: r.via,
-                session: r.session,
-            }),
+            Via::Relay(s) => self
+                .relays
+                .iter()
+                .find(|r| r.session == s)
+                .map(|r| Route::Relay {
+                    via: r.via,
+                    session: r.session,
+                }),
         }
     }
 
@@ -513,7 +522,10 @@ mod tests {
         assert!(e.nudge(t0 + NUDGE_AFTER));
         assert!(!e.nudge(t0 + NUDGE_AFTER + s(1)), "not again at once");
         assert_eq!(e.route_data(t0 + s(5)), Some(Route::Direct(a(1))));
-        assert!(matches!(e.route_data(t0 + STALL), Some(Route::Relay { .. })));
+        assert!(matches!(
+            e.route_data(t0 + STALL),
+            Some(Route::Relay { .. })
+        ));
         // Direct packets that are not a new proof do not bring it back (no flapping).
         e.heard_from(Via::Direct, a(1), Heard::Data, t0 + s(7));
         assert!(matches!(e.route_data(t0 + s(8)), Some(Route::Relay { .. })));
@@ -521,7 +533,10 @@ mod tests {
         assert_eq!(e.route_data(t0 + s(9)), Some(Route::Direct(a(1))));
         // An idle direct path is trusted DIRECT_TRUST after it was last heard.
         e.heard_from(Via::Direct, a(1), Heard::Data, t0 + s(10));
-        assert_eq!(e.route(t0 + s(10) + DIRECT_TRUST - s(1)), Some(Route::Direct(a(1))));
+        assert_eq!(
+            e.route(t0 + s(10) + DIRECT_TRUST - s(1)),
+            Some(Route::Direct(a(1)))
+        );
         assert!(matches!(
             e.route(t0 + s(10) + DIRECT_TRUST),
             Some(Route::Relay { .. })

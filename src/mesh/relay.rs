@@ -181,7 +181,10 @@ mod tests {
         assert_eq!(r.forward(1, a, 1400, t + Duration::from_millis(10)), Ok(b));
         // Rebinding follows a roamed end; unbinding ends it.
         assert!(r.bind(1, x, b, t));
-        assert_eq!(r.forward(1, a, 1, t + Duration::from_secs(1)), Err(Refused::Unbound));
+        assert_eq!(
+            r.forward(1, a, 1, t + Duration::from_secs(1)),
+            Err(Refused::Unbound)
+        );
         assert_eq!(r.forward(1, x, 1, t + Duration::from_secs(1)), Ok(b));
         r.unbind(1);
         assert_eq!(r.forward(1, x, 1, t), Err(Refused::Unknown));
@@ -197,7 +200,10 @@ mod tests {
             assert!(r.bind(i, a, b, t));
         }
         assert!(!r.bind(u64::MAX, a, b, t));
-        assert!(r.bind(0, b, a, t), "an existing session can always be rebound");
+        assert!(
+            r.bind(0, b, a, t),
+            "an existing session can always be rebound"
+        );
         assert_eq!(r.len(), MAX_SESSIONS);
     }
 

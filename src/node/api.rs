@@ -12,9 +12,9 @@ use crate::control::{
     ApiCall, ApiFailure, ApiReply, ApiRequest, ExitNodeResponse, ExposeRequest, ExposeResponse,
     GatewayResponse, InviteRequest, InviteResponse, LeaveResponse, ListenRequest, NatMapping,
     NetcheckReport, ObservationView, PingResponse, ProxyResponse, RelayReport, RelayResponse,
-    RelaySessionView, RemoveRequest, RemoveResponse,
-    SelfStatus, ServiceAddRequest, ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse,
-    StatusReport, ToggleRequest, UnexposeResponse,
+    RelaySessionView, RemoveRequest, RemoveResponse, SelfStatus, ServiceAddRequest,
+    ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse, StatusReport, ToggleRequest,
+    UnexposeResponse,
 };
 use crate::gossip::Liveness;
 use crate::mesh::addressing::subnet_string;

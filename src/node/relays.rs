@@ -47,7 +47,10 @@ pub struct Member {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Ask `relay` to relay between this node and `peer`.
-    Ask { relay: NodeId, peer: NodeId },
+    Ask {
+        relay: NodeId,
+        peer: NodeId,
+    },
     /// Reach `peer` through `relay`'s `session` (`first`: send through it).
     Use {
         peer: NodeId,
@@ -56,10 +59,19 @@ pub enum Action {
         first: bool,
     },
     /// Stop reaching `peer` through `relay`.
-    Drop { peer: NodeId, relay: NodeId },
+    Drop {
+        peer: NodeId,
+        relay: NodeId,
+    },
     /// As a relay: forward `session` between the endpoints of `a` and `b`.
-    Bind { session: u64, a: NodeId, b: NodeId },
-    Unbind { session: u64 },
+    Bind {
+        session: u64,
+        a: NodeId,
+        b: NodeId,
+    },
+    Unbind {
+        session: u64,
+    },
     /// Tell `to` it reaches `peer` through this node's `session`.
     Tell {
         to: NodeId,
@@ -370,7 +382,10 @@ mod tests {
             m(3, true, true, None),
             m(9, false, false, None),
         ];
-        assert!(asks(&r.tick(t, &members, true)).is_empty(), "punching first");
+        assert!(
+            asks(&r.tick(t, &members, true)).is_empty(),
+            "punching first"
+        );
         let a = asks(&r.tick(t + RELAY_AFTER, &members, true));
         assert_eq!(a, vec![(id(2), id(9)), (id(1), id(9))], "nearest first");
         // Unanswered: the next ones get their turn, then the first again.
@@ -406,7 +421,11 @@ mod tests {
     fn a_dead_relay_is_dropped_and_another_asked_at_once() {
         let t = Instant::now();
         let mut r = Relays::default();
-        let members = [m(1, true, true, Some(1)), m(2, true, true, Some(2)), m(9, false, false, None)];
+        let members = [
+            m(1, true, true, Some(1)),
+            m(2, true, true, Some(2)),
+            m(9, false, false, None),
+        ];
         r.tick(t, &members, true);
         r.tick(t + RELAY_AFTER, &members, true);
         r.told(id(1), id(9), 7, &members, t + RELAY_AFTER);
@@ -445,10 +464,23 @@ mod tests {
     fn a_relay_serves_only_members_it_reaches_directly_and_only_while_asked() {
         let t = Instant::now();
         let mut r = Relays::default();
-        let members = [m(1, true, true, None), m(2, true, true, None), m(3, true, false, None)];
-        assert!(r.asked(id(1), id(2), &members, false, 5, t).is_none(), "disabled");
-        assert!(r.asked(id(1), id(3), &members, true, 5, t).is_none(), "no direct path to 3");
-        assert!(r.asked(id(1), id(4), &members, true, 5, t).is_none(), "not a member");
+        let members = [
+            m(1, true, true, None),
+            m(2, true, true, None),
+            m(3, true, false, None),
+        ];
+        assert!(
+            r.asked(id(1), id(2), &members, false, 5, t).is_none(),
+            "disabled"
+        );
+        assert!(
+            r.asked(id(1), id(3), &members, true, 5, t).is_none(),
+            "no direct path to 3"
+        );
+        assert!(
+            r.asked(id(1), id(4), &members, true, 5, t).is_none(),
+            "not a member"
+        );
         assert!(r.asked(id(1), id(1), &members, true, 5, t).is_none());
         let a = r.asked(id(1), id(2), &members, true, 5, t).unwrap();
         assert!(a.contains(&Action::Tell {

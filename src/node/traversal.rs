@@ -627,16 +627,17 @@ mod tests {
             Action::Punch(id(9))
         );
         // A relayed member is punched still (the relay passes the call on too).
-        let relayed = PathState {
-            up: true,
-            ..down
-        };
-        assert!(p.tick(at + Duration::from_secs(99), &[up(1), up(9)]).is_empty());
+        let relayed = PathState { up: true, ..down };
+        assert!(p
+            .tick(at + Duration::from_secs(99), &[up(1), up(9)])
+            .is_empty());
         let a = p.tick(at + Duration::from_secs(100), &[up(1), relayed]);
         assert!(a.is_empty(), "a moment's grace");
         let a = p.tick(at + Duration::from_secs(101), &[up(1), relayed]);
         assert_eq!(a[0], Action::Punch(id(9)));
-        assert!(p.tick(at + Duration::from_secs(102), &[up(1), up(9)]).is_empty());
+        assert!(p
+            .tick(at + Duration::from_secs(102), &[up(1), up(9)])
+            .is_empty());
         // A member known to be down is left alone.
         let dead = PathState {
             wanted: false,

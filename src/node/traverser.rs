@@ -62,6 +62,9 @@ impl Tunnel {
     }
 }
 
+/// Where a `meshctl ping` gets its round trip (`None`: no answer in time).
+type PingReply = oneshot::Sender<Option<Duration>>;
+
 /// What the path task asks of the data plane.
 pub trait PathPlane: Send + Sync {
     /// Punch a path to a member (with the address a go-between sees it at).
@@ -208,7 +211,7 @@ struct Task {
     /// What each member was last told, and when.
     told: HashMap<NodeId, (SocketAddr, Instant)>,
     /// Pings in flight; those without a reply channel measure round trips for relay choice.
-    pings: HashMap<u32, (Instant, NodeId, Option<oneshot::Sender<Option<Duration>>>)>,
+    pings: HashMap<u32, (Instant, NodeId, Option<PingReply>)>,
     next_seq: u32,
     view: NatView,
 }
@@ -262,6 +265,8 @@ impl Task {
                 .filter_map(|r| Some((snap.params.range.node_ip(r.slot?), r.id)))
                 .collect();
             self.ip_of = self.by_ip.iter().map(|(ip, id)| (*id, *ip)).collect();
+            // A member found offline may be a relay in use: look again at once.
+            self.tunnels_at = None;
         }
         if self
             .tunnels_at
@@ -323,7 +328,9 @@ impl Task {
             })
             .collect();
         let mut seen = Vec::new();
-        for t in self.tunnels.iter().filter(|t| t.up) {
+        // Only a direct path says where a member's datagrams come from (through a relay, the
+        // endpoint is a candidate that never answered).
+        for t in self.tunnels.iter().filter(|t| t.direct) {
             let Some(ep) = t.endpoint else { continue };
             let due = match self.told.get(&t.node) {
                 Some((said, at)) => *said != ep || now.duration_since(*at) >= SEEN_EVERY,
@@ -416,8 +423,7 @@ impl Task {
                     self.plane.drop_relay(peer, relay);
                 }
                 A::Bind { session, a, b } => {
-                    if let (Some(ea), Some(eb)) = (self.endpoints.get(&a), self.endpoints.get(&b))
-                    {
+                    if let (Some(ea), Some(eb)) = (self.endpoints.get(&a), self.endpoints.get(&b)) {
                         self.plane.bind(session, *ea, *eb);
                     }
                 }
@@ -436,7 +442,7 @@ impl Task {
     async fn ping(
         &mut self,
         node: NodeId,
-        reply: Option<oneshot::Sender<Option<Duration>>>,
+        reply: Option<PingReply>,
         now: Instant,
     ) {
         if self.pings.len() >= PINGS_MAX || !self.ip_of.contains_key(&node) {
@@ -484,7 +490,8 @@ impl Task {
             Msg::Seen { addr } => {
                 // Where the observer is, as this node sees it: observers behind one address
                 // count as one.
-                let Some(at) = self.endpoints.get(&sender) else {
+                let direct = self.tunnels.iter().any(|t| t.node == sender && t.direct);
+                let (Some(at), true) = (self.endpoints.get(&sender), direct) else {
                     return;
                 };
                 self.observations.observe(sender, at.ip(), addr, now);
@@ -540,10 +547,7 @@ impl Task {
                     self.refused();
                     return;
                 }
-                if let Some(a) = self
-                    .relays
-                    .told(sender, peer, session, &self.members, now)
-                {
+                if let Some(a) = self.relays.told(sender, peer, session, &self.members, now) {
                     self.relay(vec![a]).await;
                 }
             }

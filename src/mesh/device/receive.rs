@@ -9,8 +9,8 @@ use super::{
 use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
 use crate::mesh::path::{Heard, Route, Via};
-use crate::mesh::relay::{self, Refused};
 use crate::mesh::peer::Peer;
+use crate::mesh::relay::{self, Refused};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -133,11 +133,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out)
                 .await;
         }
-        let verdict = self
-            .relay
-            .lock()
-            .unwrap()
-            .forward(session, from, frame.len(), Instant::now());
+        let verdict =
+            self.relay
+                .lock()
+                .unwrap()
+                .forward(session, from, frame.len(), Instant::now());
         let c = &self.counters;
         match verdict {
             Ok(to) => {
