@@ -386,6 +386,20 @@ fn a_pair_no_punch_connects_is_relayed_and_survives_the_relay_dying() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(out.contains(&format!("(relayed via {relay})")), "{out}");
+    // A full-size inner packet (1420 bytes) crosses the relay with the don't-fragment bit set:
+    // 1420 + 32 (WireGuard) + 12 (relay header) + 28 fits the underlay's 1500.
+    let b_ip = lab.mesh_ip(b).to_string();
+    let o = lab.sh(
+        a,
+        "ping",
+        &["-c", "3", "-W", "2", "-M", "do", "-s", "1392", &b_ip],
+    );
+    assert!(
+        o.status.success(),
+        "1420-byte packets through the relay: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let r = if relay == "p" { P } else { q };
     let other = if r == P { q } else { P };
 

@@ -439,12 +439,7 @@ impl Task {
         }
     }
 
-    async fn ping(
-        &mut self,
-        node: NodeId,
-        reply: Option<PingReply>,
-        now: Instant,
-    ) {
+    async fn ping(&mut self, node: NodeId, reply: Option<PingReply>, now: Instant) {
         if self.pings.len() >= PINGS_MAX || !self.ip_of.contains_key(&node) {
             if let Some(r) = reply {
                 let _ = r.send(None);
