@@ -14,6 +14,7 @@ const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 const KIND_REVOKED: u8 = 4;
 const KIND_CONFLICT: u8 = 5;
+const KIND_REACH: u8 = 6;
 
 /// What a joiner asks, signed with its identity key (proof it holds the key its certificate
 /// names).
@@ -76,6 +77,9 @@ pub enum Frame {
     /// hear the winner): the winner's certificate and record. All signed, so the receiver needs
     /// no trust in the sender; once it verifies them it moves on to its next slot.
     Conflict(Vec<(Signed, Signed)>),
+    /// A member's reachability probe, sent from a port this node never sent to, to the
+    /// address members see this node at (`meshctl netcheck`): the nonce it asked for.
+    Reach(u64),
 }
 
 pub fn encode_frame(f: &Frame) -> Vec<u8> {
@@ -85,6 +89,7 @@ pub fn encode_frame(f: &Frame) -> Vec<u8> {
         Frame::Refuse(r) => (KIND_REFUSE, encode(r)),
         Frame::Revoked(s) => (KIND_REVOKED, encode(s)),
         Frame::Conflict(v) => (KIND_CONFLICT, encode(v)),
+        Frame::Reach(n) => (KIND_REACH, n.to_be_bytes().to_vec()),
     };
     let mut out = Vec::with_capacity(5 + body.len());
     out.extend_from_slice(CONTROL_MAGIC);
@@ -111,6 +116,10 @@ pub fn decode_frame(d: &[u8]) -> Result<Frame, TrustError> {
         KIND_REFUSE => Ok(Frame::Refuse(decode(body, "join refusal")?)),
         KIND_REVOKED => Ok(Frame::Revoked(decode(body, "revocation notice")?)),
         KIND_CONFLICT => Ok(Frame::Conflict(decode(body, "slot conflict notice")?)),
+        KIND_REACH => Ok(Frame::Reach(u64::from_be_bytes(
+            body.try_into()
+                .map_err(|_| malformed("reach probe length"))?,
+        ))),
         _ => Err(malformed("unknown kind")),
     }
 }

@@ -202,6 +202,24 @@ fn nodes_behind_every_kind_of_nat_reach_each_other_directly_or_relayed() {
             assert_eq!(r.mapping, NatMapping::EndpointDependent, "n{i}: {r:?}");
         }
     }
+    // A member's probe from a new port reaches the public member and the nodes behind NATs
+    // that filter by address at most, not those that filter by port.
+    let mut reach = Vec::new();
+    lab.wait_for(
+        "every node's reachability check",
+        Duration::from_secs(30),
+        || {
+            reach = all_hosts(n)
+                .map(|h| netcheck(&lab, h).port_reachable)
+                .collect();
+            reach.iter().all(|r| r.is_some())
+        },
+    );
+    assert_eq!(reach[0], Some(true), "the public member");
+    for i in 0..n {
+        let open = matches!(kind(i), NatKind::FullCone | NatKind::AddressRestricted);
+        assert_eq!(reach[1 + i], Some(open), "n{i} behind {}", kind(i).short());
+    }
     // Members relay the five pairs of the three kinds (each sees only their ciphertext).
     let relays: Vec<_> = all_hosts(n).map(|h| netcheck(&lab, h).relay).collect();
     assert!(relays.iter().all(|r| r.enabled));

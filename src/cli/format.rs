@@ -274,6 +274,15 @@ pub fn netcheck(r: &NetcheckReport) -> String {
     );
     let _ = writeln!(
         o,
+        "port reachable from outside: {}",
+        match r.port_reachable {
+            Some(true) => "yes (a member's probe from a new port got in: members reach this node first)",
+            Some(false) => "no (the NAT lets in only answers to what this node sent: paths need punching or a relay)",
+            None => "unknown (not checked yet)",
+        }
+    );
+    let _ = writeln!(
+        o,
         "hole punches: {} sent, {} made for others' requests; {} path messages refused",
         r.punches_sent, r.punches_answered, r.dropped
     );

@@ -264,6 +264,11 @@ pub struct NetcheckReport {
     pub punches_answered: u64,
     /// Path messages refused (garbage, or not from a member).
     pub dropped: u64,
+    /// Whether a member's probe from a port this node never sent to reached the address members
+    /// see it at (no NAT, a forwarded port, a full-cone or address-restricted NAT: yes; a NAT
+    /// that filters by port, or maps per destination: no); `None` before the first check.
+    #[serde(default)]
+    pub port_reachable: Option<bool>,
     /// This node as a relay for others.
     #[serde(default)]
     pub relay: RelayReport,

@@ -181,6 +181,7 @@ impl<P: Platform> Node<P> {
             punches_sent: v.punches_sent,
             punches_answered: v.punches_answered,
             dropped: v.dropped,
+            port_reachable: v.port_reachable,
             relay: self.relay_report(&v),
         }
     }

@@ -123,6 +123,14 @@ impl<P: Platform> Node<P> {
                     warn!(%from, reason = ?r.reason, "a bootstrap member refused this node: {}", r.message);
                 }
             }
+            // Only the path task knows which nonce it asked for.
+            Ok(Frame::Reach(nonce)) => {
+                if let Some(t) = &self.traverser {
+                    let _ = t
+                        .requests
+                        .try_send(super::traverser::Request::Reached(nonce));
+                }
+            }
             Err(e) => debug!(%from, error = %e, "ignoring a malformed control frame"),
         }
         Ok(())

@@ -168,6 +168,11 @@ impl<T: crate::mesh::io::TunIo, U: crate::mesh::io::UdpIo> traverser::PathPlane
     fn unbind(&self, session: u64) {
         self.0.relay_unbind(session);
     }
+    fn sends_direct(&self, node: crate::id::NodeId) -> bool {
+        self.0
+            .peer_by_node(&node)
+            .is_some_and(|p| p.paths.lock().unwrap().kind() == crate::mesh::path::PathKind::Direct)
+    }
 }
 
 struct Node<P: Platform> {

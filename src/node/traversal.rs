@@ -69,6 +69,11 @@ pub enum Msg {
         peer: NodeId,
         session: u64,
     },
+    /// "Send `nonce` to my address `addr` from a port I never sent to" (is it reachable?).
+    ProbeMe {
+        addr: SocketAddr,
+        nonce: u64,
+    },
 }
 
 fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
@@ -152,6 +157,11 @@ impl Msg {
                 out.extend_from_slice(&peer.0);
                 out.extend_from_slice(&session.to_be_bytes());
             }
+            Msg::ProbeMe { addr, nonce } => {
+                out.push(8);
+                put_addr(&mut out, addr);
+                out.extend_from_slice(&nonce.to_be_bytes());
+            }
         }
         out
     }
@@ -195,6 +205,13 @@ impl Msg {
                 Some(Msg::Relayed {
                     peer,
                     session: u64::from_be_bytes(rest.try_into().ok()?),
+                })
+            }
+            8 => {
+                let (addr, rest) = take_addr(rest)?;
+                Some(Msg::ProbeMe {
+                    addr,
+                    nonce: u64::from_be_bytes(rest.try_into().ok()?),
                 })
             }
             _ => None,
@@ -464,6 +481,10 @@ mod tests {
             Msg::Ping { seq: 1 },
             Msg::Pong { seq: u32::MAX },
             Msg::RelayAsk { peer: id(3) },
+            Msg::ProbeMe {
+                addr: sa("203.0.113.11:51820"),
+                nonce: 7,
+            },
             Msg::Relayed {
                 peer: id(4),
                 session: u64::MAX - 1,

@@ -38,6 +38,11 @@ pub const PATH_QUIET: Duration = Duration::from_secs(35);
 /// `meshctl ping` waits this long for an answer.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 const PINGS_MAX: usize = 256;
+/// Whether this node's public address is reachable from a new port is checked this often (and
+/// when that address changes)...
+const REACH_EVERY: Duration = Duration::from_secs(60);
+/// ...and the probe must arrive within this long.
+const REACH_WAIT: Duration = Duration::from_secs(3);
 
 /// One member's tunnel, as the schedule sees it.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +80,8 @@ pub trait PathPlane: Send + Sync {
     /// As a relay: forward `session` between `a` and `b`; false when full.
     fn bind(&self, session: u64, a: SocketAddr, b: SocketAddr) -> bool;
     fn unbind(&self, session: u64);
+    /// Whether the data plane sends to `node` directly now (not through a relay).
+    fn sends_direct(&self, node: NodeId) -> bool;
 }
 
 /// What members see of this node (for `meshctl netcheck`).
@@ -90,6 +97,9 @@ pub struct NatView {
     pub relay_sessions: Vec<(u64, NodeId, NodeId)>,
     /// Relay asks refused (relaying off, no direct path to both, too many).
     pub relay_refused: u64,
+    /// Whether a member's probe from a port this node never sent to reached its public
+    /// address; `None` before the first check.
+    pub port_reachable: Option<bool>,
 }
 
 impl Default for NatView {
@@ -102,6 +112,7 @@ impl Default for NatView {
             punches_answered: 0,
             relay_sessions: Vec::new(),
             relay_refused: 0,
+            port_reachable: None,
         }
     }
 }
@@ -113,6 +124,8 @@ pub enum Request {
         node: NodeId,
         reply: oneshot::Sender<Option<Duration>>,
     },
+    /// A reachability probe arrived on the mesh port with this nonce.
+    Reached(u64),
 }
 
 /// A running path task; stopped when dropped.
@@ -163,6 +176,9 @@ pub fn spawn(
         rtt: HashMap::new(),
         given: HashMap::new(),
         relay_asks: KeyedLimiter::new(Duration::from_secs(1), 8, 1024),
+        reach: None,
+        reach_checked: None,
+        probes_for: KeyedLimiter::new(Duration::from_secs(10), 1, 1024),
         out,
         observations: Observations::default(),
         punches: Punches::new(),
@@ -199,6 +215,12 @@ struct Task {
     given: HashMap<(NodeId, NodeId), SocketAddr>,
     /// Relay asks taken, per requester.
     relay_asks: KeyedLimiter<NodeId>,
+    /// The reachability probe in flight: its nonce, when asked.
+    reach: Option<(u64, Instant)>,
+    /// The address last checked, and when.
+    reach_checked: Option<(SocketAddr, Instant)>,
+    /// Reachability probes sent for others, per member.
+    probes_for: KeyedLimiter<NodeId>,
     out: Outputs,
     observations: Observations,
     punches: Punches,
@@ -358,6 +380,7 @@ impl Task {
                 Action::CallMe { via, target } => self.send(via, Msg::CallMe { target }).await,
             }
         }
+        self.check_reach(now).await;
         let enabled = self.relay_enabled.load(Ordering::Relaxed);
         let actions = self.relays.tick(now, &self.members, enabled);
         self.relay(actions).await;
@@ -390,6 +413,39 @@ impl Task {
                 );
             }
         }
+    }
+
+    /// Ask a member with a direct path to send a probe to this node's public address from a
+    /// port this node never sent to: whether it arrives says whether the address is reachable
+    /// from outside (no NAT, a forwarded port, a NAT that filters by address at most).
+    async fn check_reach(&mut self, now: Instant) {
+        if let Some((_, asked)) = self.reach {
+            if now.duration_since(asked) < REACH_WAIT {
+                return;
+            }
+            self.reach = None;
+            self.view.port_reachable = Some(false);
+            self.dirty = true;
+        }
+        let Some(addr) = self.observations.candidates(&[]).first().copied() else {
+            return;
+        };
+        let due = self
+            .reach_checked
+            .is_none_or(|(a, at)| a != addr || now.duration_since(at) >= REACH_EVERY);
+        let Some(via) = self.tunnels.iter().find(|t| t.direct).map(|t| t.node) else {
+            return;
+        };
+        if !due {
+            return;
+        }
+        let nonce = {
+            use rand_core::RngCore;
+            rand_core::OsRng.next_u64()
+        };
+        self.reach = Some((nonce, now));
+        self.reach_checked = Some((addr, now));
+        self.send(via, Msg::ProbeMe { addr, nonce }).await;
     }
 
     /// Carry out what the relay rules want.
@@ -473,6 +529,13 @@ impl Task {
     async fn request(&mut self, r: Request) {
         match r {
             Request::Ping { node, reply } => self.ping(node, Some(reply), Instant::now()).await,
+            Request::Reached(nonce) => {
+                if self.reach.is_some_and(|(n, _)| n == nonce) {
+                    self.reach = None;
+                    self.view.port_reachable = Some(true);
+                    self.dirty = true;
+                }
+            }
         }
     }
 
@@ -485,8 +548,9 @@ impl Task {
             Msg::Seen { addr } => {
                 // Where the observer is, as this node sees it: observers behind one address
                 // count as one.
-                let direct = self.tunnels.iter().any(|t| t.node == sender && t.direct);
-                let (Some(at), true) = (self.endpoints.get(&sender), direct) else {
+                let (Some(at), true) =
+                    (self.endpoints.get(&sender), self.plane.sends_direct(sender))
+                else {
                     return;
                 };
                 self.observations.observe(sender, at.ip(), addr, now);
@@ -536,6 +600,33 @@ impl Task {
                     self.view.relay_refused += 1;
                     self.dirty = true;
                 }
+            }
+            Msg::ProbeMe { addr, nonce } => {
+                // Only to an address the member itself publishes or sends from, once per 10 s:
+                // a small datagram to a verified address, never a reflector.
+                let snap = self.snapshots.borrow().clone();
+                let its = snap
+                    .member(&sender)
+                    .is_some_and(|r| r.endpoints.contains(&addr))
+                    || self.endpoints.get(&sender) == Some(&addr);
+                if !its || !self.probes_for.allow(sender, now) {
+                    self.refused();
+                    return;
+                }
+                let frame = crate::wire::encode_frame(&crate::wire::Frame::Reach(nonce));
+                tokio::spawn(async move {
+                    let any: SocketAddr = if addr.is_ipv4() {
+                        (Ipv4Addr::UNSPECIFIED, 0).into()
+                    } else {
+                        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                    };
+                    match tokio::net::UdpSocket::bind(any).await {
+                        Ok(s) => {
+                            let _ = s.send_to(&frame, addr).await;
+                        }
+                        Err(e) => debug!(error = %e, "reachability probe not sent"),
+                    }
+                });
             }
             Msg::Relayed { peer, session } => {
                 if !self.ip_of.contains_key(&peer) {
