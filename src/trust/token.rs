@@ -8,7 +8,64 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Version prefix of the token string.
-pub const TOKEN_PREFIX: &str = "mj1_";
+/// Tokens are `mj2_<length>_<base64url payload><6-character checksum>`: the length and the
+/// checksum (SHA-256 of the payload, first 4 bytes) tell a truncated or mistyped token from a
+/// forged one, and say which. `mj1_` tokens (no length, no checksum) are still read.
+pub const TOKEN_PREFIX: &str = "mj2_";
+const TOKEN_PREFIX_V1: &str = "mj1_";
+/// Characters of the checksum at the end.
+const CHECK_CHARS: usize = 6;
+
+fn check_of(payload: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(payload.as_bytes());
+    crate::util::b64url(&h[..4])
+}
+
+/// The payload of an `mj2_` token body (`<length>_<payload><checksum>`), or what is wrong with
+/// it, in words a person can act on.
+fn unwrap_v2(body: &str) -> Result<&str, String> {
+    let (len, rest) = body
+        .split_once('_')
+        .ok_or("the length after \"mj2_\" is missing: copy the whole token")?;
+    let len: usize = len.parse().map_err(|_| {
+        format!("{len:?} after \"mj2_\" is not the token's length: copy the whole token")
+    })?;
+    let want = len + CHECK_CHARS;
+    let at = TOKEN_PREFIX.len() + body.len() - rest.len();
+    if let Some((i, c)) = rest
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "character {} ({c:?}) cannot be part of a token: was it mistyped or wrapped?",
+            at + i + 1
+        ));
+    }
+    if rest.len() < want {
+        return Err(format!(
+            "it is truncated: {} of its {} characters are there; copy the whole line",
+            at + rest.len(),
+            at + want
+        ));
+    }
+    if rest.len() > want {
+        return Err(format!(
+            "it has {} extra characters after character {}: was something pasted after it?",
+            rest.len() - want,
+            at + want
+        ));
+    }
+    let (payload, check) = rest.split_at(len);
+    if check_of(payload) != check {
+        return Err(
+            "its checksum does not match: a character was changed (mistyped or misread); copy \
+             the token again"
+                .into(),
+        );
+    }
+    Ok(payload)
+}
 
 /// A member a joiner can contact: its underlay address and WireGuard key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,9 +146,11 @@ impl Token {
             seal: self.seal_raw.clone(),
             invite_secret: self.invite_secret.to_bytes(),
         };
+        let payload = crate::util::b64url(&super::encode(&wire));
         format!(
-            "{TOKEN_PREFIX}{}",
-            crate::util::b64url(&super::encode(&wire))
+            "{TOKEN_PREFIX}{}_{payload}{}",
+            payload.len(),
+            check_of(&payload)
         )
     }
 
@@ -100,17 +159,32 @@ impl Token {
     pub fn decode(s: &str) -> Result<Token, TrustError> {
         let s = s.trim();
         let s = s.strip_prefix("meshd join ").unwrap_or(s).trim();
-        let Some(payload) = s.strip_prefix(TOKEN_PREFIX) else {
-            return Err(TrustError::Malformed {
-                what: "join token",
-                detail: format!("a meshd token starts with {TOKEN_PREFIX:?}"),
-            });
-        };
-        let bytes = crate::util::from_b64url(payload).map_err(|e| TrustError::Malformed {
+        let malformed = |detail: String| TrustError::Malformed {
             what: "join token",
-            detail: format!("not valid base64 ({e}); was it copied completely?"),
-        })?;
-        let wire: TokenWire = super::decode(&bytes, "join token")?;
+            detail,
+        };
+        let (payload, checked) = if let Some(body) = s.strip_prefix(TOKEN_PREFIX) {
+            (unwrap_v2(body).map_err(malformed)?, true)
+        } else if let Some(payload) = s.strip_prefix(TOKEN_PREFIX_V1) {
+            (payload, false)
+        } else {
+            return Err(malformed(format!(
+                "a meshd token starts with {TOKEN_PREFIX:?}"
+            )));
+        };
+        let damaged = || {
+            malformed(if checked {
+                "its contents do not decode although the checksum matches: it was not made by \
+                 meshd"
+                    .into()
+            } else {
+                "it is truncated or damaged (an older token without a checksum): copy the \
+                 whole line again"
+                    .into()
+            })
+        };
+        let bytes = crate::util::from_b64url(payload).map_err(|_| damaged())?;
+        let wire: TokenWire = super::decode(&bytes, "join token").map_err(|_| damaged())?;
         let peek: InviteBody = wire.invite.peek("join token")?;
         let invite = InviteBody::verify(&wire.invite, &peek.mesh)?;
         let seal: TokenSeal = wire.seal.verify(
@@ -208,11 +282,66 @@ mod tests {
             seal: b.seal_raw.clone(),
             invite_secret: a.invite_secret.to_bytes(),
         };
+        let payload = crate::util::b64url(&crate::trust::encode(&wire));
         let s = format!(
-            "{TOKEN_PREFIX}{}",
+            "{TOKEN_PREFIX}{}_{payload}{}",
+            payload.len(),
+            check_of(&payload)
+        );
+        assert!(matches!(
+            Token::decode(&s),
+            Err(e) if !e.to_string().contains("checksum")
+        ));
+    }
+
+    fn why(s: &str) -> String {
+        Token::decode(s).err().expect("refused").to_string()
+    }
+
+    #[test]
+    fn a_damaged_token_says_what_is_wrong_and_where() {
+        let (_, t) = token();
+        let s = t.encode();
+        let cut = &s[..s.len() - 10];
+        let w = why(cut);
+        assert!(
+            w.contains("truncated") && w.contains(&format!("{} of its {}", cut.len(), s.len())),
+            "{w}"
+        );
+        // A mistyped character in the middle.
+        let mut typo = s.clone().into_bytes();
+        let i = s.len() / 2;
+        typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+        let w = why(std::str::from_utf8(&typo).unwrap());
+        assert!(w.contains("checksum does not match"), "{w}");
+        // A character no token has, with its position.
+        let mut bad = s.clone();
+        bad.replace_range(30..31, "!");
+        assert!(why(&bad).contains("character 31 ('!')"), "{}", why(&bad));
+        // Something pasted after it.
+        assert!(why(&format!("{s}xyz")).contains("3 extra characters"));
+        // Never decoder text.
+        for w in [why(cut), why(&s[..20]), why("mj2_"), why("mj2_12_abc")] {
+            assert!(!w.contains("Unexpected") && !w.contains('{'), "{w}");
+        }
+    }
+
+    #[test]
+    fn tokens_of_the_older_format_still_work_and_fail_in_words() {
+        let (_, t) = token();
+        let wire = TokenWire {
+            invite: t.invite_raw.clone(),
+            seal: t.seal_raw.clone(),
+            invite_secret: t.invite_secret.to_bytes(),
+        };
+        let v1 = format!(
+            "{TOKEN_PREFIX_V1}{}",
             crate::util::b64url(&crate::trust::encode(&wire))
         );
-        assert!(Token::decode(&s).is_err());
+        assert_eq!(Token::decode(&v1).unwrap().invite, t.invite);
+        let w = why(&v1[..v1.len() - 5]);
+        assert!(w.contains("truncated or damaged"), "{w}");
+        assert!(!w.contains("Unexpected"), "{w}");
     }
 
     proptest! {
@@ -228,11 +357,7 @@ mod tests {
             prop_assume!(bytes[i] != nc);
             bytes[i] = nc;
             let tampered = String::from_utf8(bytes).unwrap();
-            // The last base64 character can carry padding bits that decode identically.
-            if let Ok(d) = Token::decode(&tampered) {
-                prop_assert_eq!(i, s.len() - 1);
-                prop_assert_eq!(d.encode(), s);
-            }
+            prop_assert!(Token::decode(&tampered).is_err());
         }
     }
 }
