@@ -88,3 +88,6 @@ pub const PENDING_MEMBER_TTL: Duration = Duration::from_secs(600);
 pub const MEMBER_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Maximum length of a datagram the join protocol will accept.
 pub const MAX_JOIN_FRAME: usize = 16 * 1024;
+
+/// `meshd --version`: the release and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MESHD_COMMIT"), ")");

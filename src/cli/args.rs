@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(
     name = "meshd",
-    version,
+    version = VERSION,
     about = "meshd: a self-hosted mesh VPN with no central server"
 )]
 pub struct MeshdCli {
@@ -105,20 +105,27 @@ pub enum MeshdCommand {
 #[derive(Parser, Debug)]
 #[command(
     name = "meshctl",
-    version,
+    version = VERSION,
     about = "Inspect and administer the local meshd node"
 )]
 pub struct MeshctlCli {
     /// Control socket of the meshd to talk to.
     #[arg(long, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
     pub socket: PathBuf,
+    /// What to do (default: `status`).
     #[command(subcommand)]
-    pub command: MeshctlCommand,
+    pub command: Option<MeshctlCommand>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum MeshctlCommand {
-    /// This node and one line per peer.
+    /// The versions of this meshctl and of the running meshd (warns when they differ).
+    Version {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// This node and one line per peer (also what `meshctl` alone prints).
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -166,7 +173,10 @@ pub enum MeshctlCommand {
         proxy_protocol: bool,
     },
     /// Stop serving HOSTNAME.
-    Unexpose { hostname: String },
+    Unexpose {
+        /// A hostname this node serves (as given to `meshctl expose`).
+        hostname: String,
+    },
     /// This node as a public gateway (HTTPS passed through by SNI, HTTP by Host).
     Gateway {
         #[command(subcommand)]
@@ -210,6 +220,7 @@ pub enum MeshctlCommand {
     Nc {
         /// A mesh name (db1, db1.mesh.internal, api.svc.mesh.internal) or address; anything with --exit.
         host: String,
+        /// The TCP port to connect to.
         port: u16,
         /// Go through this exit node.
         #[arg(long)]
@@ -228,6 +239,7 @@ pub enum GatewayCommand {
         #[arg(long, default_value = "0.0.0.0:80")]
         http: String,
     },
+    /// Stop being a gateway (kept across restarts).
     Disable,
 }
 
@@ -245,12 +257,15 @@ pub enum ProxyCommand {
         #[arg(long)]
         allow_public: bool,
     },
+    /// Stop the proxy (kept across restarts).
     Disable,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ToggleCommand {
+    /// Turn it on (kept across restarts).
     Enable,
+    /// Turn it off (kept across restarts).
     Disable,
 }
 
@@ -269,11 +284,55 @@ pub enum ServiceCommand {
     },
     /// Withdraw a service of this node.
     #[command(alias = "remove")]
-    Rm { name: String },
+    Rm {
+        /// A service of this node.
+        name: String,
+    },
     /// Every service in the mesh.
     #[command(alias = "list")]
     Ls {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command, subcommand and option says what it is for in `--help`.
+    fn no_blank_help(c: &clap::Command, path: &str, blank: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            let builtin = matches!(a.get_id().as_str(), "help" | "version");
+            if !builtin && !a.is_positional() && a.get_help().is_none() {
+                blank.push(format!("{path} --{}", a.get_id()));
+            }
+            if a.is_positional() && a.get_help().is_none() {
+                blank.push(format!("{path} <{}>", a.get_id()));
+            }
+        }
+        for s in c.get_subcommands() {
+            let p = format!("{path} {}", s.get_name());
+            if s.get_about().is_none() && s.get_name() != "help" {
+                blank.push(p.clone());
+            }
+            no_blank_help(s, &p, blank);
+        }
+    }
+
+    #[test]
+    fn every_help_line_is_filled() {
+        let mut blank = Vec::new();
+        no_blank_help(&MeshdCli::command(), "meshd", &mut blank);
+        no_blank_help(&MeshctlCli::command(), "meshctl", &mut blank);
+        assert!(blank.is_empty(), "no help text: {blank:#?}");
+    }
+
+    #[test]
+    fn the_version_names_the_commit() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(VERSION.contains('('), "{VERSION}");
+    }
 }

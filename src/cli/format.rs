@@ -408,6 +408,7 @@ mod tests {
                 endpoints: vec!["198.51.100.1:51820".into()],
                 admin: true,
                 tun: "mesh0".into(),
+                version: String::new(),
             },
             mesh: MeshStatus {
                 id: "abc".into(),

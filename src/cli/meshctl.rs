@@ -42,7 +42,41 @@ pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
 
 async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
     let c = Client::new(&cli.socket);
-    match cli.command {
+    let command = cli
+        .command
+        .unwrap_or(MeshctlCommand::Status { json: false });
+    match command {
+        MeshctlCommand::Version { json } => {
+            let cli_version = crate::constants::VERSION;
+            let daemon = c
+                .get::<StatusReport>("/v1/status")
+                .await
+                .map(|s| s.me.version)
+                .map_err(|e| e.to_string());
+            if json {
+                let v = serde_json::json!({
+                    "meshctl": cli_version,
+                    "meshd": daemon.as_ref().ok(),
+                    "error": daemon.as_ref().err(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("meshctl {cli_version}");
+                match &daemon {
+                    Ok(v) if v.is_empty() => println!("meshd (an older release: it does not say)"),
+                    Ok(v) => println!("meshd {v}"),
+                    Err(e) => println!("meshd: not reachable ({e})"),
+                }
+            }
+            if let Ok(v) = &daemon {
+                if v != cli_version {
+                    eprintln!(
+                        "warning: meshctl and the running meshd are different builds; restart \
+                         meshd after an upgrade (systemctl restart meshd)"
+                    );
+                }
+            }
+        }
         MeshctlCommand::Status { json } => {
             if json {
                 let v: serde_json::Value = c.get("/v1/status").await?;

@@ -1,6 +1,7 @@
 //! `meshd`: init, join, run, leave, demo.
 
 use super::args::{MeshdCli, MeshdCommand, NodeArgs, Paths};
+use super::service;
 use crate::control::client::Client;
 use crate::control::LeaveResponse;
 use crate::id::MeshRange;
@@ -26,13 +27,20 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("meshd: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("meshd: {}", service::describe(&e));
+            ExitCode::from(service::exit_code(&e))
         }
     }
 }
 
 async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
+    if matches!(
+        cli.command,
+        MeshdCommand::Init { .. } | MeshdCommand::Join { .. } | MeshdCommand::Run { .. }
+    ) {
+        // Before anything is read or written: a first run without it leaves nothing behind.
+        service::check_net_admin()?;
+    }
     match cli.command {
         MeshdCommand::Init {
             node,
@@ -137,7 +145,10 @@ async fn init(
         print_join_line(&token);
         return Ok(ExitCode::SUCCESS);
     }
-    run_node(&paths, None, move |r: &Ready| {
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ran2 = ran.clone();
+    let result = run_node(&paths, None, move |r: &Ready| {
+        ran2.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!(
             "created mesh {}; this node is {} at {} ({}). On every other machine run:",
             token.mesh(),
@@ -147,7 +158,31 @@ async fn init(
         );
         print_join_line(&token);
     })
-    .await
+    .await;
+    undo_if_never_ran(result, &ran, &paths, true)
+}
+
+/// A first `init`/`join` whose node never came up leaves no state behind: the retry its error
+/// advises (another `--port`, a TUN device) then starts clean.
+fn undo_if_never_ran(
+    result: anyhow::Result<ExitCode>,
+    ran: &std::sync::atomic::AtomicBool,
+    paths: &Paths,
+    root_key_too: bool,
+) -> anyhow::Result<ExitCode> {
+    let Err(e) = result else {
+        return result;
+    };
+    if ran.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(e);
+    }
+    match StateDir::new(&paths.state_dir).undo_setup(root_key_too) {
+        Ok(()) => Err(e.context(format!(
+            "nothing was kept in {}: fix the cause and run the same command again",
+            paths.state_dir.display()
+        ))),
+        Err(u) => Err(e.context(format!("(and removing the new state failed: {u})"))),
+    }
 }
 
 fn validate_domain(d: &str) -> anyhow::Result<()> {
@@ -197,7 +232,10 @@ async fn join(
         token
     };
     let token = Token::decode(&token).map_err(|e| {
-        anyhow::anyhow!("this join token is not usable: {e}. Copy the whole line printed by `meshd init` or `meshctl invite`")
+        anyhow::Error::new(e).context(
+            "this join token is not usable (it is the whole line `meshd init` or `meshctl invite` \
+             printed)",
+        )
     })?;
     let name = node_name(&node.name)?;
     let bootstrap = bootstrap
@@ -226,7 +264,10 @@ async fn join(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    run_node(&paths, Some(udp), |r: &Ready| {
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ran2 = ran.clone();
+    let result = run_node(&paths, Some(udp), move |r: &Ready| {
+        ran2.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!(
             "joined mesh {} as {} at {} ({})",
             token.mesh(),
@@ -235,7 +276,8 @@ async fn join(
             r.subnet
         );
     })
-    .await
+    .await;
+    undo_if_never_ran(result, &ran, &paths, false)
 }
 
 async fn run_node(
@@ -249,7 +291,17 @@ async fn run_node(
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    match node::run(&opts, udp, shutdown, ready).await? {
+    let ready = |r: &Ready| {
+        ready(r);
+        // The TUN device, the tunnels' socket and mesh DNS are up.
+        service::notify(&format!(
+            "READY=1\nSTATUS=node {} at {} ({})",
+            r.name, r.mesh_ip, r.subnet
+        ));
+    };
+    let exit = node::run(&opts, udp, shutdown, ready).await;
+    service::notify("STOPPING=1");
+    match exit? {
         Exit::Shutdown => Ok(ExitCode::SUCCESS),
         Exit::Left => Ok(ExitCode::SUCCESS),
         Exit::Removed => {

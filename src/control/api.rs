@@ -163,6 +163,9 @@ pub struct SelfStatus {
     /// Whether this node holds the mesh root key (can invite and remove).
     pub admin: bool,
     pub tun: String,
+    /// The running meshd's version ([`crate::constants::VERSION`]).
+    #[serde(default)]
+    pub version: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -21,6 +21,12 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "not allowed to talk to meshd at {}: the control socket is for root only; run meshctl \
+         with sudo",
+        socket.display()
+    )]
+    Denied { socket: PathBuf },
     #[error("{message}")]
     Api { status: u16, message: String },
     #[error("talking to meshd: {0}")]
@@ -61,9 +67,17 @@ impl Client {
     ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    ClientError::Denied {
+                        socket: self.socket.clone(),
+                    }
+                } else {
+                    ClientError::Connect {
+                        socket: self.socket.clone(),
+                        source,
+                    }
+                }
             })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

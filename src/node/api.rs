@@ -251,6 +251,7 @@ impl<P: Platform> Node<P> {
                 .collect(),
             admin: l.root.is_some(),
             tun: l.config.tun.clone(),
+            version: crate::constants::VERSION.to_string(),
         };
         report::status(
             me,

@@ -446,6 +446,23 @@ impl StateDir {
 
     /// Remove this node's identity and caches after `meshd leave`. The root key, if any, stays:
     /// the mesh may still need administering.
+    /// Undo a first `init`/`join` that failed before the node ran: every file it made (the
+    /// root key too, for `init`: a failed init made it), and the directory if that leaves it
+    /// empty, so the advised retry starts clean.
+    pub fn undo_setup(&self, root_key_too: bool) -> Result<(), StateError> {
+        self.remove_node()?;
+        if root_key_too {
+            let p = self.file(ROOT_KEY);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::io(&p, e)),
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+        Ok(())
+    }
+
     pub fn remove_node(&self) -> Result<(), StateError> {
         // node.json first: it is what makes a directory a node, so an interrupted removal
         // leaves a directory that is no longer a half-working node.

@@ -1,0 +1,227 @@
+//! meshd as a Linux service: readiness to systemd, exit codes a unit does not restart, first
+//! runs that fail without leaving state behind, damaged tokens, and the unit's hardening.
+
+mod common;
+
+use common::{Lab, MESHD};
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+/// A meshd started with `$NOTIFY_SOCKET` says READY=1 (with a STATUS= line) once it serves:
+/// its control socket answers and its TUN device has the node's address.
+#[test]
+fn readiness_is_sent_once_the_node_serves() {
+    let mut lab = Lab::new("ready", 1);
+    let path = lab.dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&path).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    lab.env
+        .push(("NOTIFY_SOCKET".into(), path.to_string_lossy().into_owned()));
+    lab.spawn(0, &["init", "--name", "a"]);
+    let mut buf = [0u8; 512];
+    let n = listener.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\nSTATUS=node a at "), "{msg}");
+    // Ready means serving: the API answers at once, with the address the STATUS line gave.
+    let status = lab.try_status(0).expect("status right after READY");
+    assert!(msg.contains(&status.me.mesh_ip), "{msg}");
+    let o = lab.sh(0, "ip", &["-4", "addr", "show", "dev", "mesh0"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&status.me.mesh_ip));
+    // `meshctl` alone is `meshctl status`; `meshctl version` names both builds.
+    let o = lab.meshctl(0, &[]);
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("a  "),
+        "{o:?}"
+    );
+    let o = lab.meshctl(0, &["version"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        out.contains(&format!("meshd {}", status.me.version)),
+        "{out}"
+    );
+    assert!(!status.me.version.is_empty());
+    assert!(o.stderr.is_empty(), "same build, no warning: {o:?}");
+    // A user without access to the control socket is told why, not to start meshd.
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::MESHCTL,
+        ])
+        .arg("--socket")
+        .arg(lab.socket(0))
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("run meshctl with sudo"), "{err}");
+    lab.stop(0);
+    let n = listener.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+/// Without CAP_NET_ADMIN: one clear sentence, exit status 77, and nothing written.
+#[test]
+fn without_root_meshd_says_so_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", MESHD])
+        .args(["init", "--name", "a", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(77), "{err}");
+    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!state.exists(), "nothing written");
+}
+
+/// A first `init` that cannot start (its port is taken) keeps no state, says so, and the
+/// advised retry with another port works.
+#[test]
+fn a_failed_first_run_leaves_nothing_and_the_retry_works() {
+    let mut lab = Lab::new("firstrun", 1);
+    // Something else holds UDP 51820 in this machine.
+    let _busy = lab
+        .ns(0)
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:51820").unwrap())
+        .unwrap();
+    let o = lab.meshd_cmd(0, &["init", "--name", "a"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(err.contains("nothing was kept"), "{err}");
+    assert!(err.contains("51820"), "says which port: {err}");
+    assert!(
+        !lab.state_dir(0).join("node.json").exists() && !lab.state_dir(0).join("root.key").exists(),
+        "no state left behind"
+    );
+    // The retry the message advises.
+    let token = lab.init(0, "a", &["--port", "51821"]);
+    assert!(token.starts_with("mj2_"));
+    assert_eq!(lab.status(0).me.port, 51821);
+}
+
+/// A truncated or mistyped token is refused in words, with exit status 78 (not restarted),
+/// and leaves no state.
+#[test]
+fn a_damaged_token_says_what_is_wrong() {
+    let mut lab = Lab::new("badtoken", 2);
+    let token = lab.init(0, "a", &[]);
+    let cut = &token[..token.len() - 7];
+    let o = lab
+        .meshd_cmd(1, &["join", cut, "--name", "b"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    assert!(!err.contains("Unexpected") && !err.contains('{'), "{err}");
+    let mut typo = token.clone().into_bytes();
+    let i = token.len() / 2;
+    typo[i] = if typo[i] == b'x' { b'y' } else { b'x' };
+    let o = lab
+        .meshd_cmd(
+            1,
+            &["join", std::str::from_utf8(&typo).unwrap(), "--name", "b"],
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+    assert!(!lab.state_dir(1).join("node.json").exists());
+}
+
+/// The shipped unit's hardening, as systemd rates it: exposure 3.0 or less.
+#[test]
+fn the_systemd_unit_is_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/meshd.service"
+    ))
+    .unwrap();
+    for needed in [
+        "Type=notify",
+        "RestartPreventExitStatus=3 77 78",
+        "EnvironmentFile=-/etc/default/meshd",
+    ] {
+        assert!(unit.contains(needed), "the unit has {needed}");
+    }
+    // systemd-analyze wants the ExecStart binary to exist.
+    let unit = unit.replace("/usr/local/bin/meshd", MESHD);
+    let path = dir.path().join("meshd.service");
+    std::fs::write(&path, unit).unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no rating: {out}{}", String::from_utf8_lossy(&o.stderr)));
+    let level: f64 = line
+        .split("level for meshd.service:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    println!("systemd-analyze security: {level}");
+    assert!(level <= 3.0, "{line}");
+}
+
+/// Under journald (stderr is the stream `$JOURNAL_STREAM` names), log lines carry their
+/// priority as `<N>` and no timestamp of meshd's own, so `journalctl -p warning` works.
+#[test]
+fn logs_under_journald_carry_priorities_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let lab = Lab::new("journal", 1);
+    let log = lab.dir.path().join("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(
+        lab.meshd_cmd(0, &["init", "--name", "a"])
+            .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
+    let mut text = String::new();
+    lab.wait_for("meshd running, logged", Duration::from_secs(30), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("meshd running")
+    });
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('<')).collect();
+    let running = lines
+        .iter()
+        .find(|l| l.contains("meshd running"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(running.starts_with("<6>meshd running name=a"), "{running}");
+    // Every line has a priority (debug ones too: 7), none a timestamp or a level word.
+    assert!(lines.iter().any(|l| l.starts_with("<7>")), "{text}");
+    // (The human lines `meshd init` prints for the operator go at journald's default, info.)
+    let human = |l: &str| l.starts_with("created mesh") || l.starts_with("meshd join");
+    for l in text.lines().filter(|l| !l.is_empty() && !human(l)) {
+        assert!(l.starts_with('<'), "{l}");
+        assert!(!l.contains("Z ") && !l.contains("INFO"), "{l}");
+    }
+}
