@@ -39,6 +39,7 @@ pub mod gossip;
 pub mod id;
 pub mod join;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod state;

@@ -125,6 +125,9 @@ pub enum MeshctlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// This node's Prometheus metrics (also served on http://MESH_IP:9586/metrics, with
+    /// http://MESH_IP:9586/sd listing every member's metrics target for Prometheus).
+    Metrics,
     /// This node and one line per peer (also what `meshctl` alone prints).
     Status {
         /// Machine-readable output.

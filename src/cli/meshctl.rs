@@ -77,6 +77,7 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 }
             }
         }
+        MeshctlCommand::Metrics => print!("{}", c.get_text("/v1/metrics").await?),
         MeshctlCommand::Status { json } => {
             if json {
                 let v: serde_json::Value = c.get("/v1/status").await?;

@@ -304,6 +304,13 @@ pub struct RelaySessionView {
     pub endpoints: [Option<String>; 2],
 }
 
+/// One target group of Prometheus HTTP service discovery (`http_sd_configs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SdTargetGroup {
+    pub targets: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RelayResponse {
     pub relay: bool,
@@ -418,6 +425,10 @@ pub enum ApiReply {
     Proxy(ProxyResponse),
     ExitNode(ExitNodeResponse),
     Relay(RelayResponse),
+    /// Prometheus text (served as text/plain).
+    Metrics(String),
+    /// Prometheus HTTP service discovery: every live member's metrics target.
+    Discovery(Vec<SdTargetGroup>),
     Ping(PingResponse),
     Netcheck(NetcheckReport),
 }
@@ -445,6 +456,8 @@ pub enum ApiRequest {
     Proxy(ListenRequest),
     ExitNode(ToggleRequest),
     Relay(ToggleRequest),
+    Metrics,
+    Discovery,
     Ping(PingRequest),
     Netcheck,
 }

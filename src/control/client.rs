@@ -117,12 +117,24 @@ impl Client {
         Ok(TokioIo::new(up))
     }
 
+    /// A GET whose answer is text (Prometheus metrics).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let bytes = self.raw(Method::GET, path, Bytes::new()).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> Result<T, ClientError> {
+        let bytes = self.raw(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer: {e}")))
+    }
+
+    async fn raw(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
         let mut sender = self.open().await?;
         let req = Request::builder()
             .method(method)
@@ -140,8 +152,7 @@ impl Client {
         if !status.is_success() {
             return Err(api_error(status.as_u16(), &bytes));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Protocol(format!("unexpected answer: {e}")))
+        Ok(bytes)
     }
 }
 

@@ -214,6 +214,8 @@ async fn handle(
         (&Method::POST, "/v1/gateway") => parse_required(&body).map(ApiRequest::Gateway),
         (&Method::POST, "/v1/proxy") => parse_required(&body).map(ApiRequest::Proxy),
         (&Method::POST, "/v1/exit-node") => parse_required(&body).map(ApiRequest::ExitNode),
+        (&Method::GET, "/v1/metrics") => Ok(ApiRequest::Metrics),
+        (&Method::GET, "/v1/sd") => Ok(ApiRequest::Discovery),
         (&Method::POST, "/v1/relay") => parse_required(&body).map(ApiRequest::Relay),
         (&Method::POST, "/v1/ping") => parse_required(&body).map(ApiRequest::Ping),
         (&Method::GET, "/v1/netcheck") => Ok(ApiRequest::Netcheck),
@@ -232,10 +234,63 @@ async fn handle(
     if calls.send(ApiCall { request, reply: tx }).await.is_err() {
         return Ok(error(503, "meshd is shutting down"));
     }
-    Ok(match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+    Ok(answer(rx).await)
+}
+
+/// The node's answer to a call, as an HTTP response.
+async fn answer(rx: oneshot::Receiver<crate::control::ApiResult>) -> Response<Full<Bytes>> {
+    match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        Ok(Ok(Ok(ApiReply::Metrics(text)))) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(text)))
+            .expect("valid response"),
         Ok(Ok(Ok(v))) => json(StatusCode::OK, &v),
         Ok(Ok(Err(f))) => error(f.status, f.message),
         Ok(Err(_)) => error(503, "meshd is shutting down"),
         Err(_) => error(504, "meshd did not answer in time"),
-    })
+    }
+}
+
+/// Port of the metrics listener on the node's mesh address.
+pub const METRICS_PORT: u16 = 9586;
+
+/// Serve `GET /metrics` and `GET /sd` (nothing else: read-only) on `listener`, the node's
+/// mesh address, until `shutdown`. Reachable only through the tunnels.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    calls: mpsc::Sender<ApiCall>,
+    shutdown: CancellationToken,
+) {
+    let handler = move |stream: tokio::net::TcpStream, _peer| {
+        let calls = calls.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let calls = calls.clone();
+                async move {
+                    let request = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => ApiRequest::Metrics,
+                        (&Method::GET, "/sd") => ApiRequest::Discovery,
+                        (_, p) => {
+                            return Ok::<_, hyper::Error>(error(
+                                404,
+                                format!(
+                                    "no such endpoint: {p} (this port serves /metrics and /sd)"
+                                ),
+                            ))
+                        }
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    if calls.send(ApiCall { request, reply: tx }).await.is_err() {
+                        return Ok(error(503, "meshd is shutting down"));
+                    }
+                    Ok(answer(rx).await)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        }
+    };
+    crate::proxy::listen::accept_loop(listener, 64, None, shutdown, "metrics", handler).await;
 }

@@ -102,11 +102,33 @@ impl ZoneHandler for LiveZone {
     }
 }
 
+/// The catalog, with every answer counted by its response code (metrics).
+pub struct Counted(Catalog);
+
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for Counted {
+    async fn handle_request<
+        R: hickory_server::server::ResponseHandler,
+        T: hickory_server::net::runtime::Time,
+    >(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> hickory_server::server::ResponseInfo {
+        let info = self
+            .0
+            .handle_request::<R, T>(request, response_handle)
+            .await;
+        crate::metrics::dns_answer(u16::from(info.response_code));
+        info
+    }
+}
+
 /// A running mesh DNS server.
 pub struct DnsServer {
     forward: Arc<LiveZone>,
     reverse: Vec<(Name, Arc<LiveZone>)>,
-    server: Server<Catalog>,
+    server: Server<Counted>,
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
     serial: u32,
@@ -176,7 +198,7 @@ impl DnsServer {
         let listen = udp.local_addr().map_err(bind(format!("{want}/udp")))?;
         let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
             .map_err(bind(format!("{listen}/tcp")))?;
-        let mut server = Server::new(catalog);
+        let mut server = Server::new(Counted(catalog));
         server.register_socket(
             tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?,
         );

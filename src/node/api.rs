@@ -60,6 +60,26 @@ impl<P: Platform> Node<P> {
             ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
             ApiRequest::Relay(r) => self.relay(r).map(ApiReply::Relay),
+            ApiRequest::Metrics => {
+                let snap = self.view.snapshot();
+                let rtt = self
+                    .nat
+                    .view
+                    .lock()
+                    .unwrap()
+                    .rtt
+                    .iter()
+                    .filter_map(|(id, d)| Some((snap.member(id)?.name.clone(), d.as_secs_f64())))
+                    .collect();
+                Ok(ApiReply::Metrics(super::metrics::render(
+                    &self.status(),
+                    &self.netcheck(),
+                    &rtt,
+                )))
+            }
+            ApiRequest::Discovery => Ok(ApiReply::Discovery(super::metrics::discovery(
+                &self.status(),
+            ))),
             ApiRequest::Netcheck => Ok(ApiReply::Netcheck(self.netcheck())),
             ApiRequest::Ping(_) => unreachable!("answered above"),
             ApiRequest::Leave => {

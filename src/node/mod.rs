@@ -22,6 +22,7 @@ mod dns;
 mod edge;
 mod fallback;
 mod frames;
+mod metrics;
 mod notices;
 pub mod outreach;
 mod own;
@@ -193,6 +194,10 @@ struct Node<P: Platform> {
     /// Observed addresses, hole punches and `meshctl ping` (with host services).
     traverser: Option<traverser::Traverser>,
     nat: traverser::Outputs,
+    /// Calls into this node, for the metrics listener on the mesh address.
+    api: mpsc::Sender<ApiCall>,
+    /// The metrics listener (`MESH_IP:9586`), stopped when cancelled.
+    metrics: Option<CancellationToken>,
     /// Whether this node relays for others (`meshctl relay`; on unless turned off).
     relay_enabled: Arc<std::sync::atomic::AtomicBool>,
     settings: Settings,
@@ -250,7 +255,7 @@ pub async fn run_on<P: Platform>(
     tokio::spawn(api_server::serve(
         listener,
         opts.socket.clone(),
-        api_tx,
+        api_tx.clone(),
         Some(edge.dialer()),
         api_stop.clone(),
     ));
@@ -303,6 +308,8 @@ pub async fn run_on<P: Platform>(
             candidates: tokio::sync::watch::channel(Vec::new()).0,
             view: Default::default(),
         },
+        api: api_tx,
+        metrics: None,
         relay_enabled: Arc::new(std::sync::atomic::AtomicBool::new(
             !loaded.settings.relay_disabled,
         )),
@@ -328,6 +335,9 @@ pub async fn run_on<P: Platform>(
     node.edge.stop_all();
     node.prober = None;
     node.traverser = None;
+    if let Some(stop) = node.metrics.take() {
+        stop.cancel();
+    }
     node.dns.stop().await;
     dev_stop.cancel();
     // State first, then the API socket: a `meshd leave` waiting on this process sees the state
@@ -413,6 +423,20 @@ impl<P: Platform> Node<P> {
             Err(e) => {
                 error!(error = %e, "cannot run NAT traversal: members behind NAT may stay unreachable")
             }
+        }
+        if let Some(stop) = self.metrics.take() {
+            stop.cancel();
+        }
+        let at = SocketAddr::from((self.mesh_ip(), api_server::METRICS_PORT));
+        match crate::mesh::linux::bind_tcp_on_device(at, &self.local.config.tun)
+            .and_then(tokio::net::TcpListener::from_std)
+        {
+            Ok(l) => {
+                let stop = CancellationToken::new();
+                tokio::spawn(api_server::serve_metrics(l, self.api.clone(), stop.clone()));
+                self.metrics = Some(stop);
+            }
+            Err(e) => error!(%at, error = %e, "cannot serve metrics on the mesh address"),
         }
         self.edge.start_mesh_side(
             self.mesh_ip(),

@@ -100,6 +100,8 @@ pub struct NatView {
     /// Whether a member's probe from a port this node never sent to reached its public
     /// address; `None` before the first check.
     pub port_reachable: Option<bool>,
+    /// Round trips last measured to members.
+    pub rtt: Vec<(NodeId, Duration)>,
 }
 
 impl Default for NatView {
@@ -113,6 +115,7 @@ impl Default for NatView {
             relay_sessions: Vec::new(),
             relay_refused: 0,
             port_reachable: None,
+            rtt: Vec::new(),
         }
     }
 }
@@ -523,6 +526,7 @@ impl Task {
         self.view.observations = self.observations.iter().map(|(i, o)| (*i, *o)).collect();
         self.view.mapping = self.observations.mapping();
         self.view.relay_sessions = self.relays.served();
+        self.view.rtt = self.rtt.iter().map(|(id, d)| (*id, *d)).collect();
         *self.out.view.lock().unwrap() = self.view.clone();
     }
 
@@ -643,6 +647,7 @@ impl Task {
                     if let Some((sent, _, reply)) = self.pings.remove(&seq) {
                         let rtt = now.duration_since(sent);
                         self.rtt.insert(sender, rtt);
+                        self.dirty = true;
                         if let Some(reply) = reply {
                             let _ = reply.send(Some(rtt));
                         }

@@ -41,6 +41,7 @@ pub async fn accept_loop<F, Fut>(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             warn!(what, %peer, max, "connection limit reached; refusing a connection");
+            crate::metrics::connection(what, false);
             drop(stream);
             continue;
         };
@@ -53,12 +54,14 @@ pub async fn accept_loop<F, Fut>(
                 Some(s) => Some(s),
                 None => {
                     debug!(what, %peer, limit, "per-client connection limit reached; refusing a connection");
+                    crate::metrics::connection(what, false);
                     drop(stream);
                     continue;
                 }
             },
             None => None,
         };
+        crate::metrics::connection(what, true);
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let stop = stop.clone();

@@ -1,0 +1,206 @@
+//! `GET /metrics` and `GET /sd`: Prometheus text and HTTP service discovery, projected from the
+//! same typed reports `meshctl status` and `meshctl netcheck` show (pure).
+
+use crate::control::server::METRICS_PORT;
+use crate::control::{NetcheckReport, PeerState, SdTargetGroup, StatusReport};
+use crate::metrics::{Kind, Text};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+/// Every metric of this node.
+pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>) -> String {
+    let mut t = Text::default();
+    t.family(
+        "meshd_build_info",
+        Kind::Gauge,
+        "The running meshd's version (release and commit).",
+    )
+    .sample("meshd_build_info", &[("version", &s.me.version)], 1.0);
+    t.family(
+        "meshd_members",
+        Kind::Gauge,
+        "Other members of the mesh by state.",
+    );
+    for (state, name) in [
+        (PeerState::Online, "online"),
+        (PeerState::Connecting, "connecting"),
+        (PeerState::Offline, "offline"),
+    ] {
+        let count = s.peers.iter().filter(|p| p.state == state).count();
+        t.sample("meshd_members", &[("state", name)], count as f64);
+    }
+    t.family(
+        "meshd_peer_receive_bytes_total",
+        Kind::Counter,
+        "Bytes received from each peer through its tunnel.",
+    );
+    for p in &s.peers {
+        t.sample(
+            "meshd_peer_receive_bytes_total",
+            &[("peer", &p.name)],
+            p.rx_bytes as f64,
+        );
+    }
+    t.family(
+        "meshd_peer_transmit_bytes_total",
+        Kind::Counter,
+        "Bytes sent to each peer through its tunnel.",
+    );
+    for p in &s.peers {
+        t.sample(
+            "meshd_peer_transmit_bytes_total",
+            &[("peer", &p.name)],
+            p.tx_bytes as f64,
+        );
+    }
+    t.family(
+        "meshd_peer_last_handshake_seconds",
+        Kind::Gauge,
+        "Seconds since each peer's last WireGuard handshake.",
+    );
+    for p in &s.peers {
+        if let Some(h) = p.last_handshake_secs {
+            t.sample(
+                "meshd_peer_last_handshake_seconds",
+                &[("peer", &p.name)],
+                h as f64,
+            );
+        }
+    }
+    t.family(
+        "meshd_peer_path",
+        Kind::Gauge,
+        "The path to each peer (1 for the one in use: direct, relayed, or none).",
+    );
+    for p in &s.peers {
+        let path = p.path.as_deref().unwrap_or("none");
+        t.sample("meshd_peer_path", &[("peer", &p.name), ("path", path)], 1.0);
+    }
+    t.family(
+        "meshd_peer_rtt_seconds",
+        Kind::Gauge,
+        "Round trip to each peer through its tunnel, last measured.",
+    );
+    for (peer, secs) in rtt {
+        t.sample("meshd_peer_rtt_seconds", &[("peer", peer)], *secs);
+    }
+    let d = &s.drops;
+    t.family(
+        "meshd_dropped_packets_total",
+        Kind::Counter,
+        "Packets the data plane dropped, by reason.",
+    );
+    for (reason, v) in [
+        ("no_route", d.no_route),
+        ("bad_source", d.bad_source),
+        ("bad_destination", d.bad_destination),
+        ("unknown_peer", d.unknown_peer),
+        ("malformed", d.malformed),
+    ] {
+        t.sample(
+            "meshd_dropped_packets_total",
+            &[("reason", reason)],
+            v as f64,
+        );
+    }
+    let r = &n.relay;
+    t.family(
+        "meshd_relay_sessions",
+        Kind::Gauge,
+        "Sessions this node relays for other members.",
+    )
+    .sample("meshd_relay_sessions", &[], r.sessions.len() as f64);
+    t.family(
+        "meshd_relay_forwarded_bytes_total",
+        Kind::Counter,
+        "Bytes this node relayed for other members.",
+    )
+    .sample(
+        "meshd_relay_forwarded_bytes_total",
+        &[],
+        r.forwarded_bytes as f64,
+    );
+    t.family(
+        "meshd_relay_dropped_total",
+        Kind::Counter,
+        "Relayed frames dropped, by reason.",
+    );
+    for (reason, v) in [
+        ("unknown_session", r.dropped_unknown),
+        ("unbound_source", r.dropped_unbound),
+        ("rate", r.dropped_rate),
+    ] {
+        t.sample("meshd_relay_dropped_total", &[("reason", reason)], v as f64);
+    }
+    t.family(
+        "meshd_hole_punches_total",
+        Kind::Counter,
+        "Hole punches made, for this node or asked by others.",
+    )
+    .sample(
+        "meshd_hole_punches_total",
+        &[("kind", "sent")],
+        n.punches_sent as f64,
+    )
+    .sample(
+        "meshd_hole_punches_total",
+        &[("kind", "answered")],
+        n.punches_answered as f64,
+    );
+    t.family(
+        "meshd_dns_answers_total",
+        Kind::Counter,
+        "Mesh DNS answers, by response code.",
+    );
+    for (i, result) in crate::metrics::DNS_RESULTS.iter().enumerate() {
+        let v = crate::metrics::DNS_ANSWERS[i].load(Ordering::Relaxed);
+        t.sample("meshd_dns_answers_total", &[("result", result)], v as f64);
+    }
+    let conns = crate::metrics::connections();
+    t.family(
+        "meshd_connections_total",
+        Kind::Counter,
+        "Connections accepted, by listener (gateway, proxy, mesh side).",
+    );
+    for (what, accepted, _) in &conns {
+        t.sample(
+            "meshd_connections_total",
+            &[("listener", what)],
+            *accepted as f64,
+        );
+    }
+    t.family(
+        "meshd_connections_refused_total",
+        Kind::Counter,
+        "Connections refused at a limit, by listener.",
+    );
+    for (what, _, refused) in &conns {
+        t.sample(
+            "meshd_connections_refused_total",
+            &[("listener", what)],
+            *refused as f64,
+        );
+    }
+    t.finish()
+}
+
+/// Prometheus HTTP service discovery: this node and every member not found offline, each a
+/// target `MESH_IP:9586` labelled with its node name and subnet.
+pub fn discovery(s: &StatusReport) -> Vec<SdTargetGroup> {
+    let group = |name: &str, ip: &str, subnet: &str| SdTargetGroup {
+        targets: vec![format!("{ip}:{METRICS_PORT}")],
+        labels: [("node", name), ("subnet", subnet)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let mut out = vec![group(&s.me.name, &s.me.mesh_ip, &s.me.subnet)];
+    for p in s
+        .peers
+        .iter()
+        .filter(|p| p.state != PeerState::Offline && !p.mesh_ip.is_empty())
+    {
+        out.push(group(&p.name, &p.mesh_ip, &p.subnet));
+    }
+    out
+}
