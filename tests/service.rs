@@ -70,6 +70,7 @@ fn readiness_is_sent_once_the_node_serves() {
 /// Without CAP_NET_ADMIN: one clear sentence, exit status 77, and nothing written.
 #[test]
 fn without_root_meshd_says_so_and_writes_nothing() {
+    common::preflight();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let o = Command::new("setpriv")
@@ -144,6 +145,7 @@ fn a_damaged_token_says_what_is_wrong() {
 /// The shipped unit's hardening, as systemd rates it: exposure 3.0 or less.
 #[test]
 fn the_systemd_unit_is_hardened() {
+    common::preflight();
     let dir = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -224,4 +226,43 @@ fn logs_under_journald_carry_priorities_and_no_timestamps() {
         assert!(l.starts_with('<'), "{l}");
         assert!(!l.contains("Z ") && !l.contains("INFO"), "{l}");
     }
+}
+
+/// On a machine without the tools the end-to-end tests use, the first test says at once which
+/// packages to install, in one command.
+#[test]
+fn a_machine_without_the_test_tools_is_told_the_one_line_that_installs_them() {
+    if std::env::var_os("MESHD_PREFLIGHT_CHILD").is_some() {
+        common::preflight();
+        return;
+    }
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_machine_without_the_test_tools_is_told_the_one_line_that_installs_them",
+            "--nocapture",
+        ])
+        .env("MESHD_PREFLIGHT_CHILD", "1")
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("sudo apt-get install -y --no-install-recommends"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("curl") && line.contains("prometheus"),
+        "{line}"
+    );
+    assert_eq!(
+        line.matches("prometheus").count(),
+        1,
+        "each package once: {line}"
+    );
 }

@@ -100,6 +100,18 @@ pub enum MeshdCommand {
         #[arg(long)]
         once: bool,
     },
+    /// Print a shell completion script for meshd (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages of meshd and meshctl (meshd.1, meshctl.1, one per subcommand) into
+    /// DIR (what the package ships).
+    #[command(hide = true)]
+    Manpages {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -124,6 +136,11 @@ pub enum MeshctlCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script for meshctl (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// This node's Prometheus metrics (also served on http://MESH_IP:9586/metrics, with
     /// http://MESH_IP:9586/sd listing every member's metrics target for Prometheus).

@@ -77,6 +77,9 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 }
             }
         }
+        MeshctlCommand::Completions { shell } => {
+            super::docs::completions("meshctl", shell, &mut std::io::stdout())
+        }
         MeshctlCommand::Metrics => print!("{}", c.get_text("/v1/metrics").await?),
         MeshctlCommand::Status { json } => {
             if json {

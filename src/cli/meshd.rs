@@ -57,6 +57,16 @@ async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
         MeshdCommand::Run { paths } => run_node(&paths, None, |_| {}).await,
         MeshdCommand::Leave { paths } => leave(&paths).await,
         MeshdCommand::Demo { nodes, once } => super::demo::run(nodes, once).await,
+        MeshdCommand::Completions { shell } => {
+            super::docs::completions("meshd", shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        MeshdCommand::Manpages { dir } => {
+            for p in super::docs::manpages(&dir)? {
+                println!("{}", dir.join(p).display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -43,10 +43,59 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
+/// The programs the end-to-end tests run, and the Debian package of each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("tcpdump", "tcpdump"),
+    ("socat", "socat"),
+    ("dig", "dnsutils"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dbus-daemon", "dbus-daemon"),
+    ("curl", "curl"),
+    ("nft", "nftables"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+];
+
+/// Before the first end-to-end test: every program they run is there, or the test fails at
+/// once with the one command that installs what is missing (not later, one by one, with
+/// errors that do not say why).
+pub fn preflight() {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let r = CHECKED.get_or_init(|| {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .collect();
+        let mut missing: Vec<&str> = TOOLS
+            .iter()
+            .filter(|(tool, _)| !dirs.iter().any(|d| d.join(tool).is_file()))
+            .map(|(_, pkg)| *pkg)
+            .collect();
+        missing.dedup();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the end-to-end tests need programs this machine lacks; install them with:\n  \
+                 sudo apt-get install -y --no-install-recommends {}",
+                missing.join(" ")
+            ))
+        }
+    });
+    if let Err(m) = r {
+        panic!("{m}");
+    }
+}
+
 impl Lab {
     /// A LAN of `hosts` machines for test `name` (unique per test; namespaces are prefixed with
     /// the process id so concurrent runs never collide).
     pub fn new(name: &str, hosts: usize) -> Lab {
+        preflight();
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
