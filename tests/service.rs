@@ -266,3 +266,65 @@ fn a_machine_without_the_test_tools_is_told_the_one_line_that_installs_them() {
         "each package once: {line}"
     );
 }
+
+/// Members of the reader group (`MESHD_GROUP`, default `meshd`) may read through the control
+/// socket, and are told that changes need root.
+#[test]
+fn the_reader_group_may_read_but_not_change() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut lab = Lab::new("readers", 1);
+    // "nogroup" exists everywhere; a real install makes a `meshd` group instead.
+    lab.env.push(("MESHD_GROUP".into(), "nogroup".into()));
+    std::fs::set_permissions(lab.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    lab.init(0, "a", &[]);
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                common::MESHCTL,
+            ])
+            .arg("--socket")
+            .arg(lab.socket(0))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody(&["status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("a  "));
+    let o = as_nobody(&["metrics"]);
+    assert!(o.status.success());
+    let o = as_nobody(&["invite"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    // Root still may.
+    assert!(lab.meshctl(0, &["invite"]).status.success());
+}
+
+/// `meshd leave` with the daemon stopped still tells the members: they drop the node.
+#[test]
+fn leave_works_with_the_daemon_stopped() {
+    let mut lab = Lab::new("leaveoff", 2);
+    let token = lab.init(0, "a", &[]);
+    lab.join(1, "b", &token);
+    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.stop(1);
+    let o = lab.meshd_cmd(1, &["leave"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("b left the mesh"), "{out}");
+    assert!(
+        !lab.state_dir(1).join("node.key").exists(),
+        "identity deleted"
+    );
+    lab.wait_for("a to drop b", Duration::from_secs(15), || {
+        lab.status(0).peers.is_empty()
+    });
+}

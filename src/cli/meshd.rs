@@ -328,6 +328,47 @@ async fn run_node(
     }
 }
 
+/// `meshd leave` with the daemon stopped: run the node just long enough to tell the members
+/// (a departure only counts once they hear it), then leave as a running node would.
+async fn leave_stopped(paths: &Paths) -> anyhow::Result<ExitCode> {
+    service::check_net_admin()?;
+    eprintln!("meshd is not running: starting it to tell the members this node leaves");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let run_paths = paths.clone();
+    let node = tokio::spawn(async move {
+        let opts = NodeOptions {
+            state_dir: run_paths.state_dir.clone(),
+            socket: run_paths.socket.clone(),
+        };
+        node::run(&opts, None, CancellationToken::new(), move |_: &Ready| {
+            let _ = ready_tx.send(());
+        })
+        .await
+    });
+    if tokio::time::timeout(Duration::from_secs(30), ready_rx)
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        node.abort();
+        anyhow::bail!("the node did not start within 30 s to announce its departure; see above");
+    }
+    let c = Client::new(&paths.socket);
+    let r: LeaveResponse = c.post("/v1/leave", &serde_json::json!({})).await?;
+    match tokio::time::timeout(Duration::from_secs(20), node).await {
+        Ok(Ok(Ok(Exit::Left))) => {
+            println!("{} left the mesh; subnet {} released", r.name, r.subnet);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Ok(Ok(other))) => anyhow::bail!("the node stopped ({other:?}) before it had left"),
+        Ok(Ok(Err(e))) => Err(e.into()),
+        Ok(Err(e)) => anyhow::bail!("the node task failed: {e}"),
+        Err(_) => anyhow::bail!(
+            "{} announced its departure but did not stop within 20 s",
+            r.name
+        ),
+    }
+}
+
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         crate::util::shutdown_signal().await;
@@ -338,7 +379,15 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 
 async fn leave(paths: &Paths) -> anyhow::Result<ExitCode> {
     let c = Client::new(&paths.socket);
-    let r: LeaveResponse = c.post("/v1/leave", &serde_json::json!({})).await?;
+    let r: LeaveResponse = match c.post("/v1/leave", &serde_json::json!({})).await {
+        Ok(r) => r,
+        Err(crate::control::client::ClientError::Connect { .. })
+            if paths.state_dir.join("node.json").exists() =>
+        {
+            return leave_stopped(paths).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Wait for the daemon to exit, so its port, TUN device and state lock are free when this
     // returns (`meshd leave && meshd join ...`). An older daemon sends no pid: its socket going
     // away is the sign then.

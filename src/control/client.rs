@@ -22,8 +22,8 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error(
-        "not allowed to talk to meshd at {}: the control socket is for root only; run meshctl \
-         with sudo",
+        "not allowed to talk to meshd at {}: run meshctl with sudo, or, to read (status, \
+         metrics), join the meshd group: sudo usermod -aG meshd $USER",
         socket.display()
     )]
     Denied { socket: PathBuf },

@@ -62,9 +62,47 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         std::fs::remove_file(path).map_err(io("removing stale", path))?;
     }
     let l = UnixListener::bind(path).map_err(io("binding control socket", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    // Root only, or also the read-only group when it exists: root:GROUP 0660, and the socket's
+    // own directory (meshd's, e.g. /run/meshd) group-traversable.
+    let mode = match reader_group() {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(io("setting the group of", path))?;
+            if let Some(dir) = path
+                .parent()
+                .filter(|d| d.file_name() == Some("meshd".as_ref()))
+            {
+                let _ = std::os::unix::fs::chown(dir, None, Some(gid));
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+            }
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("setting the mode of", path))?;
     Ok(l)
+}
+
+/// The group whose members may read through the control socket (status, metrics, ...):
+/// `$MESHD_GROUP`, default `meshd`, when it exists.
+pub fn reader_group() -> Option<u32> {
+    let name = std::env::var("MESHD_GROUP").unwrap_or_else(|_| "meshd".into());
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam reads the group database; the returned pointer is only read at once.
+    let g = unsafe { libc::getgrnam(cname.as_ptr()) };
+    if g.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, valid until the next getgr* call in this thread.
+    Some(unsafe { (*g).gr_gid })
+}
+
+/// Whether a caller with user id `uid` may change things (else it may only read).
+fn may_write(uid: Option<u32>) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    uid.is_some_and(|u| u == 0 || u == me)
 }
 
 /// Serve until `shutdown`; removes the socket file on the way out.
@@ -93,8 +131,22 @@ pub async fn serve(
         let calls = calls.clone();
         let stop = shutdown.clone();
         let dialer = dialer.clone();
+        let writer = may_write(stream.peer_cred().ok().map(|c| c.uid()));
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, calls.clone(), dialer.clone()));
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (calls, dialer) = (calls.clone(), dialer.clone());
+                async move {
+                    if !writer && req.method() != Method::GET {
+                        return Ok(error(
+                            403,
+                            "this changes the node and needs root: run meshctl with sudo \
+                             (members of the meshd group may only read: status, dns, services, \
+                             netcheck, metrics)",
+                        ));
+                    }
+                    handle(req, calls, dialer).await
+                }
+            });
             let conn = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
