@@ -328,3 +328,38 @@ fn leave_works_with_the_daemon_stopped() {
         lab.status(0).peers.is_empty()
     });
 }
+
+/// `meshctl set` changes the port and DNS upstreams after setup (checked first: a bad value
+/// changes nothing), and the node uses them after a restart.
+#[test]
+fn settings_made_at_setup_can_be_changed_later() {
+    let mut lab = Lab::new("setcfg", 1);
+    lab.init(0, "a", &[]);
+    let before = std::fs::read_to_string(lab.state_dir(0).join("node.json")).unwrap();
+    let o = lab.meshctl(
+        0,
+        &["set", "--port", "51830", "--endpoint", "not an address"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--endpoint"),
+        "{o:?}"
+    );
+    let after = std::fs::read_to_string(lab.state_dir(0).join("node.json")).unwrap();
+    assert_eq!(before, after, "a bad value changes nothing");
+    let o = lab.meshctl(
+        0,
+        &["set", "--port", "51830", "--dns-upstream", "192.0.2.53"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("port: 51820 -> 51830"), "{out}");
+    assert!(out.contains("restart meshd"), "{out}");
+    lab.stop(0);
+    lab.run(0);
+    lab.wait_for("a back on its new port", Duration::from_secs(30), || {
+        lab.try_status(0).is_some_and(|s| s.me.port == 51830)
+    });
+    let dns = lab.meshctl(0, &["dns", "--json"]);
+    assert!(String::from_utf8_lossy(&dns.stdout).contains("192.0.2.53"));
+}

@@ -207,6 +207,28 @@ pub enum MeshctlCommand {
         #[command(subcommand)]
         command: ProxyCommand,
     },
+    /// Change this node's port, endpoints, DNS upstreams or TUN name (saved; applied when
+    /// meshd restarts).
+    Set {
+        /// UDP port for WireGuard and joins.
+        #[arg(long)]
+        port: Option<u16>,
+        /// How other nodes reach this one, ADDR[:PORT]; repeat for several (replaces the list).
+        #[arg(long = "endpoint", value_name = "ADDR[:PORT]")]
+        endpoints: Vec<String>,
+        /// Go back to publishing this machine's own addresses.
+        #[arg(long, conflicts_with = "endpoints")]
+        default_endpoints: bool,
+        /// DNS server for names outside the mesh, IP[:PORT]; repeat for several (replaces the list).
+        #[arg(long = "dns-upstream", value_name = "IP[:PORT]")]
+        dns_upstream: Vec<String>,
+        /// Go back to the host's resolvers.
+        #[arg(long, conflicts_with = "dns_upstream")]
+        default_dns_upstream: bool,
+        /// TUN interface name.
+        #[arg(long)]
+        tun: Option<String>,
+    },
     /// Let other members' proxies exit to the networks this node reaches.
     ExitNode {
         #[command(subcommand)]

@@ -80,6 +80,37 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
         MeshctlCommand::Completions { shell } => {
             super::docs::completions("meshctl", shell, &mut std::io::stdout())
         }
+        MeshctlCommand::Set {
+            port,
+            endpoints,
+            default_endpoints,
+            dns_upstream,
+            default_dns_upstream,
+            tun,
+        } => {
+            let pick = |v: Vec<String>, default: bool| {
+                if default {
+                    Some(Vec::new())
+                } else {
+                    (!v.is_empty()).then_some(v)
+                }
+            };
+            let req = crate::control::ConfigRequest {
+                port,
+                endpoints: pick(endpoints, default_endpoints),
+                dns_upstream: pick(dns_upstream, default_dns_upstream),
+                tun,
+            };
+            let r: crate::control::ConfigResponse = c.post("/v1/config", &req).await?;
+            if r.changed.is_empty() {
+                println!("nothing changed");
+            } else {
+                for ch in &r.changed {
+                    println!("{ch}");
+                }
+                println!("saved; restart meshd to apply it: sudo systemctl restart meshd");
+            }
+        }
         MeshctlCommand::Metrics => print!("{}", c.get_text("/v1/metrics").await?),
         MeshctlCommand::Status { json } => {
             if json {

@@ -304,6 +304,25 @@ pub struct RelaySessionView {
     pub endpoints: [Option<String>; 2],
 }
 
+/// `meshctl set`: what to change in this node's configuration (absent: unchanged).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigRequest {
+    pub port: Option<u16>,
+    /// ADDR[:PORT]; an empty list goes back to "this machine's addresses".
+    pub endpoints: Option<Vec<String>>,
+    /// IP[:PORT]; an empty list goes back to "the host's resolvers".
+    pub dns_upstream: Option<Vec<String>>,
+    pub tun: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigResponse {
+    /// What changed, as `field: old -> new`.
+    pub changed: Vec<String>,
+    /// The changes take effect when meshd restarts.
+    pub restart_needed: bool,
+}
+
 /// One target group of Prometheus HTTP service discovery (`http_sd_configs`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SdTargetGroup {
@@ -425,6 +444,7 @@ pub enum ApiReply {
     Proxy(ProxyResponse),
     ExitNode(ExitNodeResponse),
     Relay(RelayResponse),
+    Config(ConfigResponse),
     /// Prometheus text (served as text/plain).
     Metrics(String),
     /// Prometheus HTTP service discovery: every live member's metrics target.
@@ -456,6 +476,7 @@ pub enum ApiRequest {
     Proxy(ListenRequest),
     ExitNode(ToggleRequest),
     Relay(ToggleRequest),
+    Config(ConfigRequest),
     Metrics,
     Discovery,
     Ping(PingRequest),

@@ -60,6 +60,7 @@ impl<P: Platform> Node<P> {
             ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
             ApiRequest::Relay(r) => self.relay(r).map(ApiReply::Relay),
+            ApiRequest::Config(r) => self.set_config(r).map(ApiReply::Config),
             ApiRequest::Metrics => {
                 let snap = self.view.snapshot();
                 let rtt = self
@@ -444,6 +445,100 @@ impl<P: Platform> Node<P> {
             enabled,
             socks5,
             http,
+        })
+    }
+
+    /// `meshctl set`: check every field first (a bad one changes nothing), then save them all.
+    /// They take effect at the next start (the port and TUN device are bound at start).
+    fn set_config(
+        &mut self,
+        r: crate::control::ConfigRequest,
+    ) -> Result<crate::control::ConfigResponse, ApiFailure> {
+        use super::setup::parse_endpoint;
+        let mut c = self.local.config.clone();
+        let mut changed = Vec::new();
+        let list = |v: &[SocketAddr]| {
+            if v.is_empty() {
+                "(default)".to_string()
+            } else {
+                v.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        if let Some(port) = r.port {
+            if port == 0 {
+                return Err(ApiFailure::bad_request("--port must be 1-65535"));
+            }
+            if port != c.port {
+                changed.push(format!("port: {} -> {port}", c.port));
+                c.port = port;
+            }
+        }
+        if let Some(eps) = r.endpoints {
+            let parsed = eps
+                .iter()
+                .map(|e| {
+                    parse_endpoint(e, c.port)
+                        .map_err(|m| ApiFailure::bad_request(format!("--endpoint: {m}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if parsed != c.endpoints {
+                changed.push(format!(
+                    "endpoints: {} -> {}",
+                    list(&c.endpoints),
+                    list(&parsed)
+                ));
+                c.endpoints = parsed;
+            }
+        }
+        if let Some(ups) = r.dns_upstream {
+            let parsed = ups
+                .iter()
+                .map(|e| {
+                    parse_endpoint(e, 53)
+                        .map_err(|m| ApiFailure::bad_request(format!("--dns-upstream: {m}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if parsed != c.dns_upstream {
+                changed.push(format!(
+                    "dns upstreams: {} -> {}",
+                    list(&c.dns_upstream),
+                    list(&parsed)
+                ));
+                c.dns_upstream = parsed;
+            }
+        }
+        if let Some(tun) = r.tun {
+            let ok = !tun.is_empty()
+                && tun.len() <= 15
+                && tun
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(ApiFailure::bad_request(format!(
+                    "--tun {tun:?} is not an interface name: 1-15 of a-z, 0-9, '-' and '_'"
+                )));
+            }
+            if tun != c.tun {
+                changed.push(format!("tun: {} -> {tun}", c.tun));
+                c.tun = tun;
+            }
+        }
+        if !changed.is_empty() {
+            self.local
+                .state
+                .save_node(&c)
+                .map_err(|e| ApiFailure::internal(format!("saving node.json: {e}")))?;
+            info!(
+                ?changed,
+                "configuration changed; takes effect at the next start"
+            );
+        }
+        Ok(crate::control::ConfigResponse {
+            restart_needed: !changed.is_empty(),
+            changed,
         })
     }
 

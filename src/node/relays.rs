@@ -99,8 +99,8 @@ struct Served {
 pub struct Relays {
     /// Relays per peer, the one in use first.
     using: HashMap<NodeId, Vec<InUse>>,
-    /// Since when each member has had no path / a direct one.
-    no_path: HashMap<NodeId, Instant>,
+    /// Since when each member has had no direct path / a direct one.
+    no_direct: HashMap<NodeId, Instant>,
     direct_since: HashMap<NodeId, Instant>,
     /// Asks made, per peer and relay, and when.
     asked: HashMap<(NodeId, NodeId), Instant>,
@@ -141,10 +141,10 @@ impl Relays {
         self.asked
             .retain(|_, t| now.saturating_duration_since(*t) < SESSION_TTL);
         for m in members {
-            if m.up {
-                self.no_path.remove(&m.node);
+            if m.direct {
+                self.no_direct.remove(&m.node);
             } else {
-                self.no_path.entry(m.node).or_insert(now);
+                self.no_direct.entry(m.node).or_insert(now);
             }
             if m.direct {
                 self.direct_since.entry(m.node).or_insert(now);
@@ -152,7 +152,7 @@ impl Relays {
                 self.direct_since.remove(&m.node);
             }
         }
-        self.no_path.retain(|n, _| by_id.contains_key(n));
+        self.no_direct.retain(|n, _| by_id.contains_key(n));
         self.direct_since.retain(|n, _| by_id.contains_key(n));
         // Relays in use: drop the dead, the silent and those no longer needed; refresh the rest.
         let peers: Vec<NodeId> = self.using.keys().copied().collect();
@@ -189,15 +189,17 @@ impl Relays {
                 self.using.remove(&peer);
             }
         }
-        // Members without a path and no relay: ask the nearest members with direct paths.
+        // Members without a direct path and no relay: ask the nearest members with direct paths.
         let mut near: Vec<&Member> = members.iter().filter(|m| m.live && m.direct).collect();
         near.sort_by_key(|m| (m.rtt.unwrap_or(Duration::MAX), m.node));
         for m in members {
             let waited = self
-                .no_path
+                .no_direct
                 .get(&m.node)
                 .is_some_and(|t| now.saturating_duration_since(*t) >= RELAY_AFTER);
-            if !m.live || m.up || !waited || self.using.contains_key(&m.node) {
+            // Not `up`: a member reached through a relay that just died still looks up (its
+            // last packets are recent) and must get another relay at once.
+            if !m.live || m.direct || !waited || self.using.contains_key(&m.node) {
                 continue;
             }
             let mut asks = 0;
@@ -433,7 +435,8 @@ mod tests {
         dead[0].live = false;
         dead[0].direct = false;
         dead[0].up = false;
-        dead[2].up = false;
+        // The peer still looks up: its last packets through the dead relay are recent.
+        dead[2].up = true;
         let a = r.tick(t + Duration::from_secs(10), &dead, true);
         assert!(a.contains(&Action::Drop {
             peer: id(9),
