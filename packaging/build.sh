@@ -92,13 +92,21 @@ Upstream-Name: meshd
 Source: https://example.org/meshd
 
 Files: *
-Copyright: meshd developers
+Copyright: 2026 meshd developers
 License: Apache-2.0
 
 License: Apache-2.0
  On Debian systems, the complete text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
+  # Static on purpose: one binary for every Linux of the architecture, no libc needed.
+  install -d "$root/usr/share/lintian/overrides"
+  {
+    for b in meshd meshctl; do
+      echo "meshd: statically-linked-binary [usr/bin/$b]"
+      echo "meshd: shared-library-lacks-prerequisites [usr/bin/$b]"
+    done
+  } > "$root/usr/share/lintian/overrides/meshd"
   install -d "$root/DEBIAN"
   size=$(du -sk "$root" | cut -f1)
   cat > "$root/DEBIAN/control" <<CONTROL

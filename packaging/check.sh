@@ -18,7 +18,7 @@ for arch in x86_64 aarch64; do
   for f in meshd meshctl README.md LICENSE CHANGELOG.md meshd.service man/meshd.1 man/meshctl.1 completions/meshctl.bash; do
     [ -e "$dir/$f" ] || fail "$tgz lacks $f"
   done
-  file "$dir/meshd" | grep -q "statically linked" || fail "$arch meshd is not static: $(file "$dir/meshd")"
+  file "$dir/meshd" | grep -Eq "statically linked|static-pie linked" || fail "$arch meshd is not static: $(file "$dir/meshd")"
   file "$dir/meshd" | grep -q "not stripped" && fail "$arch meshd is not stripped"
   if [ "$arch" = "$(uname -m)" ]; then
     # An empty root: no libc, no /proc, nothing but the binary.
