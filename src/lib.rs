@@ -38,6 +38,7 @@ pub mod dns;
 pub mod gossip;
 pub mod id;
 pub mod join;
+pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

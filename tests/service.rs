@@ -363,3 +363,31 @@ fn settings_made_at_setup_can_be_changed_later() {
     let dns = lab.meshctl(0, &["dns", "--json"]);
     assert!(String::from_utf8_lossy(&dns.stdout).contains("192.0.2.53"));
 }
+
+/// `meshctl log-level` changes what the running meshd logs; a bad filter is refused in words.
+#[test]
+fn the_log_level_changes_while_running() {
+    let mut lab = Lab::new("loglevel", 1);
+    lab.init(0, "a", &[]);
+    let o = lab.meshctl(0, &["log-level", "info,meshd=[bad"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is not a log level"),
+        "{o:?}"
+    );
+    let o = lab.meshctl(0, &["log-level", "warn"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(lab.meshctl(0, &["relay", "disable"]).status.success());
+    assert!(lab.meshctl(0, &["log-level", "info"]).status.success());
+    assert!(lab.meshctl(0, &["relay", "enable"]).status.success());
+    lab.wait_for(
+        "the info line after info is back",
+        Duration::from_secs(10),
+        || lab.log_text(0).contains("enabled=true"),
+    );
+    let log = lab.log_text(0);
+    assert!(
+        !log.contains("relay setting changed enabled=false"),
+        "logged at warn level: {log}"
+    );
+}

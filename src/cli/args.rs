@@ -12,6 +12,10 @@ use std::path::PathBuf;
     about = "meshd: a self-hosted mesh VPN with no central server"
 )]
 pub struct MeshdCli {
+    /// Log level or filter: error, warn, info, debug, trace, or e.g. info,meshd=debug
+    /// (default info; `meshctl log-level` changes it while running).
+    #[arg(long, global = true, env = "MESHD_LOG", value_name = "LEVEL")]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: MeshdCommand,
 }
@@ -141,6 +145,12 @@ pub enum MeshctlCommand {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+    /// Change the running meshd's log level or filter (error, warn, info, debug, trace, or
+    /// e.g. info,meshd=debug) until it restarts.
+    LogLevel {
+        /// The level or filter.
+        level: String,
     },
     /// This node's Prometheus metrics (also served on http://MESH_IP:9586/metrics, with
     /// http://MESH_IP:9586/sd listing every member's metrics target for Prometheus).

@@ -15,7 +15,7 @@ use clap::Parser;
 
 pub fn main() -> std::process::ExitCode {
     let cli = MeshctlCli::parse();
-    super::init_logging("warn");
+    super::init_logging("warn", None);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -110,6 +110,12 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 }
                 println!("saved; restart meshd to apply it: sudo systemctl restart meshd");
             }
+        }
+        MeshctlCommand::LogLevel { level } => {
+            let r: crate::control::LogLevelResponse = c
+                .post("/v1/log-level", &crate::control::LogLevelRequest { level })
+                .await?;
+            println!("meshd logs at {} now (until it restarts)", r.level);
         }
         MeshctlCommand::Metrics => print!("{}", c.get_text("/v1/metrics").await?),
         MeshctlCommand::Status { json } => {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub fn main() -> ExitCode {
     let cli = MeshdCli::parse();
-    super::init_logging("info");
+    super::init_logging("info", cli.log_level.as_deref());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -323,6 +323,16 @@ pub struct ConfigResponse {
     pub restart_needed: bool,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogLevelRequest {
+    pub level: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLevelResponse {
+    pub level: String,
+}
+
 /// One target group of Prometheus HTTP service discovery (`http_sd_configs`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SdTargetGroup {
@@ -445,6 +455,7 @@ pub enum ApiReply {
     ExitNode(ExitNodeResponse),
     Relay(RelayResponse),
     Config(ConfigResponse),
+    LogLevel(LogLevelResponse),
     /// Prometheus text (served as text/plain).
     Metrics(String),
     /// Prometheus HTTP service discovery: every live member's metrics target.
@@ -477,6 +488,7 @@ pub enum ApiRequest {
     ExitNode(ToggleRequest),
     Relay(ToggleRequest),
     Config(ConfigRequest),
+    LogLevel(LogLevelRequest),
     Metrics,
     Discovery,
     Ping(PingRequest),

@@ -268,6 +268,7 @@ async fn handle(
         (&Method::POST, "/v1/exit-node") => parse_required(&body).map(ApiRequest::ExitNode),
         (&Method::GET, "/v1/metrics") => Ok(ApiRequest::Metrics),
         (&Method::GET, "/v1/sd") => Ok(ApiRequest::Discovery),
+        (&Method::POST, "/v1/log-level") => parse_required(&body).map(ApiRequest::LogLevel),
         (&Method::POST, "/v1/config") => parse_required(&body).map(ApiRequest::Config),
         (&Method::POST, "/v1/relay") => parse_required(&body).map(ApiRequest::Relay),
         (&Method::POST, "/v1/ping") => parse_required(&body).map(ApiRequest::Ping),

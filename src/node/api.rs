@@ -61,6 +61,15 @@ impl<P: Platform> Node<P> {
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
             ApiRequest::Relay(r) => self.relay(r).map(ApiReply::Relay),
             ApiRequest::Config(r) => self.set_config(r).map(ApiReply::Config),
+            ApiRequest::LogLevel(r) => match crate::logging::set(&r.level) {
+                Ok(()) => {
+                    info!(level = %r.level, "log level changed");
+                    Ok(ApiReply::LogLevel(crate::control::LogLevelResponse {
+                        level: r.level,
+                    }))
+                }
+                Err(m) => Err(ApiFailure::bad_request(m)),
+            },
             ApiRequest::Metrics => {
                 let snap = self.view.snapshot();
                 let rtt = self
