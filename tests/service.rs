@@ -8,6 +8,24 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
+/// A copy of the test build of `name` (meshd or meshctl) that any user may run: the build tree
+/// may sit where other users cannot reach (a checkout under /root).
+fn for_anyone(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (n, from) in [("meshd", MESHD), ("meshctl", common::MESHCTL)] {
+            let to = d.path().join(n);
+            std::fs::copy(from, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        d
+    });
+    dir.path().join(name)
+}
+
 /// A meshd started with `$NOTIFY_SOCKET` says READY=1 (with a STATUS= line) once it serves:
 /// its control socket answers and its TUN device has the node's address.
 #[test]
@@ -48,12 +66,8 @@ fn readiness_is_sent_once_the_node_serves() {
     assert!(o.stderr.is_empty(), "same build, no warning: {o:?}");
     // A user without access to the control socket is told why, not to start meshd.
     let o = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            common::MESHCTL,
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(for_anyone("meshctl"))
         .arg("--socket")
         .arg(lab.socket(0))
         .arg("status")
@@ -74,7 +88,8 @@ fn without_root_meshd_says_so_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", MESHD])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(for_anyone("meshd"))
         .args(["init", "--name", "a", "--state-dir"])
         .arg(&state)
         .output()
@@ -279,12 +294,8 @@ fn the_reader_group_may_read_but_not_change() {
     lab.init(0, "a", &[]);
     let as_nobody = |args: &[&str]| {
         Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                common::MESHCTL,
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(for_anyone("meshctl"))
             .arg("--socket")
             .arg(lab.socket(0))
             .args(args)
