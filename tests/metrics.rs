@@ -68,6 +68,14 @@ fn prometheus_discovers_and_scrapes_the_whole_mesh_through_one_node() {
         assert!(text.contains(want), "{want} in:\n{text}");
     }
 
+    // Status carries the round trips too.
+    lab.wait_for("round trips in status", Duration::from_secs(30), || {
+        lab.status(0)
+            .peers
+            .iter()
+            .all(|p| p.rtt_ms.is_some_and(|r| r > 0.0))
+    });
+
     // Through the mesh, from another node: the same text, and the fleet's targets.
     let url = format!("http://{a_ip}:9586");
     let remote = curl(&lab, 2, &format!("{url}/metrics")).expect("metrics through the mesh");

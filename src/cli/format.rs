@@ -430,6 +430,7 @@ mod tests {
                 endpoint: Some("198.51.100.2:51820".into()),
                 path: Some("direct".into()),
                 relay: None,
+                rtt_ms: None,
                 last_handshake_secs: Some(12),
                 rx_bytes: 1229,
                 tx_bytes: 10,

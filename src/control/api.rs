@@ -211,6 +211,9 @@ pub struct PeerReport {
     /// The member relaying to it, when relayed.
     #[serde(default)]
     pub relay: Option<String>,
+    /// Round trip through its tunnel, last measured (every 15 s), in milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

@@ -283,7 +283,7 @@ impl<P: Platform> Node<P> {
             tun: l.config.tun.clone(),
             version: crate::constants::VERSION.to_string(),
         };
-        report::status(
+        let mut s = report::status(
             me,
             snap,
             &stats,
@@ -291,7 +291,21 @@ impl<P: Platform> Node<P> {
             self.dns.status(&snap.params.domain),
             self.edge.status(&self.settings),
             report::drops(&self.plane.device.counters),
-        )
+        );
+        // Round trips the path task measured (through each tunnel, every 15 s).
+        let rtt: HashMap<String, f64> = self
+            .nat
+            .view
+            .lock()
+            .unwrap()
+            .rtt
+            .iter()
+            .map(|(id, d)| (id.to_string(), d.as_secs_f64() * 1000.0))
+            .collect();
+        for p in &mut s.peers {
+            p.rtt_ms = rtt.get(&p.node_id).copied();
+        }
+        s
     }
 
     fn invite(&self, r: InviteRequest) -> Result<InviteResponse, ApiFailure> {

@@ -53,6 +53,8 @@ pub fn peers(snap: &Snapshot, stats: &HashMap<NodeId, PeerStats>) -> Vec<PeerRep
                 relay: st
                     .filter(|_| state == PeerState::Online)
                     .and_then(|s| relay_name(&s.path, snap)),
+                // Filled in by the caller from the path task's measurements.
+                rtt_ms: None,
                 last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
                 rx_bytes: st.map_or(0, |s| s.rx_bytes),
                 tx_bytes: st.map_or(0, |s| s.tx_bytes),
