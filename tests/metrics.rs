@@ -4,17 +4,9 @@
 
 mod common;
 
-use common::Lab;
-use std::process::{Child, Command, Stdio};
+use common::{Kill, Lab};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn curl(lab: &Lab, h: usize, url: &str) -> Option<String> {
     let o = lab.sh(h, "curl", &["-sf", "--max-time", "2", url]);

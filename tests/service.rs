@@ -207,14 +207,7 @@ fn logs_under_journald_carry_priorities_and_no_timestamps() {
     let log = lab.dir.path().join("journal.log");
     let file = std::fs::File::create(&log).unwrap();
     let meta = file.metadata().unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(
+    let _child = common::Kill(
         lab.meshd_cmd(0, &["init", "--name", "a"])
             .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
             .stdout(std::process::Stdio::null())

@@ -499,40 +499,29 @@ impl<P: Platform> Node<P> {
                 c.port = port;
             }
         }
-        if let Some(eps) = r.endpoints {
-            let parsed = eps
+        // A list given replaces the one kept; each address is checked first.
+        let mut replace = |given: Option<Vec<String>>,
+                           kept: &mut Vec<SocketAddr>,
+                           default_port: u16,
+                           what: &str|
+         -> Result<(), ApiFailure> {
+            let Some(given) = given else { return Ok(()) };
+            let parsed = given
                 .iter()
                 .map(|e| {
-                    parse_endpoint(e, c.port)
-                        .map_err(|m| ApiFailure::bad_request(format!("--endpoint: {m}")))
+                    parse_endpoint(e, default_port)
+                        .map_err(|m| ApiFailure::bad_request(format!("--{what}: {m}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if parsed != c.endpoints {
-                changed.push(format!(
-                    "endpoints: {} -> {}",
-                    list(&c.endpoints),
-                    list(&parsed)
-                ));
-                c.endpoints = parsed;
+            if parsed != *kept {
+                changed.push(format!("{what}: {} -> {}", list(kept), list(&parsed)));
+                *kept = parsed;
             }
-        }
-        if let Some(ups) = r.dns_upstream {
-            let parsed = ups
-                .iter()
-                .map(|e| {
-                    parse_endpoint(e, 53)
-                        .map_err(|m| ApiFailure::bad_request(format!("--dns-upstream: {m}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if parsed != c.dns_upstream {
-                changed.push(format!(
-                    "dns upstreams: {} -> {}",
-                    list(&c.dns_upstream),
-                    list(&parsed)
-                ));
-                c.dns_upstream = parsed;
-            }
-        }
+            Ok(())
+        };
+        let port = c.port;
+        replace(r.endpoints, &mut c.endpoints, port, "endpoint")?;
+        replace(r.dns_upstream, &mut c.dns_upstream, 53, "dns-upstream")?;
         if let Some(tun) = r.tun {
             let ok = !tun.is_empty()
                 && tun.len() <= 15

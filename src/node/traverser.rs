@@ -388,34 +388,25 @@ impl Task {
         let actions = self.relays.tick(now, &self.members, enabled);
         self.relay(actions).await;
         // A relay's endpoint moved (it roamed): the data plane follows.
-        let moved: Vec<(NodeId, NodeId, SocketAddr)> = self
-            .given
-            .iter()
-            .filter_map(|((peer, relay), via)| {
-                let now_at = *self.endpoints.get(relay)?;
-                (now_at != *via).then_some((*peer, *relay, now_at))
-            })
-            .collect();
-        for (peer, relay, via) in moved {
-            if let Some((i, (_, session))) = self
-                .relays
-                .using(&peer)
-                .into_iter()
-                .enumerate()
-                .find(|(_, (r, _))| *r == relay)
+        let mut moved = Vec::new();
+        for ((peer, relay), via) in &self.given {
+            if self
+                .endpoints
+                .get(relay)
+                .is_some_and(|now_at| now_at != via)
             {
-                self.given.insert((peer, relay), via);
-                self.plane.use_relay(
-                    peer,
-                    RelayPath {
-                        node: relay,
-                        via,
-                        session,
-                    },
-                    i == 0,
-                );
+                let using = self.relays.using(peer);
+                if let Some(i) = using.iter().position(|(r, _)| r == relay) {
+                    moved.push(relays::Action::Use {
+                        peer: *peer,
+                        relay: *relay,
+                        session: using[i].1,
+                        first: i == 0,
+                    });
+                }
             }
         }
+        self.relay(moved).await;
     }
 
     /// Ask a member with a direct path to send a probe to this node's public address from a
@@ -442,10 +433,7 @@ impl Task {
         if !due {
             return;
         }
-        let nonce = {
-            use rand_core::RngCore;
-            rand_core::OsRng.next_u64()
-        };
+        let nonce = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
         self.reach = Some((nonce, now));
         self.reach_checked = Some((addr, now));
         self.send(via, Msg::ProbeMe { addr, nonce }).await;
@@ -584,10 +572,7 @@ impl Task {
             }
             Msg::RelayAsk { peer } => {
                 let enabled = self.relay_enabled.load(Ordering::Relaxed);
-                let session = {
-                    use rand_core::RngCore;
-                    rand_core::OsRng.next_u64()
-                };
+                let session = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
                 let taken = self.relay_asks.allow(sender, now)
                     && self.ip_of.contains_key(&peer)
                     && match self

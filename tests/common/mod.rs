@@ -43,6 +43,16 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
+/// A child process of a test (not a meshd the lab runs), killed when dropped, also on failure.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The programs the end-to-end tests run, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),

@@ -82,6 +82,25 @@ struct PeerTable {
     by_relay_session: HashMap<u64, Arc<Peer>>,
 }
 
+impl PeerTable {
+    /// Index `peer`'s relay sessions as its paths hold them now (receive looks them up).
+    fn index_relays(&mut self, peer: &Arc<Peer>) {
+        let kept: Vec<u64> = peer
+            .paths
+            .lock()
+            .unwrap()
+            .relays()
+            .iter()
+            .map(|r| r.session)
+            .collect();
+        self.by_relay_session
+            .retain(|s, q| !Arc::ptr_eq(q, peer) || kept.contains(s));
+        for s in kept {
+            self.by_relay_session.insert(s, peer.clone());
+        }
+    }
+}
+
 pub struct Device<T, U> {
     tun: T,
     udp: U,
@@ -339,15 +358,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let Some(peer) = t.by_node.get(node).cloned() else {
             return;
         };
-        let changed = {
-            let mut paths = peer.paths.lock().unwrap();
-            let changed = paths.add_relay(relay, first, Instant::now());
-            let kept: Vec<u64> = paths.relays().iter().map(|r| r.session).collect();
-            t.by_relay_session
-                .retain(|s, q| !Arc::ptr_eq(q, &peer) || kept.contains(s));
-            changed
-        };
-        t.by_relay_session.insert(relay.session, peer.clone());
+        let changed = peer
+            .paths
+            .lock()
+            .unwrap()
+            .add_relay(relay, first, Instant::now());
+        t.index_relays(&peer);
         if changed {
             info!(peer = %peer.name(), relay = %relay.via, session = relay.session, "relay path");
         }
@@ -359,13 +375,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let Some(peer) = t.by_node.get(node).cloned() else {
             return;
         };
-        let mut paths = peer.paths.lock().unwrap();
-        if paths.remove_relay(relay, Instant::now()) {
+        if peer
+            .paths
+            .lock()
+            .unwrap()
+            .remove_relay(relay, Instant::now())
+        {
             info!(peer = %peer.name(), "relay path dropped");
         }
-        let kept: Vec<u64> = paths.relays().iter().map(|r| r.session).collect();
-        t.by_relay_session
-            .retain(|s, q| !Arc::ptr_eq(q, &peer) || kept.contains(s));
+        t.index_relays(&peer);
     }
 
     /// As a relay: forward `session` between `a` and `b` (or rebind it). False when full.
