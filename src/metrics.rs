@@ -31,6 +31,33 @@ pub fn dns_answer(code: u16) {
     DNS_ANSWERS[i].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Gossip traffic (chitchat's messages through the tunnels), both ways.
+pub struct GossipTraffic {
+    pub sent_messages: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub received_messages: AtomicU64,
+    pub received_bytes: AtomicU64,
+}
+
+impl GossipTraffic {
+    pub fn sent(&self, bytes: usize) {
+        self.sent_messages.fetch_add(1, Ordering::Relaxed);
+        self.sent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn received(&self, bytes: usize) {
+        self.received_messages.fetch_add(1, Ordering::Relaxed);
+        self.received_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+pub static GOSSIP: GossipTraffic = GossipTraffic {
+    sent_messages: AtomicU64::new(0),
+    sent_bytes: AtomicU64::new(0),
+    received_messages: AtomicU64::new(0),
+    received_bytes: AtomicU64::new(0),
+};
+
 /// Connections per listener: (accepted, refused at a limit).
 static CONNECTIONS: Mutex<BTreeMap<&'static str, (u64, u64)>> = Mutex::new(BTreeMap::new());
 

@@ -60,13 +60,75 @@ fn prometheus_discovers_and_scrapes_the_whole_mesh_through_one_node() {
         assert!(text.contains(want), "{want} in:\n{text}");
     }
 
-    // Status carries the round trips too.
-    lab.wait_for("round trips in status", Duration::from_secs(30), || {
-        lab.status(0)
-            .peers
-            .iter()
-            .all(|p| p.rtt_ms.is_some_and(|r| r > 0.0))
-    });
+    let value = |text: &str, sample: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{sample} in:\n{text}"))
+    };
+    // Gossip rode the tunnels both ways, and was counted.
+    for dir in ["sent", "received"] {
+        assert!(
+            value(
+                &text,
+                &format!("meshd_gossip_messages_total{{direction=\"{dir}\"}}")
+            ) > 0.0
+        );
+        assert!(
+            value(
+                &text,
+                &format!("meshd_gossip_bytes_total{{direction=\"{dir}\"}}")
+            ) > 100.0
+        );
+    }
+
+    // Status carries the round trips, and every peer's version as its about record says: the
+    // same build everywhere here, so no skew is reported.
+    lab.wait_for(
+        "round trips and versions in status",
+        Duration::from_secs(30),
+        || {
+            let s = lab.status(0);
+            s.peers
+                .iter()
+                .all(|p| p.rtt_ms.is_some_and(|r| r > 0.0) && p.version.is_some())
+        },
+    );
+    let s = lab.status(0);
+    assert!(!s.me.version.is_empty());
+    for p in &s.peers {
+        assert_eq!(
+            p.version.as_deref(),
+            Some(s.me.version.as_str()),
+            "{}",
+            p.name
+        );
+    }
+    let text = String::from_utf8_lossy(&lab.meshctl(0, &["metrics"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "meshd_peer_info{{peer=\"b\",version=\"{}\"}} 1",
+            s.me.version
+        )),
+        "{text}"
+    );
+    let human = lab.meshctl(0, &["status"]);
+    let human = String::from_utf8_lossy(&human.stdout).into_owned();
+    let header = human.lines().find(|l| l.starts_with("NAME")).expect(&human);
+    assert!(
+        header.contains("RTT") && header.contains("VERSION"),
+        "{human}"
+    );
+    assert!(!human.contains("warning"), "{human}");
+    let v = lab.meshctl(0, &["version"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&v.stdout).into_owned(),
+        String::from_utf8_lossy(&v.stderr).into_owned(),
+    );
+    assert!(
+        v.status.success() && out.contains("peers: 2 on the same build"),
+        "{out}{err}"
+    );
+    assert!(!err.contains("warning"), "{err}");
 
     // Through the mesh, from another node: the same text, and the fleet's targets.
     let url = format!("http://{a_ip}:9586");

@@ -333,8 +333,8 @@ fn leave_works_with_the_daemon_stopped() {
     });
 }
 
-/// `meshctl set` changes the port and DNS upstreams after setup (checked first: a bad value
-/// changes nothing), and the node uses them after a restart.
+/// `meshctl set` changes the port, endpoints and DNS upstreams after setup (checked first: a
+/// bad value changes nothing): endpoints and upstreams at once, the port after a restart.
 #[test]
 fn settings_made_at_setup_can_be_changed_later() {
     let mut lab = Lab::new("setcfg", 1);
@@ -351,21 +351,56 @@ fn settings_made_at_setup_can_be_changed_later() {
     );
     let after = std::fs::read_to_string(lab.state_dir(0).join("node.json")).unwrap();
     assert_eq!(before, after, "a bad value changes nothing");
+
+    // Endpoints and DNS upstreams: applied while running.
     let o = lab.meshctl(
         0,
-        &["set", "--port", "51830", "--dns-upstream", "192.0.2.53"],
+        &[
+            "set",
+            "--endpoint",
+            "192.0.2.77:51820",
+            "--dns-upstream",
+            "192.0.2.53",
+        ],
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("saved and applied"), "{out}");
+    lab.wait_for(
+        "the new endpoint published",
+        Duration::from_secs(10),
+        || lab.status(0).me.endpoints.first().map(String::as_str) == Some("192.0.2.77:51820"),
+    );
+    let dns = lab.status(0).dns;
+    assert_eq!(dns.upstreams, ["192.0.2.53:53"], "{dns:?}");
+    assert!(dns.listen.is_some(), "DNS serving again: {dns:?}");
+
+    // The port: saved, used after a restart; a later set keeps it.
+    let o = lab.meshctl(0, &["set", "--port", "51830"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
     assert!(out.contains("port: 51820 -> 51830"), "{out}");
-    assert!(out.contains("restart meshd"), "{out}");
+    assert!(out.contains("restart"), "{out}");
+    assert_eq!(
+        lab.status(0).me.port,
+        51820,
+        "the running port until the restart"
+    );
+    let o = lab.meshctl(0, &["set", "--port", "51830", "--default-endpoints"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("port:"), "already saved: {out}");
     lab.stop(0);
     lab.run(0);
     lab.wait_for("a back on its new port", Duration::from_secs(30), || {
         lab.try_status(0).is_some_and(|s| s.me.port == 51830)
     });
-    let dns = lab.meshctl(0, &["dns", "--json"]);
-    assert!(String::from_utf8_lossy(&dns.stdout).contains("192.0.2.53"));
+    let s = lab.status(0);
+    assert_eq!(s.dns.upstreams, ["192.0.2.53:53"]);
+    assert!(
+        !s.me.endpoints.iter().any(|e| e.starts_with("192.0.2.77")),
+        "back to the machine's addresses: {:?}",
+        s.me.endpoints
+    );
 }
 
 /// `meshctl log-level` changes what the running meshd logs; a bad filter is refused in words.

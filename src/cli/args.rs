@@ -217,10 +217,10 @@ pub enum MeshctlCommand {
         #[command(subcommand)]
         command: ProxyCommand,
     },
-    /// Change this node's port, endpoints, DNS upstreams or TUN name (saved; applied when
-    /// meshd restarts).
+    /// Change this node's port, endpoints, DNS upstreams or TUN name (saved; endpoints and
+    /// upstreams apply at once, the port and TUN name when meshd restarts).
     Set {
-        /// UDP port for WireGuard and joins.
+        /// UDP port for WireGuard and joins (from the next start).
         #[arg(long)]
         port: Option<u16>,
         /// How other nodes reach this one, ADDR[:PORT]; repeat for several (replaces the list).
@@ -235,7 +235,7 @@ pub enum MeshctlCommand {
         /// Go back to the host's resolvers.
         #[arg(long, conflicts_with = "dns_upstream")]
         default_dns_upstream: bool,
-        /// TUN interface name.
+        /// TUN interface name (from the next start).
         #[arg(long)]
         tun: Option<String>,
     },

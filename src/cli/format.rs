@@ -91,6 +91,7 @@ pub fn status(s: &StatusReport) -> String {
         (d.no_route, "no route"),
         (d.bad_source, "bad source"),
         (d.bad_destination, "not for this node"),
+        (d.forged_source, "forged source"),
         (d.unknown_peer, "unknown peer"),
         (d.malformed, "malformed"),
     ]
@@ -108,11 +109,11 @@ pub fn status(s: &StatusReport) -> String {
         );
         return o;
     }
-    let rows: Vec<[String; 7]> = s
+    let rows: Vec<Vec<String>> = s
         .peers
         .iter()
         .map(|p| {
-            [
+            vec![
                 if p.dns_name != p.name {
                     format!("{} (dns: {})", p.name, p.dns_name)
                 } else {
@@ -137,52 +138,71 @@ pub fn status(s: &StatusReport) -> String {
                     (None, Some(e)) => e.clone(),
                     _ => "-".into(),
                 },
+                p.rtt_ms.map(rtt).unwrap_or_else(|| "-".into()),
                 p.last_handshake_secs
                     .map(|s| ago(Duration::from_secs(s)))
                     .unwrap_or_else(|| "never".into()),
                 human_bytes(p.rx_bytes),
                 human_bytes(p.tx_bytes),
+                p.version.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    let header = [
-        "NAME",
-        "MESH IP",
-        "STATE",
-        "ENDPOINT",
-        "HANDSHAKE",
-        "RX",
-        "TX",
-    ];
-    let mut w = header.map(|h| h.chars().count());
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: [&str; 7]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                let pad = w[i] - c.chars().count();
-                l.push_str(c);
-                l.push_str(&" ".repeat(pad + 2));
-            }
-        }
-        l.trim_end().to_string()
-    };
     let _ = writeln!(o);
-    let _ = writeln!(o, "{}", line(header));
-    for r in &rows {
+    o += &table(
+        &[
+            "NAME",
+            "MESH IP",
+            "STATE",
+            "ENDPOINT",
+            "RTT",
+            "HANDSHAKE",
+            "RX",
+            "TX",
+            "VERSION",
+        ],
+        &rows,
+    );
+    let skew = version_skew(&s.me.version, &s.peers);
+    if !skew.is_empty() {
         let _ = writeln!(
             o,
-            "{}",
-            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]])
+            "\nwarning: {} run{} another meshd than this node ({}): {}",
+            plural(skew.len(), "peer"),
+            if skew.len() == 1 { "s" } else { "" },
+            s.me.version,
+            skew.join(", ")
         );
     }
     o
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// A round trip: "0.42 ms", "12 ms".
+fn rtt(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// The peers that say they run another build than `mine`, as "name (version)". Empty when this
+/// node does not know its own version (an old daemon) or every peer that says runs the same.
+pub fn version_skew(mine: &str, peers: &[crate::control::PeerReport]) -> Vec<String> {
+    if mine.is_empty() {
+        return Vec::new();
+    }
+    peers
+        .iter()
+        .filter_map(|p| {
+            let v = p.version.as_deref()?;
+            (v != mine).then(|| format!("{} ({v})", p.name))
+        })
+        .collect()
 }
 
 fn dns_line(d: &DnsStatus) -> String {
@@ -430,7 +450,8 @@ mod tests {
                 endpoint: Some("198.51.100.2:51820".into()),
                 path: Some("direct".into()),
                 relay: None,
-                rtt_ms: None,
+                rtt_ms: Some(0.4251),
+                version: Some("0.1.0 (abc)".into()),
                 last_handshake_secs: Some(12),
                 rx_bytes: 1229,
                 tx_bytes: 10,
@@ -469,8 +490,28 @@ mod tests {
             "12s ago",
             "1.2 KiB",
             "10 B",
+            "0.43 ms",
+            "0.1.0 (abc)",
         ] {
             assert!(peer_line.contains(part), "{peer_line}");
         }
+        let header = out.lines().find(|l| l.starts_with("NAME")).unwrap();
+        assert!(
+            header.contains("RTT") && header.contains("VERSION"),
+            "{header}"
+        );
+        // This node's version unknown (an old daemon): no skew said.
+        assert!(!out.contains("warning"), "{out}");
+        let mut skewed = s.clone();
+        skewed.me.version = "0.2.0 (def)".into();
+        assert!(
+            status(&skewed).contains(
+                "warning: 1 peer runs another meshd than this node (0.2.0 (def)): beta (0.1.0 (abc))"
+            ),
+            "{}",
+            status(&skewed)
+        );
+        skewed.me.version = "0.1.0 (abc)".into();
+        assert!(!status(&skewed).contains("warning"));
     }
 }

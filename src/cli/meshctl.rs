@@ -48,15 +48,29 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
     match command {
         MeshctlCommand::Version { json } => {
             let cli_version = crate::constants::VERSION;
-            let daemon = c
+            let status = c
                 .get::<StatusReport>("/v1/status")
                 .await
-                .map(|s| s.me.version)
                 .map_err(|e| e.to_string());
+            let daemon = status.as_ref().map(|s| s.me.version.clone());
+            let skew = status
+                .as_ref()
+                .map(|s| super::format::version_skew(&s.me.version, &s.peers))
+                .unwrap_or_default();
             if json {
+                let peers: serde_json::Map<String, serde_json::Value> = status
+                    .as_ref()
+                    .map(|s| {
+                        s.peers
+                            .iter()
+                            .map(|p| (p.name.clone(), serde_json::json!(p.version)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let v = serde_json::json!({
                     "meshctl": cli_version,
                     "meshd": daemon.as_ref().ok(),
+                    "peers": peers,
                     "error": daemon.as_ref().err(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -67,6 +81,25 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                     Ok(v) => println!("meshd {v}"),
                     Err(e) => println!("meshd: not reachable ({e})"),
                 }
+                if let Ok(s) = &status {
+                    let unknown = s.peers.iter().filter(|p| p.version.is_none()).count();
+                    let same = s.peers.len() - unknown - skew.len();
+                    if !s.peers.is_empty() {
+                        println!(
+                            "peers: {same} on the same build{}{}",
+                            if skew.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", {} on another", skew.len())
+                            },
+                            if unknown == 0 {
+                                String::new()
+                            } else {
+                                format!(", {unknown} not saying (older releases or not yet heard)")
+                            }
+                        );
+                    }
+                }
             }
             if let Ok(v) = &daemon {
                 if v != cli_version {
@@ -75,6 +108,12 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                          meshd after an upgrade (systemctl restart meshd)"
                     );
                 }
+            }
+            if !skew.is_empty() {
+                eprintln!(
+                    "warning: peers on another build than this node: {}",
+                    skew.join(", ")
+                );
             }
         }
         MeshctlCommand::Completions { shell } => {
@@ -108,7 +147,14 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 for ch in &r.changed {
                     println!("{ch}");
                 }
-                println!("saved; restart meshd to apply it: sudo systemctl restart meshd");
+                if r.restart_needed {
+                    println!(
+                        "saved; the port and TUN device change when meshd restarts: sudo \
+                         systemctl restart meshd (endpoints and DNS upstreams apply at once)"
+                    );
+                } else {
+                    println!("saved and applied");
+                }
             }
         }
         MeshctlCommand::LogLevel { level } => {

@@ -25,6 +25,10 @@ pub struct DropStatus {
     pub bad_source: u64,
     /// Decrypted packets not addressed to this node's /24.
     pub bad_destination: u64,
+    /// Outgoing packets from this machine or its workloads with a source outside this node's
+    /// /24 (a forged address).
+    #[serde(default)]
+    pub forged_source: u64,
     /// WireGuard messages from keys or sessions this node does not know.
     pub unknown_peer: u64,
     /// Datagrams that are neither WireGuard nor join frames, or malformed.
@@ -214,6 +218,10 @@ pub struct PeerReport {
     /// Round trip through its tunnel, last measured (every 15 s), in milliseconds.
     #[serde(default)]
     pub rtt_ms: Option<f64>,
+    /// The meshd it runs (`--version`), as it says in its signed about record; absent for a
+    /// release that does not say.
+    #[serde(default)]
+    pub version: Option<String>,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -322,7 +330,8 @@ pub struct ConfigRequest {
 pub struct ConfigResponse {
     /// What changed, as `field: old -> new`.
     pub changed: Vec<String>,
-    /// The changes take effect when meshd restarts.
+    /// Some changes (the port, the TUN device) take effect only when meshd restarts; the
+    /// others are applied already.
     pub restart_needed: bool,
 }
 

@@ -27,8 +27,10 @@ pub const KEY_RECORD: &str = "rec";
 pub const KEY_SERVICES: &str = "svc";
 /// This node's signed hostnames and exit flag.
 pub const KEY_ROUTES: &str = "web";
+/// The software this node runs (its signed about record).
+pub const KEY_ABOUT: &str = "about";
 /// The single-valued keys a node publishes about itself; each holds a signed statement.
-const SIGNED_KEYS: [&str; 4] = [KEY_CERT, KEY_RECORD, KEY_SERVICES, KEY_ROUTES];
+const SIGNED_KEYS: [&str; 5] = [KEY_CERT, KEY_RECORD, KEY_SERVICES, KEY_ROUTES, KEY_ABOUT];
 /// Revocations this node knows, one key each: `rev.<node id>`.
 pub const PREFIX_REVOCATION: &str = "rev.";
 
@@ -80,6 +82,44 @@ fn bind_open_socket_to_device(addr: SocketAddr, ifname: &str) -> std::io::Result
         std::io::ErrorKind::NotFound,
         "gossip socket not found",
     ))
+}
+
+/// A socket opened on any transport, handed to chitchat counting what crosses it into
+/// [`crate::metrics::GOSSIP`] (messages and bytes each way, as chitchat reports them).
+struct Counted(std::sync::Mutex<Option<Box<dyn Socket>>>);
+
+#[async_trait]
+impl Transport for Counted {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let inner = self.0.lock().unwrap().take();
+        let inner = inner.ok_or_else(|| anyhow::anyhow!("the gossip socket was opened already"))?;
+        Ok(Box::new(CountedSocket(inner)))
+    }
+}
+
+struct CountedSocket(Box<dyn Socket>);
+
+#[async_trait]
+impl Socket for CountedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: chitchat::ChitchatEnvelope,
+    ) -> anyhow::Result<chitchat::transport::SendOutcome> {
+        let out = self.0.send(to, envelope).await?;
+        crate::metrics::GOSSIP.sent(out.num_bytes_sent);
+        Ok(out)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<chitchat::transport::RecvOutcome> {
+        let got = self.0.recv().await?;
+        crate::metrics::GOSSIP.received(got.num_bytes_received);
+        Ok(got)
+    }
 }
 
 pub struct GossipConfig {
@@ -144,7 +184,12 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V1,
         };
-        let handle = spawn_chitchat(config, cfg.initial, transport)
+        let socket = transport
+            .open(cfg.addr)
+            .await
+            .map_err(|e| GossipError(format!("{e:#}")))?;
+        let counted = Counted(std::sync::Mutex::new(Some(socket)));
+        let handle = spawn_chitchat(config, cfg.initial, &counted)
             .await
             .map_err(|e| GossipError(format!("{e:#}")))?;
         Ok(Gossip {
@@ -293,6 +338,8 @@ impl Gossip {
                         m.ingest_services(under, &raw)
                     } else if key == KEY_ROUTES {
                         m.ingest_routes(under, &raw)
+                    } else if key == KEY_ABOUT {
+                        m.ingest_about(under, &raw)
                     } else {
                         m.ingest_record(under, &raw)
                     }

@@ -60,7 +60,7 @@ impl<P: Platform> Node<P> {
             ApiRequest::Proxy(r) => self.proxy(r).await.map(ApiReply::Proxy),
             ApiRequest::ExitNode(r) => self.exit_node(r).await.map(ApiReply::ExitNode),
             ApiRequest::Relay(r) => self.relay(r).map(ApiReply::Relay),
-            ApiRequest::Config(r) => self.set_config(r).map(ApiReply::Config),
+            ApiRequest::Config(r) => self.set_config(r).await.map(ApiReply::Config),
             ApiRequest::LogLevel(r) => match crate::logging::set(&r.level) {
                 Ok(()) => {
                     info!(level = %r.level, "log level changed");
@@ -472,13 +472,19 @@ impl<P: Platform> Node<P> {
     }
 
     /// `meshctl set`: check every field first (a bad one changes nothing), then save them all.
-    /// They take effect at the next start (the port and TUN device are bound at start).
-    fn set_config(
+    /// Endpoints and DNS upstreams apply at once (a new record; DNS restarted on the same
+    /// address); the port and TUN device are bound at start, so those wait for a restart.
+    async fn set_config(
         &mut self,
         r: crate::control::ConfigRequest,
     ) -> Result<crate::control::ConfigResponse, ApiFailure> {
         use super::setup::parse_endpoint;
+        // Compared with what is saved: a port or TUN set earlier for the next start included.
         let mut c = self.local.config.clone();
+        if let Some((port, tun)) = &self.local.next_start {
+            c.port = *port;
+            c.tun = tun.clone();
+        }
         let mut changed = Vec::new();
         let list = |v: &[SocketAddr]| {
             if v.is_empty() {
@@ -538,19 +544,47 @@ impl<P: Platform> Node<P> {
                 c.tun = tun;
             }
         }
-        if !changed.is_empty() {
-            self.local
-                .state
-                .save_node(&c)
-                .map_err(|e| ApiFailure::internal(format!("saving node.json: {e}")))?;
-            info!(
-                ?changed,
-                "configuration changed; takes effect at the next start"
-            );
+        if changed.is_empty() {
+            return Ok(crate::control::ConfigResponse {
+                changed,
+                restart_needed: false,
+            });
         }
+        let endpoints_changed = c.endpoints != self.local.config.endpoints;
+        let upstreams_changed = c.dns_upstream != self.local.config.dns_upstream;
+        // What runs keeps the port and TUN it was started with until the restart.
+        let running = (self.local.config.port, self.local.config.tun.clone());
+        let next = (c.port, c.tun.clone());
+        let before = (self.local.config.clone(), self.local.next_start.clone());
+        self.local.next_start = (next != running).then_some(next);
+        let restart_needed = self.local.next_start.is_some();
+        self.local.config = crate::state::NodeConfig {
+            port: running.0,
+            tun: running.1,
+            ..c
+        };
+        if let Err(e) = self.local.save_config() {
+            (self.local.config, self.local.next_start) = before;
+            return Err(ApiFailure::internal(format!("saving node.json: {e}")));
+        }
+        if endpoints_changed {
+            self.refresh_endpoints().await;
+        }
+        if upstreams_changed && self.platform.host_services() {
+            let snap = self.view.snapshot().clone();
+            self.dns
+                .set_upstream(
+                    self.local.config.dns_upstream.clone(),
+                    self.mesh_ip(),
+                    &snap.zone,
+                    &snap.params.range,
+                )
+                .await;
+        }
+        info!(?changed, restart_needed, "configuration changed");
         Ok(crate::control::ConfigResponse {
-            restart_needed: !changed.is_empty(),
             changed,
+            restart_needed,
         })
     }
 

@@ -65,6 +65,21 @@ impl DnsRole {
         self.register_with_host(&zone.domain).await;
     }
 
+    /// Forward to `upstream` from now on (empty: the host's resolvers): the server is restarted
+    /// on the same address if it was serving.
+    pub async fn set_upstream(
+        &mut self,
+        upstream: Vec<SocketAddr>,
+        ip: Ipv4Addr,
+        zone: &ZoneInput,
+        range: &MeshRange,
+    ) {
+        self.upstream = upstream;
+        if self.server.is_some() || self.error.is_some() {
+            self.start(ip, zone, range).await;
+        }
+    }
+
     /// Serve `zone` from now on (a no-op if it is what is served).
     pub fn update(&mut self, zone: &ZoneInput) {
         let Some(d) = &mut self.server else { return };

@@ -2,7 +2,7 @@
 //! same typed reports `meshctl status` and `meshctl netcheck` show (pure).
 
 use crate::control::server::METRICS_PORT;
-use crate::control::{NetcheckReport, PeerState, SdTargetGroup, StatusReport};
+use crate::control::{NetcheckReport, PeerReport, PeerState, SdTargetGroup, StatusReport};
 use crate::metrics::{Kind, Text};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -29,53 +29,44 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         let count = s.peers.iter().filter(|p| p.state == state).count();
         t.sample("meshd_members", &[("state", name)], count as f64);
     }
-    t.family(
-        "meshd_peer_receive_bytes_total",
-        Kind::Counter,
+    per_peer(
+        &mut t,
+        s,
+        ("meshd_peer_info", Kind::Gauge),
+        "Each peer's meshd version, as its signed about record says (1 per peer).",
+        |p| {
+            let v = p.version.as_deref().unwrap_or("unknown");
+            Some((Some(("version", v)), 1.0))
+        },
+    );
+    per_peer(
+        &mut t,
+        s,
+        ("meshd_peer_receive_bytes_total", Kind::Counter),
         "Bytes received from each peer through its tunnel.",
+        |p| Some((None, p.rx_bytes as f64)),
     );
-    for p in &s.peers {
-        t.sample(
-            "meshd_peer_receive_bytes_total",
-            &[("peer", &p.name)],
-            p.rx_bytes as f64,
-        );
-    }
-    t.family(
-        "meshd_peer_transmit_bytes_total",
-        Kind::Counter,
+    per_peer(
+        &mut t,
+        s,
+        ("meshd_peer_transmit_bytes_total", Kind::Counter),
         "Bytes sent to each peer through its tunnel.",
+        |p| Some((None, p.tx_bytes as f64)),
     );
-    for p in &s.peers {
-        t.sample(
-            "meshd_peer_transmit_bytes_total",
-            &[("peer", &p.name)],
-            p.tx_bytes as f64,
-        );
-    }
-    t.family(
-        "meshd_peer_last_handshake_seconds",
-        Kind::Gauge,
+    per_peer(
+        &mut t,
+        s,
+        ("meshd_peer_last_handshake_seconds", Kind::Gauge),
         "Seconds since each peer's last WireGuard handshake.",
+        |p| p.last_handshake_secs.map(|h| (None, h as f64)),
     );
-    for p in &s.peers {
-        if let Some(h) = p.last_handshake_secs {
-            t.sample(
-                "meshd_peer_last_handshake_seconds",
-                &[("peer", &p.name)],
-                h as f64,
-            );
-        }
-    }
-    t.family(
-        "meshd_peer_path",
-        Kind::Gauge,
+    per_peer(
+        &mut t,
+        s,
+        ("meshd_peer_path", Kind::Gauge),
         "The path to each peer (1 for the one in use: direct, relayed, or none).",
+        |p| Some((Some(("path", p.path.as_deref().unwrap_or("none"))), 1.0)),
     );
-    for p in &s.peers {
-        let path = p.path.as_deref().unwrap_or("none");
-        t.sample("meshd_peer_path", &[("peer", &p.name), ("path", path)], 1.0);
-    }
     t.family(
         "meshd_peer_rtt_seconds",
         Kind::Gauge,
@@ -94,6 +85,7 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         ("no_route", d.no_route),
         ("bad_source", d.bad_source),
         ("bad_destination", d.bad_destination),
+        ("forged_source", d.forged_source),
         ("unknown_peer", d.unknown_peer),
         ("malformed", d.malformed),
     ] {
@@ -156,6 +148,34 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         let v = crate::metrics::DNS_ANSWERS[i].load(Ordering::Relaxed);
         t.sample("meshd_dns_answers_total", &[("result", result)], v as f64);
     }
+    let g = &crate::metrics::GOSSIP;
+    t.family(
+        "meshd_gossip_messages_total",
+        Kind::Counter,
+        "Gossip messages through the tunnels, by direction.",
+    );
+    for (dir, v) in [
+        ("sent", &g.sent_messages),
+        ("received", &g.received_messages),
+    ] {
+        t.sample(
+            "meshd_gossip_messages_total",
+            &[("direction", dir)],
+            v.load(Ordering::Relaxed) as f64,
+        );
+    }
+    t.family(
+        "meshd_gossip_bytes_total",
+        Kind::Counter,
+        "Gossip bytes through the tunnels, by direction.",
+    );
+    for (dir, v) in [("sent", &g.sent_bytes), ("received", &g.received_bytes)] {
+        t.sample(
+            "meshd_gossip_bytes_total",
+            &[("direction", dir)],
+            v.load(Ordering::Relaxed) as f64,
+        );
+    }
     let conns = crate::metrics::connections();
     t.family(
         "meshd_connections_total",
@@ -182,6 +202,28 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         );
     }
     t.finish()
+}
+
+/// A label beside `peer`, and the value.
+type PeerSample<'a> = (Option<(&'static str, &'a str)>, f64);
+
+/// One family with a sample per peer, labelled `peer` (and what `f` adds); a peer `f` gives
+/// nothing for is left out.
+fn per_peer<'a>(
+    t: &mut Text,
+    s: &'a StatusReport,
+    (name, kind): (&str, Kind),
+    help: &str,
+    f: impl Fn(&'a PeerReport) -> Option<PeerSample<'a>>,
+) {
+    t.family(name, kind, help);
+    for p in &s.peers {
+        if let Some((extra, v)) = f(p) {
+            let mut labels = vec![("peer", p.name.as_str())];
+            labels.extend(extra);
+            t.sample(name, &labels, v);
+        }
+    }
 }
 
 /// Prometheus HTTP service discovery: this node and every member not found offline, each a

@@ -114,10 +114,25 @@ struct Local {
     keys: NodeKeys,
     cert: Cert,
     root: Option<RootKey>,
+    /// The configuration this run uses (the port and TUN device it was started with).
     config: NodeConfig,
+    /// A port and TUN device `meshctl set` saved for the next start.
+    next_start: Option<(u16, String)>,
     tun_index: u32,
     /// The /24 the TUN device is addressed in (follows the snapshot's assignment).
     slot: u32,
+}
+
+impl Local {
+    /// Save `node.json`: this run's configuration, with what waits for the next start.
+    fn save_config(&self) -> Result<(), crate::state::StateError> {
+        let mut c = self.config.clone();
+        if let Some((port, tun)) = &self.next_start {
+            c.port = *port;
+            c.tun = tun.clone();
+        }
+        self.state.save_node(&c)
+    }
 }
 
 /// The data plane as the control plane drives it.
@@ -289,6 +304,7 @@ pub async fn run_on<P: Platform>(
             cert: loaded.cert,
             root: loaded.root,
             config: loaded.config,
+            next_start: None,
             tun_index,
             slot: loaded.slot,
         },
@@ -375,6 +391,10 @@ impl<P: Platform> Node<P> {
             .publisher
             .services(self.settings.services.clone(), unix_now_ms());
         self.publish(services).await;
+        let about = self
+            .publisher
+            .about(crate::constants::VERSION, unix_now_ms());
+        self.publish(about).await;
         if self.platform.host_services() {
             self.publish_routes().await;
             self.start_mesh_services().await;

@@ -98,7 +98,7 @@ impl<P: Platform> Node<P> {
             "subnet conflict lost to an earlier member; moving"
         );
         self.local.config.slot_k = a.k;
-        self.local.state.save_node(&self.local.config)?;
+        self.local.save_config()?;
         self.view
             .m_mut()
             .set_admitted_k(self.local.cert.node_id, a.k);

@@ -1,15 +1,16 @@
 //! Everything this node says about itself, signed: its record (endpoints, subnet claim,
-//! departure), its services and its routes (hostnames, exit flag). One sequence-number rule for
+//! departure), its services, its routes (hostnames, exit flag) and the software it runs. One sequence-number rule for
 //! all of them: the clock in milliseconds, but always above the last number this node
 //! published, in this run or an earlier one (members keep the highest they saw, so a clock
 //! that went back must not make a new statement look older). Pure: the node hands each
 //! [`Publication`] to the membership view and to gossip.
 
-use crate::gossip::chitchat_glue::{KEY_RECORD, KEY_ROUTES, KEY_SERVICES};
+use crate::gossip::chitchat_glue::{KEY_ABOUT, KEY_RECORD, KEY_ROUTES, KEY_SERVICES};
 use crate::gossip::{Membership, Reject};
 use crate::id::{Key32, NodeId};
 use crate::trust::{
-    NodeKeys, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord, Signed,
+    AboutRecord, NodeKeys, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
+    Signed,
 };
 use ed25519_dalek::SigningKey;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ pub enum Kind {
     Record,
     Services,
     Routes,
+    About,
 }
 
 /// One signed statement, ready to be taken in and gossiped.
@@ -35,6 +37,7 @@ impl Publication {
             Kind::Record => KEY_RECORD,
             Kind::Services => KEY_SERVICES,
             Kind::Routes => KEY_ROUTES,
+            Kind::About => KEY_ABOUT,
         }
     }
 
@@ -44,6 +47,7 @@ impl Publication {
             Kind::Record => m.ingest_record(me, &self.raw),
             Kind::Services => m.ingest_services(me, &self.raw),
             Kind::Routes => m.ingest_routes(me, &self.raw),
+            Kind::About => m.ingest_about(me, &self.raw),
         }
     }
 }
@@ -53,7 +57,7 @@ pub struct Publisher {
     public: Key32,
     seq: u64,
     record: NodeRecord,
-    latest: [Option<Publication>; 3],
+    latest: [Option<Publication>; 4],
 }
 
 impl Publisher {
@@ -70,7 +74,7 @@ impl Publisher {
                 slot_k,
                 left: false,
             },
-            latest: [None, None, None],
+            latest: [None, None, None, None],
         }
     }
 
@@ -141,6 +145,18 @@ impl Publisher {
         self.keep(Kind::Routes, raw)
     }
 
+    /// The software this node runs: `version` as `--version` prints it.
+    pub fn about(&mut self, version: &str, now_ms: u64) -> Publication {
+        let rec = AboutRecord {
+            identity: self.public,
+            seq: self.next_seq(now_ms),
+            version: version.to_string(),
+            platform: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+        };
+        let raw = self.sign(&rec);
+        self.keep(Kind::About, raw)
+    }
+
     /// The latest record signed (what a seed hands joiners about itself).
     pub fn record_raw(&self) -> Option<&Signed> {
         self.latest[Kind::Record as usize].as_ref().map(|p| &p.raw)
@@ -166,6 +182,7 @@ mod tests {
         let r = p.record(1_000);
         let s = p.services(vec![], 1_000);
         let w = p.routes(vec!["a.example.com".into()], true, 1_000);
+        let a = p.about("9.9.9 (abc)", 1_000);
         let seq = |raw: &Signed, ctx| -> u64 {
             match ctx {
                 Context::Record => {
@@ -175,6 +192,11 @@ mod tests {
                 }
                 Context::Services => {
                     raw.verify::<ServicesRecord>(ctx, &keys.identity_public(), "s")
+                        .unwrap()
+                        .seq
+                }
+                Context::About => {
+                    raw.verify::<AboutRecord>(ctx, &keys.identity_public(), "a")
                         .unwrap()
                         .seq
                 }
@@ -188,11 +210,18 @@ mod tests {
         assert_eq!(seq(&r.raw, Context::Record), 5_001);
         assert_eq!(seq(&s.raw, Context::Services), 5_002);
         assert_eq!(seq(&w.raw, Context::Hostnames), 5_003);
+        assert_eq!(seq(&a.raw, Context::About), 5_004);
+        let about: AboutRecord = a
+            .raw
+            .verify(Context::About, &keys.identity_public(), "a")
+            .unwrap();
+        assert_eq!(about.version, "9.9.9 (abc)");
+        assert_eq!(a.key(), KEY_ABOUT);
         // With the clock ahead, the clock.
         let r2 = p.record(9_000);
         assert_eq!(seq(&r2.raw, Context::Record), 9_000);
         assert_eq!(p.record(9_000).kind, Kind::Record);
-        assert_eq!(p.latest().count(), 3);
+        assert_eq!(p.latest().count(), 4);
         assert_eq!(
             p.record_raw(),
             p.latest().find(|x| x.kind == Kind::Record).map(|x| &x.raw)

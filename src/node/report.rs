@@ -55,6 +55,7 @@ pub fn peers(snap: &Snapshot, stats: &HashMap<NodeId, PeerStats>) -> Vec<PeerRep
                     .and_then(|s| relay_name(&s.path, snap)),
                 // Filled in by the caller from the path task's measurements.
                 rtt_ms: None,
+                version: r.version.clone(),
                 last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
                 rx_bytes: st.map_or(0, |s| s.rx_bytes),
                 tx_bytes: st.map_or(0, |s| s.tx_bytes),
@@ -93,6 +94,7 @@ pub fn drops(c: &DeviceCounters) -> DropStatus {
         no_route: get(&c.dropped_no_peer),
         bad_source: get(&c.dropped_bad_source),
         bad_destination: get(&c.dropped_bad_destination),
+        forged_source: get(&c.dropped_forged_source),
         unknown_peer: get(&c.dropped_unknown_peer),
         malformed: get(&c.dropped_unknown_frame),
     }

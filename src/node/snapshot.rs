@@ -38,6 +38,8 @@ pub struct MemberRow {
     pub hostnames: Vec<String>,
     pub exit_node: bool,
     pub services: Vec<ServiceRow>,
+    /// The software it says it runs (`--version`), once its about record is known.
+    pub version: Option<String>,
 }
 
 impl MemberRow {
@@ -177,6 +179,7 @@ impl Snapshot {
                     .unwrap_or_default(),
                 exit_node: x.routes.as_ref().is_some_and(|r| r.exit_node),
                 services,
+                version: x.about.as_ref().map(|a| a.version.clone()),
             });
         }
         let holders: BTreeMap<u32, NodeId> =

@@ -231,6 +231,9 @@ pub struct CachedMember {
     /// Signed routes record (URL-safe base64).
     #[serde(default)]
     pub routes: Option<String>,
+    /// Signed about record: the software it runs (URL-safe base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     /// Unix seconds when this member was last known alive.
     pub last_seen: u64,
     /// Unix seconds when this node first learnt of the member.

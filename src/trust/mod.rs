@@ -11,7 +11,9 @@ mod token;
 
 pub use cert::{Cert, InviteBody, NodeCertBody};
 pub use keys::{wg_public, NodeKeys, RootKey};
-pub use record::{NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord};
+pub use record::{
+    AboutRecord, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
+};
 pub use revocation::{Revocation, RevocationBody};
 pub use signed::{decode, encode, Context, Signed};
 pub use token::{Bootstrap, Token, TOKEN_PREFIX};

@@ -48,6 +48,20 @@ pub struct RoutesRecord {
     pub exit_node: bool,
 }
 
+/// What software a node runs, published once at start so `meshctl status` and `meshctl version`
+/// can show each peer's version and warn on skew. A key of its own (not a field of the node
+/// record) so members on older releases, which refuse records with bytes they do not know,
+/// simply ignore it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AboutRecord {
+    pub identity: [u8; 32],
+    pub seq: u64,
+    /// `--version`: the package version and the commit.
+    pub version: String,
+    /// The machine: `x86_64-linux`, `aarch64-linux`.
+    pub platform: String,
+}
+
 /// A statement a node makes about itself: signed with its identity key, replaced by versions
 /// with a higher `seq`.
 pub trait SelfStatement: serde::de::DeserializeOwned + PartialEq {
@@ -82,6 +96,17 @@ impl SelfStatement for ServicesRecord {
 impl SelfStatement for RoutesRecord {
     const CONTEXT: super::Context = super::Context::Hostnames;
     const WHAT: &'static str = "routes record";
+    fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl SelfStatement for AboutRecord {
+    const CONTEXT: super::Context = super::Context::About;
+    const WHAT: &'static str = "about record";
     fn identity(&self) -> &[u8; 32] {
         &self.identity
     }

@@ -22,6 +22,7 @@ pub enum Context {
     JoinAccept,
     Services,
     Hostnames,
+    About,
 }
 
 impl Context {
@@ -38,6 +39,7 @@ impl Context {
             Context::JoinAccept => b"meshd/join-accept/v1",
             Context::Services => b"meshd/services/v1",
             Context::Hostnames => b"meshd/hostnames/v1",
+            Context::About => b"meshd/about/v1",
         }
     }
 }

@@ -80,6 +80,17 @@ impl Membership {
                     warnings.push(format!("skipping cached routes of {}: {e}", cert.name));
                 }
             }
+            if let Some(r) = &c.about {
+                if let Err(e) = Signed::from_b64(r, "about record")
+                    .map_err(Reject::from)
+                    .and_then(|s| self.ingest_about(id, &s))
+                {
+                    warnings.push(format!(
+                        "skipping cached about record of {}: {e}",
+                        cert.name
+                    ));
+                }
+            }
             if let Some(m) = self.members.get_mut(&id) {
                 m.last_seen = c.last_seen.saturating_add(downtime).min(now);
                 m.first_seen = c.first_seen.saturating_add(downtime).min(now);
@@ -104,6 +115,7 @@ impl Membership {
                     record: m.record_raw.as_ref().map(|r| r.to_b64()),
                     services: m.services_raw.as_ref().map(|r| r.to_b64()),
                     routes: m.routes_raw.as_ref().map(|r| r.to_b64()),
+                    about: m.about_raw.as_ref().map(|r| r.to_b64()),
                     last_seen: m.last_seen,
                     first_seen: m.first_seen,
                     admitted_k: m.admitted_k,
@@ -125,6 +137,7 @@ impl Membership {
                     m.record.as_ref().map(|r| r.seq),
                     m.services.as_ref().map(|r| r.seq),
                     m.routes.as_ref().map(|r| r.seq),
+                    m.about.as_ref().map(|r| r.seq),
                 ]
                 .into_iter()
                 .flatten()

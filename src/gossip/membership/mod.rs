@@ -11,7 +11,7 @@ use crate::mesh::addressing::{self, Assignment, SlotClaim};
 use crate::mesh::PeerSpec;
 use crate::state::InviteUse;
 use crate::trust::{
-    Cert, Key32, MeshId, NodeId, NodeRecord, Revocation, RoutesRecord, SelfStatement,
+    AboutRecord, Cert, Key32, MeshId, NodeId, NodeRecord, Revocation, RoutesRecord, SelfStatement,
     ServicesRecord, Signed, TrustError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -46,6 +46,9 @@ pub struct Member {
     /// Hostnames it serves and whether it is an exit node, verified.
     pub routes: Option<RoutesRecord>,
     pub routes_raw: Option<Signed>,
+    /// The software it runs, verified.
+    pub about: Option<AboutRecord>,
+    pub about_raw: Option<Signed>,
     /// Slot candidate index assigned at admission, used until the node's own record arrives.
     pub admitted_k: Option<u32>,
     /// Where this node (as its seed) saw the member's join request from: its first endpoint
@@ -144,6 +147,8 @@ impl Membership {
             services_raw: None,
             routes: None,
             routes_raw: None,
+            about: None,
+            about_raw: None,
             admitted_k: None,
             admitted_from: None,
             liveness: Liveness::Unknown,
@@ -249,6 +254,18 @@ impl Membership {
         };
         m.routes = Some(rec);
         m.routes_raw = Some(raw.clone());
+        self.changed();
+        Ok(true)
+    }
+
+    /// Accept a node's signed word on the software it runs. Returns whether anything changed.
+    pub fn ingest_about(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
+        let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
+        let Some(rec) = verify_statement::<AboutRecord>(&m.cert, raw, m.about.as_ref())? else {
+            return Ok(false);
+        };
+        m.about = Some(rec);
+        m.about_raw = Some(raw.clone());
         self.changed();
         Ok(true)
     }

@@ -60,6 +60,9 @@ pub struct DeviceCounters {
     /// Decrypted packets not addressed to this node's subnet: a member may only send here
     /// what is for here (no routing through this node).
     pub dropped_bad_destination: AtomicU64,
+    /// Outgoing packets (from this machine or its workloads) whose source is outside this
+    /// node's /24.
+    pub dropped_forged_source: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
     /// Relayed frames for no session here, from an address not bound to theirs, or over the

@@ -3,7 +3,7 @@
 
 use super::{transient, Device, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF};
 use crate::mesh::io::{TunIo, UdpIo};
-use crate::mesh::packet::ipv4_dst;
+use crate::mesh::packet::{ipv4_dst, ipv4_src};
 use crate::mesh::path::Route;
 use crate::mesh::peer::Peer;
 use crate::mesh::relay::{self, RELAY_HEADER};
@@ -131,7 +131,17 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
             return;
         };
-        if slot == self.own_slot.load(Ordering::Relaxed) {
+        let own = self.own_slot.load(Ordering::Relaxed);
+        if slot == own {
+            return;
+        }
+        // Only this node's /24 sends from here: a workload forging another node's address (or
+        // one outside the mesh) gets nothing through. Peers would drop it too; this counts it
+        // where it happened.
+        if ipv4_src(packet).and_then(|s| self.range.slot_of(s)) != Some(own) {
+            self.counters
+                .dropped_forged_source
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         let Some(peer) = self.table.read().unwrap().by_slot.get(&slot).cloned() else {

@@ -89,9 +89,29 @@ async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
         assert!(!d.windows(7).any(|w| w == b"hello-b" || w == b"hello-a"));
     }
 
-    // B sends with a source outside its /24: A drops and counts it.
+    // B's own machine (or a workload on it) sends with a source outside B's /24: B drops and
+    // counts it before it is sealed.
     let spoofed = build_ipv4_udp(ip(9, 1), ip(3, 1), 1, 1, b"spoof");
-    b.tun.inject.send(spoofed).await.unwrap();
+    b.tun.inject.send(spoofed.clone()).await.unwrap();
+    let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after0");
+    b.tun.inject.send(marker).await.unwrap();
+    let got = expect_delivery(&mut a, b"after0").await;
+    assert_eq!(ipv4_src(&got), Some(ip(7, 1)));
+    assert_eq!(
+        b.dev.counters.dropped_forged_source.load(Ordering::Relaxed),
+        1
+    );
+    // A B that seals such a packet anyway (a modified build): A drops and counts it.
+    let a_id = spec(&a, vec![]).node_id;
+    let peer = b.dev.peer_by_node(&a_id).expect("B knows A");
+    let seal = |packet: &[u8]| -> Vec<u8> {
+        let mut out = vec![0u8; 2048];
+        match peer.tunn.lock().unwrap().encapsulate(packet, &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("the session is up, so encapsulation yields a datagram"),
+        }
+    };
+    b.dev.udp().send_to(&seal(&spoofed), a.addr).await.unwrap();
     let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after");
     b.tun.inject.send(marker).await.unwrap();
     let got = expect_delivery(&mut a, b"after").await;
@@ -105,14 +125,11 @@ async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
     // B (a member, with a valid tunnel) sends A a packet for a third subnet, as if A were a
     // router: A drops and counts it instead of delivering it to its TUN device.
     let elsewhere = build_ipv4_udp(ip(7, 1), ip(9, 1), 1, 1, b"route-me");
-    let a_id = spec(&a, vec![]).node_id;
-    let peer = b.dev.peer_by_node(&a_id).expect("B knows A");
-    let mut out = vec![0u8; 2048];
-    let sealed = match peer.tunn.lock().unwrap().encapsulate(&elsewhere, &mut out) {
-        TunnResult::WriteToNetwork(d) => d.to_vec(),
-        _ => panic!("the session is up, so encapsulation yields a datagram"),
-    };
-    b.dev.udp().send_to(&sealed, a.addr).await.unwrap();
+    b.dev
+        .udp()
+        .send_to(&seal(&elsewhere), a.addr)
+        .await
+        .unwrap();
     let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after2");
     b.tun.inject.send(marker).await.unwrap();
     let got = expect_delivery(&mut a, b"after2").await;
