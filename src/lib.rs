@@ -27,6 +27,8 @@
 //!   node and local proxies.
 //! - [`control`]: the local API (wire types, server, client); [`state`]: the state directory,
 //!   written atomically; [`cli`]: the two command lines and `meshd demo`.
+//! - [`workloads`]: the node's /24 for containers and namespaces (a bridge, meshd's nftables
+//!   table, named namespaces): the plan (pure) and carrying it out on Linux.
 //! - [`constants`] (protocol constants with their sources), [`util`] (formatting, limiters).
 //! - `testing` (tests, and benchmarks with the `testing` feature): fixtures, in-memory
 //!   twins of the edges, the whole-node harness, a gossip-only fleet on a simulated clock.
@@ -49,3 +51,4 @@ pub mod testing;
 pub mod trust;
 pub mod util;
 pub mod wire;
+pub mod workloads;

@@ -46,21 +46,23 @@ fn packets_with_a_source_outside_the_senders_subnet_are_dropped_and_counted() {
         ],
     );
     assert!(!o.status.success(), "spoofed pings must not be answered");
-    let dropped = lab
-        .status(0)
-        .peers
-        .iter()
-        .find(|p| p.name == "b")
-        .map(|p| p.dropped_bad_source)
-        .unwrap();
+    // b's own data plane refuses to seal them: only its /24 may leave it (a b that sealed them
+    // anyway is refused by a: the device's unit tests cover that side).
+    let forged = lab.status(1).drops.forged_source;
     assert!(
-        dropped >= 3,
-        "a counted {dropped} dropped packets, expected at least 3"
+        forged >= 3,
+        "b counted {forged} forged packets, expected at least 3"
     );
-    // The node-wide counters in status say so too, and `meshctl status` shows them.
-    assert!(lab.status(0).drops.bad_source >= dropped);
-    let human = String::from_utf8(lab.meshctl(0, &["status"]).stdout).unwrap();
-    assert!(human.contains("bad source"), "{human}");
+    assert_eq!(
+        lab.status(0)
+            .peers
+            .iter()
+            .find(|p| p.name == "b")
+            .map(|p| p.rx_bytes > 0),
+        Some(true)
+    );
+    let human = String::from_utf8(lab.meshctl(1, &["status"]).stdout).unwrap();
+    assert!(human.contains("forged source"), "{human}");
     // b's own address still works.
     assert!(lab.ping(1, a_ip));
 }

@@ -268,6 +268,29 @@ pub enum MeshctlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Workloads on this node's /24: a bridge (meshbr0) holding the node's .1 as their gateway,
+    /// routed to the mesh without NAT, masqueraded to anywhere else.
+    Workloads {
+        #[command(subcommand)]
+        command: WorkloadsCommand,
+    },
+    /// Network namespaces on the workloads bridge, each with an address of this node's /24
+    /// and a name in mesh DNS (NAME.NODE.<domain>).
+    Workload {
+        #[command(subcommand)]
+        command: WorkloadCommand,
+    },
+    /// A Docker network on the workloads bridge, so `docker run --network mesh` gives a
+    /// container a mesh address (.128-.254 of this node's /24): creates it when docker is
+    /// here, else prints the command.
+    DockerNetwork {
+        /// The Docker network's name.
+        #[arg(long, default_value = "mesh")]
+        name: String,
+        /// Print the docker command instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
     /// Connect stdin/stdout to HOST:PORT through the mesh (for ssh -o ProxyCommand='meshctl nc %h %p').
     Nc {
         /// A mesh name (db1, db1.mesh.internal, api.svc.mesh.internal) or address; anything with --exit.
@@ -319,6 +342,44 @@ pub enum ToggleCommand {
     Enable,
     /// Turn it off (kept across restarts).
     Disable,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkloadsCommand {
+    /// Make the bridge, forwarding and masquerading (kept across restarts, removed while meshd
+    /// is stopped).
+    Enable {
+        /// The bridge's name.
+        #[arg(long, default_value = "meshbr0")]
+        bridge: String,
+    },
+    /// Remove the bridge, meshd's rules and every workload namespace (kept across restarts).
+    Disable,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkloadCommand {
+    /// Make a network namespace NAME on the bridge, for `ip netns exec NAME ...`.
+    Add {
+        /// The namespace's name and its DNS label (NAME.NODE.<domain>).
+        name: String,
+        /// Its address in this node's /24; default: the first free of .2-.127.
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    /// Remove a workload namespace (processes still in it lose their network).
+    #[command(alias = "remove")]
+    Rm {
+        /// A workload of this node.
+        name: String,
+    },
+    /// This node's workloads.
+    #[command(alias = "list")]
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

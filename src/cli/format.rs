@@ -177,6 +177,42 @@ pub fn status(s: &StatusReport) -> String {
     o
 }
 
+/// `meshctl workload ls`.
+pub fn workloads(r: &crate::control::WorkloadsReport) -> String {
+    let mut o = match (&r.bridge, r.enabled) {
+        (Some(b), true) => format!(
+            "workloads on {b}: {} via {}{}\n",
+            r.subnet,
+            r.gateway,
+            if r.forged_dropped > 0 {
+                format!(", {} forged packets dropped", r.forged_dropped)
+            } else {
+                String::new()
+            }
+        ),
+        _ => "workloads off (meshctl workloads enable)\n".to_string(),
+    };
+    if let Some(e) = &r.error {
+        let _ = writeln!(o, "NOT in place: {e}");
+    }
+    if !r.workloads.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .workloads
+            .iter()
+            .map(|w| {
+                vec![
+                    w.name.clone(),
+                    w.ip.clone(),
+                    w.dns.clone(),
+                    if w.present { "ready" } else { "missing" }.to_string(),
+                ]
+            })
+            .collect();
+        o += &table(&["NAME", "ADDRESS", "DNS", "NAMESPACE"], &rows);
+    }
+    o
+}
+
 fn plural(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }

@@ -2,6 +2,7 @@
 
 use super::args::{
     GatewayCommand, MeshctlCli, MeshctlCommand, ProxyCommand, ServiceCommand, ToggleCommand,
+    WorkloadCommand, WorkloadsCommand,
 };
 use crate::control::client::Client;
 use crate::control::{
@@ -9,7 +10,8 @@ use crate::control::{
     InviteRequest, InviteResponse, ListenRequest, NetcheckReport, PingRequest, PingResponse,
     ProxyResponse, RelayResponse, RemoveRequest, RemoveResponse, ServiceAddRequest,
     ServiceAddResponse, ServiceRemoveRequest, ServiceRemoveResponse, ServiceView, StatusReport,
-    ToggleRequest, UnexposeResponse,
+    ToggleRequest, UnexposeResponse, WorkloadAddRequest, WorkloadRemoveRequest, WorkloadView,
+    WorkloadsReport, WorkloadsRequest,
 };
 use clap::Parser;
 
@@ -381,6 +383,79 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 );
             } else {
                 println!("proxy disabled");
+            }
+        }
+        MeshctlCommand::Workloads { command } => {
+            let req = match command {
+                WorkloadsCommand::Enable { bridge } => WorkloadsRequest {
+                    enable: true,
+                    bridge: Some(bridge),
+                },
+                WorkloadsCommand::Disable => WorkloadsRequest {
+                    enable: false,
+                    bridge: None,
+                },
+            };
+            let r: WorkloadsReport = c.post("/v1/workloads", &req).await?;
+            match &r.bridge {
+                Some(b) if r.enabled => println!(
+                    "workloads on {b}: {} with gateway {} (routed to the mesh, masqueraded \
+                     elsewhere); add one with `meshctl workload add NAME` or \
+                     `meshctl docker-network`",
+                    r.subnet, r.gateway
+                ),
+                _ => println!("workloads off: bridge, rules and workload namespaces removed"),
+            }
+        }
+        MeshctlCommand::Workload { command } => match command {
+            WorkloadCommand::Add { name, ip } => {
+                let w: WorkloadView = c
+                    .post("/v1/workload/add", &WorkloadAddRequest { name, ip })
+                    .await?;
+                println!(
+                    "workload {} at {} ({}); run programs in it with: sudo ip netns exec {} COMMAND",
+                    w.name, w.ip, w.dns, w.name
+                );
+            }
+            WorkloadCommand::Rm { name } => {
+                let w: WorkloadView = c
+                    .post("/v1/workload/rm", &WorkloadRemoveRequest { name })
+                    .await?;
+                println!("workload {} ({}) removed", w.name, w.ip);
+            }
+            WorkloadCommand::Ls { json } => {
+                let r: WorkloadsReport = c.get("/v1/workloads").await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", super::format::workloads(&r));
+                }
+            }
+        },
+        MeshctlCommand::DockerNetwork { name, print } => {
+            let r: WorkloadsReport = c.get("/v1/workloads").await?;
+            let bridge = r.bridge.filter(|_| r.enabled).ok_or_else(|| {
+                anyhow::anyhow!("workloads are off on this node: meshctl workloads enable first")
+            })?;
+            let gateway: std::net::Ipv4Addr = r
+                .gateway
+                .parse()
+                .map_err(|e| anyhow::anyhow!("the node's gateway {}: {e}", r.gateway))?;
+            let args = crate::workloads::docker_network_args(&bridge, gateway, &name);
+            let shown = format!("docker {}", args.join(" "));
+            let docker = std::process::Command::new("docker").arg("version").output();
+            if print || !docker.is_ok_and(|o| o.status.success()) {
+                println!("{shown}");
+            } else {
+                let o = std::process::Command::new("docker").args(&args).output()?;
+                let err = String::from_utf8_lossy(&o.stderr);
+                if o.status.success() {
+                    println!("docker network {name} on {bridge} ({}); run containers with: docker run --network {name} ...", r.subnet);
+                } else if err.contains("already exists") {
+                    println!("docker network {name} exists already");
+                } else {
+                    anyhow::bail!("{shown} failed: {}", err.trim());
+                }
             }
         }
         MeshctlCommand::Relay { command } => {

@@ -448,6 +448,55 @@ pub struct ExitNodeResponse {
     pub exit_node: bool,
 }
 
+/// `meshctl workloads enable|disable`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkloadsRequest {
+    pub enable: bool,
+    /// The bridge's name (default `meshbr0`), when enabling.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+/// `meshctl workload add NAME [--ip ADDR]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkloadAddRequest {
+    pub name: String,
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+/// `meshctl workload rm NAME`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkloadRemoveRequest {
+    pub name: String,
+}
+
+/// One workload namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub name: String,
+    pub ip: String,
+    /// `NAME.NODE.<domain>`.
+    pub dns: String,
+    /// Its namespace exists (`ip netns exec NAME ...` works).
+    pub present: bool,
+}
+
+/// Workloads on this node's /24 (`meshctl workload ls`, `meshctl docker-network`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadsReport {
+    pub enabled: bool,
+    pub bridge: Option<String>,
+    /// The node's /24 and its `.1`, the workloads' gateway.
+    pub subnet: String,
+    pub gateway: String,
+    pub workloads: Vec<WorkloadView>,
+    /// Packets from the bridge with a source outside the /24, dropped.
+    pub forged_dropped: u64,
+    /// Why the bridge is not (fully) in place, if it is not.
+    pub error: Option<String>,
+}
+
 /// Every successful reply, serialized as the bare response object of its call.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -474,6 +523,8 @@ pub enum ApiReply {
     Discovery(Vec<SdTargetGroup>),
     Ping(PingResponse),
     Netcheck(NetcheckReport),
+    Workloads(WorkloadsReport),
+    Workload(WorkloadView),
 }
 
 /// Error body of every failed call.
@@ -505,6 +556,10 @@ pub enum ApiRequest {
     Discovery,
     Ping(PingRequest),
     Netcheck,
+    Workloads,
+    WorkloadsSet(WorkloadsRequest),
+    WorkloadAdd(WorkloadAddRequest),
+    WorkloadRemove(WorkloadRemoveRequest),
 }
 
 /// A failure with its HTTP status.

@@ -152,11 +152,13 @@ pub enum DnsError {
 }
 
 impl DnsServer {
-    /// Serve the mesh zone on `ip:port`, bound to `ifname`, forwarding other names upstream.
+    /// Serve the mesh zone on `ip:port`, bound to `ifname` (and to each of `also_on`),
+    /// forwarding other names upstream.
     pub async fn start(
         ip: Ipv4Addr,
         port: u16,
         ifname: &str,
+        also_on: &[&str],
         input: &ZoneInput,
         upstreams: Vec<SocketAddr>,
     ) -> Result<DnsServer, DnsError> {
@@ -184,29 +186,35 @@ impl DnsServer {
             );
         }
         let want = SocketAddr::from((ip, port));
-        let bind = |what: String| {
-            let ifname = ifname.to_string();
-            move |error| DnsError::Bind {
-                what,
-                ifname,
-                error,
-            }
-        };
-        let udp = crate::mesh::linux::bind_udp_on_device(want, ifname)
-            .map_err(bind(format!("{want}/udp")))?;
-        // Port 0 (tests): TCP takes the port UDP got.
-        let listen = udp.local_addr().map_err(bind(format!("{want}/udp")))?;
-        let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
-            .map_err(bind(format!("{listen}/tcp")))?;
         let mut server = Server::new(Counted(catalog));
-        server.register_socket(
-            tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?,
-        );
-        server.register_listener(
-            tokio::net::TcpListener::from_std(tcp).map_err(bind(format!("{listen}/tcp")))?,
-            Duration::from_secs(5),
-            32,
-        );
+        let mut listen = want;
+        // The same address on each device (the TUN, the workloads' bridge): a socket bound to
+        // a device only hears what came through it.
+        for (i, ifname) in std::iter::once(ifname).chain(also_on.iter().copied()).enumerate() {
+            let bind = |what: String| {
+                let ifname = ifname.to_string();
+                move |error| DnsError::Bind {
+                    what,
+                    ifname,
+                    error,
+                }
+            };
+            let at = if i == 0 { want } else { listen };
+            let udp = crate::mesh::linux::bind_udp_on_device(at, ifname)
+                .map_err(bind(format!("{at}/udp")))?;
+            // Port 0 (tests): TCP and the other devices take the port UDP got.
+            listen = udp.local_addr().map_err(bind(format!("{at}/udp")))?;
+            let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
+                .map_err(bind(format!("{listen}/tcp")))?;
+            server.register_socket(
+                tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?,
+            );
+            server.register_listener(
+                tokio::net::TcpListener::from_std(tcp).map_err(bind(format!("{listen}/tcp")))?,
+                Duration::from_secs(5),
+                32,
+            );
+        }
         let mut s = DnsServer {
             forward,
             reverse,
@@ -302,6 +310,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 210, 1, 1),
                 port: 8080,
             }],
+            workloads: vec![],
         }
     }
 
@@ -343,10 +352,10 @@ mod tests {
             ip: Ipv4Addr::new(203, 0, 113, 7),
         };
         up_input.range = "10.99.0.0/16".parse().unwrap();
-        let upstream = DnsServer::start(lo, 0, "lo", &up_input, vec![])
+        let upstream = DnsServer::start(lo, 0, "lo", &[], &up_input, vec![])
             .await
             .unwrap();
-        let mut s = DnsServer::start(lo, 0, "lo", &input("mesh.internal"), vec![upstream.listen])
+        let mut s = DnsServer::start(lo, 0, "lo", &[], &input("mesh.internal"), vec![upstream.listen])
             .await
             .unwrap();
 

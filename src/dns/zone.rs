@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! NODE.<domain>                      A    the node's .1
+//! WORKLOAD.NODE.<domain>             A    a named workload of the node's /24
 //! NAME.svc.<domain>                  A    every live provider of service NAME
 //! NODE.NAME.svc.<domain>             A    one provider's address for NAME
 //! _NAME._tcp.svc.<domain>            SRV  0 0 PORT NODE.NAME.svc.<domain>, one per provider
-//! d.c.b.a.in-addr.arpa               PTR  NODE.<domain> (or the service instance name)
+//! d.c.b.a.in-addr.arpa               PTR  NODE.<domain> (or the workload's, or the service
+//!                                         instance name)
 //! <domain>, reverse zones            SOA, NS
 //! ```
 
@@ -42,6 +44,14 @@ pub struct ServiceEntry {
     pub port: u16,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WorkloadEntry {
+    pub name: String,
+    /// DNS name of its node.
+    pub node: String,
+    pub ip: Ipv4Addr,
+}
+
 /// Everything the zone is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZoneInput {
@@ -51,6 +61,7 @@ pub struct ZoneInput {
     pub serving: String,
     pub nodes: Vec<NodeEntry>,
     pub services: Vec<ServiceEntry>,
+    pub workloads: Vec<WorkloadEntry>,
 }
 
 /// Records of the forward zone and of each reverse zone (by origin).
@@ -167,6 +178,21 @@ pub fn build(input: &ZoneInput, serial: u32) -> Result<ZoneRecords, ProtoError> 
         forward.push(Record::from_rdata(name.clone(), TTL, RData::A(A(n.ip))));
         add_ptr(n.ip, &name, &mut reverse);
     }
+    for w in &input.workloads {
+        // Under its node's name; a node called `svc` would collide with the services.
+        let name = if w.node == "svc" || !crate::util::is_dns_label(&w.name) {
+            Err(ProtoError::from("not a DNS label under a node's name"))
+        } else {
+            under(&format!("{}.{}", w.name, w.node))
+        };
+        match name {
+            Ok(name) => {
+                forward.push(Record::from_rdata(name.clone(), TTL, RData::A(A(w.ip))));
+                add_ptr(w.ip, &name, &mut reverse);
+            }
+            Err(e) => skipped.push(format!("workload {:?} of node {:?}: {e}", w.name, w.node)),
+        }
+    }
     for s in &input.services {
         let names = (|| {
             if !crate::util::is_dns_label(&s.service) || s.service.len() > MAX_SERVICE_NAME {
@@ -264,6 +290,11 @@ mod tests {
                     port: 9090,
                 },
             ],
+            workloads: vec![WorkloadEntry {
+                name: "pg".into(),
+                node: "db1".into(),
+                ip: Ipv4Addr::new(10, 210, 4, 20),
+            }],
         }
     }
 
@@ -312,6 +343,19 @@ mod tests {
             1
         );
         assert_eq!(find(&z.forward, "mesh.internal", RecordType::SOA).len(), 1);
+        // A workload under its node's name, both ways.
+        let w = find(&z.forward, "pg.db1.mesh.internal", RecordType::A);
+        assert_eq!(w[0].data, RData::A(A(Ipv4Addr::new(10, 210, 4, 20))));
+        assert_eq!(
+            find(rev, "20.4.210.10.in-addr.arpa", RecordType::PTR)[0].data,
+            RData::PTR(PTR(fqdn("pg.db1.mesh.internal").unwrap()))
+        );
+        // A workload of a node named `svc` would shadow services: left out, said why.
+        let mut bad = input();
+        bad.workloads[0].node = "svc".into();
+        let z = build(&bad, 7).unwrap();
+        assert!(find(&z.forward, "pg.svc.mesh.internal", RecordType::A).is_empty());
+        assert_eq!(z.skipped.len(), 1);
     }
 
     #[test]

@@ -29,8 +29,17 @@ pub const KEY_SERVICES: &str = "svc";
 pub const KEY_ROUTES: &str = "web";
 /// The software this node runs (its signed about record).
 pub const KEY_ABOUT: &str = "about";
+/// The workloads this node names (its signed workloads record).
+pub const KEY_WORKLOADS: &str = "wl";
 /// The single-valued keys a node publishes about itself; each holds a signed statement.
-const SIGNED_KEYS: [&str; 5] = [KEY_CERT, KEY_RECORD, KEY_SERVICES, KEY_ROUTES, KEY_ABOUT];
+const SIGNED_KEYS: [&str; 6] = [
+    KEY_CERT,
+    KEY_RECORD,
+    KEY_SERVICES,
+    KEY_ROUTES,
+    KEY_ABOUT,
+    KEY_WORKLOADS,
+];
 /// Revocations this node knows, one key each: `rev.<node id>`.
 pub const PREFIX_REVOCATION: &str = "rev.";
 
@@ -340,6 +349,8 @@ impl Gossip {
                         m.ingest_routes(under, &raw)
                     } else if key == KEY_ABOUT {
                         m.ingest_about(under, &raw)
+                    } else if key == KEY_WORKLOADS {
+                        m.ingest_workloads(under, &raw)
                     } else {
                         m.ingest_record(under, &raw)
                     }

@@ -91,6 +91,12 @@ impl<P: Platform> Node<P> {
                 &self.status(),
             ))),
             ApiRequest::Netcheck => Ok(ApiReply::Netcheck(self.netcheck())),
+            ApiRequest::Workloads => Ok(ApiReply::Workloads(self.workloads_report())),
+            ApiRequest::WorkloadsSet(r) => self.workloads_set(r).await.map(ApiReply::Workloads),
+            ApiRequest::WorkloadAdd(r) => self.workload_add(r).await.map(ApiReply::Workload),
+            ApiRequest::WorkloadRemove(r) => {
+                self.workload_remove(r).await.map(ApiReply::Workload)
+            }
             ApiRequest::Ping(_) => unreachable!("answered above"),
             ApiRequest::Leave => {
                 let r = self.leave().await;
@@ -354,7 +360,7 @@ impl<P: Platform> Node<P> {
     }
 
     /// Write settings.json (services and the edge roles).
-    fn save_settings(&mut self) -> Result<(), ApiFailure> {
+    pub(super) fn save_settings(&mut self) -> Result<(), ApiFailure> {
         self.settings.version = STATE_VERSION;
         self.local
             .state

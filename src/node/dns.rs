@@ -26,6 +26,8 @@ pub struct DnsRole {
     /// How the host resolves the mesh domain.
     host: String,
     resolved: Option<Resolved>,
+    /// The workloads' bridge, when there is one: DNS answers there too (on the same `.1`).
+    bridge: Option<String>,
 }
 
 impl DnsRole {
@@ -39,6 +41,7 @@ impl DnsRole {
             error: None,
             host: String::new(),
             resolved: None,
+            bridge: None,
         }
     }
 
@@ -51,7 +54,8 @@ impl DnsRole {
         if upstreams.is_empty() {
             warn!("no upstream DNS server found (resolv.conf); names outside the mesh will not resolve through meshd");
         }
-        match DnsServer::start(ip, DNS_PORT, &self.tun, zone, upstreams).await {
+        let also: Vec<&str> = self.bridge.iter().map(String::as_str).collect();
+        match DnsServer::start(ip, DNS_PORT, &self.tun, &also, zone, upstreams).await {
             Ok(d) => {
                 self.server = Some(d);
                 self.zone = Some(zone.clone());
@@ -75,6 +79,21 @@ impl DnsRole {
         range: &MeshRange,
     ) {
         self.upstream = upstream;
+        if self.server.is_some() || self.error.is_some() {
+            self.start(ip, zone, range).await;
+        }
+    }
+
+    /// Answer on the workloads' bridge too (or no longer): the server is restarted on the same
+    /// address if it was serving (a bridge made again is a new device to bind to).
+    pub async fn set_bridge(
+        &mut self,
+        bridge: Option<String>,
+        ip: Ipv4Addr,
+        zone: &ZoneInput,
+        range: &MeshRange,
+    ) {
+        self.bridge = bridge;
         if self.server.is_some() || self.error.is_some() {
             self.start(ip, zone, range).await;
         }

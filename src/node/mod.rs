@@ -38,6 +38,7 @@ pub mod snapshot;
 pub mod traversal;
 mod traverser;
 pub mod view;
+mod workloads;
 
 use crate::constants::{ENDPOINT_RESCAN, RECONCILE_TICK, TUN_MTU};
 use crate::control::{server as api_server, ApiCall};
@@ -218,6 +219,7 @@ struct Node<P: Platform> {
     settings: Settings,
     dns: dns::DnsRole,
     edge: edge::EdgeRoles,
+    workloads: workloads::WorkloadRole,
 }
 
 /// Run the node in `opts.state_dir` until shutdown. `udp` is the socket a fresh join used.
@@ -331,6 +333,7 @@ pub async fn run_on<P: Platform>(
         )),
         settings: loaded.settings,
         edge,
+        workloads: Default::default(),
         platform,
     };
     node.start().await?;
@@ -349,6 +352,16 @@ pub async fn run_on<P: Platform>(
         g.shutdown().await;
     }
     node.edge.stop_all();
+    if matches!(exit, Ok(Exit::Left)) {
+        // Leaving for good: the namespaces go too.
+        let _ = node
+            .workloads_set(crate::control::WorkloadsRequest {
+                enable: false,
+                bridge: None,
+            })
+            .await;
+    }
+    node.take_down_bridge().await;
     node.prober = None;
     node.traverser = None;
     if let Some(stop) = node.metrics.take() {
@@ -399,6 +412,7 @@ impl<P: Platform> Node<P> {
             self.publish_routes().await;
             self.start_mesh_services().await;
             self.edge.start(&self.settings).await;
+            self.apply_workloads().await;
         }
         self.refresh().await?;
         Ok(())

@@ -118,6 +118,8 @@ impl<P: Platform> Node<P> {
             if self.platform.host_services() {
                 self.start_mesh_services().await;
             }
+            // The bridge, the table and every workload follow the /24.
+            self.apply_workloads().await;
         }
         self.publish_record().await;
         Ok(())

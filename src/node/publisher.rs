@@ -1,15 +1,16 @@
 //! Everything this node says about itself, signed: its record (endpoints, subnet claim,
-//! departure), its services, its routes (hostnames, exit flag) and the software it runs. One sequence-number rule for
+//! departure), its services, its routes (hostnames, exit flag), its named workloads and the
+//! software it runs. One sequence-number rule for
 //! all of them: the clock in milliseconds, but always above the last number this node
 //! published, in this run or an earlier one (members keep the highest they saw, so a clock
 //! that went back must not make a new statement look older). Pure: the node hands each
 //! [`Publication`] to the membership view and to gossip.
 
-use crate::gossip::chitchat_glue::{KEY_ABOUT, KEY_RECORD, KEY_ROUTES, KEY_SERVICES};
+use crate::gossip::chitchat_glue::{KEY_ABOUT, KEY_RECORD, KEY_ROUTES, KEY_SERVICES, KEY_WORKLOADS};
 use crate::gossip::{Membership, Reject};
 use crate::id::{Key32, NodeId};
 use crate::trust::{
-    AboutRecord, NodeKeys, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
+    AboutRecord, NodeKeys, WorkloadName, WorkloadsRecord, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
     Signed,
 };
 use ed25519_dalek::SigningKey;
@@ -21,6 +22,7 @@ pub enum Kind {
     Services,
     Routes,
     About,
+    Workloads,
 }
 
 /// One signed statement, ready to be taken in and gossiped.
@@ -38,6 +40,7 @@ impl Publication {
             Kind::Services => KEY_SERVICES,
             Kind::Routes => KEY_ROUTES,
             Kind::About => KEY_ABOUT,
+            Kind::Workloads => KEY_WORKLOADS,
         }
     }
 
@@ -48,6 +51,7 @@ impl Publication {
             Kind::Services => m.ingest_services(me, &self.raw),
             Kind::Routes => m.ingest_routes(me, &self.raw),
             Kind::About => m.ingest_about(me, &self.raw),
+            Kind::Workloads => m.ingest_workloads(me, &self.raw),
         }
     }
 }
@@ -57,7 +61,7 @@ pub struct Publisher {
     public: Key32,
     seq: u64,
     record: NodeRecord,
-    latest: [Option<Publication>; 4],
+    latest: [Option<Publication>; 5],
 }
 
 impl Publisher {
@@ -74,7 +78,7 @@ impl Publisher {
                 slot_k,
                 left: false,
             },
-            latest: [None, None, None, None],
+            latest: [None, None, None, None, None],
         }
     }
 
@@ -155,6 +159,17 @@ impl Publisher {
         };
         let raw = self.sign(&rec);
         self.keep(Kind::About, raw)
+    }
+
+    /// The named workloads of this node's /24 (empty with workloads off).
+    pub fn workloads(&mut self, workloads: Vec<WorkloadName>, now_ms: u64) -> Publication {
+        let rec = WorkloadsRecord {
+            identity: self.public,
+            seq: self.next_seq(now_ms),
+            workloads,
+        };
+        let raw = self.sign(&rec);
+        self.keep(Kind::Workloads, raw)
     }
 
     /// The latest record signed (what a seed hands joiners about itself).

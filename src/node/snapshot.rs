@@ -5,7 +5,7 @@
 //! `meshctl status` shows cannot disagree.
 
 use crate::control::ServiceView;
-use crate::dns::zone::{unique_names, NodeEntry, ServiceEntry, ZoneInput};
+use crate::dns::zone::{unique_names, NodeEntry, ServiceEntry, WorkloadEntry, ZoneInput};
 use crate::gossip::{Liveness, Membership, MeshParams};
 use crate::id::{Key32, NodeId};
 use crate::mesh::addressing::{candidate, Assignment};
@@ -40,6 +40,9 @@ pub struct MemberRow {
     pub services: Vec<ServiceRow>,
     /// The software it says it runs (`--version`), once its about record is known.
     pub version: Option<String>,
+    /// Its named workloads, those in its own /24 under a valid name only (names come from
+    /// other nodes' records: never trusted).
+    pub workloads: Vec<(String, Ipv4Addr)>,
 }
 
 impl MemberRow {
@@ -180,6 +183,18 @@ impl Snapshot {
                 exit_node: x.routes.as_ref().is_some_and(|r| r.exit_node),
                 services,
                 version: x.about.as_ref().map(|a| a.version.clone()),
+                workloads: x
+                    .workloads
+                    .iter()
+                    .flat_map(|r| r.workloads.iter())
+                    .filter(|w| {
+                        slot.is_some()
+                            && range.slot_of(w.ip) == slot
+                            && crate::workloads::valid_name(&w.name)
+                            && ![0, 1, 255].contains(&w.ip.octets()[3])
+                    })
+                    .map(|w| (w.name.clone(), w.ip))
+                    .collect(),
             });
         }
         let holders: BTreeMap<u32, NodeId> =
@@ -251,6 +266,7 @@ impl Snapshot {
 fn zone_input(params: &MeshParams, members: &[MemberRow]) -> ZoneInput {
     let mut nodes = Vec::new();
     let mut services = Vec::new();
+    let mut workloads = Vec::new();
     let mut serving = None;
     for r in members {
         if r.is_self {
@@ -264,6 +280,13 @@ fn zone_input(params: &MeshParams, members: &[MemberRow]) -> ZoneInput {
         if !r.live() {
             continue;
         }
+        for (name, ip) in &r.workloads {
+            workloads.push(WorkloadEntry {
+                name: name.clone(),
+                node: r.dns_name.clone(),
+                ip: *ip,
+            });
+        }
         for s in r.services.iter().filter(|s| s.answerable()) {
             services.push(ServiceEntry {
                 service: s.name.clone(),
@@ -275,12 +298,14 @@ fn zone_input(params: &MeshParams, members: &[MemberRow]) -> ZoneInput {
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     services.sort();
+    workloads.sort();
     ZoneInput {
         domain: params.domain.clone(),
         range: params.range,
         serving: serving.unwrap_or_default(),
         nodes,
         services,
+        workloads,
     }
 }
 

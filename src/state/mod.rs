@@ -149,6 +149,20 @@ pub struct NodeConfig {
     pub dns_upstream: Vec<SocketAddr>,
 }
 
+/// `workloads.host.json`: what meshd changed on the host for workloads, kept across restarts
+/// (and crashes) so it can be undone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadsHost {
+    /// `net.ipv4.ip_forward` before meshd turned it on.
+    pub ip_forward_before: Option<String>,
+    /// Interfaces on the bridge when meshd took it down (Docker's containers), attached again
+    /// when it comes back.
+    #[serde(default)]
+    pub bridge_ports: Vec<String>,
+}
+
+const WORKLOADS_HOST_JSON: &str = "workloads.host.json";
+
 /// `settings.json`: what the operator turned on at run time (services, ...). Survives restarts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
@@ -170,6 +184,10 @@ pub struct Settings {
     /// This node does not relay for other members (`meshctl relay disable`).
     #[serde(default)]
     pub relay_disabled: bool,
+    /// Workloads on this node's /24 (`meshctl workloads enable`): the bridge and the
+    /// namespaces meshd made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<crate::workloads::WorkloadSettings>,
 }
 
 /// Two optional listen addresses: gateway (HTTPS, HTTP) or proxy (SOCKS5, HTTP).
@@ -234,6 +252,9 @@ pub struct CachedMember {
     /// Signed about record: the software it runs (URL-safe base64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub about: Option<String>,
+    /// Signed workloads record (URL-safe base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<String>,
     /// Unix seconds when this member was last known alive.
     pub last_seen: u64,
     /// Unix seconds when this node first learnt of the member.
@@ -469,7 +490,13 @@ impl StateDir {
     pub fn remove_node(&self) -> Result<(), StateError> {
         // node.json first: it is what makes a directory a node, so an interrupted removal
         // leaves a directory that is no longer a half-working node.
-        for f in [NODE_JSON, NODE_KEY, MEMBERS_JSON, SETTINGS_JSON] {
+        for f in [
+            NODE_JSON,
+            NODE_KEY,
+            MEMBERS_JSON,
+            SETTINGS_JSON,
+            WORKLOADS_HOST_JSON,
+        ] {
             let p = self.file(f);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -478,6 +505,18 @@ impl StateDir {
             }
         }
         Ok(())
+    }
+
+    /// What meshd changed on the host for workloads, to undo (`workloads.host.json`).
+    pub fn load_workloads_host(&self) -> Option<WorkloadsHost> {
+        self.file(WORKLOADS_HOST_JSON)
+            .exists()
+            .then(|| self.read_json(WORKLOADS_HOST_JSON, false).ok())
+            .flatten()
+    }
+
+    pub fn save_workloads_host(&self, h: &WorkloadsHost) -> Result<(), StateError> {
+        self.write_json(WORKLOADS_HOST_JSON, h)
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {

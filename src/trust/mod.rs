@@ -12,7 +12,8 @@ mod token;
 pub use cert::{Cert, InviteBody, NodeCertBody};
 pub use keys::{wg_public, NodeKeys, RootKey};
 pub use record::{
-    AboutRecord, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
+    AboutRecord, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord, WorkloadName,
+    WorkloadsRecord,
 };
 pub use revocation::{Revocation, RevocationBody};
 pub use signed::{decode, encode, Context, Signed};

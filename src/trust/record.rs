@@ -62,6 +62,22 @@ pub struct AboutRecord {
     pub platform: String,
 }
 
+/// One named workload of a node's /24 (`meshctl workload add`): `NAME.NODE.<domain>` in mesh DNS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadName {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// The workloads a node names, signed with its identity key, replacing earlier versions. A key
+/// of its own, so older releases ignore it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadsRecord {
+    pub identity: [u8; 32],
+    pub seq: u64,
+    pub workloads: Vec<WorkloadName>,
+}
+
 /// A statement a node makes about itself: signed with its identity key, replaced by versions
 /// with a higher `seq`.
 pub trait SelfStatement: serde::de::DeserializeOwned + PartialEq {
@@ -107,6 +123,17 @@ impl SelfStatement for RoutesRecord {
 impl SelfStatement for AboutRecord {
     const CONTEXT: super::Context = super::Context::About;
     const WHAT: &'static str = "about record";
+    fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl SelfStatement for WorkloadsRecord {
+    const CONTEXT: super::Context = super::Context::Workloads;
+    const WHAT: &'static str = "workloads record";
     fn identity(&self) -> &[u8; 32] {
         &self.identity
     }

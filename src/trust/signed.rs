@@ -23,6 +23,7 @@ pub enum Context {
     Services,
     Hostnames,
     About,
+    Workloads,
 }
 
 impl Context {
@@ -40,6 +41,7 @@ impl Context {
             Context::Services => b"meshd/services/v1",
             Context::Hostnames => b"meshd/hostnames/v1",
             Context::About => b"meshd/about/v1",
+            Context::Workloads => b"meshd/workloads/v1",
         }
     }
 }

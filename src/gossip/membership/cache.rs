@@ -80,6 +80,14 @@ impl Membership {
                     warnings.push(format!("skipping cached routes of {}: {e}", cert.name));
                 }
             }
+            if let Some(r) = &c.workloads {
+                if let Err(e) = Signed::from_b64(r, "workloads record")
+                    .map_err(Reject::from)
+                    .and_then(|s| self.ingest_workloads(id, &s))
+                {
+                    warnings.push(format!("skipping cached workloads of {}: {e}", cert.name));
+                }
+            }
             if let Some(r) = &c.about {
                 if let Err(e) = Signed::from_b64(r, "about record")
                     .map_err(Reject::from)
@@ -116,6 +124,7 @@ impl Membership {
                     services: m.services_raw.as_ref().map(|r| r.to_b64()),
                     routes: m.routes_raw.as_ref().map(|r| r.to_b64()),
                     about: m.about_raw.as_ref().map(|r| r.to_b64()),
+                    workloads: m.workloads_raw.as_ref().map(|r| r.to_b64()),
                     last_seen: m.last_seen,
                     first_seen: m.first_seen,
                     admitted_k: m.admitted_k,
@@ -138,6 +147,7 @@ impl Membership {
                     m.services.as_ref().map(|r| r.seq),
                     m.routes.as_ref().map(|r| r.seq),
                     m.about.as_ref().map(|r| r.seq),
+                    m.workloads.as_ref().map(|r| r.seq),
                 ]
                 .into_iter()
                 .flatten()

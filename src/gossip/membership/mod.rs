@@ -12,7 +12,7 @@ use crate::mesh::PeerSpec;
 use crate::state::InviteUse;
 use crate::trust::{
     AboutRecord, Cert, Key32, MeshId, NodeId, NodeRecord, Revocation, RoutesRecord, SelfStatement,
-    ServicesRecord, Signed, TrustError,
+    ServicesRecord, Signed, TrustError, WorkloadsRecord,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -49,6 +49,9 @@ pub struct Member {
     /// The software it runs, verified.
     pub about: Option<AboutRecord>,
     pub about_raw: Option<Signed>,
+    /// The workloads it names, verified.
+    pub workloads: Option<WorkloadsRecord>,
+    pub workloads_raw: Option<Signed>,
     /// Slot candidate index assigned at admission, used until the node's own record arrives.
     pub admitted_k: Option<u32>,
     /// Where this node (as its seed) saw the member's join request from: its first endpoint
@@ -149,6 +152,8 @@ impl Membership {
             routes_raw: None,
             about: None,
             about_raw: None,
+            workloads: None,
+            workloads_raw: None,
             admitted_k: None,
             admitted_from: None,
             liveness: Liveness::Unknown,
@@ -266,6 +271,19 @@ impl Membership {
         };
         m.about = Some(rec);
         m.about_raw = Some(raw.clone());
+        self.changed();
+        Ok(true)
+    }
+
+    /// Accept a node's signed list of named workloads. Returns whether anything changed.
+    pub fn ingest_workloads(&mut self, id: NodeId, raw: &Signed) -> Result<bool, Reject> {
+        let m = self.members.get_mut(&id).ok_or(Reject::UnknownNode(id))?;
+        let Some(rec) = verify_statement::<WorkloadsRecord>(&m.cert, raw, m.workloads.as_ref())?
+        else {
+            return Ok(false);
+        };
+        m.workloads = Some(rec);
+        m.workloads_raw = Some(raw.clone());
         self.changed();
         Ok(true)
     }

@@ -41,6 +41,8 @@ pub enum NetError {
     },
     #[error("{what}: {error}")]
     Io { what: String, error: io::Error },
+    #[error("{0}")]
+    Other(String),
 }
 
 impl NetError {

@@ -1,0 +1,393 @@
+//! The workload role of the node: the bridge on its /24, meshd's nftables table, forwarding,
+//! and the workload namespaces, kept as settings say (`meshctl workloads`, `meshctl workload`),
+//! restored at start, moved with the /24, removed at shutdown; and the names the node publishes
+//! for them (`NAME.NODE.<domain>`).
+
+use super::platform::Platform;
+use super::Node;
+use crate::control::{
+    ApiFailure, WorkloadAddRequest, WorkloadRemoveRequest, WorkloadView, WorkloadsReport,
+    WorkloadsRequest,
+};
+use crate::mesh::addressing::subnet_string;
+use crate::mesh::linux::{NetConfig, NetError};
+use crate::state::WorkloadsHost;
+use crate::trust::WorkloadName;
+use crate::util::unix_now_ms;
+use crate::workloads::linux as wl;
+use crate::workloads::{self, BridgePlan, WorkloadDef, WorkloadSettings, DEFAULT_BRIDGE};
+use std::net::Ipv4Addr;
+use tracing::{info, warn};
+
+/// What is in place on the host.
+#[derive(Default)]
+pub struct WorkloadRole {
+    /// The plan last carried out (the bridge and the table exist).
+    active: Option<BridgePlan>,
+    /// Why the last attempt failed, for `meshctl workload ls`.
+    error: Option<String>,
+}
+
+/// Whether `iptables` shows Docker's `DOCKER-USER` chain (Docker's own rules would drop what
+/// comes from the mesh into the bridge: one accept there lets it through).
+fn docker_user(op: &str, bridge: &str, tun: &str) -> bool {
+    std::process::Command::new("iptables")
+        .args([
+            op,
+            "DOCKER-USER",
+            "-i",
+            tun,
+            "-o",
+            bridge,
+            "-j",
+            "ACCEPT",
+            "-m",
+            "comment",
+            "--comment",
+            "meshd: mesh to workloads",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl<P: Platform> Node<P> {
+    fn workloads_plan(&self, bridge: &str, host: &WorkloadsHost) -> BridgePlan {
+        BridgePlan {
+            bridge: bridge.to_string(),
+            tun: self.local.config.tun.clone(),
+            range: self.view.m().params.range,
+            slot: self.local.slot,
+            host_forwarded: host.ip_forward_before.as_deref() != Some("0"),
+        }
+    }
+
+    /// Make the host as settings say: the bridge, the table, forwarding, every namespace, DNS
+    /// on the bridge. Idempotent; called at start, on every change and when the /24 moves.
+    pub(super) async fn apply_workloads(&mut self) {
+        if !self.platform.host_services() {
+            return;
+        }
+        let result = match self.settings.workloads.clone() {
+            Some(ws) => self.bring_up(&ws).await,
+            None => Ok(()),
+        };
+        self.workloads.error = result.err().map(|e| {
+            warn!(error = %e, "workloads are not (fully) in place");
+            e.to_string()
+        });
+        self.publish_workloads().await;
+    }
+
+    async fn bring_up(&mut self, ws: &WorkloadSettings) -> Result<(), NetError> {
+        let mut host = self.local.state.load_workloads_host().unwrap_or_default();
+        if host.ip_forward_before.is_none() {
+            host.ip_forward_before = Some(wl::sysctl_get("net.ipv4.ip_forward")?);
+            self.save_workloads_host(&host);
+        }
+        let plan = self.workloads_plan(&ws.bridge, &host);
+        if let Some(old) = &self.workloads.active {
+            if old.bridge != plan.bridge {
+                self.take_down_bridge().await;
+            }
+        }
+        let nc = NetConfig::new()?;
+        let bridge = wl::ensure_bridge(&nc, &plan).await?;
+        wl::nft_apply(&plan)?;
+        if wl::sysctl_get("net.ipv4.ip_forward")? != "1" {
+            wl::sysctl_set("net.ipv4.ip_forward", "1")?;
+        }
+        if !docker_user("-C", &plan.bridge, &plan.tun) && docker_user("-I", &plan.bridge, &plan.tun)
+        {
+            info!("let the mesh through Docker's DOCKER-USER chain to the bridge");
+        }
+        for port in std::mem::take(&mut host.bridge_ports) {
+            if let Err(e) = wl::attach(&nc, &port, bridge).await {
+                warn!(port = %port, error = %e, "could not put an interface back on the bridge");
+            }
+        }
+        self.save_workloads_host(&host);
+        self.workloads.active = Some(plan.clone());
+        let name = self.local.cert.name.clone();
+        let domain = self.view.m().params.domain.clone();
+        let resolv = workloads::resolv_conf(plan.gateway(), &name, &domain);
+        let mut first_error = None;
+        for w in &ws.namespaces {
+            let ip = w.ip(&plan.range, plan.slot);
+            if let Err(e) =
+                wl::ensure_workload(&nc, bridge, w, ip, plan.gateway(), &resolv).await
+            {
+                warn!(workload = %w.name, error = %e, "workload namespace not ready");
+                first_error.get_or_insert(NetError::Other(format!("workload {}: {e}", w.name)));
+            }
+        }
+        let snap = self.view.snapshot().clone();
+        self.dns
+            .set_bridge(
+                Some(plan.bridge.clone()),
+                self.mesh_ip(),
+                &snap.zone,
+                &snap.params.range,
+            )
+            .await;
+        info!(bridge = %plan.bridge, subnet = %plan.subnet(), namespaces = ws.namespaces.len(), "workloads bridge up");
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn save_workloads_host(&self, host: &WorkloadsHost) {
+        if let Err(e) = self.local.state.save_workloads_host(host) {
+            warn!(error = %e, "saving workloads.host.json failed");
+        }
+    }
+
+    /// Remove the bridge, the table and the Docker rule, and give forwarding back as it was;
+    /// the namespaces stay (their processes keep running) and are attached again next time, as
+    /// are other interfaces that were on the bridge (Docker's containers).
+    pub(super) async fn take_down_bridge(&mut self) {
+        let Some(plan) = self.workloads.active.take() else {
+            return;
+        };
+        let mut host = self.local.state.load_workloads_host().unwrap_or_default();
+        if let Ok(nc) = NetConfig::new() {
+            if let Ok(Some(i)) = nc.link_index(&plan.bridge).await {
+                let ours: Vec<String> = self
+                    .settings
+                    .workloads
+                    .iter()
+                    .flat_map(|w| w.namespaces.iter().map(|n| n.veth()))
+                    .collect();
+                host.bridge_ports = wl::bridge_ports(&nc, i)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| !ours.contains(p))
+                    .collect();
+            }
+            if let Err(e) = wl::delete_link(&nc, &plan.bridge).await {
+                warn!(error = %e, "removing the workloads bridge failed");
+            }
+        }
+        if let Err(e) = wl::nft_remove() {
+            warn!(error = %e, "removing meshd's nftables table failed");
+        }
+        while docker_user("-D", &plan.bridge, &plan.tun) {}
+        if host.ip_forward_before.as_deref() == Some("0") {
+            if let Err(e) = wl::sysctl_set("net.ipv4.ip_forward", "0") {
+                warn!(error = %e, "turning forwarding back off failed");
+            }
+        }
+        host.ip_forward_before = None;
+        self.save_workloads_host(&host);
+        info!(bridge = %plan.bridge, "workloads bridge removed");
+    }
+
+    /// The workloads' names, signed and gossiped (empty with workloads off).
+    pub(super) async fn publish_workloads(&mut self) {
+        let range = self.view.m().params.range;
+        let names = self
+            .settings
+            .workloads
+            .iter()
+            .flat_map(|w| w.namespaces.iter())
+            .map(|w| WorkloadName {
+                name: w.name.clone(),
+                ip: w.ip(&range, self.local.slot),
+            })
+            .collect();
+        let p = self.publisher.workloads(names, unix_now_ms());
+        self.publish(p).await;
+    }
+
+    pub(super) fn workloads_report(&self) -> WorkloadsReport {
+        let m = self.view.m();
+        let range = m.params.range;
+        let me = self
+            .view
+            .snapshot()
+            .member(&self.local.cert.node_id)
+            .map(|r| r.dns_name.clone())
+            .unwrap_or_else(|| self.local.cert.name.clone());
+        let ws = self.settings.workloads.as_ref();
+        WorkloadsReport {
+            enabled: ws.is_some(),
+            bridge: ws.map(|w| w.bridge.clone()),
+            subnet: subnet_string(&range, self.local.slot),
+            gateway: range.node_ip(self.local.slot).to_string(),
+            workloads: ws
+                .map(|w| {
+                    w.namespaces
+                        .iter()
+                        .map(|n| WorkloadView {
+                            name: n.name.clone(),
+                            ip: n.ip(&range, self.local.slot).to_string(),
+                            dns: format!("{}.{me}.{}", n.name, m.params.domain),
+                            present: wl::netns_exists(&n.name),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            forged_dropped: wl::nft_forged_packets().unwrap_or(0),
+            error: self.workloads.error.clone(),
+        }
+    }
+
+    fn workloads_on(&self) -> Result<&WorkloadSettings, ApiFailure> {
+        self.settings.workloads.as_ref().ok_or_else(|| {
+            ApiFailure::conflict("workloads are off on this node: meshctl workloads enable")
+        })
+    }
+
+    pub(super) async fn workloads_set(
+        &mut self,
+        r: WorkloadsRequest,
+    ) -> Result<WorkloadsReport, ApiFailure> {
+        if !self.platform.host_services() {
+            return Err(ApiFailure::conflict("workloads need a real host"));
+        }
+        if r.enable {
+            let bridge = r.bridge.unwrap_or_else(|| {
+                self.settings
+                    .workloads
+                    .as_ref()
+                    .map_or(DEFAULT_BRIDGE.to_string(), |w| w.bridge.clone())
+            });
+            let ok = !bridge.is_empty()
+                && bridge.len() <= 15
+                && bridge
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok || bridge == self.local.config.tun {
+                return Err(ApiFailure::bad_request(format!(
+                    "--bridge {bridge:?} is not a free interface name: 1-15 of a-z, 0-9, '-' and '_', not the TUN device's"
+                )));
+            }
+            let namespaces = self
+                .settings
+                .workloads
+                .take()
+                .map(|w| w.namespaces)
+                .unwrap_or_default();
+            self.settings.workloads = Some(WorkloadSettings { bridge, namespaces });
+        } else {
+            self.take_down_bridge().await;
+            if let Some(ws) = self.settings.workloads.take() {
+                if let Ok(nc) = NetConfig::new() {
+                    for w in &ws.namespaces {
+                        if let Err(e) = wl::remove_workload(&nc, w).await {
+                            warn!(workload = %w.name, error = %e, "removing a workload failed");
+                        }
+                    }
+                }
+            }
+            let snap = self.view.snapshot().clone();
+            self.dns
+                .set_bridge(None, self.mesh_ip(), &snap.zone, &snap.params.range)
+                .await;
+        }
+        self.save_settings()?;
+        self.apply_workloads().await;
+        let report = self.workloads_report();
+        if let (true, Some(e)) = (r.enable, &report.error) {
+            return Err(ApiFailure::internal(format!(
+                "workloads enabled (saved) but not in place: {e}"
+            )));
+        }
+        info!(enabled = r.enable, "workloads setting changed");
+        Ok(report)
+    }
+
+    pub(super) async fn workload_add(
+        &mut self,
+        r: WorkloadAddRequest,
+    ) -> Result<WorkloadView, ApiFailure> {
+        let ws = self.workloads_on()?;
+        let range = self.view.m().params.range;
+        let ip = r
+            .ip
+            .as_deref()
+            .map(|s| {
+                s.parse::<Ipv4Addr>()
+                    .map_err(|_| ApiFailure::bad_request(format!("--ip {s:?} is not an IPv4 address")))
+            })
+            .transpose()?;
+        let def = workloads::plan_add(&ws.namespaces, &r.name, ip, &range, self.local.slot)
+            .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+        if wl::netns_exists(&def.name) {
+            return Err(ApiFailure::conflict(format!(
+                "a network namespace named {:?} exists already (not made by meshd): pick another name",
+                def.name
+            )));
+        }
+        self.make_workload(def.clone()).await?;
+        self.workload_view(&def.name)
+    }
+
+    async fn make_workload(&mut self, def: WorkloadDef) -> Result<(), ApiFailure> {
+        let Some(plan) = self.workloads.active.clone() else {
+            return Err(ApiFailure::internal(format!(
+                "the workloads bridge is not in place: {}",
+                self.workloads.error.as_deref().unwrap_or("unknown")
+            )));
+        };
+        let nc = NetConfig::new().map_err(|e| ApiFailure::internal(e.to_string()))?;
+        let bridge = nc
+            .index(&plan.bridge)
+            .await
+            .map_err(|e| ApiFailure::internal(e.to_string()))?;
+        let resolv = workloads::resolv_conf(
+            plan.gateway(),
+            &self.local.cert.name,
+            &self.view.m().params.domain,
+        );
+        let ip = def.ip(&plan.range, plan.slot);
+        if let Err(e) = wl::ensure_workload(&nc, bridge, &def, ip, plan.gateway(), &resolv).await {
+            // Nothing half-made stays behind.
+            let _ = wl::remove_workload(&nc, &def).await;
+            return Err(ApiFailure::internal(format!(
+                "making workload {}: {e}",
+                def.name
+            )));
+        }
+        if let Some(ws) = self.settings.workloads.as_mut() {
+            ws.namespaces.push(def.clone());
+        }
+        self.save_settings()?;
+        info!(workload = %def.name, address = %ip, "workload namespace ready");
+        self.publish_workloads().await;
+        Ok(())
+    }
+
+    fn workload_view(&self, name: &str) -> Result<WorkloadView, ApiFailure> {
+        self.workloads_report()
+            .workloads
+            .into_iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| ApiFailure::not_found(format!("no workload named {name:?}")))
+    }
+
+    pub(super) async fn workload_remove(
+        &mut self,
+        r: WorkloadRemoveRequest,
+    ) -> Result<WorkloadView, ApiFailure> {
+        let view = self.workload_view(&r.name)?;
+        let ws = self.workloads_on()?;
+        let def = ws
+            .namespaces
+            .iter()
+            .find(|w| w.name == r.name)
+            .cloned()
+            .expect("in the report, so in settings");
+        let nc = NetConfig::new().map_err(|e| ApiFailure::internal(e.to_string()))?;
+        wl::remove_workload(&nc, &def)
+            .await
+            .map_err(|e| ApiFailure::internal(format!("removing workload {}: {e}", r.name)))?;
+        if let Some(ws) = self.settings.workloads.as_mut() {
+            ws.namespaces.retain(|w| w.name != r.name);
+        }
+        self.save_settings()?;
+        info!(workload = %r.name, "workload removed");
+        self.publish_workloads().await;
+        Ok(view)
+    }
+}
