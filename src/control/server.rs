@@ -272,15 +272,9 @@ async fn handle(
         (&Method::POST, "/v1/config") => parse_required(&body).map(ApiRequest::Config),
         (&Method::POST, "/v1/relay") => parse_required(&body).map(ApiRequest::Relay),
         (&Method::GET, "/v1/workloads") => Ok(ApiRequest::Workloads),
-        (&Method::POST, "/v1/workloads") => {
-            parse_required(&body).map(ApiRequest::WorkloadsSet)
-        }
-        (&Method::POST, "/v1/workload/add") => {
-            parse_required(&body).map(ApiRequest::WorkloadAdd)
-        }
-        (&Method::POST, "/v1/workload/rm") => {
-            parse_required(&body).map(ApiRequest::WorkloadRemove)
-        }
+        (&Method::POST, "/v1/workloads") => parse_required(&body).map(ApiRequest::WorkloadsSet),
+        (&Method::POST, "/v1/workload/add") => parse_required(&body).map(ApiRequest::WorkloadAdd),
+        (&Method::POST, "/v1/workload/rm") => parse_required(&body).map(ApiRequest::WorkloadRemove),
         (&Method::POST, "/v1/ping") => parse_required(&body).map(ApiRequest::Ping),
         (&Method::GET, "/v1/netcheck") => Ok(ApiRequest::Netcheck),
         (_, p) => {

@@ -190,7 +190,10 @@ impl DnsServer {
         let mut listen = want;
         // The same address on each device (the TUN, the workloads' bridge): a socket bound to
         // a device only hears what came through it.
-        for (i, ifname) in std::iter::once(ifname).chain(also_on.iter().copied()).enumerate() {
+        for (i, ifname) in std::iter::once(ifname)
+            .chain(also_on.iter().copied())
+            .enumerate()
+        {
             let bind = |what: String| {
                 let ifname = ifname.to_string();
                 move |error| DnsError::Bind {
@@ -355,9 +358,16 @@ mod tests {
         let upstream = DnsServer::start(lo, 0, "lo", &[], &up_input, vec![])
             .await
             .unwrap();
-        let mut s = DnsServer::start(lo, 0, "lo", &[], &input("mesh.internal"), vec![upstream.listen])
-            .await
-            .unwrap();
+        let mut s = DnsServer::start(
+            lo,
+            0,
+            "lo",
+            &[],
+            &input("mesh.internal"),
+            vec![upstream.listen],
+        )
+        .await
+        .unwrap();
 
         let r = ask(s.listen, "a.mesh.internal", RecordType::A).await;
         assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 1, 1)]);

@@ -94,9 +94,7 @@ impl<P: Platform> Node<P> {
             ApiRequest::Workloads => Ok(ApiReply::Workloads(self.workloads_report())),
             ApiRequest::WorkloadsSet(r) => self.workloads_set(r).await.map(ApiReply::Workloads),
             ApiRequest::WorkloadAdd(r) => self.workload_add(r).await.map(ApiReply::Workload),
-            ApiRequest::WorkloadRemove(r) => {
-                self.workload_remove(r).await.map(ApiReply::Workload)
-            }
+            ApiRequest::WorkloadRemove(r) => self.workload_remove(r).await.map(ApiReply::Workload),
             ApiRequest::Ping(_) => unreachable!("answered above"),
             ApiRequest::Leave => {
                 let r = self.leave().await;

@@ -6,12 +6,14 @@
 //! that went back must not make a new statement look older). Pure: the node hands each
 //! [`Publication`] to the membership view and to gossip.
 
-use crate::gossip::chitchat_glue::{KEY_ABOUT, KEY_RECORD, KEY_ROUTES, KEY_SERVICES, KEY_WORKLOADS};
+use crate::gossip::chitchat_glue::{
+    KEY_ABOUT, KEY_RECORD, KEY_ROUTES, KEY_SERVICES, KEY_WORKLOADS,
+};
 use crate::gossip::{Membership, Reject};
 use crate::id::{Key32, NodeId};
 use crate::trust::{
-    AboutRecord, NodeKeys, WorkloadName, WorkloadsRecord, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
-    Signed,
+    AboutRecord, NodeKeys, NodeRecord, RoutesRecord, SelfStatement, ServiceDef, ServicesRecord,
+    Signed, WorkloadName, WorkloadsRecord,
 };
 use ed25519_dalek::SigningKey;
 use std::net::SocketAddr;

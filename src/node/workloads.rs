@@ -116,7 +116,8 @@ impl<P: Platform> Node<P> {
         for w in &ws.namespaces {
             let ip = w.ip(&plan.range, plan.slot);
             if let Err(e) =
-                wl::ensure_workload(&nc, bridge, w, ip, plan.gateway(), &resolv).await
+                wl::ensure_workload(&nc, (bridge, &plan.bridge), w, ip, plan.gateway(), &resolv)
+                    .await
             {
                 warn!(workload = %w.name, error = %e, "workload namespace not ready");
                 first_error.get_or_insert(NetError::Other(format!("workload {}: {e}", w.name)));
@@ -303,14 +304,14 @@ impl<P: Platform> Node<P> {
     ) -> Result<WorkloadView, ApiFailure> {
         let ws = self.workloads_on()?;
         let range = self.view.m().params.range;
-        let ip = r
-            .ip
-            .as_deref()
-            .map(|s| {
-                s.parse::<Ipv4Addr>()
-                    .map_err(|_| ApiFailure::bad_request(format!("--ip {s:?} is not an IPv4 address")))
-            })
-            .transpose()?;
+        let ip =
+            r.ip.as_deref()
+                .map(|s| {
+                    s.parse::<Ipv4Addr>().map_err(|_| {
+                        ApiFailure::bad_request(format!("--ip {s:?} is not an IPv4 address"))
+                    })
+                })
+                .transpose()?;
         let def = workloads::plan_add(&ws.namespaces, &r.name, ip, &range, self.local.slot)
             .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
         if wl::netns_exists(&def.name) {
@@ -341,7 +342,16 @@ impl<P: Platform> Node<P> {
             &self.view.m().params.domain,
         );
         let ip = def.ip(&plan.range, plan.slot);
-        if let Err(e) = wl::ensure_workload(&nc, bridge, &def, ip, plan.gateway(), &resolv).await {
+        if let Err(e) = wl::ensure_workload(
+            &nc,
+            (bridge, &plan.bridge),
+            &def,
+            ip,
+            plan.gateway(),
+            &resolv,
+        )
+        .await
+        {
             // Nothing half-made stays behind.
             let _ = wl::remove_workload(&nc, &def).await;
             return Err(ApiFailure::internal(format!(

@@ -4,6 +4,7 @@
 //! meshd's own nftables table through `nft -f` (replaced whole, atomically).
 
 use super::{BridgePlan, WorkloadDef, NFT_TABLE};
+use crate::mesh::linux::netns::{Netns, RUN_DIR};
 use crate::mesh::linux::{NetConfig, NetError};
 use futures::TryStreamExt;
 use std::io::{self, Write};
@@ -12,8 +13,6 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Where named namespaces live (`ip netns`).
-pub const NETNS_DIR: &str = "/run/netns";
 /// Where `ip netns exec` finds a namespace's own `/etc` files.
 pub const NETNS_ETC: &str = "/etc/netns";
 /// MTU of the bridge and the workloads' interfaces: the tunnel's.
@@ -24,85 +23,39 @@ fn io_err(what: impl Into<String>, e: io::Error) -> NetError {
 }
 
 fn netns_path(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+    Path::new(RUN_DIR).join(name)
 }
 
 pub fn netns_exists(name: &str) -> bool {
     netns_path(name).exists()
 }
 
+fn ns_err(e: impl std::fmt::Display) -> NetError {
+    NetError::Other(e.to_string())
+}
+
 /// Make the named namespace `name` (like `ip netns add`), unless it exists.
 pub fn netns_create(name: &str) -> Result<(), NetError> {
-    if netns_exists(name) {
-        return Ok(());
+    if !netns_exists(name) {
+        Netns::create(name)
+            .map_err(|e| {
+                ns_err(format!(
+                    "creating network namespace {name} (needs CAP_SYS_ADMIN): {e}"
+                ))
+            })?
+            .persist();
     }
-    std::fs::create_dir_all(NETNS_DIR).map_err(|e| io_err(format!("creating {NETNS_DIR}"), e))?;
-    let path = netns_path(name);
-    let p = path.clone();
-    // A thread of its own enters the new namespace and pins it with a bind mount; the thread
-    // ends there, the daemon's other threads never leave theirs.
-    std::thread::spawn(move || -> Result<(), NetError> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .map_err(|e| io_err(format!("creating {}", p.display()), e))?;
-        let undo = |e: NetError| {
-            let _ = std::fs::remove_file(&p);
-            e
-        };
-        // SAFETY: plain system calls on this thread; arguments are valid C strings.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(undo(io_err(
-                "creating a network namespace (needs CAP_SYS_ADMIN)",
-                io::Error::last_os_error(),
-            )));
-        }
-        let src = std::ffi::CString::new("/proc/thread-self/ns/net").unwrap();
-        let dst = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        let none = std::ffi::CString::new("none").unwrap();
-        // SAFETY: as above.
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                none.as_ptr(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        if r != 0 {
-            return Err(undo(io_err(
-                format!("pinning the namespace at {}", p.display()),
-                io::Error::last_os_error(),
-            )));
-        }
-        Ok(())
-    })
-    .join()
-    .map_err(|_| NetError::Other("the namespace thread panicked".into()))??;
-    // The namespace's loopback, up.
-    in_netns(name, |nc| async move {
-        let lo = nc.index("lo").await?;
-        nc.set_up(lo).await
-    })
+    Ok(())
 }
 
 /// Remove the named namespace (like `ip netns del`): processes still in it keep it alive.
 pub fn netns_delete(name: &str) -> Result<(), NetError> {
-    let path = netns_path(name);
-    if !path.exists() {
-        return Ok(());
+    match Netns::open(name) {
+        Ok(ns) => ns
+            .unlink()
+            .map_err(|e| ns_err(format!("removing network namespace {name}: {e}"))),
+        Err(_) => Ok(()),
     }
-    let dst = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid C string; failure is reported.
-    if unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) {
-            return Err(io_err(format!("unmounting {}", path.display()), e));
-        }
-    }
-    std::fs::remove_file(&path).map_err(|e| io_err(format!("removing {}", path.display()), e))
 }
 
 /// Run `f` with a netlink connection inside namespace `name`, on a thread of its own.
@@ -112,25 +65,9 @@ where
     F: FnOnce(NetConfig) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, NetError>>,
 {
-    let path = netns_path(name);
-    std::thread::spawn(move || -> Result<T, NetError> {
-        let ns = std::fs::File::open(&path)
-            .map_err(|e| io_err(format!("opening {}", path.display()), e))?;
-        // SAFETY: a valid descriptor; only this thread changes namespace.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io_err(
-                format!("entering {}", path.display()),
-                io::Error::last_os_error(),
-            ));
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| io_err("a runtime for the namespace", e))?;
-        rt.block_on(async move { f(NetConfig::new()?).await })
-    })
-    .join()
-    .map_err(|_| NetError::Other("the namespace thread panicked".into()))?
+    let ns = Netns::open(name).map_err(|e| ns_err(format!("network namespace {name}: {e}")))?;
+    ns.run_async(move || async move { Ok(f(NetConfig::new()?).await?) })
+        .map_err(|e| ns_err(format!("{e:#}")))
 }
 
 /// The bridge with the node's `.1/24`, up, at the tunnel's MTU. Returns its index.
@@ -138,12 +75,7 @@ pub async fn ensure_bridge(nc: &NetConfig, plan: &BridgePlan) -> Result<u32, Net
     let index = match nc.link_index(&plan.bridge).await? {
         Some(i) => i,
         None => {
-            nc.handle()
-                .link()
-                .add(rtnetlink::LinkBridge::new(&plan.bridge).build())
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink(format!("creating bridge {}", plan.bridge), e))?;
+            nc.add_bridge(&plan.bridge).await?;
             nc.index(&plan.bridge).await?
         }
     };
@@ -224,17 +156,7 @@ pub async fn attach(nc: &NetConfig, name: &str, bridge: u32) -> Result<bool, Net
     let Some(i) = nc.link_index(name).await? else {
         return Ok(false);
     };
-    nc.handle()
-        .link()
-        .set(
-            rtnetlink::LinkUnspec::new_with_index(i)
-                .controller(bridge)
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| NetError::netlink(format!("attaching {name} to the bridge"), e))?;
+    nc.attach(i, bridge).await?;
     Ok(true)
 }
 
@@ -243,7 +165,7 @@ pub async fn attach(nc: &NetConfig, name: &str, bridge: u32) -> Result<bool, Net
 /// processes and gets the address the plan says (a moved /24 renumbers it).
 pub async fn ensure_workload(
     nc: &NetConfig,
-    bridge: u32,
+    (bridge, bridge_name): (u32, &str),
     w: &WorkloadDef,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
@@ -260,38 +182,14 @@ pub async fn ensure_workload(
         // Half a pair (a namespace deleted and made again): start over.
         delete_link(nc, &host).await?;
         let peer = format!("{host}-p");
-        nc.handle()
-            .link()
-            .add(rtnetlink::LinkVeth::new(&host, &peer).mtu(MTU as u32).build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink(format!("creating veth {host}"), e))?;
         let ns = std::fs::File::open(netns_path(&w.name))
             .map_err(|e| io_err(format!("opening namespace {}", w.name), e))?;
-        let p = nc.index(&peer).await?;
-        nc.handle()
-            .link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(p)
-                    .setns_by_fd(ns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink(format!("moving {peer} into {}", w.name), e))?;
-        in_netns(&w.name, move |nc| async move {
-            let i = nc.index(&peer).await?;
-            nc.handle()
-                .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(i)
-                        .name("eth0".into())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink("naming the workload's eth0", e))
-        })?;
+        nc.add_veth_into((&host, &peer), Some(MTU), bridge_name, ns.as_raw_fd())
+            .await?;
+        in_netns(
+            &w.name,
+            move |nc| async move { nc.rename(&peer, "eth0").await },
+        )?;
     }
     attach(nc, &host, bridge).await?;
     in_netns(&w.name, move |nc| async move {

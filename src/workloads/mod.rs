@@ -254,7 +254,7 @@ mod tests {
     fn addresses_are_the_first_free_or_the_one_asked_for_checked() {
         let r = range();
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(plan_add(&[], "web", None, &r, 5, ).unwrap(), w("web", 2));
+        assert_eq!(plan_add(&[], "web", None, &r, 5,).unwrap(), w("web", 2));
         let have = [w("a", 2), w("b", 4)];
         assert_eq!(plan_add(&have, "c", None, &r, 5).unwrap().host, 3);
         assert_eq!(
@@ -293,7 +293,9 @@ mod tests {
         assert_eq!(plan_add(&full, "x", None, &r, 5), Err(PlanError::Full));
         // Docker's half stays usable when asked for by address.
         assert_eq!(
-            plan_add(&full, "x", Some(ip("10.210.5.130")), &r, 5).unwrap().host,
+            plan_add(&full, "x", Some(ip("10.210.5.130")), &r, 5)
+                .unwrap()
+                .host,
             130
         );
         assert_eq!(w("x", 130).ip(&r, 7), ip("10.210.7.130"), "follows the /24");
@@ -314,7 +316,9 @@ mod tests {
         assert!(t.contains(
             "iifname \"meshbr0\" ip saddr != 10.210.5.0/24 ip saddr != 0.0.0.0 counter name \"forged\" drop"
         ));
-        assert!(t.contains("oifname \"meshbr0\" iifname != { \"mesh0\", \"meshbr0\" } counter drop"));
+        assert!(
+            t.contains("oifname \"meshbr0\" iifname != { \"mesh0\", \"meshbr0\" } counter drop")
+        );
         assert!(t.contains(
             "ip saddr 10.210.5.0/24 ip daddr != 10.210.0.0/16 oifname != \"meshbr0\" masquerade"
         ));
@@ -323,7 +327,9 @@ mod tests {
             host_forwarded: false,
             ..p.clone()
         };
-        assert!(closed.nft_ruleset().contains("did not forward before meshd"));
+        assert!(closed
+            .nft_ruleset()
+            .contains("did not forward before meshd"));
         assert_eq!(p.gateway(), "10.210.5.1".parse::<Ipv4Addr>().unwrap());
     }
 

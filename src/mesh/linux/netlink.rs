@@ -126,4 +126,88 @@ impl NetConfig {
             Err(e) => Err(NetError::netlink(format!("looking up interface {name}"), e)),
         }
     }
+
+    pub async fn set_up_named(&self, name: &str) -> Result<(), NetError> {
+        let i = self.index(name).await?;
+        self.set_up(i).await
+    }
+
+    /// A bridge named `name`, up.
+    pub async fn add_bridge(&self, name: &str) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .add(rtnetlink::LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("creating bridge {name}"), e))?;
+        self.set_up_named(name).await
+    }
+
+    /// Put interface `index` on bridge `bridge`, up.
+    pub async fn attach(&self, index: u32, bridge: u32) -> Result<(), NetError> {
+        use rtnetlink::LinkUnspec;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("attaching interface {index} to a bridge"), e))
+    }
+
+    /// A veth pair (at `mtu`, or the default) whose `peer` end moves into `into` (a namespace
+    /// file descriptor); `local` stays here, attached to `bridge` and up.
+    pub async fn add_veth_into(
+        &self,
+        (local, peer): (&str, &str),
+        mtu: Option<u16>,
+        bridge: &str,
+        into: std::os::fd::RawFd,
+    ) -> Result<(), NetError> {
+        use rtnetlink::LinkUnspec;
+        let h = &self.handle;
+        let mut veth = rtnetlink::LinkVeth::new(local, peer);
+        if let Some(mtu) = mtu {
+            veth = veth.mtu(mtu as u32);
+        }
+        h.link()
+            .add(veth.build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("creating veth {local}"), e))?;
+        let p = self.index(peer).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(p).setns_by_fd(into).build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("moving {peer} into its namespace"), e))?;
+        let l = self.index(local).await?;
+        let b = self.index(bridge).await?;
+        self.attach(l, b).await
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), NetError> {
+        use rtnetlink::LinkUnspec;
+        let i = self.index(from).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(i).name(to.to_string()).build())
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("renaming {from} to {to}"), e))
+    }
+
+    pub async fn add_address_named(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        let i = self.index(name).await?;
+        self.add_address(i, addr, prefix).await
+    }
 }
