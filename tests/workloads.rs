@@ -278,3 +278,193 @@ fn workloads_on_two_nodes_talk_with_their_own_addresses() {
         String::from_utf8_lossy(&o.stdout).trim().is_empty()
     });
 }
+
+/// A private dockerd inside a node's namespace (its own data, exec root and socket, its own
+/// mount namespace), stopped with its containers on drop.
+struct Dockerd {
+    child: std::process::Child,
+    sock: String,
+}
+
+impl Dockerd {
+    fn start(lab: &Lab, h: usize) -> Dockerd {
+        let dir = lab.dir.path().join(format!("docker{h}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = format!("unix://{}", dir.join("docker.sock").display());
+        let child = lab
+            .ns(h)
+            .command("unshare")
+            .args(["--mount", "--propagation", "slave", "dockerd"])
+            .arg(format!("--data-root={}", dir.join("data").display()))
+            .arg(format!("--exec-root={}", dir.join("exec").display()))
+            .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
+            .args(["-H", &sock, "--bridge=none"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("dockerd.log")).unwrap())
+            .spawn()
+            .expect("dockerd (Debian package docker.io)");
+        let d = Dockerd { child, sock };
+        lab.wait_for("dockerd ready", Duration::from_secs(60), || {
+            ok(&d.docker(&["info"]))
+        });
+        d
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.env("DOCKER_HOST", &self.sock);
+        c
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("docker")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(o) = self.cmd().args(["ps", "-aq"]).output() {
+            let ids = String::from_utf8_lossy(&o.stdout).into_owned();
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = self.cmd().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An image with nothing but a static busybox, made offline.
+fn busybox_image(d: &Dockerd, dir: &std::path::Path) -> &'static str {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("busybox (Debian package busybox-static)");
+    let ldd = Command::new("ldd").arg(busybox).output().unwrap();
+    assert!(
+        !ok(&ldd),
+        "{busybox} must be static: apt-get install busybox-static"
+    );
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for a in ["sh", "nc", "ping", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let import = d
+        .cmd()
+        .args(["import", "-c", "ENV PATH=/bin", "-", "meshd-test-busybox"])
+        .stdin(tar.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(tar.wait().unwrap().success());
+    assert!(ok(&import), "{}", String::from_utf8_lossy(&import.stderr));
+    "meshd-test-busybox"
+}
+
+/// `meshctl docker-network` gives a real container a mesh address: a member reaches it
+/// through the mesh (past Docker's own forwarding rules), it reaches the member with its own
+/// address.
+#[test]
+fn a_docker_container_gets_a_mesh_address() {
+    let mut lab = Lab::new("dk", 2);
+    let token = lab.init(0, "a", &[]);
+    lab.join(1, "b", &token);
+    lab.wait_all_pairs(&[0, 1], Duration::from_secs(60));
+    let b_ip = lab.mesh_ip(1);
+    // A host that did not forward before: Docker turns forwarding on and drops what it does
+    // not know in FORWARD, as it does on a real machine.
+    assert!(ok(&lab.sh(0, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])));
+    let d = Dockerd::start(&lab, 0);
+    let image = busybox_image(&d, lab.dir.path());
+    let o = lab.meshctl(0, &["workloads", "enable"]);
+    assert!(ok(&o), "{}", String::from_utf8_lossy(&o.stderr));
+    let rules =
+        String::from_utf8_lossy(&lab.sh(0, "iptables", &["-S", "DOCKER-USER"]).stdout).into_owned();
+    assert!(rules.contains("meshd"), "{rules}");
+
+    let o = lab
+        .ns(0)
+        .command(env!("CARGO_BIN_EXE_meshctl"))
+        .env("DOCKER_HOST", &d.sock)
+        .arg("--socket")
+        .arg(lab.socket(0))
+        .args(["docker-network"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(ok(&o), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("docker network mesh on meshbr0"), "{out}");
+    let o = d.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--network",
+        "mesh",
+        image,
+        "sh",
+        "-c",
+        "exec nc -ll -p 8080 -e echo hello-from-c1",
+    ]);
+    assert!(ok(&o), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = d.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        "c1",
+    ]);
+    let c1: Ipv4Addr = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let a_sub = lab.mesh_ip(0).octets();
+    assert_eq!(c1.octets()[..3], a_sub[..3], "in a's /24");
+    assert!(c1.octets()[3] >= 128, "Docker's half of the /24: {c1}");
+
+    let reach = |lab: &Lab| {
+        let o = lab.sh(
+            1,
+            "socat",
+            &["-T3", "-", &format!("TCP:{c1}:8080,connect-timeout=2")],
+        );
+        String::from_utf8_lossy(&o.stdout).contains("hello-from-c1")
+    };
+    lab.wait_for("b to reach the container", Duration::from_secs(20), || {
+        reach(&lab)
+    });
+    // The container's own address, as b sees it.
+    let mut server = lab.ns(1).command("socat");
+    server.args(socat_args(7000));
+    let _srv = peer_addr_server(server);
+    let mut seen = String::new();
+    lab.wait_for("the container to reach b", Duration::from_secs(20), || {
+        let o = d.docker(&[
+            "exec",
+            "c1",
+            "sh",
+            "-c",
+            &format!("nc -w 2 {b_ip} 7000 </dev/null"),
+        ]);
+        seen = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        !seen.is_empty()
+    });
+    assert_eq!(seen, c1.to_string(), "no NAT in the mesh");
+
+    // Known gap: after a meshd restart the container's port goes back on the new bridge, but
+    // b did not reach it again within 40 s here (namespaces do: see the test above).
+}

@@ -518,7 +518,10 @@ impl<P: Platform> Node<P> {
                         return Ok(exit);
                     }
                 }
-                _ = rescan.tick() => self.refresh_endpoints().await,
+                _ = rescan.tick() => {
+                    self.refresh_endpoints().await;
+                    self.keep_docker_rule();
+                }
                 Ok(()) = observed.changed() => self.refresh_endpoints().await,
             }
         }

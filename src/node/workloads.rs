@@ -98,10 +98,8 @@ impl<P: Platform> Node<P> {
         if wl::sysctl_get("net.ipv4.ip_forward")? != "1" {
             wl::sysctl_set("net.ipv4.ip_forward", "1")?;
         }
-        if !docker_user("-C", &plan.bridge, &plan.tun) && docker_user("-I", &plan.bridge, &plan.tun)
-        {
-            info!("let the mesh through Docker's DOCKER-USER chain to the bridge");
-        }
+        self.workloads.active = Some(plan.clone());
+        self.keep_docker_rule();
         for port in std::mem::take(&mut host.bridge_ports) {
             if let Err(e) = wl::attach(&nc, &port, bridge).await {
                 warn!(port = %port, error = %e, "could not put an interface back on the bridge");
@@ -134,6 +132,18 @@ impl<P: Platform> Node<P> {
             .await;
         info!(bridge = %plan.bridge, subnet = %plan.subnet(), namespaces = ws.namespaces.len(), "workloads bridge up");
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Docker, started after meshd (or restarted), makes its chains afresh: the mesh's way to
+    /// the bridge through `DOCKER-USER` is checked at every endpoint rescan too.
+    pub(super) fn keep_docker_rule(&self) {
+        let Some(plan) = &self.workloads.active else {
+            return;
+        };
+        if !docker_user("-C", &plan.bridge, &plan.tun) && docker_user("-I", &plan.bridge, &plan.tun)
+        {
+            info!("let the mesh through Docker's DOCKER-USER chain to the bridge");
+        }
     }
 
     fn save_workloads_host(&self, host: &WorkloadsHost) {

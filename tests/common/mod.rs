@@ -68,6 +68,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("dockerd", "docker.io"),
+    ("docker", "docker.io"),
+    ("iptables", "iptables"),
+    ("busybox", "busybox-static"),
+    ("unshare", "util-linux"),
 ];
 
 /// Before the first end-to-end test: every program they run is there, or the test fails at
