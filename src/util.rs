@@ -115,6 +115,16 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// Whether `name` may name a network interface as meshd creates them (TUN, bridge): 1-15
+/// characters of `a-z`, `A-Z`, `0-9`, `-` and `_`.
+pub fn is_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// At most `burst` events per `window` for each key, remembering at most `capacity` keys: what
 /// unauthenticated senders can make this node do (log, look up, answer) is bounded per sender
 /// and in total. When the table is full of live windows, keys not in it share one overflow

@@ -42,8 +42,8 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> Output {
         .expect("ip netns exec")
 }
 
-/// A TCP server in `ns` (a workload namespace, or `None`: a lab host via `lab_host`) that
-/// answers every connection with the address it came from.
+/// `cmd` (socat with [`socat_args`], in a workload namespace or a lab host) as a server that
+/// answers every connection with the address it came from; killed on drop.
 fn peer_addr_server(cmd: Command) -> Kill {
     let mut cmd = cmd;
     Kill(

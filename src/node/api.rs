@@ -533,12 +533,7 @@ impl<P: Platform> Node<P> {
         replace(r.endpoints, &mut c.endpoints, port, "endpoint")?;
         replace(r.dns_upstream, &mut c.dns_upstream, 53, "dns-upstream")?;
         if let Some(tun) = r.tun {
-            let ok = !tun.is_empty()
-                && tun.len() <= 15
-                && tun
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok {
+            if !crate::util::is_ifname(&tun) {
                 return Err(ApiFailure::bad_request(format!(
                     "--tun {tun:?} is not an interface name: 1-15 of a-z, 0-9, '-' and '_'"
                 )));
@@ -574,16 +569,12 @@ impl<P: Platform> Node<P> {
         if endpoints_changed {
             self.refresh_endpoints().await;
         }
-        if upstreams_changed && self.platform.host_services() {
-            let snap = self.view.snapshot().clone();
-            self.dns
-                .set_upstream(
-                    self.local.config.dns_upstream.clone(),
-                    self.mesh_ip(),
-                    &snap.zone,
-                    &snap.params.range,
-                )
-                .await;
+        if upstreams_changed
+            && self
+                .dns
+                .set_upstream(self.local.config.dns_upstream.clone())
+        {
+            self.restart_dns().await;
         }
         info!(?changed, restart_needed, "configuration changed");
         Ok(crate::control::ConfigResponse {

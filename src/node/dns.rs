@@ -26,8 +26,9 @@ pub struct DnsRole {
     /// How the host resolves the mesh domain.
     host: String,
     resolved: Option<Resolved>,
-    /// The workloads' bridge, when there is one: DNS answers there too (on the same `.1`).
-    bridge: Option<String>,
+    /// The workloads' bridge (name, interface index), when there is one: DNS answers there
+    /// too (on the same `.1`).
+    bridge: Option<(String, u32)>,
 }
 
 impl DnsRole {
@@ -54,7 +55,7 @@ impl DnsRole {
         if upstreams.is_empty() {
             warn!("no upstream DNS server found (resolv.conf); names outside the mesh will not resolve through meshd");
         }
-        let also: Vec<&str> = self.bridge.iter().map(String::as_str).collect();
+        let also: Vec<&str> = self.bridge.iter().map(|(b, _)| b.as_str()).collect();
         match DnsServer::start(ip, DNS_PORT, &self.tun, &also, zone, upstreams).await {
             Ok(d) => {
                 self.server = Some(d);
@@ -69,34 +70,25 @@ impl DnsRole {
         self.register_with_host(&zone.domain).await;
     }
 
-    /// Forward to `upstream` from now on (empty: the host's resolvers): the server is restarted
-    /// on the same address if it was serving.
-    pub async fn set_upstream(
-        &mut self,
-        upstream: Vec<SocketAddr>,
-        ip: Ipv4Addr,
-        zone: &ZoneInput,
-        range: &MeshRange,
-    ) {
+    /// Forward to `upstream` from now on (empty: the host's resolvers). Whether the server
+    /// must be started again to use them (it is running, or failed).
+    pub fn set_upstream(&mut self, upstream: Vec<SocketAddr>) -> bool {
+        let changed = self.upstream != upstream;
         self.upstream = upstream;
-        if self.server.is_some() || self.error.is_some() {
-            self.start(ip, zone, range).await;
-        }
+        changed && self.started()
     }
 
-    /// Answer on the workloads' bridge too (or no longer): the server is restarted on the same
-    /// address if it was serving (a bridge made again is a new device to bind to).
-    pub async fn set_bridge(
-        &mut self,
-        bridge: Option<String>,
-        ip: Ipv4Addr,
-        zone: &ZoneInput,
-        range: &MeshRange,
-    ) {
+    /// Answer on the workloads' bridge too (name and interface index), or no longer. Whether the
+    /// server must be started again (a bridge made again is a new device to bind to).
+    pub fn set_bridge(&mut self, bridge: Option<(String, u32)>) -> bool {
+        let changed = self.bridge != bridge;
         self.bridge = bridge;
-        if self.server.is_some() || self.error.is_some() {
-            self.start(ip, zone, range).await;
-        }
+        changed && self.started()
+    }
+
+    /// It was started (serving, or failed trying).
+    fn started(&self) -> bool {
+        self.server.is_some() || self.error.is_some()
     }
 
     /// Serve `zone` from now on (a no-op if it is what is served).

@@ -410,12 +410,21 @@ impl<P: Platform> Node<P> {
         self.publish(about).await;
         if self.platform.host_services() {
             self.publish_routes().await;
+            // The bridge first: DNS binds to it when it starts.
+            self.apply_workloads().await;
             self.start_mesh_services().await;
             self.edge.start(&self.settings).await;
-            self.apply_workloads().await;
         }
         self.refresh().await?;
         Ok(())
+    }
+
+    /// Mesh DNS started again on the same address (new upstreams, a new bridge).
+    async fn restart_dns(&mut self) {
+        let snap = self.view.snapshot().clone();
+        self.dns
+            .start(self.mesh_ip(), &snap.zone, &snap.params.range)
+            .await;
     }
 
     /// DNS, the prober and the mesh-side edge listeners, on the current mesh address.

@@ -106,7 +106,6 @@ impl<P: Platform> Node<P> {
             }
         }
         self.save_workloads_host(&host);
-        self.workloads.active = Some(plan.clone());
         let name = self.local.cert.name.clone();
         let domain = self.view.m().params.domain.clone();
         let resolv = workloads::resolv_conf(plan.gateway(), &name, &domain);
@@ -121,15 +120,9 @@ impl<P: Platform> Node<P> {
                 first_error.get_or_insert(NetError::Other(format!("workload {}: {e}", w.name)));
             }
         }
-        let snap = self.view.snapshot().clone();
-        self.dns
-            .set_bridge(
-                Some(plan.bridge.clone()),
-                self.mesh_ip(),
-                &snap.zone,
-                &snap.params.range,
-            )
-            .await;
+        if self.dns.set_bridge(Some((plan.bridge.clone(), bridge))) {
+            self.restart_dns().await;
+        }
         info!(bridge = %plan.bridge, subnet = %plan.subnet(), namespaces = ws.namespaces.len(), "workloads bridge up");
         first_error.map_or(Ok(()), Err)
     }
@@ -182,7 +175,12 @@ impl<P: Platform> Node<P> {
         if let Err(e) = wl::nft_remove() {
             warn!(error = %e, "removing meshd's nftables table failed");
         }
-        while docker_user("-D", &plan.bridge, &plan.tun) {}
+        // Every copy (a crash between insert and save may have left two); a few at most.
+        for _ in 0..8 {
+            if !docker_user("-D", &plan.bridge, &plan.tun) {
+                break;
+            }
+        }
         if host.ip_forward_before.as_deref() == Some("0") {
             if let Err(e) = wl::sysctl_set("net.ipv4.ip_forward", "0") {
                 warn!(error = %e, "turning forwarding back off failed");
@@ -263,12 +261,7 @@ impl<P: Platform> Node<P> {
                     .as_ref()
                     .map_or(DEFAULT_BRIDGE.to_string(), |w| w.bridge.clone())
             });
-            let ok = !bridge.is_empty()
-                && bridge.len() <= 15
-                && bridge
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok || bridge == self.local.config.tun {
+            if !crate::util::is_ifname(&bridge) || bridge == self.local.config.tun {
                 return Err(ApiFailure::bad_request(format!(
                     "--bridge {bridge:?} is not a free interface name: 1-15 of a-z, 0-9, '-' and '_', not the TUN device's"
                 )));
@@ -291,10 +284,9 @@ impl<P: Platform> Node<P> {
                     }
                 }
             }
-            let snap = self.view.snapshot().clone();
-            self.dns
-                .set_bridge(None, self.mesh_ip(), &snap.zone, &snap.params.range)
-                .await;
+            if self.dns.set_bridge(None) {
+                self.restart_dns().await;
+            }
         }
         self.save_settings()?;
         self.apply_workloads().await;

@@ -26,8 +26,6 @@ pub const NFT_TABLE: &str = "meshd";
 pub const AUTO_HOSTS: std::ops::RangeInclusive<u8> = 2..=127;
 /// Host octets left to Docker's address management (`--ip-range .128/25`).
 pub const DOCKER_HOSTS: std::ops::RangeInclusive<u8> = 128..=254;
-/// Longest workload name: a DNS label that also fits the namespace's resolver search path.
-pub const MAX_NAME: usize = 63;
 
 /// One workload namespace meshd made, as kept in settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +64,7 @@ pub struct WorkloadSettings {
 /// Why a workload cannot be added as asked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("{0:?} is not a workload name: use a DNS label (a-z, 0-9 and '-', at most {MAX_NAME}, not starting or ending with '-')")]
+    #[error("{0:?} is not a workload name: use a DNS label (a-z, 0-9 and '-', at most 63, not starting or ending with '-')")]
     BadName(String),
     #[error("a workload named {0:?} exists already (meshctl workload rm {0} first)")]
     Exists(String),
@@ -82,9 +80,7 @@ pub enum PlanError {
 
 /// Whether `name` may name a workload (and its namespace, and its DNS name).
 pub fn valid_name(name: &str) -> bool {
-    name.len() <= MAX_NAME
-        && crate::util::is_dns_label(name)
-        && name.bytes().all(|b| !b.is_ascii_uppercase())
+    crate::util::is_dns_label(name)
 }
 
 /// The workload to add: `name` with the address asked for, else the first free one of
