@@ -81,7 +81,7 @@ impl<P: Platform> Node<P> {
     }
 
     async fn bring_up(&mut self, ws: &WorkloadSettings) -> Result<(), NetError> {
-        let mut host = self.local.state.load_workloads_host().unwrap_or_default();
+        let mut host = self.load_workloads_host();
         if host.ip_forward_before.is_none() {
             host.ip_forward_before = Some(wl::sysctl_get("net.ipv4.ip_forward")?);
             self.save_workloads_host(&host);
@@ -139,6 +139,19 @@ impl<P: Platform> Node<P> {
         }
     }
 
+    /// What meshd changed on the host; a file that cannot be read is reported and taken as
+    /// nothing (the bridge must still come up).
+    fn load_workloads_host(&self) -> WorkloadsHost {
+        self.local
+            .state
+            .load_workloads_host()
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "workloads.host.json unreadable: forwarding and Docker's ports on the bridge are not restored");
+                None
+            })
+            .unwrap_or_default()
+    }
+
     fn save_workloads_host(&self, host: &WorkloadsHost) {
         if let Err(e) = self.local.state.save_workloads_host(host) {
             warn!(error = %e, "saving workloads.host.json failed");
@@ -152,7 +165,7 @@ impl<P: Platform> Node<P> {
         let Some(plan) = self.workloads.active.take() else {
             return;
         };
-        let mut host = self.local.state.load_workloads_host().unwrap_or_default();
+        let mut host = self.load_workloads_host();
         if let Ok(nc) = NetConfig::new() {
             if let Ok(Some(i)) = nc.link_index(&plan.bridge).await {
                 let ours: Vec<String> = self

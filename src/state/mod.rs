@@ -508,15 +508,27 @@ impl StateDir {
     }
 
     /// What meshd changed on the host for workloads, to undo (`workloads.host.json`).
-    pub fn load_workloads_host(&self) -> Option<WorkloadsHost> {
-        self.file(WORKLOADS_HOST_JSON)
-            .exists()
-            .then(|| self.read_json(WORKLOADS_HOST_JSON, false).ok())
-            .flatten()
+    /// `None` when there is no file; an unreadable one is an error (what it holds must be
+    /// undone, so it is never silently taken as empty).
+    pub fn load_workloads_host(&self) -> Result<Option<WorkloadsHost>, StateError> {
+        if !self.file(WORKLOADS_HOST_JSON).exists() {
+            return Ok(None);
+        }
+        self.read_json(WORKLOADS_HOST_JSON, false).map(Some)
     }
 
     pub fn save_workloads_host(&self, h: &WorkloadsHost) -> Result<(), StateError> {
-        self.write_json(WORKLOADS_HOST_JSON, h)
+        #[derive(Serialize)]
+        struct Versioned<'a> {
+            version: u32,
+            #[serde(flatten)]
+            host: &'a WorkloadsHost,
+        }
+        let v = Versioned {
+            version: STATE_VERSION,
+            host: h,
+        };
+        self.write_json(WORKLOADS_HOST_JSON, &v)
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
@@ -563,6 +575,21 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workloads_host_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path().join("st"));
+        assert_eq!(s.load_workloads_host().unwrap(), None);
+        let h = WorkloadsHost {
+            ip_forward_before: Some("0".into()),
+            bridge_ports: vec!["veth1234".into()],
+        };
+        s.save_workloads_host(&h).unwrap();
+        assert_eq!(s.load_workloads_host().unwrap(), Some(h));
+        fs::write(s.file(WORKLOADS_HOST_JSON), b"{").unwrap();
+        assert!(s.load_workloads_host().is_err());
+    }
 
     #[test]
     fn keys_round_trip_and_are_private() {
