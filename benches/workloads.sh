@@ -41,7 +41,7 @@ cleanup() {
   rm -rf /etc/netns/$WA /etc/netns/$WB
   [ -n "$WORK" ] && rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+[ -n "${KEEP:-}" ] || trap cleanup EXIT INT TERM
 cleanup
 WORK=$(mktemp -d /tmp/meshd-bench.XXXXXX)
 
@@ -58,14 +58,18 @@ wait_for() { # wait_for SECONDS COMMAND...
     sleep 0.1
   done
 }
-ctl() { local ns=$1; shift; ip netns exec "$ns" "$MESHCTL" --socket "$WORK/$ns.sock" "$@"; }
+# meshd runs in the node namespaces through nsenter, not `ip netns exec`: the latter gives it a
+# mount namespace of its own, and the workload namespaces it pins under /run/netns would not
+# be seen from here.
+in_node() { local ns=$1; shift; nsenter --net=/run/netns/"$ns" "$@"; }
+ctl() { local ns=$1; shift; in_node "$ns" "$MESHCTL" --socket "$WORK/$ns.sock" "$@"; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
-ip netns exec $A "$MESHD" init --name a --state-dir $WORK/a --socket $WORK/$A.sock \
+in_node $A "$MESHD" init --name a --state-dir $WORK/a --socket $WORK/$A.sock \
   --endpoint 198.51.100.1:51820 >$WORK/a.out 2>$WORK/a.log & disown
 wait_for 20 grep -q "meshd join" $WORK/a.out
 TOKEN=$(awk '/meshd join/{print $3}' $WORK/a.out)
-ip netns exec $B "$MESHD" join "$TOKEN" --name b --state-dir $WORK/b --socket $WORK/$B.sock \
+in_node $B "$MESHD" join "$TOKEN" --name b --state-dir $WORK/b --socket $WORK/$B.sock \
   --endpoint 198.51.100.2:51820 >$WORK/b.out 2>$WORK/b.log & disown
 wait_for 20 test -S $WORK/$B.sock
 MB=$(ctl $B status --json | json 'd["self"]["mesh_ip"]')
