@@ -13,9 +13,9 @@ N=${1:-100}
 SECS=${2:-10}
 ROUNDS=${3:-2}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-MESHD=$PWD/target/release/meshd
-MESHCTL=$PWD/target/release/meshctl
+# MESHD=/path/to/meshd (with its meshctl beside it) measures another build instead.
+if [ -z "${MESHD:-}" ]; then cargo build --release --quiet; MESHD=$PWD/target/release/meshd; fi
+MESHCTL=$(dirname "$MESHD")/meshctl
 NS=mbd-a
 WORK=$(mktemp -d /tmp/meshd-dnsbench.XXXXXX)
 cleanup() {

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# TCP throughput and ping RTT through a two-node mesh: meshd against wireguard-go (the reference
-# userspace WireGuard), over the same pair of network namespaces, in one invocation.
+# TCP throughput, ping latency, CPU and memory of meshd's tunnel against every userspace peer we
+# know (wireguard-go, boringtun-cli, gotatun-cli, nebula), over the same pair of network
+# namespaces, in one invocation.
 #
-#   [mb-a] 198.51.100.1 ---veth--- 198.51.100.2 [mb-b]
-#     meshd   mesh0 10.210.x.1  <->  10.210.y.1 mesh0   (UDP 51820)
-#     wg-go   wga   10.99.0.1   <->  10.99.0.2  wgb     (UDP 51821)
-# (distinct names: wireguard-go's UAPI socket /var/run/wireguard/NAME.sock is not per namespace)
+#   [mb-a] 198.51.100.1 ---veth (MTU 1500)--- 198.51.100.2 [mb-b]
+#     meshd          mesh0 10.210.x.1 <-> 10.210.y.1   UDP 51820
+#     wireguard-go   wgoa  10.91.0.1  <-> 10.91.0.2    UDP 51821
+#     boringtun-cli  btna  10.92.0.1  <-> 10.92.0.2    UDP 51822
+#     gotatun-cli    gtna  10.93.0.1  <-> 10.93.0.2    UDP 51823
+#     nebula         nebA  10.94.0.1  <-> 10.94.0.2    UDP 51824
+# (every interface name distinct: the WireGuard UAPI socket /var/run/wireguard/NAME.sock is not
+# per namespace). Every tunnel runs at MTU 1420.
 #
-# Usage (as root): benches/throughput.sh [seconds per run, default 10] [rounds, default 2]
-# Needs: iperf3, wireguard-go, wireguard-tools, iproute2 (Debian packages). Builds meshd --release.
-# Prints each measurement and the ratios meshd / wireguard-go. Runs alternate between the two
-# so background noise on the machine hits both alike.
+# Usage (as root): benches/throughput.sh [seconds per run, default 10] [rounds, default 3]
+# Needs: iperf3, wireguard-tools, wireguard-go, nebula (Debian packages); boringtun-cli and
+# gotatun-cli from crates.io (`cargo install --locked boringtun-cli gotatun-cli`). A peer that is
+# not installed is left out of the table (and said so). Builds meshd --release.
+#
+# Per round and tunnel, one after another (so noise hits all alike): TCP with 1 stream and with 4
+# (iperf3, a -> b), idle ping p50/p99 (500 pings, 5 ms apart), ping p50/p99 during a 1-stream
+# transfer, the tunnel processes' CPU (both ends, from /proc, during the 1-stream run) and their
+# RSS (the larger end, after the round). Prints the medians and ratios against meshd.
 set -euo pipefail
 SECS=${1:-10}
-ROUNDS=${2:-2}
+ROUNDS=${2:-3}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 MESHD=$PWD/target/release/meshd
 MESHCTL=$PWD/target/release/meshctl
-WORK=$(mktemp -d /tmp/meshd-bench.XXXXXX)
 A=mb-a; B=mb-b
+WORK=
 
 cleanup() {
   set +e
@@ -27,10 +37,12 @@ cleanup() {
     for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
     ip netns del $ns 2>/dev/null
   done
-  rm -rf "$WORK"
+  rm -f /var/run/wireguard/{wgoa,wgob,btna,btnb,gtna,gtnb}.sock
+  [ -n "$WORK" ] && rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-cleanup; WORK=$(mktemp -d /tmp/meshd-bench.XXXXXX)
+cleanup
+WORK=$(mktemp -d /tmp/meshd-bench.XXXXXX)
 
 ip netns add $A; ip netns add $B
 ip link add veth-a netns $A type veth peer name veth-b netns $B
@@ -41,10 +53,16 @@ ip -n $A link set veth-a up; ip -n $B link set veth-b up
 wait_for() { # wait_for SECONDS COMMAND...
   local deadline=$((SECONDS + $1)); shift
   until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { echo "timed out: $*" >&2; exit 1; }
+    [ $SECONDS -lt $deadline ] || { echo "timed out: $*" >&2; return 1; }
     sleep 0.1
   done
 }
+# The pid of the newest process in namespace NS whose command is PROG.
+ns_pid() { local p; for p in $(ip netns pids "$1"); do
+  [ "$(cat /proc/$p/comm 2>/dev/null)" = "$2" ] && echo "$p"; done | tail -1; }
+
+NAMES=(); declare -A DEST PIDS
+add() { NAMES+=("$1"); DEST[$1]=$2; PIDS[$1]="$3 $4"; }
 
 # --- meshd ---
 ip netns exec $A "$MESHD" init --name a --state-dir $WORK/a --socket $WORK/a.sock \
@@ -55,50 +73,126 @@ ip netns exec $B "$MESHD" join "$TOKEN" --name b --state-dir $WORK/b --socket $W
   --endpoint 198.51.100.2:51820 >$WORK/b.out 2>$WORK/b.log & disown
 wait_for 20 test -S $WORK/b.sock
 MB=$(ip netns exec $B "$MESHCTL" --socket $WORK/b.sock status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["self"]["mesh_ip"])')
-wait_for 20 ip netns exec $A ping -c1 -W1 $MB
+wait_for 20 ip netns exec $A ping -c1 -W1 "$MB"
+add meshd "$MB" "$(ns_pid $A meshd)" "$(ns_pid $B meshd)"
 
-# --- wireguard-go ---
+# --- the WireGuard implementations driven by `wg set` ---
 umask 077
-wg genkey >$WORK/ka; wg genkey >$WORK/kb
-PA=$(wg pubkey <$WORK/ka); PB=$(wg pubkey <$WORK/kb)
+wg_peer() { # wg_peer LABEL IFA IFB SUBNET PORT START_A START_B (START_*: the command, IF appended)
+  local label=$1 ia=$2 ib=$3 net=$4 port=$5 sa=$6 sb=$7
+  wg genkey >$WORK/$ia.key; wg genkey >$WORK/$ib.key
+  local pa pb; pa=$(wg pubkey <$WORK/$ia.key); pb=$(wg pubkey <$WORK/$ib.key)
+  ip netns exec $A $sa $ia >$WORK/$ia.log 2>&1 & disown
+  ip netns exec $B $sb $ib >$WORK/$ib.log 2>&1 & disown
+  wait_for 10 test -S /var/run/wireguard/$ia.sock && wait_for 10 test -S /var/run/wireguard/$ib.sock || {
+    echo "$label did not start (see $WORK/$ia.log); left out" >&2; return 0; }
+  ip netns exec $A wg set $ia private-key $WORK/$ia.key listen-port $port peer $pb allowed-ips $net.2/32 endpoint 198.51.100.2:$port
+  ip netns exec $B wg set $ib private-key $WORK/$ib.key listen-port $port peer $pa allowed-ips $net.1/32 endpoint 198.51.100.1:$port
+  ip -n $A addr add $net.1/24 dev $ia; ip -n $B addr add $net.2/24 dev $ib
+  ip -n $A link set $ia mtu 1420 up; ip -n $B link set $ib mtu 1420 up
+  wait_for 20 ip netns exec $A ping -c1 -W1 $net.2 || { echo "$label: no tunnel; left out" >&2; return 0; }
+  local comm=${sa%% *}; comm=$(basename "$comm"); comm=${comm:0:15}
+  add "$label" $net.2 "$(ns_pid $A "$comm")" "$(ns_pid $B "$comm")"
+}
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
-ip netns exec $A wireguard-go -f wga >$WORK/wg-a.log 2>&1 & disown
-ip netns exec $B wireguard-go -f wgb >$WORK/wg-b.log 2>&1 & disown
-wait_for 10 ip -n $A link show wga; wait_for 10 ip -n $B link show wgb
-ip netns exec $A wg set wga private-key $WORK/ka listen-port 51821 peer $PB allowed-ips 10.99.0.2/32 endpoint 198.51.100.2:51821
-ip netns exec $B wg set wgb private-key $WORK/kb listen-port 51821 peer $PA allowed-ips 10.99.0.1/32 endpoint 198.51.100.1:51821
-ip -n $A addr add 10.99.0.1/24 dev wga; ip -n $B addr add 10.99.0.2/24 dev wgb
-ip -n $A link set wga mtu 1420 up; ip -n $B link set wgb mtu 1420 up
-wait_for 20 ip netns exec $A ping -c1 -W1 10.99.0.2
+have() { command -v "$1" >/dev/null || { echo "$1 not installed; left out" >&2; return 1; }; }
+if have wireguard-go; then wg_peer wireguard-go wgoa wgob 10.91.0 51821 "wireguard-go -f" "wireguard-go -f"; fi
+if have boringtun-cli; then
+  BT="boringtun-cli --foreground --disable-drop-privileges"
+  wg_peer boringtun-cli btna btnb 10.92.0 51822 "$BT" "$BT"
+fi
+if have gotatun-cli; then
+  GT="gotatun-cli --foreground --disable-drop-privileges"
+  wg_peer gotatun-cli gtna gtnb 10.93.0 51823 "$GT" "$GT"
+fi
+
+# --- nebula: its own certificates, no lighthouse, static hosts ---
+if have nebula && have nebula-cert; then
+  (cd $WORK && nebula-cert ca -name bench -out-crt ca.crt -out-key ca.key &&
+   nebula-cert sign -ca-crt ca.crt -ca-key ca.key -name na -ip 10.94.0.1/24 -out-crt na.crt -out-key na.key &&
+   nebula-cert sign -ca-crt ca.crt -ca-key ca.key -name nb -ip 10.94.0.2/24 -out-crt nb.crt -out-key nb.key) >/dev/null
+  for side in a b; do
+    if [ $side = a ]; then other=2 oth=198.51.100.2; else other=1 oth=198.51.100.1; fi
+    cat >$WORK/neb-$side.yml <<EOF
+pki: {ca: $WORK/ca.crt, cert: $WORK/n$side.crt, key: $WORK/n$side.key}
+static_host_map: {"10.94.0.$other": ["$oth:51824"]}
+lighthouse: {am_lighthouse: false, hosts: []}
+listen: {host: 0.0.0.0, port: 51824}
+punchy: {punch: false}
+tun: {dev: neb$side, mtu: 1420}
+logging: {level: warning}
+firewall:
+  outbound: [{port: any, proto: any, host: any}]
+  inbound: [{port: any, proto: any, host: any}]
+EOF
+  done
+  ip netns exec $A nebula -config $WORK/neb-a.yml >$WORK/neb-a.log 2>&1 & disown
+  ip netns exec $B nebula -config $WORK/neb-b.yml >$WORK/neb-b.log 2>&1 & disown
+  if wait_for 20 ip netns exec $A ping -c1 -W1 10.94.0.2; then
+    add nebula 10.94.0.2 "$(ns_pid $A nebula)" "$(ns_pid $B nebula)"
+  else echo "nebula: no tunnel (see $WORK/neb-a.log); left out" >&2; fi
+fi
 
 ip netns exec $B iperf3 -s -D -p 5201 >/dev/null
 wait_for 10 ip netns exec $A bash -c "echo > /dev/tcp/198.51.100.2/5201"
 
-tput_mbit() { # tput_mbit DEST
-  ip netns exec $A iperf3 -c "$1" -p 5201 -t "$SECS" -J 2>/dev/null |
+TCK=$(getconf CLK_TCK)
+ticks() { local t=0 p; for p in "$@"; do
+  t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+rss_kb() { local m=0 p r; for p in "$@"; do
+  r=$(awk '/^VmRSS/{print $2}' /proc/$p/status); [ "$r" -gt "$m" ] && m=$r; done; echo $m; }
+tput_mbit() { # tput_mbit DEST STREAMS
+  ip netns exec $A iperf3 -c "$1" -p 5201 -t "$SECS" -P "$2" -J 2>/dev/null |
     python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))'
 }
-rtt_ms() { # rtt_ms DEST
-  ip netns exec $A ping -q -c 200 -i 0.01 "$1" | awk -F/ '/^rtt/{print $5}'
+pings() { # pings DEST COUNT -> "p50 p99" in ms
+  ip netns exec $A ping -n -c "$2" -i 0.005 "$1" |
+    python3 -c '
+import sys, re
+t = sorted(float(m.group(1)) for m in (re.search(r"time=([0-9.]+)", l) for l in sys.stdin) if m)
+q = lambda f: t[min(len(t) - 1, int(f * len(t)))] if t else float("nan")
+print(f"{q(0.50):.3f} {q(0.99):.3f}")'
 }
 
-echo "meshd $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, ${SECS}s per run, $ROUNDS rounds"
-declare -a T_M T_W R_M R_W
+echo "meshd $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, ${SECS}s per run, $ROUNDS rounds: ${NAMES[*]}"
+RES=$WORK/results; : >$RES
 for r in $(seq 1 "$ROUNDS"); do
-  T_M+=("$(tput_mbit "$MB")"); T_W+=("$(tput_mbit 10.99.0.2)")
-  R_M+=("$(rtt_ms "$MB")");     R_W+=("$(rtt_ms 10.99.0.2)")
-  echo "round $r: meshd ${T_M[-1]} Mbit/s ${R_M[-1]} ms | wireguard-go ${T_W[-1]} Mbit/s ${R_W[-1]} ms"
+  for n in "${NAMES[@]}"; do
+    d=${DEST[$n]}; read -r pa pb <<<"${PIDS[$n]}"
+    t0=$(ticks $pa $pb); s0=$(date +%s.%N)
+    t1=$(tput_mbit "$d" 1)
+    cpu=$(python3 -c "print(($(ticks $pa $pb) - $t0) / $TCK / ($(date +%s.%N) - $s0))")
+    t4=$(tput_mbit "$d" 4)
+    read -r i50 i99 <<<"$(pings "$d" 500)"
+    # Ping under load: a transfer in the background, pings meanwhile.
+    ip netns exec $A iperf3 -c "$d" -p 5201 -t $((SECS < 5 ? SECS : 5)) >/dev/null 2>&1 &
+    lp=$!; sleep 0.5
+    read -r l50 l99 <<<"$(pings "$d" 300)"
+    wait $lp || true
+    rss=$(rss_kb $pa $pb)
+    echo "$n $t1 $t4 $i50 $i99 $l50 $l99 $cpu $rss" >>$RES
+    printf 'round %d %-14s %6s / %6s Mbit/s  ping %s/%s ms  loaded %s/%s ms  cpu %.2f cores  rss %.1f MB\n' \
+      "$r" "$n" "$t1" "$t4" "$i50" "$i99" "$l50" "$l99" "$cpu" "$(awk "BEGIN{print $rss/1024}")"
+  done
 done
-T_D=$(tput_mbit 198.51.100.2); R_D=$(rtt_ms 198.51.100.2)
+T_D=$(tput_mbit 198.51.100.2 1)
 
-python3 - "$T_D" "$R_D" "${T_M[*]}" "${T_W[*]}" "${R_M[*]}" "${R_W[*]}" <<'PY'
+python3 - "$RES" "$T_D" <<'PY'
 import sys, statistics as st
-td, rd = float(sys.argv[1]), float(sys.argv[2])
-tm, tw, rm, rw = ([float(x) for x in a.split()] for a in sys.argv[3:7])
-m = lambda v: st.median(v)
+rows = {}
+for line in open(sys.argv[1]):
+    n, *v = line.split()
+    rows.setdefault(n, []).append([float(x) for x in v])
+med = {n: [st.median(c) for c in zip(*v)] for n, v in rows.items()}
 print()
-print(f"{'':24}{'meshd':>12}{'wireguard-go':>14}{'ratio':>8}{'no tunnel':>12}")
-print(f"{'TCP throughput Mbit/s':24}{m(tm):>12.0f}{m(tw):>14.0f}{m(tm)/m(tw):>8.2f}{td:>12.0f}")
-print(f"{'ping RTT avg ms':24}{m(rm):>12.3f}{m(rw):>14.3f}{m(rm)/m(rw):>8.2f}{rd:>12.3f}")
-print("(medians over rounds; throughput ratio > 1 and RTT ratio < 1 favour meshd)")
+print(f"{'':14}{'TCP 1':>8}{'TCP 4':>8}{'ping p50/p99':>15}{'loaded p50/p99':>17}{'RSS MB':>8}{'CPU':>6}{'Mbit/s/core':>13}{'vs meshd':>10}")
+m1 = med.get("meshd", [float("nan")])[0]
+for n, (t1, t4, i50, i99, l50, l99, cpu, rss) in med.items():
+    per = t1 / cpu if cpu else float("nan")
+    print(f"{n:14}{t1:>8.0f}{t4:>8.0f}{f'{i50:.3f}/{i99:.3f}':>15}{f'{l50:.3f}/{l99:.3f}':>17}{rss/1024:>8.1f}{cpu:>6.2f}{per:>13.0f}{t1/m1:>10.2f}")
+print(f"(medians over rounds; TCP in Mbit/s a->b; CPU: tunnel processes of both ends, in cores, during the 1-stream run; no tunnel: {float(sys.argv[2]):.0f} Mbit/s)")
+if "meshd" in med:
+    for n in med:
+        if n != "meshd":
+            print(f"meshd / {n}: {m1 / med[n][0]:.2f}x single stream")
 PY

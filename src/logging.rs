@@ -7,10 +7,11 @@ use tracing_subscriber::EnvFilter;
 type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 static RELOAD: OnceLock<Reload> = OnceLock::new();
 
-/// netlink-packet-route warns about every attribute newer kernels add; that is noise here.
+/// netlink-packet-route warns about every attribute newer kernels add, and hickory's server
+/// logs every DNS query at info; that is noise here (`hickory_server=info` brings it back).
 fn filter(spec: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(format!(
-        "netlink_packet_route=error,netlink_packet_core=error,{spec}"
+        "netlink_packet_route=error,netlink_packet_core=error,hickory_server=warn,{spec}"
     ))
     .map_err(|e| {
         format!(

@@ -3,6 +3,7 @@
 //! [`server`] runs hickory-server on the node's mesh address; [`resolved`] registers the mesh
 //! domain with systemd-resolved where it runs.
 
+pub mod fast;
 pub mod resolved;
 pub mod server;
 pub mod upstream;

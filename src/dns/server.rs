@@ -6,6 +6,7 @@
 //! in-memory zone handler, rebuilt from membership and swapped in whole, so answers follow
 //! membership without restarting the server. Everything else goes to hickory's forwarder.
 
+use super::fast;
 use super::zone::{self, ZoneInput};
 use hickory_server::proto::rr::{LowerName, Name, RecordType};
 use hickory_server::resolver::config::{ConnectionConfig, NameServerConfig, ResolverOpts};
@@ -103,7 +104,8 @@ impl ZoneHandler for LiveZone {
 }
 
 /// The catalog, with every answer counted by its response code (metrics).
-pub struct Counted(Catalog);
+#[derive(Clone)]
+pub struct Counted(Arc<Catalog>);
 
 #[async_trait::async_trait]
 impl hickory_server::server::RequestHandler for Counted {
@@ -128,7 +130,12 @@ impl hickory_server::server::RequestHandler for Counted {
 pub struct DnsServer {
     forward: Arc<LiveZone>,
     reverse: Vec<(Name, Arc<LiveZone>)>,
+    /// TCP (hickory's server).
     server: Server<Counted>,
+    /// UDP: prepared answers for the zone, hickory for the rest ([`fast`]).
+    handler: Counted,
+    answers: Arc<fast::Answers>,
+    udp: Vec<tokio::task::JoinHandle<()>>,
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
     serial: u32,
@@ -186,7 +193,10 @@ impl DnsServer {
             );
         }
         let want = SocketAddr::from((ip, port));
-        let mut server = Server::new(Counted(catalog));
+        let handler = Counted(Arc::new(catalog));
+        let answers = Arc::new(fast::Answers::default());
+        let mut udp_tasks = Vec::new();
+        let mut server = Server::new(handler.clone());
         let mut listen = want;
         // The same address on each device (the TUN, the workloads' bridge): a socket bound to
         // a device only hears what came through it.
@@ -209,9 +219,13 @@ impl DnsServer {
             listen = udp.local_addr().map_err(bind(format!("{at}/udp")))?;
             let tcp = crate::mesh::linux::bind_tcp_on_device(listen, ifname)
                 .map_err(bind(format!("{listen}/tcp")))?;
-            server.register_socket(
-                tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?,
-            );
+            let udp =
+                tokio::net::UdpSocket::from_std(udp).map_err(bind(format!("{listen}/udp")))?;
+            udp_tasks.push(tokio::spawn(fast::serve(
+                udp,
+                handler.clone(),
+                answers.clone(),
+            )));
             server.register_listener(
                 tokio::net::TcpListener::from_std(tcp).map_err(bind(format!("{listen}/tcp")))?,
                 Duration::from_secs(5),
@@ -222,6 +236,9 @@ impl DnsServer {
             forward,
             reverse,
             server,
+            handler,
+            answers,
+            udp: udp_tasks,
             listen,
             upstreams,
             serial: 0,
@@ -245,10 +262,24 @@ impl DnsServer {
             }
             self.skipped = z.skipped.clone();
         }
+        // Prepared answers from the old zone go first, so none is served stale; the new ones
+        // are asked of the new zone off the runtime and installed unless it changed again.
+        let generation = self.answers.invalidate();
+        let mut records = z.forward.clone();
+        records.extend(z.reverse.values().flatten().cloned());
         self.forward.replace(z.forward, self.serial);
         for (o, live) in &self.reverse {
             live.replace(z.reverse.get(o).cloned().unwrap_or_default(), self.serial);
         }
+        let (handler, answers) = (self.handler.clone(), self.answers.clone());
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<_> = records.iter().collect();
+            let p = fast::prepare(&handler, &refs);
+            let n = p.len();
+            if answers.install(generation, p) {
+                debug!(answers = n, "mesh DNS answers prepared");
+            }
+        });
         debug!(
             serial = self.serial,
             nodes = input.nodes.len(),
@@ -258,8 +289,30 @@ impl DnsServer {
         Ok(())
     }
 
+    /// Whether the zone's answers are prepared (tests; a query is answered either way).
+    pub fn prepared(&self) -> usize {
+        self.answers.get().len()
+    }
+
+    /// UDP queries answered from prepared answers so far (tests).
+    pub fn prepared_hits(&self) -> u64 {
+        self.answers.hits()
+    }
+
     pub async fn stop(mut self) {
+        for t in std::mem::take(&mut self.udp) {
+            t.abort();
+            let _ = t.await;
+        }
         let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        for t in &self.udp {
+            t.abort();
+        }
     }
 }
 
@@ -345,6 +398,106 @@ mod tests {
             .collect()
     }
 
+    async fn wait_prepared(s: &DnsServer) {
+        for _ in 0..200 {
+            if s.prepared() > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("answers never prepared");
+    }
+
+    async fn raw_udp(server: SocketAddr, q: &[u8]) -> Vec<u8> {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..5 {
+            sock.send_to(q, server).await.unwrap();
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await
+            {
+                return buf[..n].to_vec();
+            }
+        }
+        panic!("no UDP answer from {server}");
+    }
+
+    /// hickory's own server (TCP) for the same query.
+    async fn raw_tcp(server: SocketAddr, q: &[u8]) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut t = tokio::net::TcpStream::connect(server).await.unwrap();
+        t.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        t.write_all(q).await.unwrap();
+        let mut len = [0u8; 2];
+        t.read_exact(&mut len).await.unwrap();
+        let mut b = vec![0u8; u16::from_be_bytes(len) as usize];
+        t.read_exact(&mut b).await.unwrap();
+        b
+    }
+
+    /// The prepared UDP answers are hickory's answers: the same message as its TCP server
+    /// gives, with the client's ID, RD bit, EDNS payload and the question's case.
+    #[tokio::test]
+    async fn prepared_answers_are_hickorys() {
+        let mut i = input("mesh.internal");
+        i.nodes.push(NodeEntry {
+            name: "b".into(),
+            ip: Ipv4Addr::new(10, 210, 2, 1),
+        });
+        let s = DnsServer::start(Ipv4Addr::LOCALHOST, 0, "lo", &[], &i, vec![])
+            .await
+            .unwrap();
+        wait_prepared(&s).await;
+        let cases = [
+            ("A.Mesh.INTERNAL.", RecordType::A),
+            ("web.svc.mesh.internal.", RecordType::A),
+            ("_web._tcp.svc.mesh.internal.", RecordType::SRV),
+            ("1.1.210.10.in-addr.arpa.", RecordType::PTR),
+            ("mesh.internal.", RecordType::SOA),
+            ("mesh.internal.", RecordType::NS),
+            ("nope.mesh.internal.", RecordType::A),
+            ("a.mesh.internal.", RecordType::TXT),
+        ];
+        for (n, (name, t)) in cases.into_iter().enumerate() {
+            for (edns, rd) in [(None, true), (Some(4000u16), true), (None, false)] {
+                let mut m = Message::query();
+                m.metadata.id = 0x1000 + n as u16;
+                m.metadata.recursion_desired = rd;
+                m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+                if let Some(p) = edns {
+                    let mut e = hickory_server::proto::op::Edns::new();
+                    e.set_max_payload(p);
+                    m.set_edns(e);
+                }
+                let q = m.to_vec().unwrap();
+                let hits = s.prepared_hits();
+                let udp = raw_udp(s.listen, &q).await;
+                // Names and types the zone holds are prepared; the rest is hickory's.
+                let prepared = !name.starts_with("nope") && t != RecordType::TXT;
+                assert_eq!(s.prepared_hits() > hits, prepared, "{name} {t}");
+                let tcp = raw_tcp(s.listen, &q).await;
+                assert_eq!(
+                    Message::from_vec(&udp).unwrap(),
+                    Message::from_vec(&tcp).unwrap(),
+                    "{name} {t} edns {edns:?} rd {rd}"
+                );
+                // The question exactly as asked (case kept).
+                assert_eq!(&udp[12..12 + name.len() + 1], &q[12..12 + name.len() + 1]);
+            }
+        }
+        // A prepared answer is never one from an older zone.
+        let mut j = i.clone();
+        j.nodes[1].ip = Ipv4Addr::new(10, 210, 3, 1);
+        let mut s = s;
+        s.update(&j).unwrap();
+        let r = ask(s.listen, "b.mesh.internal", RecordType::A).await;
+        assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 3, 1)]);
+        wait_prepared(&s).await;
+        let r = ask(s.listen, "b.mesh.internal", RecordType::A).await;
+        assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 3, 1)]);
+        s.stop().await;
+    }
+
     #[tokio::test]
     async fn answers_the_zone_forwards_the_rest_and_survives_garbage() {
         let lo = Ipv4Addr::LOCALHOST;
@@ -369,6 +522,7 @@ mod tests {
         .await
         .unwrap();
 
+        wait_prepared(&s).await;
         let r = ask(s.listen, "a.mesh.internal", RecordType::A).await;
         assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 1, 1)]);
         assert!(r.metadata.authoritative);
