@@ -236,41 +236,82 @@ fn answer(p: &Prepared, q: &[u8], key: &mut Vec<u8>, out: &mut Vec<u8>) -> bool 
     true
 }
 
-/// Serve UDP queries on `sock`: prepared answers inline, the rest through `handler`.
+/// Serve UDP queries on `sock`: prepared answers inline, a batch of queries per receive and
+/// their answers per send (`recvmmsg`/`sendmmsg`), the rest through `handler`.
 pub async fn serve<H: RequestHandler + Clone>(sock: UdpSocket, handler: H, answers: Arc<Answers>) {
+    use crate::mesh::linux::mmsg;
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
     let sock = Arc::new(sock);
+    let fd = sock.as_raw_fd();
     let slow = Arc::new(Semaphore::new(SLOW_IN_FLIGHT));
-    let mut buf = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(PREPARED_PAYLOAD as usize);
+    let mut bufs = vec![vec![0u8; 4096]; mmsg::BATCH];
+    let mut got = Vec::with_capacity(mmsg::BATCH);
+    let mut outs: Vec<Vec<u8>> = (0..mmsg::BATCH)
+        .map(|_| Vec::with_capacity(PREPARED_PAYLOAD as usize))
+        .collect();
+    let mut dst: Vec<SocketAddr> = Vec::with_capacity(mmsg::BATCH);
     let mut key = Vec::with_capacity(260);
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
+        match sock
+            .async_io(Interest::READABLE, || mmsg::recv(fd, &mut bufs, &mut got))
+            .await
+        {
+            Ok(_) => {}
             Err(e) => {
-                debug!(error = %e, "DNS receive");
+                // ICMP errors from earlier answers surface here; anything else is logged and
+                // retried, not a busy loop.
+                use std::io::ErrorKind::*;
+                if !matches!(e.kind(), ConnectionRefused | ConnectionReset | Interrupted) {
+                    tracing::warn!(error = %e, "mesh DNS: receiving failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 continue;
             }
-        };
-        let q = &buf[..n];
-        if src.port() == 0 {
+        }
+        let prepared = answers.get();
+        dst.clear();
+        for (i, r) in got.iter().enumerate() {
+            let q = &bufs[i][..r.len];
+            if r.from.port() == 0 || r.truncated {
+                continue;
+            }
+            if answer(&prepared, q, &mut key, &mut outs[dst.len()]) {
+                crate::metrics::dns_answer(u16::from(outs[dst.len()][3] & 0x0f));
+                dst.push(r.from);
+                continue;
+            }
+            let Ok(permit) = slow.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (sock, handler, q, src) = (sock.clone(), handler.clone(), q.to_vec(), r.from);
+            tokio::spawn(async move {
+                slow_path(&sock, &handler, q, src).await;
+                drop(permit);
+            });
+        }
+        if dst.is_empty() {
             continue;
         }
-        if answer(&answers.get(), q, &mut key, &mut out) {
-            answers
-                .hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            crate::metrics::dns_answer(u16::from(out[3] & 0x0f));
-            let _ = sock.send_to(&out, src).await;
-            continue;
+        answers
+            .hits
+            .fetch_add(dst.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let msgs: Vec<(&[u8], SocketAddr)> =
+            outs.iter().zip(&dst).map(|(b, a)| (&b[..], *a)).collect();
+        let mut sent = 0;
+        // Bounded: each round sends at least one, or waits for room.
+        while sent < msgs.len() {
+            match sock
+                .async_io(Interest::WRITABLE, || mmsg::send(fd, &msgs[sent..]))
+                .await
+            {
+                Ok(n) => sent += n.max(1),
+                Err(e) => {
+                    debug!(error = %e, "DNS send");
+                    sent += 1; // that answer is lost; the client retries
+                }
+            }
         }
-        let Ok(permit) = slow.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (sock, handler, q) = (sock.clone(), handler.clone(), q.to_vec());
-        tokio::spawn(async move {
-            slow_path(&sock, &handler, q, src).await;
-            drop(permit);
-        });
     }
 }
 

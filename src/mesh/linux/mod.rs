@@ -10,6 +10,7 @@ mod udp;
 
 pub use ifaddr::{interface_addresses, local_addresses, IfAddr};
 pub use netlink::NetConfig;
+pub mod mmsg;
 pub mod netns;
 pub use sockets::{bind_tcp_on_device, bind_udp_on_device};
 pub use tun::LinuxTun;
