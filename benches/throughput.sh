@@ -14,7 +14,8 @@
 #
 # Usage (as root): benches/throughput.sh [seconds per run, default 10] [rounds, default 3]
 # Needs: iperf3, wireguard-tools, wireguard-go, nebula (Debian packages); boringtun-cli and
-# gotatun-cli from crates.io (`cargo install --locked boringtun-cli gotatun-cli`). A peer that is
+# gotatun-cli from crates.io (`cargo install --locked boringtun-cli gotatun-cli`; the latter
+# installs `gotatun`). A peer that is
 # not installed is left out of the table (and said so). Builds meshd --release.
 #
 # Per round and tunnel, one after another (so noise hits all alike): TCP with 1 stream and with 4
@@ -98,11 +99,11 @@ export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 have() { command -v "$1" >/dev/null || { echo "$1 not installed; left out" >&2; return 1; }; }
 if have wireguard-go; then wg_peer wireguard-go wgoa wgob 10.91.0 51821 "wireguard-go -f" "wireguard-go -f"; fi
 if have boringtun-cli; then
-  BT="boringtun-cli --foreground --disable-drop-privileges"
+  BT="boringtun-cli --foreground --disable-drop-privileges --log /dev/stderr"
   wg_peer boringtun-cli btna btnb 10.92.0 51822 "$BT" "$BT"
 fi
-if have gotatun-cli; then
-  GT="gotatun-cli --foreground --disable-drop-privileges"
+if have gotatun; then
+  GT="gotatun --foreground --disable-drop-privileges --verbosity error"
   wg_peer gotatun-cli gtna gtnb 10.93.0 51823 "$GT" "$GT"
 fi
 
@@ -185,7 +186,7 @@ for line in open(sys.argv[1]):
     rows.setdefault(n, []).append([float(x) for x in v])
 med = {n: [st.median(c) for c in zip(*v)] for n, v in rows.items()}
 print()
-print(f"{'':14}{'TCP 1':>8}{'TCP 4':>8}{'ping p50/p99':>15}{'loaded p50/p99':>17}{'RSS MB':>8}{'CPU':>6}{'Mbit/s/core':>13}{'vs meshd':>10}")
+print(f"{'':14}{'TCP 1':>8}{'TCP 4':>8}{'ping p50/p99':>15}{'loaded p50/p99':>17}{'RSS MB':>8}{'CPU':>6}{'Mbit/s/core':>13}{'x meshd':>10}")
 m1 = med.get("meshd", [float("nan")])[0]
 for n, (t1, t4, i50, i99, l50, l99, cpu, rss) in med.items():
     per = t1 / cpu if cpu else float("nan")
