@@ -131,7 +131,7 @@ impl Gateway {
             }
             return;
         };
-        let handoff = preamble::encode(
+        let mut first = preamble::encode(
             HANDOFF_MAGIC,
             &Handoff {
                 kind,
@@ -140,7 +140,10 @@ impl Gateway {
                 gateway: local,
             },
         );
-        if backend.write_all(&handoff).await.is_err() || backend.write_all(&head).await.is_err() {
+        // The handoff and what the client sent so far in one write: one segment through the
+        // tunnel, not two.
+        first.extend_from_slice(&head);
+        if backend.write_all(&first).await.is_err() {
             return;
         }
         debug!(%host, %peer, node = %route.node, "passing through");

@@ -107,13 +107,14 @@ pub async fn session(
             return;
         }
     };
-    if target.proxy_protocol {
-        let hdr = proxy_protocol::header(handoff.client, handoff.gateway);
-        if workload.write_all(&hdr).await.is_err() {
-            return;
-        }
-    }
-    if !rest.is_empty() && workload.write_all(&rest).await.is_err() {
+    // The PROXY header (if asked for) and what already came, in one write.
+    let mut first = if target.proxy_protocol {
+        proxy_protocol::header(handoff.client, handoff.gateway)
+    } else {
+        Vec::new()
+    };
+    first.extend_from_slice(&rest);
+    if !first.is_empty() && workload.write_all(&first).await.is_err() {
         return;
     }
     debug!(host = %handoff.hostname, client = %handoff.client, %to, "serving");
