@@ -13,6 +13,8 @@
 # per namespace). Every tunnel runs at MTU 1420.
 #
 # Usage (as root): benches/throughput.sh [seconds per run, default 10] [rounds, default 3]
+# MESHD_B=/path/to/another/meshd adds a row for that build (its own mesh 10.211.0.0/16, port
+# 51830, TUN meshb0) beside this tree's, for an A/B in the same run.
 # Needs: iperf3, wireguard-tools, wireguard-go, nebula (Debian packages); boringtun-cli and
 # gotatun-cli from crates.io (`cargo install --locked boringtun-cli gotatun-cli`; the latter
 # installs `gotatun`). A peer that is
@@ -77,6 +79,23 @@ MB=$(ip netns exec $B "$MESHCTL" --socket $WORK/b.sock status --json | python3 -
 wait_for 20 ip netns exec $A ping -c1 -W1 "$MB"
 add meshd "$MB" "$(ns_pid $A meshd)" "$(ns_pid $B meshd)"
 
+# --- another meshd build, for an A/B in the same run: MESHD_B=/path/to/meshd ---
+if [ -n "${MESHD_B:-}" ]; then
+  PA=$(ns_pid $A meshd); PB=$(ns_pid $B meshd)
+  ip netns exec $A "$MESHD_B" init --name a2 --state-dir $WORK/a2 --socket $WORK/a2.sock \
+    --port 51830 --tun meshb0 --cidr 10.211.0.0/16 --endpoint 198.51.100.1:51830 >$WORK/a2.out 2>$WORK/a2.log & disown
+  wait_for 20 grep -q "meshd join" $WORK/a2.out
+  TOKEN=$(awk '/meshd join/{print $3}' $WORK/a2.out)
+  ip netns exec $B "$MESHD_B" join "$TOKEN" --name b2 --state-dir $WORK/b2 --socket $WORK/b2.sock \
+    --port 51830 --tun meshb0 --endpoint 198.51.100.2:51830 >$WORK/b2.out 2>$WORK/b2.log & disown
+  wait_for 20 test -S $WORK/b2.sock
+  MB2=$(ip netns exec $B "$MESHCTL" --socket $WORK/b2.sock status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["self"]["mesh_ip"])')
+  wait_for 20 ip netns exec $A ping -c1 -W1 "$MB2"
+  newest() { local p; for p in $(ip netns pids "$1"); do
+    [ "$(cat /proc/$p/comm)" = meshd ] && [ "$p" != "$2" ] && echo "$p"; done | tail -1; }
+  add meshd-B "$MB2" "$(newest $A "$PA")" "$(newest $B "$PB")"
+fi
+
 # --- the WireGuard implementations driven by `wg set` ---
 umask 077
 wg_peer() { # wg_peer LABEL IFA IFB SUBNET PORT START_A START_B (START_*: the command, IF appended)
@@ -96,7 +115,9 @@ wg_peer() { # wg_peer LABEL IFA IFB SUBNET PORT START_A START_B (START_*: the co
   add "$label" $net.2 "$(ns_pid $A "$comm")" "$(ns_pid $B "$comm")"
 }
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
-have() { command -v "$1" >/dev/null || { echo "$1 not installed; left out" >&2; return 1; }; }
+# PEERS="wireguard-go nebula" measures only those beside meshd (default: every one installed).
+want() { [ -z "${PEERS+x}" ] || [[ " $PEERS " == *" $1 "* ]]; }
+have() { want "$1" && { command -v "$1" >/dev/null || { echo "$1 not installed; left out" >&2; return 1; }; }; }
 if have wireguard-go; then wg_peer wireguard-go wgoa wgob 10.91.0 51821 "wireguard-go -f" "wireguard-go -f"; fi
 if have boringtun-cli; then
   BT="boringtun-cli --foreground --disable-drop-privileges --log /dev/stderr"
