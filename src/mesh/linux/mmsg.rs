@@ -44,7 +44,8 @@ pub fn recv(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io::Res
             fd,
             hdrs.as_mut_ptr(),
             n as libc::c_uint,
-            libc::MSG_DONTWAIT,
+            // (`as _`: the flags are a c_int in glibc, a c_uint in musl)
+            libc::MSG_DONTWAIT as _,
             std::ptr::null_mut(),
         );
         if got < 0 {
@@ -90,7 +91,12 @@ pub fn send(fd: RawFd, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
         }
-        let sent = libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT);
+        let sent = libc::sendmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT as _,
+        );
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
