@@ -87,17 +87,31 @@ impl Answers {
     pub fn hits(&self) -> u64 {
         self.hits.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Whether generation `g` is still the zone's (a build for an older one can stop).
+    pub fn is_current(&self, g: u64) -> bool {
+        *self.generation.lock().unwrap() == g
+    }
 }
 
 /// Ask `handler` every (name, type) the records hold, with and without EDNS, and keep the
-/// answers that fit a plain UDP response (or the prepared EDNS size).
-pub fn prepare<H: RequestHandler>(handler: &H, records: &[&Record]) -> Prepared {
+/// answers that fit a plain UDP response (or the prepared EDNS size). Stops early (`None`)
+/// once `current` says the zone changed again, so a burst of membership changes costs one
+/// build, not one per change.
+pub fn prepare<H: RequestHandler>(
+    handler: &H,
+    records: &[&Record],
+    current: impl Fn() -> bool,
+) -> Option<Prepared> {
     let questions: BTreeSet<(Name, RecordType)> = records
         .iter()
         .map(|r| (r.name.to_lowercase(), r.record_type()))
         .collect();
     let mut out = HashMap::new();
-    for (name, rtype) in questions {
+    for (i, (name, rtype)) in questions.into_iter().enumerate() {
+        if i % 64 == 0 && !current() {
+            return None;
+        }
         let plain = ask(handler, &name, rtype, false).filter(|b| b.len() <= PLAIN_MAX);
         let edns = ask(handler, &name, rtype, true).and_then(|b| {
             let at = opt_payload_offset(&b)?;
@@ -116,7 +130,7 @@ pub fn prepare<H: RequestHandler>(handler: &H, records: &[&Record]) -> Prepared 
             },
         );
     }
-    Prepared(out)
+    Some(Prepared(out))
 }
 
 /// hickory's encoded answer to one question (zone lookups only: no I/O, so it runs to

@@ -274,7 +274,9 @@ impl DnsServer {
         let (handler, answers) = (self.handler.clone(), self.answers.clone());
         tokio::task::spawn_blocking(move || {
             let refs: Vec<_> = records.iter().collect();
-            let p = fast::prepare(&handler, &refs);
+            let Some(p) = fast::prepare(&handler, &refs, || answers.is_current(generation)) else {
+                return;
+            };
             let n = p.len();
             if answers.install(generation, p) {
                 debug!(answers = n, "mesh DNS answers prepared");
@@ -495,6 +497,20 @@ mod tests {
         wait_prepared(&s).await;
         let r = ask(s.listen, "b.mesh.internal", RecordType::A).await;
         assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 210, 3, 1)]);
+        s.stop().await;
+    }
+
+    /// A build of prepared answers for a zone that has changed again stops early.
+    #[tokio::test]
+    async fn a_build_for_an_older_zone_stops() {
+        let i = input("mesh.internal");
+        let s = DnsServer::start(Ipv4Addr::LOCALHOST, 0, "lo", &[], &i, vec![])
+            .await
+            .unwrap();
+        let z = zone::build(&i, 1).unwrap();
+        let refs: Vec<_> = z.forward.iter().collect();
+        assert!(fast::prepare(&s.handler, &refs, || false).is_none());
+        assert!(!fast::prepare(&s.handler, &refs, || true).unwrap().is_empty());
         s.stop().await;
     }
 
