@@ -510,7 +510,9 @@ mod tests {
         let z = zone::build(&i, 1).unwrap();
         let refs: Vec<_> = z.forward.iter().collect();
         assert!(fast::prepare(&s.handler, &refs, || false).is_none());
-        assert!(!fast::prepare(&s.handler, &refs, || true).unwrap().is_empty());
+        assert!(!fast::prepare(&s.handler, &refs, || true)
+            .unwrap()
+            .is_empty());
         s.stop().await;
     }
 
