@@ -91,8 +91,10 @@ if [ -n "${MESHD_B:-}" ]; then
   wait_for 20 test -S $WORK/b2.sock
   MB2=$(ip netns exec $B "$MESHCTL" --socket $WORK/b2.sock status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["self"]["mesh_ip"])')
   wait_for 20 ip netns exec $A ping -c1 -W1 "$MB2"
+  # Its process: named like its file (the kernel keeps 15 characters), not the first meshd.
+  COMM_B=$(basename "$MESHD_B"); COMM_B=${COMM_B:0:15}
   newest() { local p; for p in $(ip netns pids "$1"); do
-    [ "$(cat /proc/$p/comm)" = meshd ] && [ "$p" != "$2" ] && echo "$p"; done | tail -1; }
+    [ "$(cat /proc/$p/comm)" = "$COMM_B" ] && [ "$p" != "$2" ] && echo "$p"; done | tail -1; }
   add meshd-B "$MB2" "$(newest $A "$PA")" "$(newest $B "$PB")"
 fi
 

@@ -39,7 +39,7 @@ const TUN_PACKET_BUF: usize = 2048;
 /// Packets one TUN read may split into (64 KiB / MTU, and then some).
 const TUN_BATCH: usize = 128;
 /// Datagrams taken per receive wake-up.
-const UDP_BATCH: usize = 32;
+const UDP_BATCH: usize = 8;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
 
