@@ -120,7 +120,7 @@ pub async fn join<U: UdpIo>(
         }
         pass += 1;
         for (addr, wg) in &targets {
-            if let Err(e) = udp.send_to(&frame, *addr).await {
+            if let Err(e) = udp.send_to(&frame, *addr) {
                 tracing::debug!(%addr, error = %e, "join request not sent");
                 continue;
             }
@@ -130,7 +130,7 @@ pub async fn join<U: UdpIo>(
                 if left.is_zero() {
                     break;
                 }
-                let Ok(r) = tokio::time::timeout(left, udp.recv_gro(&mut buf)).await else {
+                let Ok(r) = tokio::time::timeout(left, udp.recv_gro_async(&mut buf)).await else {
                     break;
                 };
                 // With UDP GRO, equal answers to retried requests may arrive as one buffer.
@@ -220,7 +220,7 @@ mod tests {
                     reason: RefuseReason::Malformed,
                     message: "unknown field wg_sig".into(),
                 };
-                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from).await;
+                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from);
             }
         });
         let root = RootKey::generate();

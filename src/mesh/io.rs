@@ -1,12 +1,18 @@
 //! The data plane's two I/O edges, each behind a small trait with an in-memory twin (like
 //! wireguard-go's `tun.Device`/`conn.Bind` with `tuntest`/`bindtest`; the twins live in
 //! `testing::mem`, compiled for tests only). The protocol code in [`super::device`] never
-//! touches a file descriptor; batching (recvmmsg, GSO/GRO, TUN offload) and more worker threads
-//! can come in behind these traits.
+//! touches a file descriptor.
 //!
-//! Contract: `recv*` waits for one packet and returns its length; an error means the edge is
-//! broken for good, except `ErrorKind::Interrupted`/`WouldBlock` which callers retry. `send*`
-//! never blocks the caller for long: a full queue drops the packet, as a kernel would.
+//! The data plane runs on threads of its own, not on the async runtime: each waits in the
+//! kernel for its own file descriptor, so a packet costs one wake-up of the thread that handles
+//! it (no reactor thread handing readiness to a worker) and a thread can look at the other edge
+//! at once when its own work made something ready there (an echo reply, a TCP ACK).
+//!
+//! Contract: `wait_*` blocks until a `try_*` call would likely find something, or until `wake`
+//! was called (then `ErrorKind::Interrupted`, for good: `wake` is for shutdown). `try_*` never
+//! blocks (`WouldBlock` when there is nothing). An error of another kind means the edge is
+//! broken. `send*` never blocks the caller for long: a full queue drops the packet, as a kernel
+//! would.
 
 use std::future::Future;
 use std::io;
@@ -18,144 +24,120 @@ use std::sync::Arc;
 pub const TUN_HEADROOM: usize = 16;
 
 pub trait TunIo: Send + Sync + 'static {
-    /// Read one IP packet written by the kernel.
-    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
-    /// Hand one IP packet to the kernel.
-    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// What one writing thread keeps between writes (the offload coalescing table).
+    type Writer: Send;
+    fn writer(&self) -> Self::Writer;
 
-    /// Read what the kernel wrote, as IP packets: `bufs[i][..sizes[i]]` for the returned count.
-    /// With offload one read can carry a TCP super-packet, split here into MTU-sized packets;
-    /// `scratch` holds the raw read (64 KiB + header). The default reads one packet.
-    fn recv_batch(
-        &self,
-        _scratch: &mut [u8],
-        bufs: &mut [Vec<u8>],
-        sizes: &mut [usize],
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        async move {
-            sizes[0] = self.recv(&mut bufs[0]).await?;
-            Ok(1)
-        }
-    }
+    /// Block until the kernel has written something for the mesh, or `wake` was called.
+    fn wait_readable(&self) -> io::Result<()>;
 
-    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, consecutive
-    /// segments of one TCP flow are coalesced first; the buffers may be modified. The default
-    /// writes them one by one.
-    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            for b in bufs.iter() {
-                self.send(&b[TUN_HEADROOM..]).await?;
-            }
-            Ok(())
-        }
-    }
-}
-
-pub trait UdpIo: Send + Sync + 'static {
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
-    fn send_to(
-        &self,
-        datagram: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<()>> + Send;
-    fn local_addr(&self) -> SocketAddr;
-    /// A datagram that has already arrived, without waiting (`WouldBlock` if none): lets the
-    /// receive loop take a batch per wake-up.
-    fn try_recv_from(&self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        Err(io::ErrorKind::WouldBlock.into())
-    }
-    /// Like [`UdpIo::recv_from`], but the buffer may hold several datagrams from one sender,
-    /// each `segment` bytes (the last may be shorter): UDP GRO on Linux. Returns
-    /// `(bytes, from, segment)`. The default receives one datagram.
-    fn recv_gro(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr, usize)>> + Send {
-        async move {
-            let (n, from) = self.recv_from(buf).await?;
-            Ok((n, from, n))
-        }
-    }
-    /// Non-blocking [`UdpIo::recv_gro`].
-    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-        let (n, from) = self.try_recv_from(buf)?;
-        Ok((n, from, n))
-    }
-    /// Send `buf` as datagrams of `segment` bytes each (the last may be shorter), all to `to`:
-    /// one system call with UDP GSO on Linux. The default sends them one by one.
-    fn send_gso(
-        &self,
-        buf: &[u8],
-        segment: usize,
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            for d in buf.chunks(segment.max(1)) {
-                self.send_to(d, to).await?;
-            }
-            Ok(())
-        }
-    }
-}
-
-impl<T: TunIo> TunIo for Arc<T> {
-    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
-        (**self).recv(buf)
-    }
-    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send {
-        (**self).send(packet)
-    }
-    fn recv_batch(
+    /// Read what the kernel wrote, as IP packets: `bufs[i][..sizes[i]]` for the returned count,
+    /// without waiting. With offload one read can carry a TCP super-packet, split here into
+    /// MTU-sized packets; `scratch` holds the raw read (64 KiB + header).
+    fn try_recv_batch(
         &self,
         scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        (**self).recv_batch(scratch, bufs, sizes)
+    ) -> io::Result<usize>;
+
+    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, consecutive
+    /// segments of one TCP flow are coalesced first; the buffers may be modified.
+    fn send_batch(&self, writer: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()>;
+
+    /// Make every `wait_readable`, now and later, return `Interrupted`.
+    fn wake(&self);
+}
+
+pub trait UdpIo: Send + Sync + 'static {
+    fn local_addr(&self) -> SocketAddr;
+
+    /// Receive queues, one data-plane thread each. Every datagram from one sender arrives on
+    /// the same queue, so a peer's packets stay in order.
+    fn queues(&self) -> usize {
+        1
     }
-    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<()>> + Send {
-        (**self).send_batch(bufs)
+
+    /// Block until queue `q` has a datagram, or `wake` was called.
+    fn wait_readable(&self, q: usize) -> io::Result<()>;
+
+    /// One read from queue `q` without waiting: `(bytes, from, segment)`. The buffer may hold
+    /// several datagrams from one sender, each `segment` bytes (the last may be shorter): UDP
+    /// GRO on Linux.
+    fn try_recv_gro(&self, q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)>;
+
+    fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()>;
+
+    /// Send `buf` as datagrams of `segment` bytes each (the last may be shorter), all to `to`:
+    /// one system call with UDP GSO on Linux. The default sends them one by one.
+    fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        for d in buf.chunks(segment.max(1)) {
+            self.send_to(d, to)?;
+        }
+        Ok(())
+    }
+
+    /// Make every `wait_readable`, now and later, return `Interrupted`.
+    fn wake(&self);
+
+    /// Wait for a datagram on the async runtime (GRO as in [`UdpIo::try_recv_gro`]): for the
+    /// join exchange, which runs before the data plane does and never beside it.
+    fn recv_gro_async(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr, usize)>> + Send;
+}
+
+impl<T: TunIo> TunIo for Arc<T> {
+    type Writer = T::Writer;
+    fn writer(&self) -> T::Writer {
+        (**self).writer()
+    }
+    fn wait_readable(&self) -> io::Result<()> {
+        (**self).wait_readable()
+    }
+    fn try_recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        (**self).try_recv_batch(scratch, bufs, sizes)
+    }
+    fn send_batch(&self, writer: &mut T::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        (**self).send_batch(writer, bufs)
+    }
+    fn wake(&self) {
+        (**self).wake()
     }
 }
 
 impl<U: UdpIo> UdpIo for Arc<U> {
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        (**self).recv_from(buf)
-    }
-    fn send_to(
-        &self,
-        datagram: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<()>> + Send {
-        (**self).send_to(datagram, to)
-    }
     fn local_addr(&self) -> SocketAddr {
         (**self).local_addr()
     }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        (**self).try_recv_from(buf)
+    fn queues(&self) -> usize {
+        (**self).queues()
     }
-    fn send_gso(
-        &self,
-        buf: &[u8],
-        segment: usize,
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<()>> + Send {
+    fn wait_readable(&self, q: usize) -> io::Result<()> {
+        (**self).wait_readable(q)
+    }
+    fn try_recv_gro(&self, q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        (**self).try_recv_gro(q, buf)
+    }
+    fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        (**self).send_to(datagram, to)
+    }
+    fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
         (**self).send_gso(buf, segment, to)
     }
-    fn recv_gro(
+    fn wake(&self) {
+        (**self).wake()
+    }
+    fn recv_gro_async(
         &self,
         buf: &mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr, usize)>> + Send {
-        (**self).recv_gro(buf)
-    }
-    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-        (**self).try_recv_gro(buf)
+        (**self).recv_gro_async(buf)
     }
 }

@@ -150,13 +150,13 @@ struct Plane<P: Platform> {
 impl<P: Platform> Plane<P> {
     async fn install(&mut self, peers: &[PeerSpec]) {
         if peers != self.installed.as_slice() {
-            self.device.set_peers(peers).await;
+            self.device.set_peers(peers);
             self.installed = peers.to_vec();
         }
     }
 
     async fn send(&self, frame: &[u8], to: SocketAddr) {
-        self.device.send_control(frame, to).await;
+        self.device.send_control(frame, to);
     }
 }
 
@@ -167,11 +167,8 @@ impl<T: crate::mesh::io::TunIo, U: crate::mesh::io::UdpIo> traverser::PathPlane
     for DevicePaths<T, U>
 {
     fn punch(&self, node: crate::id::NodeId, seen: Option<SocketAddr>) {
-        let device = self.0.clone();
-        tokio::spawn(async move {
-            let extra: Vec<SocketAddr> = seen.into_iter().collect();
-            device.punch(&node, &extra).await
-        });
+        let extra: Vec<SocketAddr> = seen.into_iter().collect();
+        self.0.punch(&node, &extra);
     }
     fn use_relay(&self, peer: crate::id::NodeId, relay: crate::mesh::path::RelayPath, first: bool) {
         self.0.use_relay(&peer, relay, first);
@@ -436,10 +433,7 @@ impl<P: Platform> Node<P> {
         let device = self.plane.device.clone();
         let stats: TunnelStats = Arc::new(move || device.stats());
         let device = self.plane.device.clone();
-        let rehandshake: prober::Rehandshake = Arc::new(move |id| {
-            let device = device.clone();
-            tokio::spawn(async move { device.rehandshake(&id).await });
-        });
+        let rehandshake: prober::Rehandshake = Arc::new(move |id| device.rehandshake(&id));
         match prober::spawn(
             self.mesh_ip(),
             &self.local.config.tun,

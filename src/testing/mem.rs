@@ -2,10 +2,11 @@
 //! kernel side is the test, and an underlay network of UDP sockets whose links can be cut
 //! (partitions), lose control frames, and be captured.
 
-use crate::mesh::io::{TunIo, UdpIo};
+use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -15,7 +16,12 @@ const MEM_QUEUE: usize = 1024;
 /// mesh; `delivered` is what meshd hands back to the kernel.
 pub struct MemTun {
     from_kernel: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    /// A packet taken off the queue by `wait_readable`, for the next read.
+    pending: Mutex<Option<Vec<u8>>>,
     to_kernel: mpsc::Sender<Vec<u8>>,
+    /// Wakes a waiting reader (an empty packet, never a real one).
+    waker: mpsc::Sender<Vec<u8>>,
+    woken: AtomicBool,
 }
 
 /// The test's side of a [`MemTun`].
@@ -31,7 +37,10 @@ impl MemTun {
         (
             MemTun {
                 from_kernel: tokio::sync::Mutex::new(from_kernel),
+                pending: Mutex::new(None),
                 to_kernel,
+                waker: inject.clone(),
+                woken: AtomicBool::new(false),
             },
             MemTunHandle { inject, delivered },
         )
@@ -39,48 +48,71 @@ impl MemTun {
 }
 
 impl TunIo for MemTun {
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let p = self
-            .from_kernel
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem tun closed"))?;
-        let n = p.len().min(buf.len());
-        buf[..n].copy_from_slice(&p[..n]);
-        Ok(n)
+    type Writer = ();
+    fn writer(&self) {}
+
+    fn wait_readable(&self) -> io::Result<()> {
+        loop {
+            if self.woken.load(Ordering::Relaxed) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.pending.lock().unwrap().is_some() {
+                return Ok(());
+            }
+            let p = self
+                .from_kernel
+                .blocking_lock()
+                .blocking_recv()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem tun closed"))?;
+            if !p.is_empty() {
+                *self.pending.lock().unwrap() = Some(p);
+            }
+        }
     }
-    async fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let _ = self.to_kernel.try_send(packet.to_vec());
-        Ok(())
-    }
+
     /// Everything already queued, up to a batch (as an offloading kernel would hand over).
-    async fn recv_batch(
+    fn try_recv_batch(
         &self,
         _scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
     ) -> io::Result<usize> {
-        let mut rx = self.from_kernel.lock().await;
+        let mut rx = self
+            .from_kernel
+            .try_lock()
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let mut held = self.pending.lock().unwrap().take();
         let mut k = 0;
         while k < bufs.len() {
-            let p = if k == 0 {
-                rx.recv()
-                    .await
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem tun closed"))?
-            } else {
-                match rx.try_recv() {
+            let p = match held.take() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(p) if p.is_empty() => continue,
                     Ok(p) => p,
                     Err(_) => break,
-                }
+                },
             };
             let n = p.len().min(bufs[k].len());
             bufs[k][..n].copy_from_slice(&p[..n]);
             sizes[k] = n;
             k += 1;
         }
+        if k == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         Ok(k)
+    }
+
+    fn send_batch(&self, _: &mut (), bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        for b in bufs.iter() {
+            let _ = self.to_kernel.try_send(b[TUN_HEADROOM..].to_vec());
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Relaxed);
+        let _ = self.waker.try_send(Vec::new());
     }
 }
 
@@ -117,12 +149,14 @@ impl MemNet {
             ));
         }
         let (tx, rx) = mpsc::channel(MEM_QUEUE);
-        inner.sockets.insert(addr, tx);
+        inner.sockets.insert(addr, tx.clone());
         Ok(MemUdp {
             addr,
             net: self.clone(),
             rx: tokio::sync::Mutex::new(rx),
             pending: Mutex::new(None),
+            waker: tx,
+            woken: AtomicBool::new(false),
         })
     }
 
@@ -184,8 +218,17 @@ pub struct MemUdp {
     addr: SocketAddr,
     net: MemNet,
     rx: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
-    /// A datagram taken off the queue that did not fit a coalesced read.
+    /// A datagram taken off the queue that did not fit a coalesced read, or that
+    /// `wait_readable` took for the next read.
     pending: Mutex<Option<Datagram>>,
+    /// Wakes a waiting reader (an empty datagram from the unspecified address, which the
+    /// network never delivers).
+    waker: mpsc::Sender<Datagram>,
+    woken: AtomicBool,
+}
+
+fn is_wake(d: &Datagram) -> bool {
+    d.0.is_empty() && d.1.ip().is_unspecified()
 }
 
 impl Drop for MemUdp {
@@ -194,59 +237,43 @@ impl Drop for MemUdp {
     }
 }
 
-impl UdpIo for MemUdp {
-    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let held = self.pending.lock().unwrap().take();
-        let (d, from) =
-            match held {
-                Some(d) => d,
-                None => self.rx.lock().await.recv().await.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
-                })?,
-            };
-        let n = d.len().min(buf.len());
-        buf[..n].copy_from_slice(&d[..n]);
-        Ok((n, from))
-    }
-    async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        self.net.deliver(self.addr, to, datagram);
-        Ok(())
-    }
-    fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+impl MemUdp {
+    /// One datagram, waiting for it (for tests that play a raw peer).
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let mut rx = self.rx.lock().await;
         let held = self.pending.lock().unwrap().take();
         let (d, from) = match held {
             Some(d) => d,
-            None => self
-                .rx
-                .try_lock()
-                .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?
-                .try_recv()
-                .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?,
+            None => loop {
+                let d = rx.recv().await.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
+                })?;
+                if !is_wake(&d) {
+                    break d;
+                }
+            },
         };
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
         Ok((n, from))
     }
-    /// Coalesces like kernel UDP GRO: queued datagrams from the same sender with the same size
-    /// (the last may be shorter) come back as one buffer.
-    async fn recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-        let mut rx = self.rx.lock().await;
-        let held = self.pending.lock().unwrap().take();
-        let (first, from) = match held {
-            Some(d) => d,
-            None => rx
-                .recv()
-                .await
-                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed"))?,
-        };
+
+    /// Coalesce like kernel UDP GRO: `first`, then queued datagrams from the same sender with
+    /// the same size (the last may be shorter), as one buffer.
+    fn coalesce(
+        &self,
+        rx: &mut mpsc::Receiver<Datagram>,
+        (first, from): Datagram,
+        buf: &mut [u8],
+    ) -> (usize, SocketAddr, usize) {
         let segment = first.len();
         let mut n = first.len().min(buf.len());
         buf[..n].copy_from_slice(&first[..n]);
         let mut pending = self.pending.lock().unwrap();
         while let Ok((d, f)) = rx.try_recv() {
+            if d.is_empty() && f.ip().is_unspecified() {
+                continue;
+            }
             if f != from || d.len() > segment || n + d.len() > buf.len() || n + d.len() > 65_000 {
                 *pending = Some((d, f));
                 break;
@@ -257,6 +284,78 @@ impl UdpIo for MemUdp {
                 break;
             }
         }
-        Ok((n, from, segment))
+        (n, from, segment)
+    }
+}
+
+impl UdpIo for MemUdp {
+    fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn wait_readable(&self, _q: usize) -> io::Result<()> {
+        loop {
+            if self.woken.load(Ordering::Relaxed) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.pending.lock().unwrap().is_some() {
+                return Ok(());
+            }
+            let d =
+                self.rx.blocking_lock().blocking_recv().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
+                })?;
+            if !is_wake(&d) {
+                *self.pending.lock().unwrap() = Some(d);
+            }
+        }
+    }
+
+    fn try_recv_gro(&self, _q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let mut rx = self
+            .rx
+            .try_lock()
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let held = self.pending.lock().unwrap().take();
+        let first = match held {
+            Some(d) => d,
+            None => loop {
+                match rx.try_recv() {
+                    Ok(d) if is_wake(&d) => continue,
+                    Ok(d) => break d,
+                    Err(_) => return Err(io::ErrorKind::WouldBlock.into()),
+                }
+            },
+        };
+        Ok(self.coalesce(&mut rx, first, buf))
+    }
+
+    fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.net.deliver(self.addr, to, datagram);
+        Ok(())
+    }
+
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Relaxed);
+        let _ = self
+            .waker
+            .try_send((Vec::new(), SocketAddr::from(([0, 0, 0, 0], 0))));
+    }
+
+    async fn recv_gro_async(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let mut rx = self.rx.lock().await;
+        let held = self.pending.lock().unwrap().take();
+        let first = match held {
+            Some(d) => d,
+            None => loop {
+                let d = rx.recv().await.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
+                })?;
+                if !is_wake(&d) {
+                    break d;
+                }
+            },
+        };
+        Ok(self.coalesce(&mut rx, first, buf))
     }
 }

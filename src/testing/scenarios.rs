@@ -132,7 +132,6 @@ async fn a_conflict_notice_from_a_stranger_adds_no_member() {
     let notice = Frame::Conflict(vec![(intruder_cert, record)]);
     stranger
         .send_to(&encode_frame(&notice), Sim::endpoint(1))
-        .await
         .unwrap();
     // Control frames are handled in order: once a join sent after the notice is answered,
     // the notice has been dealt with.
@@ -140,7 +139,6 @@ async fn a_conflict_notice_from_a_stranger_adds_no_member() {
     let (req, _) = make_request(&joiner, &certify("c", &joiner), vec![], now);
     stranger
         .send_to(&encode_frame(&Frame::Request(req)), Sim::endpoint(1))
-        .await
         .unwrap();
     let mut buf = vec![0u8; 65536];
     let answered = tokio::time::timeout(Duration::from_secs(10), async {

@@ -119,6 +119,8 @@ pub struct Device<T, U> {
     events: mpsc::Sender<DeviceEvent>,
     /// Sessions this node relays for others.
     relay: Mutex<RelayTable>,
+    /// The send path: held for every read-encrypt-send run from the TUN device.
+    tx: Mutex<send::TxState>,
     pub counters: DeviceCounters,
 }
 
@@ -154,6 +156,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             next_index: AtomicU32::new(rand_index()),
             events,
             relay: Mutex::new(RelayTable::default()),
+            tx: Mutex::new(send::TxState::new()),
             counters: DeviceCounters::default(),
         };
         (Arc::new(dev), events_rx)
@@ -167,27 +170,53 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         self.own_slot.store(slot, Ordering::Relaxed);
     }
 
-    /// Run the data plane until `shutdown` fires or an edge breaks for good.
+    /// Run the data plane until `shutdown` fires or an edge breaks for good: a thread for the
+    /// TUN device, one per receive queue of the UDP socket, and the timers on the runtime.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let a = tokio::spawn(self.clone().tun_loop());
-        let b = tokio::spawn(self.clone().udp_loop());
-        let c = tokio::spawn(self.clone().timer_loop());
-        let loops = [a.abort_handle(), b.abort_handle(), c.abort_handle()];
+        let (ended_tx, mut ended) = mpsc::unbounded_channel::<String>();
+        let mut threads = Vec::new();
+        let mut start = |name: String, work: Box<dyn FnOnce() + Send>| {
+            let ended = ended_tx.clone();
+            let label = name.clone();
+            match std::thread::Builder::new().name(name).spawn(move || {
+                work();
+                let _ = ended.send(label);
+            }) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    warn!(error = %e, "cannot start a data-plane thread");
+                    let _ = ended_tx.send("spawn".into());
+                }
+            }
+        };
+        let dev = self.clone();
+        start("mesh-tun".into(), Box::new(move || dev.tun_thread()));
+        for q in 0..self.udp.queues() {
+            let dev = self.clone();
+            start(format!("mesh-udp{q}"), Box::new(move || dev.udp_thread(q)));
+        }
+        let mut timers = tokio::spawn(self.clone().timer_loop());
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            r = a => warn!(result = ?r, "tun loop ended"),
-            r = b => warn!(result = ?r, "udp loop ended"),
-            r = c => warn!(result = ?r, "timer loop ended"),
+            Some(which) = ended.recv() => warn!(thread = %which, "data plane thread ended"),
+            r = &mut timers => warn!(result = ?r, "timer loop ended"),
         }
-        // One loop ending stops the data plane as a whole; the node sees `run` return.
-        for l in loops {
-            l.abort();
-        }
+        // One part ending stops the data plane as a whole; the node sees `run` return.
+        timers.abort();
+        self.tun.wake();
+        self.udp.wake();
+        // Woken, the threads return at once; wait for them off the runtime.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 
     /// Reconcile the peer set with what the control plane wants. New peers get a handshake
     /// initiation right away, so tunnels are up before the first packet needs them.
-    pub async fn set_peers(&self, specs: &[PeerSpec]) {
+    pub fn set_peers(&self, specs: &[PeerSpec]) {
         let mut fresh = Vec::new();
         {
             let mut t = self.table.write().unwrap();
@@ -249,14 +278,14 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let mut out = [0u8; INITIATION_BUF];
         for p in fresh {
             if let Some(len) = initiation(&p, false, &mut out) {
-                self.send_to_peer(&p, &out[..len]).await;
+                self.send_to_peer(&p, &out[..len]);
             }
         }
     }
 
     /// Send a control frame (join answer) from the mesh port.
-    pub async fn send_control(&self, frame: &[u8], to: SocketAddr) {
-        if let Err(e) = self.udp.send_to(frame, to).await {
+    pub fn send_control(&self, frame: &[u8], to: SocketAddr) {
+        if let Err(e) = self.udp.send_to(frame, to) {
             debug!(%to, error = %e, "control frame send failed");
         }
     }
@@ -303,20 +332,20 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
 
     /// Start a fresh handshake with the peer of `node` now (it may have restarted and lost its
     /// session keys; WireGuard alone notices only after 15 s of one-way traffic).
-    pub async fn rehandshake(&self, node: &NodeId) {
+    pub fn rehandshake(&self, node: &NodeId) {
         let Some(peer) = self.peer_by_node(node) else {
             return;
         };
         let mut out = [0u8; INITIATION_BUF];
         if let Some(len) = initiation(&peer, true, &mut out) {
-            self.send_to_peer(&peer, &out[..len]).await;
+            self.send_to_peer(&peer, &out[..len]);
         }
     }
 
     /// Punch a path to the peer of `node`: one fresh handshake initiation, sent to each of its
     /// candidates and to `extra` (where a go-between sees it) at once. Whichever gets an
     /// authenticated answer becomes the endpoint. At most [`PUNCH_TARGETS`] addresses.
-    pub async fn punch(&self, node: &NodeId, extra: &[SocketAddr]) {
+    pub fn punch(&self, node: &NodeId, extra: &[SocketAddr]) {
         let Some(peer) = self.peer_by_node(node) else {
             return;
         };
@@ -338,7 +367,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         };
         debug!(peer = %peer.name(), targets = ?to, "punching");
         for a in to {
-            if self.udp.send_to(&out[..len], a).await.is_ok() {
+            if self.udp.send_to(&out[..len], a).is_ok() {
                 peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -412,14 +441,14 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Send one datagram on `route` (behind the session header through a relay).
-    pub(super) async fn send_route(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
+    pub(super) fn send_route(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
         match route {
-            Route::Direct(to) => self.udp.send_to(datagram, to).await,
+            Route::Direct(to) => self.udp.send_to(datagram, to),
             Route::Relay { via, session } => {
                 let mut framed = Vec::with_capacity(RELAY_HEADER + datagram.len());
                 framed.extend_from_slice(&relay::header(session));
                 framed.extend_from_slice(datagram);
-                self.udp.send_to(&framed, via).await
+                self.udp.send_to(&framed, via)
             }
         }
     }

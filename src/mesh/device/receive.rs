@@ -1,6 +1,7 @@
 //! Receiving: datagrams on the mesh port are demultiplexed (WireGuard or control frame),
 //! handshakes are matched to peers (rate-limited before any Diffie-Hellman), data is decrypted,
-//! checked by the admission policy and handed to the TUN device in batches.
+//! checked by the admission policy and handed to the TUN device in batches, on one thread per
+//! receive queue.
 
 use super::admission::{admit, Admission};
 use super::{
@@ -14,97 +15,147 @@ use crate::mesh::relay::{self, Refused};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info, warn};
 
+/// A receive thread's buffers.
+struct RxState<W> {
+    dgrams: Vec<Vec<u8>>,
+    meta: Vec<(usize, SocketAddr, usize)>,
+    to_tun: Vec<Vec<u8>>,
+    out: Vec<u8>,
+    writer: W,
+}
+
 impl<T: TunIo, U: UdpIo> Device<T, U> {
-    /// Receive: one wait, then whatever else has already arrived (up to a batch); decrypt into
-    /// TUN buffers and hand them to the kernel together, so it can coalesce TCP segments.
-    pub(super) async fn udp_loop(self: Arc<Self>) {
-        let mut dgrams = vec![vec![0u8; MAX_PACKET]; UDP_BATCH];
-        let mut meta = vec![(0usize, SocketAddr::from(([0, 0, 0, 0], 0)), 0usize); UDP_BATCH];
-        let mut to_tun: Vec<Vec<u8>> = (0..TUN_BATCH)
-            .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
-            .collect();
-        let mut out = vec![0u8; OUT_BUF];
+    /// Receive queue `q`'s thread: wait for datagrams, then take what has arrived a batch at a
+    /// time, decrypt into TUN buffers and hand them to the kernel together, so it can coalesce
+    /// TCP segments.
+    pub(super) fn udp_thread(&self, q: usize) {
+        let mut rx = RxState {
+            dgrams: vec![vec![0u8; MAX_PACKET]; UDP_BATCH],
+            meta: vec![(0usize, SocketAddr::from(([0, 0, 0, 0], 0)), 0usize); UDP_BATCH],
+            to_tun: (0..TUN_BATCH)
+                .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
+                .collect(),
+            out: vec![0u8; OUT_BUF],
+            writer: self.tun.writer(),
+        };
         loop {
-            meta[0] = match self.udp.recv_gro(&mut dgrams[0]).await {
-                Ok(r) => r,
+            match self.udp.wait_readable(q) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
-                    warn!(error = %e, "reading the UDP socket failed");
+                    warn!(error = %e, "waiting for the UDP socket failed");
                     return;
                 }
-            };
-            let mut k = 1;
-            while k < UDP_BATCH {
-                match self.udp.try_recv_gro(&mut dgrams[k]) {
-                    Ok(r) => {
-                        meta[k] = r;
-                        k += 1;
-                    }
-                    Err(_) => break,
-                }
             }
-            let mut ready = 0;
-            for i in 0..k {
-                let (n, from, segment) = meta[i];
-                // With GRO one read may hold several datagrams of `segment` bytes.
-                for d in dgrams[i][..n].chunks(segment.max(1)) {
-                    if ready == to_tun.len() {
-                        self.write_tun(&mut to_tun[..ready]).await;
-                        ready = 0;
+            loop {
+                let mut k = 0;
+                // Errors such as an ICMP "port unreachable" reported on the socket are skipped;
+                // the attempts are bounded all the same.
+                for _ in 0..2 * UDP_BATCH {
+                    if k == UDP_BATCH {
+                        break;
                     }
-                    match classify(d) {
-                        FrameKind::WireGuard => {
-                            if self
-                                .inbound(d, from, Via::Direct, None, &mut to_tun[ready], &mut out)
-                                .await
-                            {
-                                ready += 1;
-                            }
+                    match self.udp.try_recv_gro(q, &mut rx.dgrams[k]) {
+                        Ok(r) => {
+                            rx.meta[k] = r;
+                            k += 1;
                         }
-                        FrameKind::Relay => {
-                            if self.relayed(d, from, &mut to_tun[ready], &mut out).await {
-                                ready += 1;
-                            }
-                        }
-                        FrameKind::Control => {
-                            if self
-                                .events
-                                .try_send(DeviceEvent::Control(d.to_vec(), from))
-                                .is_err()
-                            {
-                                debug!(%from, "control queue full; frame dropped");
-                            }
-                        }
-                        FrameKind::Unknown => {
-                            self.counters
-                                .dropped_unknown_frame
-                                .fetch_add(1, Ordering::Relaxed);
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if transient(&e) => continue,
+                        Err(e) => {
+                            warn!(error = %e, "reading the UDP socket failed");
+                            return;
                         }
                     }
                 }
+                if k == 0 {
+                    break;
+                }
+                self.receive_batch(&mut rx, k);
+                // What the kernel answered to those packets (TCP ACKs, echo replies) leaves
+                // from here, unless the TUN thread is at it already.
+                if let Ok(mut tx) = self.tx.try_lock() {
+                    if let Err(e) = self.drain_tun(&mut tx) {
+                        debug!(error = %e, "reading the TUN device failed");
+                    }
+                }
+                if k < UDP_BATCH {
+                    break;
+                }
             }
-            self.write_tun(&mut to_tun[..ready]).await;
         }
     }
 
-    async fn write_tun(&self, bufs: &mut [Vec<u8>]) {
+    /// Handle `k` reads: WireGuard datagrams decrypted for the TUN device, relayed frames
+    /// forwarded or opened, control frames passed to the node.
+    fn receive_batch(&self, rx: &mut RxState<T::Writer>, k: usize) {
+        let RxState {
+            dgrams,
+            meta,
+            to_tun,
+            out,
+            writer,
+        } = rx;
+        let mut ready = 0;
+        for i in 0..k {
+            let (n, from, segment) = meta[i];
+            // With GRO one read may hold several datagrams of `segment` bytes.
+            for d in dgrams[i][..n].chunks(segment.max(1)) {
+                if ready == to_tun.len() {
+                    self.write_tun(writer, &mut to_tun[..ready]);
+                    ready = 0;
+                }
+                match classify(d) {
+                    FrameKind::WireGuard => {
+                        if self.inbound(d, from, Via::Direct, None, &mut to_tun[ready], out) {
+                            ready += 1;
+                        }
+                    }
+                    FrameKind::Relay => {
+                        if self.relayed(d, from, &mut to_tun[ready], out) {
+                            ready += 1;
+                        }
+                    }
+                    FrameKind::Control => {
+                        if self
+                            .events
+                            .try_send(DeviceEvent::Control(d.to_vec(), from))
+                            .is_err()
+                        {
+                            debug!(%from, "control queue full; frame dropped");
+                        }
+                    }
+                    FrameKind::Unknown => {
+                        self.counters
+                            .dropped_unknown_frame
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.write_tun(writer, &mut to_tun[..ready]);
+    }
+
+    fn write_tun(&self, writer: &mut T::Writer, bufs: &mut [Vec<u8>]) {
         if bufs.is_empty() {
             return;
         }
-        if let Err(e) = self.tun.send_batch(bufs).await {
+        if let Err(e) = self.tun.send_batch(writer, bufs) {
             debug!(error = %e, "writing to the TUN device failed");
         }
     }
 
     /// A relayed frame: for one of this node's peers through a relay it uses, or for this node
     /// to relay between two members it agreed to. Anything else is dropped and counted.
-    async fn relayed(
+    fn relayed(
         &self,
         frame: &[u8],
         from: SocketAddr,
@@ -129,9 +180,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     .fetch_add(1, Ordering::Relaxed);
                 return false;
             }
-            return self
-                .inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out)
-                .await;
+            return self.inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out);
         }
         let verdict =
             self.relay
@@ -141,7 +190,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let c = &self.counters;
         match verdict {
             Ok(to) => {
-                if self.udp.send_to(frame, to).await.is_ok() {
+                if self.udp.send_to(frame, to).is_ok() {
                     c.relayed_packets.fetch_add(1, Ordering::Relaxed);
                     c.relayed_bytes
                         .fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -188,7 +237,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// Handle one WireGuard datagram that arrived `via` (through a relay: it must be from
     /// `expect`, the peer that relay session is for). Returns true when it carried a packet for
     /// the TUN device, left in `to_tun` at `TUN_HEADROOM`.
-    async fn inbound(
+    fn inbound(
         &self,
         datagram: &[u8],
         from: SocketAddr,
@@ -221,7 +270,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                         _ => Some(Route::Direct(from)),
                     };
                     if let Some(r) = back {
-                        let _ = self.send_route(r, &cookie).await;
+                        let _ = self.send_route(r, &cookie);
                     }
                     return false;
                 }
@@ -306,11 +355,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                             if r.first() == Some(&2) {
                                 peer.paths.lock().unwrap().answered(route, Instant::now());
                             }
-                            if self.send_route(route, &r).await.is_ok() {
+                            if self.send_route(route, &r).is_ok() {
                                 peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        None => self.send_to_peer(&peer, &r).await,
+                        None => self.send_to_peer(&peer, &r),
                     }
                 }
                 false

@@ -1,5 +1,9 @@
 //! Sending: packets read from the TUN device are encrypted for the peer that holds their
 //! destination /24 and sent to its endpoint, runs of equal datagrams in one system call (UDP GSO).
+//! The TUN thread does it when the kernel has packets for the mesh; a receive thread does it in
+//! passing when its own delivery made the kernel answer (a TCP ACK, an echo reply), so the answer
+//! leaves without waking another thread. One [`TxState`] lock keeps every read-encrypt-send run
+//! whole, so packets leave in the order the kernel gave them.
 
 use super::{transient, Device, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF};
 use crate::mesh::io::{TunIo, UdpIo};
@@ -8,9 +12,9 @@ use crate::mesh::path::Route;
 use crate::mesh::peer::Peer;
 use crate::mesh::relay::{self, RELAY_HEADER};
 use boringtun::noise::TunnResult;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, warn};
 
@@ -76,8 +80,30 @@ impl GsoBatch {
     }
 }
 
+/// Reads the TUN device takes per drain at most, so the other threads get the lock in turn.
+const TUN_DRAIN_READS: usize = 64;
+
+/// The send path's buffers, behind the device's one send lock.
+pub(super) struct TxState {
+    scratch: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    gso: GsoBatch,
+}
+
+impl TxState {
+    pub(super) fn new() -> TxState {
+        TxState {
+            scratch: vec![0u8; MAX_PACKET + 64],
+            bufs: vec![vec![0u8; TUN_PACKET_BUF]; TUN_BATCH],
+            sizes: vec![0usize; TUN_BATCH],
+            gso: GsoBatch::new(),
+        }
+    }
+}
+
 impl<T: TunIo, U: UdpIo> Device<T, U> {
-    pub(super) async fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+    pub(super) fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
         let is_initiation = datagram.first() == Some(&1);
         let route = {
             let mut paths = peer.paths.lock().unwrap();
@@ -89,7 +115,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         };
         match route {
             Some(route) => {
-                if let Err(e) = self.send_route(route, datagram).await {
+                if let Err(e) = self.send_route(route, datagram) {
                     debug!(peer = %peer.name(), to = %route.to(), error = %e, "send failed");
                 } else {
                     peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -99,35 +125,53 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    pub(super) async fn tun_loop(self: Arc<Self>) {
-        let mut scratch = vec![0u8; MAX_PACKET + 64];
-        let mut bufs = vec![vec![0u8; TUN_PACKET_BUF]; TUN_BATCH];
-        let mut sizes = vec![0usize; TUN_BATCH];
-        let mut gso = GsoBatch::new();
+    /// The TUN thread: wait for the kernel to have packets for the mesh, then send them.
+    pub(super) fn tun_thread(&self) {
         loop {
-            let n = match self
-                .tun
-                .recv_batch(&mut scratch, &mut bufs, &mut sizes)
-                .await
-            {
-                Ok(n) => n,
+            match self.tun.wait_readable() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
-                    warn!(error = %e, "reading the TUN device failed");
+                    warn!(error = %e, "waiting for the TUN device failed");
                     return;
                 }
+            }
+            let mut tx = self.tx.lock().unwrap();
+            if let Err(e) = self.drain_tun(&mut tx) {
+                warn!(error = %e, "reading the TUN device failed");
+                return;
+            }
+        }
+    }
+
+    /// Read, encrypt and send what the kernel has for the mesh until it has no more (a bounded
+    /// number of reads). Only a broken device is an error.
+    pub(super) fn drain_tun(&self, tx: &mut TxState) -> io::Result<()> {
+        let TxState {
+            scratch,
+            bufs,
+            sizes,
+            gso,
+        } = tx;
+        for _ in 0..TUN_DRAIN_READS {
+            let n = match self.tun.try_recv_batch(scratch, bufs, sizes) {
+                Ok(n) => n,
+                Err(e) if transient(&e) => break,
+                Err(e) => return Err(e),
             };
             let now = Instant::now();
             for i in 0..n {
-                self.outbound(&bufs[i][..sizes[i]], &mut gso, now).await;
+                self.outbound(&bufs[i][..sizes[i]], gso, now);
             }
-            self.flush(&mut gso).await;
+            self.flush(gso);
         }
+        Ok(())
     }
 
     /// Encrypt one packet from the TUN device. Data messages join `gso` (sent together with
     /// the others of the batch that go to the same endpoint); handshakes go out at once.
-    async fn outbound(&self, packet: &[u8], gso: &mut GsoBatch, now: Instant) {
+    fn outbound(&self, packet: &[u8], gso: &mut GsoBatch, now: Instant) {
         let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
             return;
         };
@@ -174,7 +218,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         if !is_data {
             // A handshake (the session needed one first): out at once, on its own.
             let d = gso.buf[start + head..start + head + len].to_vec();
-            self.send_to_peer(&peer, &d).await;
+            self.send_to_peer(&peer, &d);
             return;
         }
         if let Some(Route::Relay { session, .. }) = route {
@@ -184,7 +228,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         match route.map(|r| r.to()) {
             Some(to) => {
                 if !gso.fits(to, len) {
-                    self.flush(gso).await;
+                    self.flush(gso);
                     gso.buf.copy_within(start..start + len, 0);
                 }
                 gso.append(to, len);
@@ -194,9 +238,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    async fn flush(&self, gso: &mut GsoBatch) {
+    fn flush(&self, gso: &mut GsoBatch) {
         if let Some(to) = gso.to {
-            if let Err(e) = self.udp.send_gso(&gso.buf[..gso.len], gso.seg, to).await {
+            if let Err(e) = self.udp.send_gso(&gso.buf[..gso.len], gso.seg, to) {
                 debug!(%to, error = %e, "send failed");
             }
         }

@@ -72,8 +72,8 @@ async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
     let stop = CancellationToken::new();
     let mut a = node(&net, 1, 3, &stop);
     let mut b = node(&net, 2, 7, &stop);
-    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
     net.start_capture();
 
     let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1000, 2000, b"hello-b");
@@ -111,7 +111,7 @@ async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
             _ => panic!("the session is up, so encapsulation yields a datagram"),
         }
     };
-    b.dev.udp().send_to(&seal(&spoofed), a.addr).await.unwrap();
+    b.dev.udp().send_to(&seal(&spoofed), a.addr).unwrap();
     let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after");
     b.tun.inject.send(marker).await.unwrap();
     let got = expect_delivery(&mut a, b"after").await;
@@ -125,11 +125,7 @@ async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
     // B (a member, with a valid tunnel) sends A a packet for a third subnet, as if A were a
     // router: A drops and counts it instead of delivering it to its TUN device.
     let elsewhere = build_ipv4_udp(ip(7, 1), ip(9, 1), 1, 1, b"route-me");
-    b.dev
-        .udp()
-        .send_to(&seal(&elsewhere), a.addr)
-        .await
-        .unwrap();
+    b.dev.udp().send_to(&seal(&elsewhere), a.addr).unwrap();
     let marker = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"after2");
     b.tun.inject.send(marker).await.unwrap();
     let got = expect_delivery(&mut a, b"after2").await;
@@ -153,8 +149,8 @@ async fn a_replayed_handshake_flood_gets_cookies_and_moves_nothing() {
     let stop = CancellationToken::new();
     let mut a = node(&net, 1, 3, &stop);
     let b = node(&net, 2, 7, &stop);
-    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
     net.start_capture();
     let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"hi");
     b.tun.inject.send(p).await.unwrap();
@@ -168,7 +164,7 @@ async fn a_replayed_handshake_flood_gets_cookies_and_moves_nothing() {
 
     let flooder = net.bind(SocketAddr::from(([192, 0, 2, 99], 4000))).unwrap();
     for _ in 0..(HANDSHAKE_RATE_LIMIT * 3) {
-        flooder.send_to(&init, a.addr).await.unwrap();
+        flooder.send_to(&init, a.addr).unwrap();
     }
     let mut buf = vec![0u8; 256];
     let cookie = timeout(Duration::from_secs(10), async {
@@ -192,8 +188,8 @@ async fn a_burst_arrives_complete_and_in_order_through_batching() {
     let stop = CancellationToken::new();
     let a = node(&net, 1, 3, &stop);
     let mut b = node(&net, 2, 7, &stop);
-    a.dev.set_peers(&[spec(&b, vec![b.addr])]).await;
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
     // Establish the session first.
     a.tun
         .inject
@@ -234,8 +230,8 @@ async fn a_dead_first_candidate_is_skipped() {
     let mut b = node(&net, 2, 7, &stop);
     // A only knows a stale address of B first, then the right one.
     let stale = SocketAddr::from(([192, 0, 2, 99], 51820));
-    a.dev.set_peers(&[spec(&b, vec![stale, b.addr])]).await;
-    b.dev.set_peers(&[spec(&a, vec![])]).await;
+    a.dev.set_peers(&[spec(&b, vec![stale, b.addr])]);
+    b.dev.set_peers(&[spec(&a, vec![])]);
     let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"rotated");
     a.tun.inject.send(p).await.unwrap();
     // boringtun retries after 5 s, to the next candidate.
@@ -253,7 +249,7 @@ async fn removed_peers_are_unreachable_and_unknown_keys_are_ignored() {
     let a = node(&net, 1, 3, &stop);
     let mut b = node(&net, 2, 7, &stop);
     // B knows A, A does not know B: B's handshakes go nowhere.
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]).await;
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
     let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"x");
     b.tun.inject.send(p).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -263,7 +259,7 @@ async fn removed_peers_are_unreachable_and_unknown_keys_are_ignored() {
     }
     assert!(a.dev.stats().is_empty());
     // Once removed, nothing is routed to the peer any more.
-    b.dev.set_peers(&[]).await;
+    b.dev.set_peers(&[]);
     let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"y");
     let before = b.dev.counters.dropped_no_peer.load(Ordering::Relaxed);
     b.tun.inject.send(p).await.unwrap();

@@ -46,13 +46,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     }
                 };
                 if let Some(len) = len {
-                    self.send_to_peer(&p, &out[..len]).await;
+                    self.send_to_peer(&p, &out[..len]);
                 }
                 // Data went unanswered on the path in use and there is another: ask it with
                 // a fresh handshake (an answer proves it; silence moves the peer off it).
                 if p.paths.lock().unwrap().nudge(now) {
                     if let Some(len) = super::initiation(&p, true, &mut out) {
-                        self.send_to_peer(&p, &out[..len]).await;
+                        self.send_to_peer(&p, &out[..len]);
                     }
                 }
             }

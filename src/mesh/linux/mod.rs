@@ -1,12 +1,13 @@
 //! The real edges on Linux, one file per verb: `tun` the TUN device, `netlink` interface
 //! configuration, `udp` the mesh UDP socket, `ifaddr` the machine's own addresses,
-//! `sockets` listeners bound to the TUN device.
+//! `sockets` listeners bound to the TUN device, `wait` the data-plane threads' blocking waits.
 
 mod ifaddr;
 mod netlink;
 mod sockets;
 mod tun;
 mod udp;
+mod wait;
 
 pub use ifaddr::{interface_addresses, local_addresses, IfAddr};
 pub use netlink::NetConfig;

@@ -1,18 +1,20 @@
 //! The kernel TUN device (tun-rs), with TCP segmentation offload where the kernel has it.
 
+use super::wait::Waiter;
 use super::NetError;
 use crate::mesh::io::{TunIo, TUN_HEADROOM};
 use std::io;
+use std::os::fd::AsRawFd;
 use tracing::info;
 
 /// The kernel TUN device, with TCP segmentation offload when the kernel supports it: the
 /// kernel hands over up to 64 KiB of one TCP flow per read and takes coalesced segments back.
+/// Non-blocking; the data plane's threads wait for it in `poll`.
 pub struct LinuxTun {
-    dev: tun_rs::AsyncDevice,
+    dev: tun_rs::SyncDevice,
     pub name: String,
     pub index: u32,
-    /// Coalescing state for writes (used by the single writer, hence uncontended).
-    gro: tokio::sync::Mutex<tun_rs::GROTable>,
+    waiter: Waiter,
 }
 
 impl LinuxTun {
@@ -22,7 +24,7 @@ impl LinuxTun {
             tun_rs::DeviceBuilder::new()
                 .name(name)
                 .offload(offload)
-                .build_async()
+                .build_sync()
         };
         let hint = |e: &io::Error| match e.raw_os_error() {
             Some(libc::EBUSY) => format!(
@@ -69,44 +71,43 @@ impl LinuxTun {
         let index = dev
             .if_index()
             .map_err(|e| NetError::io(format!("cannot read the index of {name}"), e))?;
+        dev.set_nonblocking(true)
+            .map_err(|e| NetError::io(format!("cannot make {name} non-blocking"), e))?;
+        let waiter = Waiter::new().map_err(|e| NetError::io("creating an eventfd", e))?;
         Ok(LinuxTun {
             dev,
             name: name.to_string(),
             index,
-            gro: tokio::sync::Mutex::new(tun_rs::GROTable::new()),
+            waiter,
         })
     }
 }
 
 impl TunIo for LinuxTun {
-    /// One packet (the device loop uses the batch form; this one allocates).
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut scratch = vec![0u8; 65535 + tun_rs::VIRTIO_NET_HDR_LEN];
-        let mut bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
-        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-        self.recv_batch(&mut scratch, &mut bufs, &mut sizes).await?;
-        let n = sizes[0].min(buf.len());
-        buf[..n].copy_from_slice(&bufs[0][..n]);
-        Ok(n)
+    type Writer = tun_rs::GROTable;
+
+    fn writer(&self) -> tun_rs::GROTable {
+        tun_rs::GROTable::new()
     }
-    async fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let mut b = vec![0u8; TUN_HEADROOM];
-        b.extend_from_slice(packet);
-        self.send_batch(std::slice::from_mut(&mut b)).await
+
+    fn wait_readable(&self) -> io::Result<()> {
+        self.waiter.readable(self.dev.as_raw_fd())
     }
-    async fn recv_batch(
+
+    fn try_recv_batch(
         &self,
         scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
     ) -> io::Result<usize> {
-        self.dev.recv_multiple(scratch, bufs, sizes, 0).await
+        self.dev.recv_multiple(scratch, bufs, sizes, 0)
     }
-    async fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {
-        let mut gro = self.gro.lock().await;
-        self.dev
-            .send_multiple(&mut gro, bufs, TUN_HEADROOM)
-            .await
-            .map(|_| ())
+
+    fn send_batch(&self, gro: &mut tun_rs::GROTable, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        self.dev.send_multiple(gro, bufs, TUN_HEADROOM).map(|_| ())
+    }
+
+    fn wake(&self) {
+        self.waiter.wake()
     }
 }

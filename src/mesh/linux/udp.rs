@@ -1,22 +1,26 @@
 //! The mesh UDP socket: dual-stack where IPv6 exists, buffers sized for bursts, UDP GSO for
 //! sending runs of equal datagrams and UDP GRO for receiving them.
 
+use super::wait::{writable, Waiter};
 use super::NetError;
 use crate::constants::UDP_SOCKET_BUFFER;
 use crate::mesh::io::UdpIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use tracing::{debug, info};
 
 /// The mesh UDP socket: dual-stack where IPv6 exists, with buffers sized for bursts, and UDP
-/// GSO (one `sendmsg` for a run of equal-sized datagrams) where the kernel offers it.
+/// GSO (one `sendmsg` for a run of equal-sized datagrams) where the kernel offers it. Read by
+/// the data plane's receive thread (blocking in `poll`), written from any thread without
+/// waiting; the async runtime only reads it for the join exchange, before the data plane runs.
 pub struct LinuxUdp {
-    sock: tokio::net::UdpSocket,
+    sock: std::net::UdpSocket,
     v6: bool,
     local: SocketAddr,
     gso: std::sync::atomic::AtomicBool,
+    waiter: Waiter,
 }
 
 // linux/udp.h (not in libc's glibc bindings).
@@ -43,7 +47,7 @@ fn recvmsg_gro(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<(usize, Soc
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        let n = libc::recvmsg(fd, &mut msg, 0);
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -94,7 +98,7 @@ fn sendmsg_gso(
         (*cmsg).cmsg_type = UDP_SEGMENT;
         (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
-        let n = libc::sendmsg(fd, &msg, 0);
+        let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT);
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -124,13 +128,13 @@ impl LinuxUdp {
         let local = sock
             .local_addr()
             .map_err(|e| NetError::io(format!("reading the address of UDP port {port}"), e))?;
-        let sock = tokio::net::UdpSocket::from_std(sock)
-            .map_err(|e| NetError::io(format!("registering UDP port {port}"), e))?;
+        let waiter = Waiter::new().map_err(|e| NetError::io("creating an eventfd", e))?;
         Ok(LinuxUdp {
             sock,
             v6,
             local,
             gso: std::sync::atomic::AtomicBool::new(true),
+            waiter,
         })
     }
 }
@@ -231,29 +235,69 @@ impl LinuxUdp {
     }
 }
 
+impl LinuxUdp {
+    /// One datagram without waiting; a full send queue is waited out for a moment first.
+    fn send_one(&self, datagram: &[u8], to: &socket2::SockAddr) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
+        for _ in 0..2 {
+            // SAFETY: `datagram` and `to` are live for the duration of the call.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    datagram.as_ptr() as *const libc::c_void,
+                    datagram.len(),
+                    libc::MSG_DONTWAIT,
+                    to.as_ptr(),
+                    to.len(),
+                )
+            };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock || !writable(fd, SEND_WAIT_MS) {
+                return Err(e);
+            }
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// How long a send waits for room in a full socket buffer before the datagram is dropped.
+const SEND_WAIT_MS: i32 = 5;
+
 impl UdpIo for LinuxUdp {
-    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let (n, from) = self.sock.recv_from(buf).await?;
-        Ok((n, unmap(from)))
+    fn local_addr(&self) -> SocketAddr {
+        self.local
     }
-    async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        self.sock.send_to(datagram, self.map(to)).await.map(|_| ())
+
+    fn wait_readable(&self, _q: usize) -> io::Result<()> {
+        self.waiter.readable(self.sock.as_raw_fd())
     }
-    async fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+
+    fn try_recv_gro(&self, _q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        recvmsg_gro(self.sock.as_raw_fd(), buf)
+    }
+
+    fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.send_one(datagram, &socket2::SockAddr::from(self.map(to)))
+    }
+
+    fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
+        let addr = socket2::SockAddr::from(self.map(to));
         if buf.len() > segment
             && segment > 0
             && segment <= u16::MAX as usize
             && self.gso.load(Relaxed)
         {
-            let addr = socket2::SockAddr::from(self.map(to));
             let fd = self.sock.as_raw_fd();
-            let r = self
-                .sock
-                .async_io(tokio::io::Interest::WRITABLE, || {
-                    sendmsg_gso(fd, buf, segment as u16, &addr)
-                })
-                .await;
+            let mut r = sendmsg_gso(fd, buf, segment as u16, &addr);
+            if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                && writable(fd, SEND_WAIT_MS)
+            {
+                r = sendmsg_gso(fd, buf, segment as u16, &addr);
+            }
             match r {
                 Ok(_) => return Ok(()),
                 Err(e)
@@ -269,27 +313,30 @@ impl UdpIo for LinuxUdp {
             }
         }
         for d in buf.chunks(segment.max(1)) {
-            self.send_to(d, to).await?;
+            self.send_one(d, &addr)?;
         }
         Ok(())
     }
-    fn local_addr(&self) -> SocketAddr {
-        self.local
+
+    fn wake(&self) {
+        self.waiter.wake()
     }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let (n, from) = self.sock.try_recv_from(buf)?;
-        Ok((n, unmap(from)))
-    }
-    async fn recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+
+    async fn recv_gro_async(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        // Registered with the runtime only while waiting: the data plane's thread owns the
+        // socket's reads the rest of the time, and a registration would wake the runtime for
+        // every datagram it gets.
         let fd = self.sock.as_raw_fd();
-        self.sock
-            .async_io(tokio::io::Interest::READABLE, || recvmsg_gro(fd, buf))
+        // SAFETY: F_DUPFD_CLOEXEC takes no pointers; a non-negative result is a new descriptor.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` was just created and is owned by nobody else.
+        let dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+        let sock = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(dup))?;
+        sock.async_io(tokio::io::Interest::READABLE, || recvmsg_gro(fd, buf))
             .await
-    }
-    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-        let fd = self.sock.as_raw_fd();
-        self.sock
-            .try_io(tokio::io::Interest::READABLE, || recvmsg_gro(fd, buf))
     }
 }
 
