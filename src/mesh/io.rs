@@ -52,19 +52,13 @@ pub trait TunIo: Send + Sync + 'static {
 pub trait UdpIo: Send + Sync + 'static {
     fn local_addr(&self) -> SocketAddr;
 
-    /// Receive queues, one data-plane thread each. Every datagram from one sender arrives on
-    /// the same queue, so a peer's packets stay in order.
-    fn queues(&self) -> usize {
-        1
-    }
+    /// Block until a datagram has arrived, or `wake` was called.
+    fn wait_readable(&self) -> io::Result<()>;
 
-    /// Block until queue `q` has a datagram, or `wake` was called.
-    fn wait_readable(&self, q: usize) -> io::Result<()>;
-
-    /// One read from queue `q` without waiting: `(bytes, from, segment)`. The buffer may hold
-    /// several datagrams from one sender, each `segment` bytes (the last may be shorter): UDP
-    /// GRO on Linux.
-    fn try_recv_gro(&self, q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)>;
+    /// One read without waiting: `(bytes, from, segment)`. The buffer may hold several
+    /// datagrams from one sender, each `segment` bytes (the last may be shorter): UDP GRO on
+    /// Linux.
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)>;
 
     fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()>;
 
@@ -116,14 +110,11 @@ impl<U: UdpIo> UdpIo for Arc<U> {
     fn local_addr(&self) -> SocketAddr {
         (**self).local_addr()
     }
-    fn queues(&self) -> usize {
-        (**self).queues()
+    fn wait_readable(&self) -> io::Result<()> {
+        (**self).wait_readable()
     }
-    fn wait_readable(&self, q: usize) -> io::Result<()> {
-        (**self).wait_readable(q)
-    }
-    fn try_recv_gro(&self, q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-        (**self).try_recv_gro(q, buf)
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        (**self).try_recv_gro(buf)
     }
     fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
         (**self).send_to(datagram, to)

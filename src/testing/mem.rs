@@ -133,6 +133,8 @@ struct MemNetInner {
     lose_control: HashMap<(std::net::IpAddr, std::net::IpAddr), usize>,
     capture: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     capturing: bool,
+    /// Datagrams kept back from sockets being held, in order.
+    held: HashMap<SocketAddr, Vec<Datagram>>,
 }
 
 impl MemNet {
@@ -182,6 +184,21 @@ impl MemNet {
             .insert((from, to), n);
     }
 
+    /// Keep datagrams for the socket at `addr` back (`true`), or hand it all that was kept at
+    /// once (`false`): a receiver that fell behind, with a backlog to read.
+    pub fn hold(&self, addr: SocketAddr, on: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        if on {
+            inner.held.entry(addr).or_default();
+        } else if let Some(kept) = inner.held.remove(&addr) {
+            if let Some(tx) = inner.sockets.get(&addr) {
+                for d in kept {
+                    let _ = tx.try_send(d);
+                }
+            }
+        }
+    }
+
     pub fn start_capture(&self) {
         let mut inner = self.inner.lock().unwrap();
         inner.capturing = true;
@@ -207,6 +224,10 @@ impl MemNet {
         }
         if inner.capturing {
             inner.capture.push((from, to, data.to_vec()));
+        }
+        if let Some(kept) = inner.held.get_mut(&to) {
+            kept.push((data.to_vec(), from));
+            return;
         }
         if let Some(tx) = inner.sockets.get(&to) {
             let _ = tx.try_send((data.to_vec(), from));
@@ -293,7 +314,7 @@ impl UdpIo for MemUdp {
         self.addr
     }
 
-    fn wait_readable(&self, _q: usize) -> io::Result<()> {
+    fn wait_readable(&self) -> io::Result<()> {
         loop {
             if self.woken.load(Ordering::Relaxed) {
                 return Err(io::ErrorKind::Interrupted.into());
@@ -311,7 +332,7 @@ impl UdpIo for MemUdp {
         }
     }
 
-    fn try_recv_gro(&self, _q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
         let mut rx = self
             .rx
             .try_lock()

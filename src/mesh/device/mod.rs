@@ -5,6 +5,7 @@
 //! and receives the control frames that arrive on the shared UDP port.
 
 pub mod admission;
+mod lanes;
 mod receive;
 mod send;
 #[cfg(test)]
@@ -22,7 +23,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -38,7 +39,7 @@ const MAX_PACKET: usize = 65535;
 const TUN_PACKET_BUF: usize = 2048;
 /// Packets one TUN read may split into (64 KiB / MTU, and then some).
 const TUN_BATCH: usize = 128;
-/// Datagrams taken per receive wake-up.
+/// Reads (up to 64 KiB each with GRO) taken per receive round.
 const UDP_BATCH: usize = 8;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
@@ -73,6 +74,8 @@ pub struct DeviceCounters {
     /// Frames this node relayed for others, and their bytes.
     pub relayed_packets: AtomicU64,
     pub relayed_bytes: AtomicU64,
+    /// Reads (up to 64 KiB of datagrams each) the receive thread handed to a lane.
+    pub lane_reads: AtomicU64,
 }
 
 #[derive(Default)]
@@ -121,6 +124,10 @@ pub struct Device<T, U> {
     relay: Mutex<RelayTable>,
     /// The send path: held for every read-encrypt-send run from the TUN device.
     tx: Mutex<send::TxState>,
+    /// Receive lanes (threads that decrypt for their peers under load) and the next one a new
+    /// peer joins.
+    lanes: lanes::Lanes,
+    next_lane: AtomicUsize,
     pub counters: DeviceCounters,
 }
 
@@ -131,6 +138,31 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         secret: StaticSecret,
         range: MeshRange,
         own_slot: u32,
+    ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
+        let lanes = lanes::Lanes::for_this_machine();
+        Self::with_lanes(tun, udp, secret, range, own_slot, lanes)
+    }
+
+    /// [`Device::new`] with a given number of receive lanes, whatever the machine.
+    #[cfg(test)]
+    pub(crate) fn new_with_lanes(
+        tun: T,
+        udp: U,
+        secret: StaticSecret,
+        range: MeshRange,
+        own_slot: u32,
+        lanes: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
+        Self::with_lanes(tun, udp, secret, range, own_slot, lanes::Lanes::new(lanes))
+    }
+
+    fn with_lanes(
+        tun: T,
+        udp: U,
+        secret: StaticSecret,
+        range: MeshRange,
+        own_slot: u32,
+        lanes: lanes::Lanes,
     ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
         let public = PublicKey::from(&secret);
         let (events, events_rx) = mpsc::channel(256);
@@ -157,6 +189,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             events,
             relay: Mutex::new(RelayTable::default()),
             tx: Mutex::new(send::TxState::new()),
+            lanes,
+            next_lane: AtomicUsize::new(0),
             counters: DeviceCounters::default(),
         };
         (Arc::new(dev), events_rx)
@@ -171,7 +205,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Run the data plane until `shutdown` fires or an edge breaks for good: a thread for the
-    /// TUN device, one per receive queue of the UDP socket, and the timers on the runtime.
+    /// TUN device, one for the UDP socket, the receive lanes, and the timers on the runtime.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (ended_tx, mut ended) = mpsc::unbounded_channel::<String>();
         let mut threads = Vec::new();
@@ -191,9 +225,14 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         };
         let dev = self.clone();
         start("mesh-tun".into(), Box::new(move || dev.tun_thread()));
-        for q in 0..self.udp.queues() {
+        let dev = self.clone();
+        start("mesh-udp".into(), Box::new(move || dev.udp_thread()));
+        for l in 0..self.lanes.len() {
             let dev = self.clone();
-            start(format!("mesh-udp{q}"), Box::new(move || dev.udp_thread(q)));
+            start(
+                format!("mesh-lane{l}"),
+                Box::new(move || dev.lane_thread(l)),
+            );
         }
         let mut timers = tokio::spawn(self.clone().timer_loop());
         tokio::select! {
@@ -205,6 +244,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         timers.abort();
         self.tun.wake();
         self.udp.wake();
+        self.lanes.stop();
         // Woken, the threads return at once; wait for them off the runtime.
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -266,7 +306,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     index,
                     Some(self.limiter.clone()),
                 );
-                let p = Arc::new(Peer::new(s, index, tunn));
+                let lane = self.next_lane.fetch_add(1, Ordering::Relaxed);
+                let p = Arc::new(Peer::new(s, index, lane, tunn));
                 info!(peer = %s.name, key = %short_key(&s.wg), slot = s.slot, endpoints = ?s.endpoints, "peer added");
                 t.by_key.insert(s.wg, p.clone());
                 t.by_node.insert(s.node_id, p.clone());

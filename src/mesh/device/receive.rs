@@ -1,12 +1,11 @@
 //! Receiving: datagrams on the mesh port are demultiplexed (WireGuard or control frame),
 //! handshakes are matched to peers (rate-limited before any Diffie-Hellman), data is decrypted,
-//! checked by the admission policy and handed to the TUN device in batches, on one thread per
-//! receive queue.
+//! checked by the admission policy and handed to the TUN device in batches: by the receive thread,
+//! or under load by the lane of the peer ([`super::lanes`]).
 
 use super::admission::{admit, Admission};
-use super::{
-    transient, Device, DeviceEvent, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH,
-};
+use super::lanes::Read;
+use super::{transient, Device, DeviceEvent, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH};
 use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
 use crate::mesh::path::{Heard, Route, Via};
@@ -22,31 +21,35 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info, warn};
 
-/// A receive thread's buffers.
-struct RxState<W> {
-    dgrams: Vec<Vec<u8>>,
-    meta: Vec<(usize, SocketAddr, usize)>,
+/// What a thread that delivers to the TUN device keeps between batches.
+struct Deliver<W> {
     to_tun: Vec<Vec<u8>>,
     out: Vec<u8>,
     writer: W,
 }
 
-impl<T: TunIo, U: UdpIo> Device<T, U> {
-    /// Receive queue `q`'s thread: wait for datagrams, then take what has arrived a batch at a
-    /// time, decrypt into TUN buffers and hand them to the kernel together, so it can coalesce
-    /// TCP segments.
-    pub(super) fn udp_thread(&self, q: usize) {
-        let mut rx = RxState {
-            dgrams: vec![vec![0u8; MAX_PACKET]; UDP_BATCH],
-            meta: vec![(0usize, SocketAddr::from(([0, 0, 0, 0], 0)), 0usize); UDP_BATCH],
+impl<W> Deliver<W> {
+    fn new(writer: W) -> Deliver<W> {
+        Deliver {
             to_tun: (0..TUN_BATCH)
                 .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
                 .collect(),
             out: vec![0u8; OUT_BUF],
-            writer: self.tun.writer(),
-        };
+            writer,
+        }
+    }
+}
+
+impl<T: TunIo, U: UdpIo> Device<T, U> {
+    /// The receive thread: wait for datagrams, then take what has arrived a batch of reads at a
+    /// time. Under load, reads for a peer go to its lane ([`super::lanes`]); the rest are
+    /// decrypted here and handed to the kernel together, so it can coalesce TCP segments.
+    pub(super) fn udp_thread(&self) {
+        let mut reads: Vec<Read> = (0..UDP_BATCH).map(|_| Read::new()).collect();
+        let mut here: Vec<usize> = Vec::with_capacity(UDP_BATCH);
+        let mut dl = Deliver::new(self.tun.writer());
         loop {
-            match self.udp.wait_readable(q) {
+            match self.udp.wait_readable() {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
                 Err(e) if transient(&e) => continue,
@@ -63,9 +66,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     if k == UDP_BATCH {
                         break;
                     }
-                    match self.udp.try_recv_gro(q, &mut rx.dgrams[k]) {
-                        Ok(r) => {
-                            rx.meta[k] = r;
+                    let r = &mut reads[k];
+                    match self.udp.try_recv_gro(&mut r.buf) {
+                        Ok((n, from, segment)) => {
+                            (r.n, r.from, r.segment) = (n, from, segment);
                             k += 1;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -79,36 +83,71 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 if k == 0 {
                     break;
                 }
-                self.receive_batch(&mut rx, k);
-                // What the kernel answered to those packets (TCP ACKs, echo replies) leaves
-                // from here, unless the TUN thread is at it already.
-                if let Ok(mut tx) = self.tx.try_lock() {
-                    if let Err(e) = self.drain_tun(&mut tx) {
-                        debug!(error = %e, "reading the TUN device failed");
+                // A full batch: more is waiting, so lanes take their peers' reads.
+                let more = k == UDP_BATCH;
+                here.clear();
+                for (i, r) in reads[..k].iter_mut().enumerate() {
+                    match self.lane_of(r) {
+                        Some(l) if self.lanes.hand_over(l, more, r) => {
+                            self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => here.push(i),
                     }
                 }
-                if k < UDP_BATCH {
+                self.deliver(here.iter().map(|&i| &reads[i]), &mut dl);
+                self.answer_inline();
+                if !more {
                     break;
                 }
             }
         }
     }
 
-    /// Handle `k` reads: WireGuard datagrams decrypted for the TUN device, relayed frames
+    /// Lane `l`'s thread: decrypt and deliver the reads handed to it, in order.
+    pub(super) fn lane_thread(&self, l: usize) {
+        let mut work = Vec::new();
+        let mut dl = Deliver::new(self.tun.writer());
+        while self.lanes.take(l, &mut work).is_some() {
+            self.deliver(work.iter(), &mut dl);
+            self.answer_inline();
+            self.lanes.done(&mut work);
+        }
+    }
+
+    /// The lane of the peer a read of data messages is for (data only: handshakes, relayed
+    /// and control frames are few and handled by the receive thread).
+    fn lane_of(&self, r: &Read) -> Option<usize> {
+        if self.lanes.len() == 0 || r.n < 16 || r.buf[..4] != [4, 0, 0, 0] {
+            return None;
+        }
+        let index = u32::from_le_bytes([r.buf[4], r.buf[5], r.buf[6], r.buf[7]]) >> 8;
+        let t = self.table.read().unwrap();
+        t.by_index.get(&index).map(|p| p.lane % self.lanes.len())
+    }
+
+    /// What the kernel answered to the packets just delivered (TCP ACKs, echo replies) leaves
+    /// from this thread, unless another is sending already.
+    fn answer_inline(&self) {
+        if let Ok(mut tx) = self.tx.try_lock() {
+            if let Err(e) = self.drain_tun(&mut tx) {
+                debug!(error = %e, "reading the TUN device failed");
+            }
+        }
+    }
+
+    /// Handle reads: WireGuard datagrams decrypted for the TUN device, relayed frames
     /// forwarded or opened, control frames passed to the node.
-    fn receive_batch(&self, rx: &mut RxState<T::Writer>, k: usize) {
-        let RxState {
-            dgrams,
-            meta,
+    fn deliver<'r>(&self, reads: impl Iterator<Item = &'r Read>, dl: &mut Deliver<T::Writer>) {
+        let Deliver {
             to_tun,
             out,
             writer,
-        } = rx;
+        } = dl;
         let mut ready = 0;
-        for i in 0..k {
-            let (n, from, segment) = meta[i];
+        for r in reads {
+            let from = r.from;
             // With GRO one read may hold several datagrams of `segment` bytes.
-            for d in dgrams[i][..n].chunks(segment.max(1)) {
+            for d in r.datagrams() {
                 if ready == to_tun.len() {
                     self.write_tun(writer, &mut to_tun[..ready]);
                     ready = 0;

@@ -271,11 +271,11 @@ impl UdpIo for LinuxUdp {
         self.local
     }
 
-    fn wait_readable(&self, _q: usize) -> io::Result<()> {
+    fn wait_readable(&self) -> io::Result<()> {
         self.waiter.readable(self.sock.as_raw_fd())
     }
 
-    fn try_recv_gro(&self, _q: usize, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
         recvmsg_gro(self.sock.as_raw_fd(), buf)
     }
 
