@@ -92,6 +92,7 @@ pub fn status(s: &StatusReport) -> String {
         (d.bad_source, "bad source"),
         (d.bad_destination, "not for this node"),
         (d.forged_source, "forged source"),
+        (d.no_session, "no session (queue full)"),
         (d.unknown_peer, "unknown peer"),
         (d.malformed, "malformed"),
     ]

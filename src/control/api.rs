@@ -29,6 +29,10 @@ pub struct DropStatus {
     /// /24 (a forged address).
     #[serde(default)]
     pub forged_source: u64,
+    /// Outgoing packets for a peer without a session beyond what may wait for one (64 per
+    /// peer, 2 MiB in all), or that waited while its handshakes gave up.
+    #[serde(default)]
+    pub no_session: u64,
     /// WireGuard messages from keys or sessions this node does not know.
     pub unknown_peer: u64,
     /// Datagrams that are neither WireGuard nor join frames, or malformed.

@@ -2,6 +2,7 @@
 
 use crate::trust::{Key32, NodeId};
 use boringtun::noise::Tunn;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -26,6 +27,8 @@ pub struct PeerCounters {
     pub dropped_bad_source: AtomicU64,
     pub rx_packets: AtomicU64,
     pub tx_packets: AtomicU64,
+    /// Packets waiting for a session now.
+    pub waiting: AtomicU64,
 }
 
 pub struct Peer {
@@ -40,6 +43,9 @@ pub struct Peer {
     pub(crate) tunn: Mutex<Tunn>,
     pub(crate) paths: Mutex<Paths>,
     pub(crate) last_retry: Mutex<Option<Instant>>,
+    /// Packets for the peer while its tunnel has no session, sent once it has one (bounded
+    /// per peer and across peers by the device).
+    pub(crate) waiting: Mutex<VecDeque<Vec<u8>>>,
     pub counters: PeerCounters,
 }
 
@@ -55,6 +61,7 @@ impl Peer {
             tunn: Mutex::new(tunn),
             paths: Mutex::new(Paths::new(spec.endpoints.clone())),
             last_retry: Mutex::new(None),
+            waiting: Mutex::new(VecDeque::new()),
             counters: PeerCounters::default(),
         }
     }

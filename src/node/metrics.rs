@@ -86,6 +86,7 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         ("bad_source", d.bad_source),
         ("bad_destination", d.bad_destination),
         ("forged_source", d.forged_source),
+        ("no_session", d.no_session),
         ("unknown_peer", d.unknown_peer),
         ("malformed", d.malformed),
     ] {

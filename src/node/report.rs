@@ -95,6 +95,7 @@ pub fn drops(c: &DeviceCounters) -> DropStatus {
         bad_source: get(&c.dropped_bad_source),
         bad_destination: get(&c.dropped_bad_destination),
         forged_source: get(&c.dropped_forged_source),
+        no_session: get(&c.dropped_no_session),
         unknown_peer: get(&c.dropped_unknown_peer),
         malformed: get(&c.dropped_unknown_frame),
     }

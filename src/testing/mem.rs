@@ -199,6 +199,16 @@ impl MemNet {
         }
     }
 
+    /// Datagrams kept back for `addr` so far.
+    pub fn held(&self, addr: SocketAddr) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .held
+            .get(&addr)
+            .map_or(0, |k| k.len())
+    }
+
     pub fn start_capture(&self) {
         let mut inner = self.inner.lock().unwrap();
         inner.capturing = true;

@@ -16,7 +16,7 @@ use std::sync::{Condvar, Mutex};
 
 /// Read buffers (64 KiB each) that can be in lanes at once, beyond the receive thread's own.
 const MAX_SPARE: usize = 16;
-/// Lanes at most, whatever the core count.
+/// Lanes at most, whatever the core count (the receive thread keeps a bit per lane).
 const MAX_LANES: usize = 8;
 
 /// One read from the UDP socket: `n` bytes of datagrams from `from`, each `segment` bytes (the

@@ -64,6 +64,8 @@ pub struct DeviceCounters {
     /// Outgoing packets (from this machine or its workloads) whose source is outside this
     /// node's /24.
     pub dropped_forged_source: AtomicU64,
+    /// Packets for a peer without a session, beyond what may wait for one.
+    pub dropped_no_session: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
     /// Relayed frames for no session here, from an address not bound to theirs, or over the
@@ -128,6 +130,8 @@ pub struct Device<T, U> {
     /// peer joins.
     lanes: lanes::Lanes,
     next_lane: AtomicUsize,
+    /// Bytes of packets waiting for their peer's session, across peers.
+    waiting_bytes: AtomicUsize,
     pub counters: DeviceCounters,
 }
 
@@ -191,6 +195,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             tx: Mutex::new(send::TxState::new()),
             lanes,
             next_lane: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
             counters: DeviceCounters::default(),
         };
         (Arc::new(dev), events_rx)
@@ -269,6 +274,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .collect();
             for p in gone {
                 info!(peer = %p.name(), key = %short_key(&p.wg), "peer removed");
+                self.take_waiting(&p);
                 t.by_key.remove(&p.wg);
                 t.by_index.remove(&p.index);
                 t.by_node.remove(&p.node_id);
@@ -509,7 +515,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
 }
 
 /// Room for a handshake initiation (148 bytes).
-const INITIATION_BUF: usize = 256;
+pub(super) const INITIATION_BUF: usize = 256;
 
 /// A handshake initiation for `peer` in `out` (a fresh one if `force`, else only when none is
 /// in flight); its length.

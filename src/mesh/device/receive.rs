@@ -86,12 +86,19 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 // A full batch: more is waiting, so lanes take their peers' reads.
                 let more = k == UDP_BATCH;
                 here.clear();
+                // A lane with a read kept here this round keeps the rest of its reads here too:
+                // they are handled after it, in order.
+                let mut kept = 0u64;
                 for (i, r) in reads[..k].iter_mut().enumerate() {
                     match self.lane_of(r) {
-                        Some(l) if self.lanes.hand_over(l, more, r) => {
+                        Some(l) if kept & (1 << l) == 0 && self.lanes.hand_over(l, more, r) => {
                             self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
                         }
-                        _ => here.push(i),
+                        Some(l) => {
+                            kept |= 1 << l;
+                            here.push(i);
+                        }
+                        None => here.push(i),
                     }
                 }
                 self.deliver(here.iter().map(|&i| &reads[i]), &mut dl);
@@ -401,9 +408,17 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                         None => self.send_to_peer(&peer, &r),
                     }
                 }
+                // A handshake answered: what waited for the session goes now.
+                if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
+                    self.release_waiting(&peer);
+                }
                 false
             }
             Action::Tun(len, src) => {
+                // The first data on a session this node answered makes it current.
+                if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
+                    self.release_waiting(&peer);
+                }
                 let packet = &to_tun[TUN_HEADROOM..TUN_HEADROOM + len];
                 let own = self.own_slot.load(Ordering::Relaxed);
                 match admit(&self.range, peer.slot(), own, src, ipv4_dst(packet)) {

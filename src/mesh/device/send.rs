@@ -82,6 +82,10 @@ impl GsoBatch {
 
 /// Reads the TUN device takes per drain at most, so the other threads get the lock in turn.
 const TUN_DRAIN_READS: usize = 64;
+/// Packets kept for one peer while its tunnel has no session (the kernel's WireGuard keeps 128).
+pub const MAX_WAITING_PER_PEER: usize = 64;
+/// Bytes kept across all peers while their tunnels have no session.
+pub const MAX_WAITING_BYTES: usize = 2 << 20;
 
 /// The send path's buffers, behind the device's one send lock.
 pub(super) struct TxState {
@@ -200,13 +204,31 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             Some(Route::Relay { .. }) => RELAY_HEADER,
             _ => 0,
         };
+        let mut tunn = peer.tunn.lock().unwrap();
+        if tunn.time_since_last_handshake().is_none() {
+            // No session yet: the packet waits here (bounded), and a handshake is on its way.
+            let mut init = [0u8; super::INITIATION_BUF];
+            let hs = match tunn.format_handshake_initiation(&mut init, false) {
+                TunnResult::WriteToNetwork(d) => Some(d.len()),
+                _ => None,
+            };
+            drop(tunn);
+            self.hold_for_session(&peer, packet);
+            if let Some(n) = hs {
+                self.send_to_peer(&peer, &init[..n]);
+            }
+            return;
+        }
+        if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
+            // Those that waited for the session go first.
+            drop(tunn);
+            self.release_waiting(&peer);
+            tunn = peer.tunn.lock().unwrap();
+        }
         let start = gso.len;
-        let len = match peer
-            .tunn
-            .lock()
-            .unwrap()
-            .encapsulate(packet, &mut gso.spare()[head..])
-        {
+        let result = tunn.encapsulate(packet, &mut gso.spare()[head..]);
+        drop(tunn);
+        let len = match result {
             TunnResult::WriteToNetwork(d) => d.len(),
             TunnResult::Err(e) => {
                 debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
@@ -236,6 +258,65 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             }
             None => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
         }
+    }
+
+    /// Keep `packet` until the peer's tunnel has a session: at most [`MAX_WAITING_PER_PEER`]
+    /// per peer (the oldest gives way) and [`MAX_WAITING_BYTES`] across peers (then the packet
+    /// is dropped), so a thousand unreachable peers cannot take the memory. Counted.
+    fn hold_for_session(&self, peer: &Peer, packet: &[u8]) {
+        let mut w = peer.waiting.lock().unwrap();
+        if w.len() >= MAX_WAITING_PER_PEER {
+            if let Some(old) = w.pop_front() {
+                self.waiting_bytes.fetch_sub(old.len(), Ordering::Relaxed);
+                peer.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.counters
+                    .dropped_no_session
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.waiting_bytes.load(Ordering::Relaxed) + packet.len() > MAX_WAITING_BYTES {
+            self.counters
+                .dropped_no_session
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.waiting_bytes
+            .fetch_add(packet.len(), Ordering::Relaxed);
+        peer.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        w.push_back(packet.to_vec());
+    }
+
+    /// Send what waited for the peer's session, if it has one now.
+    pub(super) fn release_waiting(&self, peer: &Peer) {
+        if peer
+            .tunn
+            .lock()
+            .unwrap()
+            .time_since_last_handshake()
+            .is_none()
+        {
+            return;
+        }
+        let packets = self.take_waiting(peer);
+        let mut out = vec![0u8; OUT_BUF];
+        for p in packets {
+            let len = match peer.tunn.lock().unwrap().encapsulate(&p, &mut out) {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => continue,
+            };
+            self.send_to_peer(peer, &out[..len]);
+        }
+    }
+
+    /// Give up what waited for the peer (it left, or its handshakes gave up).
+    pub(super) fn take_waiting(&self, peer: &Peer) -> Vec<Vec<u8>> {
+        let packets: Vec<Vec<u8>> = peer.waiting.lock().unwrap().drain(..).collect();
+        let bytes: usize = packets.iter().map(|p| p.len()).sum();
+        self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        peer.counters
+            .waiting
+            .fetch_sub(packets.len() as u64, Ordering::Relaxed);
+        packets
     }
 
     fn flush(&self, gso: &mut GsoBatch) {

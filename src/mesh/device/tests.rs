@@ -1,5 +1,6 @@
 //! Device tests: two or more devices over the in-memory underlay.
 
+use super::send::{MAX_WAITING_BYTES, MAX_WAITING_PER_PEER};
 use super::*;
 use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
 use crate::mesh::packet::{classify, FrameKind};
@@ -161,9 +162,10 @@ async fn a_replayed_handshake_flood_gets_cookies_and_moves_nothing() {
     let stop = CancellationToken::new();
     let mut a = node(&net, 1, 3, &stop);
     let b = node(&net, 2, 7, &stop);
+    // Captured from the start: B's first initiation is the one replayed.
+    net.start_capture();
     a.dev.set_peers(&[spec(&b, vec![b.addr])]);
     b.dev.set_peers(&[spec(&a, vec![a.addr])]);
-    net.start_capture();
     let p = build_ipv4_udp(ip(7, 1), ip(3, 1), 1, 1, b"hi");
     b.tun.inject.send(p).await.unwrap();
     expect_delivery(&mut a, b"hi").await;
@@ -266,13 +268,10 @@ async fn bursts_from_two_peers_go_through_lanes_in_order() {
             s.tun.inject.send(p).await.unwrap();
         }
     }
-    // Wait until both senders sealed everything (their TUN queues are empty).
+    // Wait until both bursts are all waiting for B.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while [&a, &c]
-        .iter()
-        .any(|s| s.dev.stats()[0].tx_bytes < N as u64 * 1300)
-    {
-        assert!(Instant::now() < deadline, "senders did not seal the bursts");
+    while net.held(b.addr) < 2 * N as usize {
+        assert!(Instant::now() < deadline, "senders did not send the bursts");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     net.hold(b.addr, false);
@@ -347,5 +346,101 @@ async fn removed_peers_are_unreachable_and_unknown_keys_are_ignored() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = b.tun.delivered.try_recv();
+    stop.cancel();
+}
+
+/// Packets for a peer whose tunnel has no session wait for it, at most 64 (the oldest give
+/// way, counted), and go in order once the peer answers.
+#[tokio::test]
+async fn packets_wait_for_a_session_bounded_and_go_once_it_comes() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    // A knows B; B does not know A yet, so A's handshakes go unanswered.
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
+    for i in 0..100u32 {
+        let mut payload = vec![0u8; 200];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
+        a.tun.inject.send(p).await.unwrap();
+    }
+    let b_id = spec(&b, vec![]).node_id;
+    let peer = a.dev.peer_by_node(&b_id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.dev.counters.dropped_no_session.load(Ordering::Relaxed) < 36 {
+        assert!(Instant::now() < deadline, "the overflow was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        peer.counters.waiting.load(Ordering::Relaxed),
+        MAX_WAITING_PER_PEER as u64
+    );
+    // B learns of A and answers: the 64 newest arrive, in order.
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
+    let mut next = 36u32;
+    while next < 100 {
+        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
+            .await
+            .expect("the waiting packets within 10 s")
+            .expect("open");
+        let seq = u32::from_be_bytes([p[28], p[29], p[30], p[31]]);
+        assert_eq!(seq, next, "in order");
+        next += 1;
+    }
+    assert_eq!(peer.counters.waiting.load(Ordering::Relaxed), 0);
+    assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
+    stop.cancel();
+}
+
+/// Many unreachable peers cannot make the waiting packets grow past the device's budget.
+#[tokio::test]
+async fn waiting_packets_across_peers_stay_within_the_budget() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let peers: Vec<PeerSpec> = (0..40u32)
+        .map(|i| {
+            let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+            let mut id = [0u8; 8];
+            id[..4].copy_from_slice(&(100 + i).to_le_bytes());
+            PeerSpec {
+                node_id: NodeId(id),
+                name: format!("gone{i}"),
+                wg: PublicKey::from(&secret).to_bytes(),
+                slot: 100 + i,
+                // Nobody is bound there.
+                endpoints: vec![SocketAddr::from(([198, 51, 100, 9], 51820))],
+            }
+        })
+        .collect();
+    a.dev.set_peers(&peers);
+    let per_packet = 1400usize;
+    let total = 40 * MAX_WAITING_PER_PEER;
+    for k in 0..MAX_WAITING_PER_PEER {
+        for i in 0..40u32 {
+            let mut payload = vec![0u8; per_packet - 28];
+            payload[..4].copy_from_slice(&(k as u32).to_be_bytes());
+            let p = build_ipv4_udp(ip(3, 1), ip(100 + i, 1), 1, 2, &payload);
+            a.tun.inject.send(p).await.unwrap();
+        }
+    }
+    let held_max = MAX_WAITING_BYTES / per_packet;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.dev.counters.dropped_no_session.load(Ordering::Relaxed) < (total - held_max) as u64 {
+        assert!(Instant::now() < deadline, "the overflow was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.dev.waiting_bytes.load(Ordering::Relaxed) <= MAX_WAITING_BYTES);
+    let held: u64 = a
+        .dev
+        .peers()
+        .iter()
+        .map(|p| p.counters.waiting.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(held as usize, held_max);
+    // Removing the peers gives the budget back.
+    a.dev.set_peers(&[]);
+    assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
     stop.cancel();
 }

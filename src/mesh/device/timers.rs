@@ -29,8 +29,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     match t.update_timers(&mut out) {
                         TunnResult::WriteToNetwork(d) => Some(d.len()),
                         TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                            // boringtun gave up (REKEY_ATTEMPT_TIME). This peer is still a
-                            // member, so keep knocking at a slower pace.
+                            // boringtun gave up (REKEY_ATTEMPT_TIME): what waited goes too.
+                            // This peer is still a member, so keep knocking at a slower pace.
+                            let dropped = self.take_waiting(&p).len() as u64;
+                            self.counters
+                                .dropped_no_session
+                                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
                             let mut last = p.last_retry.lock().unwrap();
                             if last.is_none_or(|l| now.duration_since(l) >= RETRY_EXPIRED_PEER) {
                                 *last = Some(now);
@@ -47,6 +51,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 };
                 if let Some(len) = len {
                     self.send_to_peer(&p, &out[..len]);
+                }
+                // However the session came (the other side's first data may not have passed
+                // through here yet), what waited for it does not wait past a tick.
+                if p.counters
+                    .waiting
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                {
+                    self.release_waiting(&p);
                 }
                 // Data went unanswered on the path in use and there is another: ask it with
                 // a fresh handshake (an answer proves it; silence moves the peer off it).
