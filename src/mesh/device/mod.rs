@@ -39,10 +39,14 @@ const MAX_PACKET: usize = 65535;
 const TUN_PACKET_BUF: usize = 2048;
 /// Packets one TUN read may split into (64 KiB / MTU, and then some).
 const TUN_BATCH: usize = 128;
-/// Reads (up to 64 KiB each with GRO) taken per receive round.
-const UDP_BATCH: usize = 8;
+/// Reads (up to 64 KiB each with GRO, so up to about 180 full-size datagrams in all) taken per
+/// receive round.
+const UDP_BATCH: usize = 4;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
+/// Room for what the receive path sends back: handshake answers, cookie replies, and packets
+/// from the TUN device (at most [`TUN_PACKET_BUF`]) sealed for a peer.
+const REPLY_BUF: usize = TUN_PACKET_BUF + 64;
 
 /// What the data plane reports to the control plane.
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 
 use super::admission::{admit, Admission};
 use super::lanes::Read;
-use super::{transient, Device, DeviceEvent, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH};
+use super::{transient, Device, DeviceEvent, REPLY_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH};
 use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
 use crate::mesh::path::{Heard, Route, Via};
@@ -34,7 +34,7 @@ impl<W> Deliver<W> {
             to_tun: (0..TUN_BATCH)
                 .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
                 .collect(),
-            out: vec![0u8; OUT_BUF],
+            out: vec![0u8; REPLY_BUF],
             writer,
         }
     }

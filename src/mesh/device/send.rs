@@ -99,7 +99,9 @@ impl TxState {
     pub(super) fn new() -> TxState {
         TxState {
             scratch: vec![0u8; MAX_PACKET + 64],
-            bufs: vec![vec![0u8; TUN_PACKET_BUF]; TUN_BATCH],
+            // Each its own zeroed allocation (not clones of one): pages only offload splits
+            // write to become resident.
+            bufs: (0..TUN_BATCH).map(|_| vec![0u8; TUN_PACKET_BUF]).collect(),
             sizes: vec![0usize; TUN_BATCH],
             gso: GsoBatch::new(),
         }
