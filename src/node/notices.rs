@@ -220,7 +220,13 @@ mod tests {
             .expect("a colliding key within 10 000 tries");
         let winner = w.cert(&kw, "winner", T0 + 1);
         let winner_rec = World::record(&kw, 1, 0, vec![]);
-        let (ko, other) = w.node("other", T0 + 2);
+        // Unrelated: its first candidate is another slot (with 16 slots, a random key would
+        // take this node's one time in 16).
+        let ko = (0..10_000)
+            .map(|_| NodeKeys::generate())
+            .find(|k| candidate(&w.params.mesh, &k.wg_public(), 0, slots) != my_slot)
+            .expect("a key on another slot");
+        let other = w.cert(&ko, "other", T0 + 2);
         let other_rec = World::record(&ko, 1, 0, vec![]);
         let take = judge_conflict_notice(
             &m,
