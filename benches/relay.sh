@@ -14,6 +14,7 @@ set -euo pipefail
 SECS=${1:-10}
 RUNS=${2:-3}
 cd "$(dirname "$0")/.."
+. benches/common.sh
 cargo build --release --quiet
 MESHD=$PWD/target/release/meshd
 MESHCTL=$PWD/target/release/meshctl
@@ -23,38 +24,13 @@ WORK=""
 
 cleanup() {
   set +e
-  for ns in "${NS[@]}" $BR; do
-    for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-    ip netns del $ns 2>/dev/null
-  done
+  lab_down "${NS[@]}" $BR
   [ -n "$WORK" ] && rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 cleanup
 WORK=$(mktemp -d /tmp/meshd-relay.XXXXXX)
-
-ip netns add $BR
-ip -n $BR link add br0 type bridge
-ip -n $BR link set br0 up
-i=1
-for ns in "${NS[@]}"; do
-  ip netns add $ns
-  ip link add eth0 netns $ns type veth peer name p$i netns $BR
-  ip -n $BR link set p$i master br0
-  ip -n $BR link set p$i up
-  ip -n $ns addr add 198.51.100.$i/24 dev eth0
-  ip -n $ns link set eth0 up
-  ip -n $ns link set lo up
-  i=$((i + 1))
-done
-
-wait_for() { # wait_for SECONDS COMMAND...
-  local deadline=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { echo "timed out: $*" >&2; exit 1; }
-    sleep 0.2
-  done
-}
+lab_up $BR "${NS[@]}"
 ctl() { # ctl NODE ARGS...
   local n=$1; shift
   ip netns exec rl-$n "$MESHCTL" --socket $WORK/$n.sock "$@"

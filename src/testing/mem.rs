@@ -52,22 +52,9 @@ impl TunIo for MemTun {
     fn writer(&self) {}
 
     fn wait_readable(&self) -> io::Result<()> {
-        loop {
-            if self.woken.load(Ordering::Relaxed) {
-                return Err(io::ErrorKind::Interrupted.into());
-            }
-            if self.pending.lock().unwrap().is_some() {
-                return Ok(());
-            }
-            let p = self
-                .from_kernel
-                .blocking_lock()
-                .blocking_recv()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "mem tun closed"))?;
-            if !p.is_empty() {
-                *self.pending.lock().unwrap() = Some(p);
-            }
-        }
+        wait_queued(&self.woken, &self.pending, &self.from_kernel, |p| {
+            p.is_empty()
+        })
     }
 
     /// Everything already queued, up to a batch (as an offloading kernel would hand over).
@@ -113,6 +100,31 @@ impl TunIo for MemTun {
     fn wake(&self) {
         self.woken.store(true, Ordering::Relaxed);
         let _ = self.waker.try_send(Vec::new());
+    }
+}
+
+/// A twin's `wait_readable`: block until something is queued (kept in `pending` for the next
+/// read), skipping wake-up markers, or until the twin was woken for good.
+fn wait_queued<T>(
+    woken: &AtomicBool,
+    pending: &Mutex<Option<T>>,
+    rx: &tokio::sync::Mutex<mpsc::Receiver<T>>,
+    is_wake: impl Fn(&T) -> bool,
+) -> io::Result<()> {
+    loop {
+        if woken.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        if pending.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        let item = rx
+            .blocking_lock()
+            .blocking_recv()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "in-memory twin closed"))?;
+        if !is_wake(&item) {
+            *pending.lock().unwrap() = Some(item);
+        }
     }
 }
 
@@ -325,21 +337,7 @@ impl UdpIo for MemUdp {
     }
 
     fn wait_readable(&self) -> io::Result<()> {
-        loop {
-            if self.woken.load(Ordering::Relaxed) {
-                return Err(io::ErrorKind::Interrupted.into());
-            }
-            if self.pending.lock().unwrap().is_some() {
-                return Ok(());
-            }
-            let d =
-                self.rx.blocking_lock().blocking_recv().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::BrokenPipe, "mem socket closed")
-                })?;
-            if !is_wake(&d) {
-                *self.pending.lock().unwrap() = Some(d);
-            }
-        }
+        wait_queued(&self.woken, &self.pending, &self.rx, is_wake)
     }
 
     fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
