@@ -21,6 +21,16 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info, warn};
 
+/// What became of a relayed frame.
+enum Relayed {
+    /// For one of this node's peers, decrypted into the TUN buffer.
+    Tun,
+    /// Relayed by this node: to go on to this address, unchanged.
+    Forward(SocketAddr),
+    /// Dropped (counted), or handled with nothing for the TUN device.
+    Nothing,
+}
+
 /// What a thread that delivers to the TUN device keeps between batches.
 struct Deliver<W> {
     to_tun: Vec<Vec<u8>>,
@@ -153,23 +163,40 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let mut ready = 0;
         for r in reads {
             let from = r.from;
+            let segment = r.segment.max(1);
+            // Frames this node relays, as a byte range of the read and where they go: a run of
+            // them leaves in one system call (UDP GSO), as they came (UDP GRO).
+            let mut run: Option<(usize, usize, SocketAddr)> = None;
             // With GRO one read may hold several datagrams of `segment` bytes.
-            for d in r.datagrams() {
+            for (k, d) in r.datagrams().enumerate() {
                 if ready == to_tun.len() {
                     self.write_tun(writer, &mut to_tun[..ready]);
                     ready = 0;
                 }
-                match classify(d) {
+                let kind = classify(d);
+                if kind != FrameKind::Relay {
+                    self.forward_run(r, run.take());
+                }
+                match kind {
                     FrameKind::WireGuard => {
                         if self.inbound(d, from, Via::Direct, None, &mut to_tun[ready], out) {
                             ready += 1;
                         }
                     }
-                    FrameKind::Relay => {
-                        if self.relayed(d, from, &mut to_tun[ready], out) {
-                            ready += 1;
+                    FrameKind::Relay => match self.relayed(d, from, &mut to_tun[ready], out) {
+                        Relayed::Forward(to) => {
+                            let at = k * segment;
+                            match &mut run {
+                                Some((_, end, t)) if *t == to && *end == at => *end += d.len(),
+                                _ => {
+                                    self.forward_run(r, run.take());
+                                    run = Some((at, at + d.len(), to));
+                                }
+                            }
                         }
-                    }
+                        Relayed::Tun => ready += 1,
+                        Relayed::Nothing => {}
+                    },
                     FrameKind::Control => {
                         if self
                             .events
@@ -186,8 +213,24 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     }
                 }
             }
+            self.forward_run(r, run);
         }
         self.write_tun(writer, &mut to_tun[..ready]);
+    }
+
+    /// Send a run of relayed frames of `r` (bytes `start..end`, equal frames but the last) on.
+    fn forward_run(&self, r: &Read, run: Option<(usize, usize, SocketAddr)>) {
+        let Some((start, end, to)) = run else {
+            return;
+        };
+        let segment = r.segment.max(1);
+        if self.udp.send_gso(&r.buf[start..end], segment, to).is_ok() {
+            let c = &self.counters;
+            c.relayed_packets
+                .fetch_add((end - start).div_ceil(segment) as u64, Ordering::Relaxed);
+            c.relayed_bytes
+                .fetch_add((end - start) as u64, Ordering::Relaxed);
+        }
     }
 
     fn write_tun(&self, writer: &mut T::Writer, bufs: &mut [Vec<u8>]) {
@@ -207,9 +250,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         from: SocketAddr,
         to_tun: &mut Vec<u8>,
         out: &mut [u8],
-    ) -> bool {
+    ) -> Relayed {
         let Some((session, inner)) = relay::parse(frame) else {
-            return false;
+            return Relayed::Nothing;
         };
         let mine = self
             .table
@@ -224,9 +267,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 self.counters
                     .dropped_unknown_frame
                     .fetch_add(1, Ordering::Relaxed);
-                return false;
+                return Relayed::Nothing;
             }
-            return self.inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out);
+            return match self.inbound(inner, from, Via::Relay(session), Some(&peer), to_tun, out) {
+                true => Relayed::Tun,
+                false => Relayed::Nothing,
+            };
         }
         let verdict =
             self.relay
@@ -235,13 +281,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .forward(session, from, frame.len(), Instant::now());
         let c = &self.counters;
         match verdict {
-            Ok(to) => {
-                if self.udp.send_to(frame, to).is_ok() {
-                    c.relayed_packets.fetch_add(1, Ordering::Relaxed);
-                    c.relayed_bytes
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                }
-            }
+            Ok(to) => return Relayed::Forward(to),
             Err(Refused::Unknown) => {
                 c.dropped_relay_unknown.fetch_add(1, Ordering::Relaxed);
             }
@@ -252,7 +292,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 c.dropped_relay_rate.fetch_add(1, Ordering::Relaxed);
             }
         }
-        false
+        Relayed::Nothing
     }
 
     fn find_peer(&self, packet: &Packet, from: SocketAddr) -> Option<Arc<Peer>> {

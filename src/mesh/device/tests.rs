@@ -444,3 +444,55 @@ async fn waiting_packets_across_peers_stay_within_the_budget() {
     assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
     stop.cancel();
 }
+
+/// As a relay, a run of frames from one end goes on to the other unchanged and in order (in one
+/// send per run); a frame for no session in the middle is dropped and counted.
+#[tokio::test]
+async fn relayed_frames_go_on_in_order_and_strangers_are_dropped() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let r = node(&net, 1, 3, &stop);
+    let a = net
+        .bind(SocketAddr::from(([192, 0, 2, 10], 51820)))
+        .unwrap();
+    let b = net
+        .bind(SocketAddr::from(([192, 0, 2, 11], 51820)))
+        .unwrap();
+    let session = 0x5eed;
+    assert!(r.dev.relay_bind(session, a.local_addr(), b.local_addr()));
+    net.hold(r.addr, true);
+    let frame = |s: u64, i: u32| {
+        let mut f = crate::mesh::relay::header(s).to_vec();
+        f.extend_from_slice(&i.to_be_bytes());
+        f.resize(f.len() + 600, 0xab);
+        f
+    };
+    for i in 0..40u32 {
+        a.send_to(&frame(session, i), r.addr).unwrap();
+        if i == 20 {
+            a.send_to(&frame(0xbad, i), r.addr).unwrap();
+        }
+    }
+    net.hold(r.addr, false);
+    let mut buf = vec![0u8; 2048];
+    let h = crate::mesh::relay::RELAY_HEADER;
+    for i in 0..40u32 {
+        let (n, from) = timeout(Duration::from_secs(10), b.recv_from(&mut buf))
+            .await
+            .expect("every frame relayed")
+            .unwrap();
+        assert_eq!(from, r.addr);
+        assert_eq!(
+            &buf[..n],
+            &frame(session, i)[..],
+            "frame {i} unchanged, in order"
+        );
+        assert_eq!(u32::from_be_bytes(buf[h..h + 4].try_into().unwrap()), i);
+    }
+    assert_eq!(r.dev.counters.relayed_packets.load(Ordering::Relaxed), 40);
+    assert_eq!(
+        r.dev.counters.dropped_relay_unknown.load(Ordering::Relaxed),
+        1
+    );
+    stop.cancel();
+}
