@@ -222,8 +222,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let ended = ended_tx.clone();
             let label = name.clone();
             match std::thread::Builder::new().name(name).spawn(move || {
+                // Reports the end however it comes: a panic unwinding out of `work` too, so
+                // the node never runs on with a dead data-plane thread.
+                let _report = Ended(ended, label);
                 work();
-                let _ = ended.send(label);
             }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -515,6 +517,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 return i;
             }
         }
+    }
+}
+
+/// Sends a data-plane thread's name when dropped: at its end, returned or unwound.
+struct Ended(mpsc::UnboundedSender<String>, String);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.0.send(std::mem::take(&mut self.1));
     }
 }
 

@@ -496,3 +496,40 @@ async fn relayed_frames_go_on_in_order_and_strangers_are_dropped() {
     );
     stop.cancel();
 }
+
+/// A TUN device whose thread dies of a bug.
+struct PanickingTun;
+
+impl TunIo for PanickingTun {
+    type Writer = ();
+    fn writer(&self) {}
+    fn wait_readable(&self) -> std::io::Result<()> {
+        panic!("a bug in the TUN thread (expected by this test)")
+    }
+    fn try_recv_batch(
+        &self,
+        _: &mut [u8],
+        _: &mut [Vec<u8>],
+        _: &mut [usize],
+    ) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+    fn send_batch(&self, _: &mut (), _: &mut [Vec<u8>]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn wake(&self) {}
+}
+
+/// A data-plane thread that panics ends the data plane (the node sees `run` return and stops)
+/// instead of leaving a node that runs on without it.
+#[tokio::test]
+async fn a_panicking_data_plane_thread_ends_the_data_plane() {
+    let net = MemNet::new();
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let udp = net.bind(SocketAddr::from(([192, 0, 2, 1], 51820))).unwrap();
+    let (dev, _events) = Device::new(PanickingTun, udp, secret, range(), 3);
+    let stop = CancellationToken::new();
+    timeout(Duration::from_secs(10), dev.run(stop))
+        .await
+        .expect("run returns once a thread died");
+}
