@@ -10,7 +10,8 @@
 //!   time until every node reports it online again.
 //!
 //! Run as root: `benches/scale.sh [N]` (N defaults to 100; the default mesh range /16 holds 256
-//! nodes). Everything it made is removed when it ends, also on failure.
+//! nodes). `SCALE_MESHD=PATH` runs another meshd build (the packaged static one, say) instead of
+//! this tree's. Everything it made is removed when it ends, also on failure.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -85,6 +86,9 @@ fn main() {
         "MESHD_LOG".into(),
         std::env::var("SCALE_MESHD_LOG").unwrap_or_else(|_| "info".into()),
     ));
+    if let Ok(bin) = std::env::var("SCALE_MESHD") {
+        lab.meshd = bin.into();
+    }
     let hosts: Vec<usize> = (0..n).collect();
     println!(
         "scale: {n} meshd processes, 1 init + {} joins at once",

@@ -38,6 +38,8 @@ pub struct Lab {
     pub name: String,
     /// Extra environment for every meshd started.
     pub env: Vec<(String, String)>,
+    /// The meshd binary the lab runs: this build's, unless a bench points at another.
+    pub meshd: PathBuf,
     daemons: Vec<Option<Daemon>>,
     pub lan: Option<Lan>,
     pub dir: tempfile::TempDir,
@@ -123,6 +125,7 @@ impl Lab {
         Lab {
             name: prefix,
             env: Vec::new(),
+            meshd: PathBuf::from(MESHD),
             daemons: (0..hosts).map(|_| None).collect(),
             lan: Some(lan),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -162,7 +165,7 @@ impl Lab {
 
     /// `meshd ARGS --state-dir .. --socket ..` inside host `h`, as a command.
     pub fn meshd_cmd(&self, h: usize, args: &[&str]) -> Command {
-        let mut c = self.ns(h).command(MESHD);
+        let mut c = self.ns(h).command(&self.meshd);
         c.args(args)
             .arg("--state-dir")
             .arg(self.state_dir(h))
