@@ -23,12 +23,16 @@
 # Per round and tunnel, one after another (so noise hits all alike): TCP with 1 stream and with 4
 # (iperf3, a -> b), idle ping p50/p99 (500 pings, 5 ms apart), ping p50/p99 during a 1-stream
 # transfer, the tunnel processes' CPU (both ends, from /proc, during the 1-stream run) and their
-# RSS (the larger end, after the round). Prints the medians and ratios against meshd.
+# RSS (the larger end, after the round). Prints the medians and ratios against meshd. Each round
+# also measures the latency floor: a UDP round trip between two plain processes over the same
+# veth (benches/udp_echo.rs), what waking processes costs on this machine before any tunnel.
 set -euo pipefail
 SECS=${1:-10}
 ROUNDS=${2:-3}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
+cargo build --release --quiet --example udp_echo
+ECHO=$PWD/target/release/examples/udp_echo
 MESHD=$PWD/target/release/meshd
 MESHCTL=$PWD/target/release/meshctl
 A=mb-a; B=mb-b
@@ -52,6 +56,7 @@ ip link add veth-a netns $A type veth peer name veth-b netns $B
 ip -n $A addr add 198.51.100.1/24 dev veth-a; ip -n $B addr add 198.51.100.2/24 dev veth-b
 for ns in $A $B; do ip -n $ns link set lo up; done
 ip -n $A link set veth-a up; ip -n $B link set veth-b up
+ip netns exec $B "$ECHO" serve 198.51.100.2:9999 & disown
 
 wait_for() { # wait_for SECONDS COMMAND...
   local deadline=$((SECONDS + $1)); shift
@@ -198,10 +203,13 @@ for r in $(seq 1 "$ROUNDS"); do
     printf 'round %d %-14s %6s / %6s Mbit/s  ping %s/%s ms  loaded %s/%s ms  cpu %.2f cores  rss %.1f MB\n' \
       "$r" "$n" "$t1" "$t4" "$i50" "$i99" "$l50" "$l99" "$cpu" "$(awk "BEGIN{print $rss/1024}")"
   done
+  read -r f50 f99 <<<"$(ip netns exec $A "$ECHO" ping 198.51.100.2:9999 500 5)"
+  echo "$f50 $f99" >>$WORK/floor
+  printf 'round %d %-14s UDP round trip between two plain processes: %s/%s ms\n' "$r" floor "$f50" "$f99"
 done
 T_D=$(tput_mbit 198.51.100.2 1)
 
-python3 - "$RES" "$T_D" <<'PY'
+python3 - "$RES" "$T_D" "$WORK/floor" <<'PY'
 import sys, statistics as st
 rows = {}
 for line in open(sys.argv[1]):
@@ -215,7 +223,10 @@ for n, (t1, t4, i50, i99, l50, l99, cpu, rss) in med.items():
     per = t1 / cpu if cpu else float("nan")
     print(f"{n:14}{t1:>8.0f}{t4:>8.0f}{f'{i50:.3f}/{i99:.3f}':>15}{f'{l50:.3f}/{l99:.3f}':>17}{rss/1024:>8.1f}{cpu:>6.2f}{per:>13.0f}{t1/m1:>10.2f}")
 print(f"(medians over rounds; TCP in Mbit/s a->b; CPU: tunnel processes of both ends, in cores, during the 1-stream run; no tunnel: {float(sys.argv[2]):.0f} Mbit/s)")
+fl = [st.median(c) for c in zip(*([float(x) for x in l.split()] for l in open(sys.argv[3])))]
+print(f"latency floor (UDP round trip between two plain processes, no tunnel): {fl[0]:.3f}/{fl[1]:.3f} ms p50/p99")
 if "meshd" in med:
+    print(f"meshd idle ping / floor: {med['meshd'][3] / fl[0]:.2f}x p50, {med['meshd'][4] / fl[1]:.2f}x p99")
     for n in med:
         if n != "meshd":
             print(f"meshd / {n}: {m1 / med[n][0]:.2f}x single stream")
