@@ -95,6 +95,7 @@ pub fn status(s: &StatusReport) -> String {
         (d.no_session, "no session (queue full)"),
         (d.unknown_peer, "unknown peer"),
         (d.malformed, "malformed"),
+        (d.unsplittable, "local reads not splittable (tiny MSS?)"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)

@@ -37,6 +37,10 @@ pub struct DropStatus {
     pub unknown_peer: u64,
     /// Datagrams that are neither WireGuard nor join frames, or malformed.
     pub malformed: u64,
+    /// Reads from the TUN device that could not be split into packets: a TCP super-packet of
+    /// more segments than a read holds (a connection with a tiny MSS), or a bad offload header.
+    #[serde(default)]
+    pub unsplittable: u64,
 }
 
 /// Gateway, serving, proxy and exit roles of this node.

@@ -89,6 +89,7 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
         ("no_session", d.no_session),
         ("unknown_peer", d.unknown_peer),
         ("malformed", d.malformed),
+        ("unsplittable", d.unsplittable),
     ] {
         t.sample(
             "meshd_dropped_packets_total",

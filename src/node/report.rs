@@ -98,6 +98,7 @@ pub fn drops(c: &DeviceCounters) -> DropStatus {
         no_session: get(&c.dropped_no_session),
         unknown_peer: get(&c.dropped_unknown_peer),
         malformed: get(&c.dropped_unknown_frame),
+        unsplittable: get(&c.dropped_unsplittable),
     }
 }
 

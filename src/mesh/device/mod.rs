@@ -42,6 +42,9 @@ const TUN_BATCH: usize = 128;
 /// Reads (up to 64 KiB each with GRO, so up to about 180 full-size datagrams in all) taken per
 /// receive round.
 const UDP_BATCH: usize = 4;
+/// Rounds of `UDP_BATCH` reads the receive thread takes before it waits (and so sees a wake-up)
+/// again: at most 4 MiB of datagrams.
+const UDP_ROUNDS_PER_WAIT: usize = 16;
 /// Output buffers must hold a packet plus WireGuard's 32 bytes, and at least 148 bytes.
 const OUT_BUF: usize = MAX_PACKET + 64;
 /// Room for what the receive path sends back: handshake answers, cookie replies, and packets
@@ -71,6 +74,8 @@ pub struct DeviceCounters {
     /// Packets for a peer without a session, beyond what may wait for one.
     pub dropped_no_session: AtomicU64,
     pub dropped_unknown_frame: AtomicU64,
+    /// TUN reads that could not be split into packets (see `DropStatus::unsplittable`).
+    pub dropped_unsplittable: AtomicU64,
     pub dropped_unknown_peer: AtomicU64,
     /// Relayed frames for no session here, from an address not bound to theirs, or over the
     /// session's rate.

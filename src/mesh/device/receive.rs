@@ -5,7 +5,10 @@
 
 use super::admission::{admit, Admission};
 use super::lanes::Read;
-use super::{transient, Device, DeviceEvent, REPLY_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH};
+use super::{
+    transient, Device, DeviceEvent, REPLY_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH,
+    UDP_ROUNDS_PER_WAIT,
+};
 use crate::mesh::io::{TunIo, UdpIo, TUN_HEADROOM};
 use crate::mesh::packet::{classify, ipv4_dst, FrameKind};
 use crate::mesh::path::{Heard, Route, Via};
@@ -68,7 +71,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     return;
                 }
             }
-            loop {
+            // Rounds between waits are bounded: a socket that never runs dry (a bulk sender, a
+            // flood of junk) must not keep the thread from seeing a wake-up in the wait.
+            for _ in 0..UDP_ROUNDS_PER_WAIT {
                 let mut k = 0;
                 // Errors such as an ICMP "port unreachable" reported on the socket are skipped;
                 // the attempts are bounded all the same.

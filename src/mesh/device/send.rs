@@ -164,6 +164,16 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let n = match self.tun.try_recv_batch(scratch, bufs, sizes) {
                 Ok(n) => n,
                 Err(e) if transient(&e) => break,
+                // Not from the system call: the read was taken but could not be split (more
+                // segments than `TUN_BATCH`, say, from a connection with a tiny MSS). That
+                // packet is lost, as the kernel's own path would have lost it; the rest go on.
+                Err(e) if e.raw_os_error().is_none() => {
+                    debug!(error = %e, "a TUN read could not be split; dropped");
+                    self.counters
+                        .dropped_unsplittable
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let now = Instant::now();

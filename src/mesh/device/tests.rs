@@ -533,3 +533,140 @@ async fn a_panicking_data_plane_thread_ends_the_data_plane() {
         .await
         .expect("run returns once a thread died");
 }
+
+/// A UDP socket that never runs dry: every read returns a full batch of junk (frames of no
+/// known type), as under a flood or a bulk sender that always has more queued.
+struct EndlessUdp {
+    woken: std::sync::atomic::AtomicBool,
+}
+
+impl UdpIo for EndlessUdp {
+    fn local_addr(&self) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], 51820))
+    }
+    fn wait_readable(&self) -> std::io::Result<()> {
+        if self.woken.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        Ok(())
+    }
+    fn try_recv_gro(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+        let n = buf.len().min(64 * 100);
+        buf[..n].fill(0xee);
+        Ok((n, SocketAddr::from(([192, 0, 2, 9], 4000)), 100))
+    }
+    fn send_to(&self, _: &[u8], _: SocketAddr) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn wake(&self) {
+        self.woken.store(true, Ordering::SeqCst);
+    }
+    async fn recv_gro_async(&self, _: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+        std::future::pending().await
+    }
+}
+
+/// Shutdown reaches the receive thread while datagrams keep coming: it goes back to its wait
+/// (where a wake-up shows) after a bounded number of reads, however full the socket stays.
+#[tokio::test]
+async fn the_receive_thread_stops_under_an_endless_flood() {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let (tun, _handle) = MemTun::new();
+    let udp = EndlessUdp {
+        woken: Default::default(),
+    };
+    let (dev, _events) = Device::new(tun, udp, secret, range(), 3);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(dev.clone().run(stop.clone()));
+    // The flood is being read (and dropped) before shutdown is asked for.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dev.counters.dropped_unknown_frame.load(Ordering::Relaxed) < 10_000 {
+        assert!(Instant::now() < deadline, "the flood was never read");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns while the flood goes on")
+        .unwrap();
+}
+
+/// A TUN device whose next read cannot be split into packets (tun-rs refuses a TCP
+/// super-packet of more segments than a read holds: a connection with a tiny MSS).
+struct UnsplittableOnce {
+    inner: MemTun,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl TunIo for UnsplittableOnce {
+    type Writer = <MemTun as TunIo>::Writer;
+    fn writer(&self) -> Self::Writer {
+        self.inner.writer()
+    }
+    fn wait_readable(&self) -> std::io::Result<()> {
+        self.inner.wait_readable()
+    }
+    fn try_recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> std::io::Result<usize> {
+        let n = self.inner.try_recv_batch(scratch, bufs, sizes)?;
+        if self.fail.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "too many segments",
+            ));
+        }
+        Ok(n)
+    }
+    fn send_batch(&self, w: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> std::io::Result<()> {
+        self.inner.send_batch(w, bufs)
+    }
+    fn wake(&self) {
+        self.inner.wake()
+    }
+}
+
+/// A read the TUN device gave but that cannot be split loses that packet (counted), not the
+/// data plane: the next packet still crosses.
+#[tokio::test]
+async fn an_unsplittable_tun_read_is_dropped_and_counted_not_fatal() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let mut b = node(&net, 2, 7, &stop);
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let a_wg = PublicKey::from(&secret).to_bytes();
+    let a_addr = SocketAddr::from(([192, 0, 2, 1], 51820));
+    let (inner, a_tun) = MemTun::new();
+    let tun = UnsplittableOnce {
+        inner,
+        fail: true.into(),
+    };
+    let (a, _a_events) = Device::new(tun, net.bind(a_addr).unwrap(), secret, range(), 3);
+    tokio::spawn(a.clone().run(stop.clone()));
+    a.set_peers(&[spec(&b, vec![b.addr])]);
+    let mut a_id = [0u8; 8];
+    a_id[..4].copy_from_slice(&3u32.to_le_bytes());
+    b.dev.set_peers(&[PeerSpec {
+        node_id: NodeId(a_id),
+        name: "n3".into(),
+        wg: a_wg,
+        slot: 3,
+        endpoints: vec![a_addr],
+    }]);
+
+    let lost = build_ipv4_udp(ip(3, 1), ip(7, 1), 1000, 2000, b"lost");
+    a_tun.inject.send(lost).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.counters.dropped_unsplittable.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the bad read was never taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let next = build_ipv4_udp(ip(3, 1), ip(7, 1), 1000, 2000, b"after-bad-read");
+    a_tun.inject.send(next.clone()).await.unwrap();
+    assert_eq!(expect_delivery(&mut b, b"after-bad-read").await, next);
+    assert_eq!(a.counters.dropped_unsplittable.load(Ordering::Relaxed), 1);
+    stop.cancel();
+}
