@@ -203,7 +203,7 @@ for r in $(seq 1 "$ROUNDS"); do
     printf 'round %d %-14s %6s / %6s Mbit/s  ping %s/%s ms  loaded %s/%s ms  cpu %.2f cores  rss %.1f MB\n' \
       "$r" "$n" "$t1" "$t4" "$i50" "$i99" "$l50" "$l99" "$cpu" "$(awk "BEGIN{print $rss/1024}")"
   done
-  read -r f50 f99 <<<"$(ip netns exec $A "$ECHO" ping 198.51.100.2:9999 500 5)"
+  read -r f50 f99 <<<"$(ip netns exec $A "$ECHO" ping 198.51.100.2:9999 500 5 || echo nan nan)"
   echo "$f50 $f99" >>$WORK/floor
   printf 'round %d %-14s UDP round trip between two plain processes: %s/%s ms\n' "$r" floor "$f50" "$f99"
 done

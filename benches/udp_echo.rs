@@ -3,7 +3,7 @@
 //! per round trip (each end's daemon) on top of ping itself, so this is what the machine's
 //! scheduler and idle states cost before any tunnel code runs.
 //!
-//!   udp_echo serve ADDR            echo every datagram back (exits after 60 s without one)
+//!   udp_echo serve ADDR            echo every datagram back (until killed)
 //!   udp_echo ping ADDR COUNT GAP_MS  COUNT round trips, GAP_MS apart; prints "p50 p99" in ms
 
 use std::net::UdpSocket;
@@ -15,7 +15,6 @@ fn main() {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["serve", addr] => {
             let s = UdpSocket::bind(addr).expect("binding the echo socket");
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = s.recv_from(&mut buf) {
                 let _ = s.send_to(&buf[..n], from);

@@ -4,7 +4,7 @@ use crate::trust::{Key32, NodeId};
 use boringtun::noise::Tunn;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,9 @@ pub struct Peer {
     /// Packets for the peer while its tunnel has no session, sent once it has one (bounded
     /// per peer and across peers by the device).
     pub(crate) waiting: Mutex<VecDeque<Vec<u8>>>,
+    /// Removed from the device: nothing may wait for it any more (set before its queue is
+    /// emptied, read under the queue's lock).
+    pub(crate) removed: AtomicBool,
     pub counters: PeerCounters,
 }
 
@@ -62,6 +65,7 @@ impl Peer {
             paths: Mutex::new(Paths::new(spec.endpoints.clone())),
             last_retry: Mutex::new(None),
             waiting: Mutex::new(VecDeque::new()),
+            removed: AtomicBool::new(false),
             counters: PeerCounters::default(),
         }
     }

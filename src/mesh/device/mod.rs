@@ -285,6 +285,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 .collect();
             for p in gone {
                 info!(peer = %p.name(), key = %short_key(&p.wg), "peer removed");
+                // A send that found the peer a moment ago may still try to queue for it: it
+                // sees `removed` under the queue's lock, so nothing is left counted here.
+                p.removed.store(true, Ordering::SeqCst);
                 self.take_waiting(&p);
                 t.by_key.remove(&p.wg);
                 t.by_index.remove(&p.index);

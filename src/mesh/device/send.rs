@@ -275,8 +275,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// Keep `packet` until the peer's tunnel has a session: at most [`MAX_WAITING_PER_PEER`]
     /// per peer (the oldest gives way) and [`MAX_WAITING_BYTES`] across peers (then the packet
     /// is dropped), so a thousand unreachable peers cannot take the memory. Counted.
-    fn hold_for_session(&self, peer: &Peer, packet: &[u8]) {
+    pub(super) fn hold_for_session(&self, peer: &Peer, packet: &[u8]) {
         let mut w = peer.waiting.lock().unwrap();
+        if peer.removed.load(Ordering::SeqCst) {
+            // Removed since this packet found it: its queue is not counted any more.
+            self.counters
+                .dropped_no_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if w.len() >= MAX_WAITING_PER_PEER {
             if let Some(old) = w.pop_front() {
                 self.waiting_bytes.fetch_sub(old.len(), Ordering::Relaxed);

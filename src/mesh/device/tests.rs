@@ -670,3 +670,33 @@ async fn an_unsplittable_tun_read_is_dropped_and_counted_not_fatal() {
     assert_eq!(a.counters.dropped_unsplittable.load(Ordering::Relaxed), 1);
     stop.cancel();
 }
+
+/// A send that found a peer just before it was removed (the TUN thread holds it from the table)
+/// cannot leave its packet counted against the budget for good: it is dropped and counted.
+#[tokio::test]
+async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let gone = PeerSpec {
+        node_id: NodeId([9; 8]),
+        name: "gone".into(),
+        wg: PublicKey::from(&secret).to_bytes(),
+        slot: 9,
+        endpoints: vec![SocketAddr::from(([198, 51, 100, 9], 51820))],
+    };
+    a.dev.set_peers(std::slice::from_ref(&gone));
+    let held = a
+        .dev
+        .peer_by_node(&gone.node_id)
+        .expect("the peer is there");
+    a.dev.set_peers(&[]);
+    // The interleaving: the send looked the peer up before the removal, queues after it.
+    let p = build_ipv4_udp(ip(3, 1), ip(9, 1), 1, 2, &[0u8; 100]);
+    a.dev.hold_for_session(&held, &p);
+    assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
+    assert!(held.waiting.lock().unwrap().is_empty());
+    assert_eq!(a.dev.counters.dropped_no_peer.load(Ordering::Relaxed), 1);
+    stop.cancel();
+}

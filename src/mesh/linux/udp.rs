@@ -300,14 +300,15 @@ impl UdpIo for LinuxUdp {
             }
             match r {
                 Ok(_) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
-                    ) =>
-                {
+                // The kernel or the device cannot segment at all: one by one from now on.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EOPNOTSUPP)) => {
                     info!(error = %e, "UDP GSO unavailable; sending datagrams one by one");
                     self.gso.store(false, Relaxed);
+                }
+                // This send only: a segment too big for the route's MTU (a relayed run going on
+                // over IPv6, say) or more segments than the kernel takes at once.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    debug!(error = %e, segment, bytes = buf.len(), "GSO send refused; one by one");
                 }
                 Err(e) => return Err(e),
             }
@@ -343,6 +344,31 @@ impl UdpIo for LinuxUdp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GSO send the kernel refuses for its own sake (here: more segments than it takes at
+    /// once) still delivers every datagram, in order, and leaves GSO on for the next send.
+    #[test]
+    fn a_refused_gso_send_goes_one_by_one_and_keeps_gso() {
+        let udp = LinuxUdp::bind(0).unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let check = |count: usize| {
+            let buf: Vec<u8> = (0..count).flat_map(|i| [i as u8; 10]).collect();
+            udp.send_gso(&buf, 10, to).unwrap();
+            let mut got = [0u8; 64];
+            for i in 0..count {
+                let n = rx.recv(&mut got).expect("every datagram arrives");
+                assert_eq!(&got[..n], &[i as u8; 10], "datagram {i} in order");
+            }
+        };
+        // 200 segments: over the kernel's limit (64, 128 on newer kernels): EINVAL.
+        check(200);
+        assert!(udp.gso.load(std::sync::atomic::Ordering::Relaxed));
+        check(8);
+        assert!(udp.gso.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     #[test]
     fn unmaps_v4_mapped_addresses() {
