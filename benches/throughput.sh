@@ -226,7 +226,7 @@ print(f"(medians over rounds; TCP in Mbit/s a->b; CPU: tunnel processes of both 
 fl = [st.median(c) for c in zip(*([float(x) for x in l.split()] for l in open(sys.argv[3])))]
 print(f"latency floor (UDP round trip between two plain processes, no tunnel): {fl[0]:.3f}/{fl[1]:.3f} ms p50/p99")
 if "meshd" in med:
-    print(f"meshd idle ping / floor: {med['meshd'][3] / fl[0]:.2f}x p50, {med['meshd'][4] / fl[1]:.2f}x p99")
+    print(f"meshd idle ping / floor: {med['meshd'][2] / fl[0]:.2f}x p50, {med['meshd'][3] / fl[1]:.2f}x p99")
     for n in med:
         if n != "meshd":
             print(f"meshd / {n}: {m1 / med[n][0]:.2f}x single stream")

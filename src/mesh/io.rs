@@ -23,6 +23,10 @@ use std::sync::Arc;
 /// virtio-net header when the device does offload).
 pub const TUN_HEADROOM: usize = 16;
 
+/// Packets one read from the TUN device may be split into: with offload, a TCP super-packet of
+/// up to 64 KiB. The device is told to make none of more segments (its GSO limit).
+pub const TUN_READ_PACKETS: usize = 128;
+
 pub trait TunIo: Send + Sync + 'static {
     /// What one writing thread keeps between writes (the offload coalescing table).
     type Writer: Send;

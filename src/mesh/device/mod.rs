@@ -38,7 +38,7 @@ const MAX_PACKET: usize = 65535;
 /// One IP packet from the TUN device after offload splitting (MTU-sized, with room to spare).
 const TUN_PACKET_BUF: usize = 2048;
 /// Packets one TUN read may split into (64 KiB / MTU, and then some).
-const TUN_BATCH: usize = 128;
+const TUN_BATCH: usize = crate::mesh::io::TUN_READ_PACKETS;
 /// Reads (up to 64 KiB each with GRO, so up to about 180 full-size datagrams in all) taken per
 /// receive round.
 const UDP_BATCH: usize = 4;

@@ -3,7 +3,7 @@
 use super::NetError;
 use futures::TryStreamExt;
 use std::net::{IpAddr, Ipv4Addr};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Netlink configuration of interfaces, addresses and routes.
 pub struct NetConfig {
@@ -97,8 +97,32 @@ impl NetConfig {
         mtu: u16,
     ) -> Result<(), NetError> {
         self.set_mtu(index, mtu).await?;
+        self.limit_gso_segments(index).await;
         self.add_address(index, addr, prefix).await?;
         self.set_up(index).await
+    }
+
+    /// Keep the kernel's TCP super-packets for the device within what one read is split
+    /// into ([`crate::mesh::io::TUN_READ_PACKETS`]): a connection with a tiny MSS would otherwise
+    /// hand over 64 KiB in more segments than that, and lose them. Kernels that cannot change
+    /// the limit keep theirs (such reads are then dropped and counted).
+    async fn limit_gso_segments(&self, index: u32) {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        use rtnetlink::LinkUnspec;
+        let segs = crate::mesh::io::TUN_READ_PACKETS as u32;
+        let r = self
+            .handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .append_extra_attribute(LinkAttribute::GsoMaxSegs(segs))
+                    .build(),
+            )
+            .execute()
+            .await;
+        if let Err(e) = r {
+            debug!(error = %e, "cannot limit the TUN device's GSO segments");
+        }
     }
 
     /// Replace the TUN device's address (a moved slot).
