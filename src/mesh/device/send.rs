@@ -305,26 +305,35 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         w.push_back(packet.to_vec());
     }
 
-    /// Send what waited for the peer's session, if it has one now.
+    /// Send what waited for the peer's session, if it has one now. The queue stays locked, and
+    /// its packets counted, until the last is sent: a send that sees the count comes here and
+    /// waits, so no newer packet overtakes one that waited (lock order: queue, then tunnel).
     pub(super) fn release_waiting(&self, peer: &Peer) {
-        if peer
-            .tunn
-            .lock()
-            .unwrap()
-            .time_since_last_handshake()
-            .is_none()
+        let mut w = peer.waiting.lock().unwrap();
+        if w.is_empty()
+            || peer
+                .tunn
+                .lock()
+                .unwrap()
+                .time_since_last_handshake()
+                .is_none()
         {
             return;
         }
-        let packets = self.take_waiting(peer);
         let mut out = vec![0u8; OUT_BUF];
-        for p in packets {
+        let (count, mut bytes) = (w.len(), 0);
+        for p in w.drain(..) {
+            bytes += p.len();
             let len = match peer.tunn.lock().unwrap().encapsulate(&p, &mut out) {
                 TunnResult::WriteToNetwork(d) => d.len(),
                 _ => continue,
             };
             self.send_to_peer(peer, &out[..len]);
         }
+        self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        peer.counters
+            .waiting
+            .fetch_sub(count as u64, Ordering::Relaxed);
     }
 
     /// Give up what waited for the peer (it left, or its handshakes gave up).

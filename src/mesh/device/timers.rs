@@ -24,17 +24,16 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 last_reset = now;
             }
             for p in self.peers() {
+                let mut expired = false;
                 let len = {
                     let mut t = p.tunn.lock().unwrap();
                     match t.update_timers(&mut out) {
                         TunnResult::WriteToNetwork(d) => Some(d.len()),
                         TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                            // boringtun gave up (REKEY_ATTEMPT_TIME): what waited goes too.
+                            // boringtun gave up (REKEY_ATTEMPT_TIME): what waited goes too
+                            // (below, with the tunnel unlocked: the queue is locked first).
                             // This peer is still a member, so keep knocking at a slower pace.
-                            let dropped = self.take_waiting(&p).len() as u64;
-                            self.counters
-                                .dropped_no_session
-                                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+                            expired = true;
                             let mut last = p.last_retry.lock().unwrap();
                             if last.is_none_or(|l| now.duration_since(l) >= RETRY_EXPIRED_PEER) {
                                 *last = Some(now);
@@ -49,6 +48,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                         _ => None,
                     }
                 };
+                if expired {
+                    let dropped = self.take_waiting(&p).len() as u64;
+                    self.counters
+                        .dropped_no_session
+                        .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Some(len) = len {
                     self.send_to_peer(&p, &out[..len]);
                 }
