@@ -46,7 +46,8 @@ pub trait TunIo: Send + Sync + 'static {
     ) -> io::Result<usize>;
 
     /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, consecutive
-    /// segments of one TCP flow are coalesced first; the buffers may be modified.
+    /// segments of one TCP flow are coalesced first; the buffers may be modified. An empty batch
+    /// writes nothing: it tells the writer that traffic is light (see `LinuxTun`'s writer).
     fn send_batch(&self, writer: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()>;
 
     /// Make every `wait_readable`, now and later, return `Interrupted`.

@@ -13,6 +13,7 @@ use super::MAX_PACKET;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 /// Read buffers (64 KiB each) that can be in lanes at once, beyond the receive thread's own.
 const MAX_SPARE: usize = 16;
@@ -64,7 +65,13 @@ struct Lane {
 pub(super) struct Lanes {
     lanes: Vec<Lane>,
     spare: Mutex<Spare>,
+    /// How long a lane waits for work before [`Lanes::take`] returns empty-handed (so its
+    /// thread can give back what it keeps only for heavy traffic).
+    idle_check: Duration,
 }
+
+/// See [`Lanes::idle_check`].
+const IDLE_CHECK: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Spare {
@@ -87,9 +94,14 @@ impl Lanes {
     }
 
     pub fn new(n: usize) -> Lanes {
+        Lanes::with_idle_check(n, IDLE_CHECK)
+    }
+
+    fn with_idle_check(n: usize, idle_check: Duration) -> Lanes {
         Lanes {
             lanes: (0..n).map(|_| Lane::default()).collect(),
             spare: Mutex::new(Spare::default()),
+            idle_check,
         }
     }
 
@@ -140,6 +152,7 @@ impl Lanes {
     pub fn take(&self, l: usize, work: &mut Vec<Read>) -> Option<()> {
         let lane = &self.lanes[l];
         let mut q = lane.queue.lock().unwrap();
+        let mut waited = false;
         loop {
             if q.stop {
                 q.busy = false;
@@ -151,9 +164,15 @@ impl Lanes {
                 work.extend(q.reads.drain(..));
                 return Some(());
             }
+            if waited {
+                // Nothing for `idle_check`: back empty-handed, for the thread's idle work.
+                return Some(());
+            }
             q.busy = false;
             lane.idle.notify_all();
-            q = lane.work.wait(q).unwrap();
+            let timeout;
+            (q, timeout) = lane.work.wait_timeout(q, self.idle_check).unwrap();
+            waited = timeout.timed_out();
         }
     }
 
@@ -206,6 +225,20 @@ mod tests {
         assert_eq!(work.iter().map(|r| r.buf[0]).collect::<Vec<_>>(), [1, 2]);
         lanes.done(&mut work);
         assert!(work.is_empty());
+    }
+
+    #[test]
+    fn an_idle_lane_comes_back_empty_handed_then_takes_work_again() {
+        let lanes = Lanes::with_idle_check(1, Duration::from_millis(20));
+        let mut work = Vec::new();
+        lanes.take(0, &mut work).unwrap();
+        assert!(work.is_empty(), "nothing queued: back after the idle check");
+        assert!(lanes.hand_over(0, true, &mut read(7)));
+        lanes.take(0, &mut work).unwrap();
+        assert_eq!(work.iter().map(|r| r.buf[0]).collect::<Vec<_>>(), [7]);
+        lanes.done(&mut work);
+        lanes.stop();
+        assert!(lanes.take(0, &mut work).is_none(), "stopped");
     }
 
     #[test]

@@ -130,6 +130,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let mut work = Vec::new();
         let mut dl = Deliver::new(self.tun.writer());
         while self.lanes.take(l, &mut work).is_some() {
+            if work.is_empty() {
+                // Idle a while: an empty batch lets the writer give back what it keeps only
+                // for heavy traffic (the TUN coalescing table).
+                let _ = self.tun.send_batch(&mut dl.writer, &mut []);
+                continue;
+            }
             self.deliver(work.iter(), &mut dl);
             self.answer_inline();
             self.lanes.done(&mut work);

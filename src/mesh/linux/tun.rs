@@ -246,5 +246,13 @@ mod tests {
             w.gro.is_none(),
             "given back after GRO_IDLE without a big batch"
         );
+        // An idle thread's empty batch (a lane's) gives it back too.
+        send_and_check(&mut w, GRO_MIN_BATCH);
+        w.gro.as_mut().unwrap().1 = Instant::now() - GRO_IDLE - Duration::from_secs(1);
+        tun.send_batch(&mut w, &mut []).unwrap();
+        assert!(
+            w.gro.is_none(),
+            "an empty batch gives it back after GRO_IDLE"
+        );
     }
 }
