@@ -236,9 +236,11 @@ impl LinuxUdp {
 }
 
 impl LinuxUdp {
-    /// One datagram without waiting; a full send queue is waited out for a moment first.
+    /// One datagram without waiting; a full send queue is waited out for a moment first, on
+    /// the data plane's own threads only (see [`may_wait`]).
     fn send_one(&self, datagram: &[u8], to: &socket2::SockAddr) -> io::Result<()> {
         let fd = self.sock.as_raw_fd();
+        let wait = may_wait();
         for _ in 0..2 {
             // SAFETY: `datagram` and `to` are live for the duration of the call.
             let n = unsafe {
@@ -255,7 +257,7 @@ impl LinuxUdp {
                 return Ok(());
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock || !writable(fd, SEND_WAIT_MS) {
+            if e.kind() != io::ErrorKind::WouldBlock || !wait || !writable(fd, SEND_WAIT_MS) {
                 return Err(e);
             }
         }
@@ -265,6 +267,14 @@ impl LinuxUdp {
 
 /// How long a send waits for room in a full socket buffer before the datagram is dropped.
 const SEND_WAIT_MS: i32 = 5;
+
+/// Whether a send may wait for room in the socket buffer: not on the async runtime's threads
+/// (the timers' handshakes and keepalives, peer changes), where waiting would stall DNS, gossip
+/// and the control API behind a saturated uplink; a datagram dropped there is sent again by
+/// the timers. The data plane's threads wait, which paces them to the link.
+fn may_wait() -> bool {
+    tokio::runtime::Handle::try_current().is_err()
+}
 
 impl UdpIo for LinuxUdp {
     fn local_addr(&self) -> SocketAddr {
@@ -294,6 +304,7 @@ impl UdpIo for LinuxUdp {
             let fd = self.sock.as_raw_fd();
             let mut r = sendmsg_gso(fd, buf, segment as u16, &addr);
             if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                && may_wait()
                 && writable(fd, SEND_WAIT_MS)
             {
                 r = sendmsg_gso(fd, buf, segment as u16, &addr);
@@ -344,6 +355,26 @@ impl UdpIo for LinuxUdp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sends wait for room in a full socket buffer on the data plane's threads, never on the
+    /// async runtime's.
+    #[test]
+    fn only_threads_off_the_runtime_wait_for_a_full_socket() {
+        assert!(may_wait(), "a plain thread (the data plane's)");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        assert!(!rt.block_on(async { may_wait() }), "the runtime's thread");
+        let worker = rt.block_on(async { tokio::spawn(async { may_wait() }).await.unwrap() });
+        assert!(!worker, "a runtime worker");
+        let blocking = rt.block_on(async { tokio::task::spawn_blocking(may_wait).await.unwrap() });
+        assert!(!blocking, "a blocking task belongs to the runtime too");
+        assert!(
+            std::thread::spawn(may_wait).join().unwrap(),
+            "a thread of its own"
+        );
+    }
 
     /// A GSO send the kernel refuses for its own sake (here: more segments than it takes at
     /// once) still delivers every datagram, in order, and leaves GSO on for the next send.
