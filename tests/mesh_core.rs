@@ -240,76 +240,39 @@ fn tunnels_follow_a_node_whose_underlay_address_changes() {
     assert_eq!(peer.endpoint.as_deref(), Some("198.51.100.77:51820"));
 }
 
-#[test]
-fn bulk_tcp_crosses_the_mesh_intact() {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Write};
-    let mut lab = Lab::new("bulk", 2);
+/// Two nodes, `a` (host 0) and `b` (host 1), reaching each other.
+fn two_nodes(name: &str) -> Lab {
+    let mut lab = Lab::new(name, 2);
     let token = lab.init(0, "a", &[]);
     lab.join(1, "b", &token);
     lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab
+}
+
+/// `len` bytes from host 0 to an echo on host 1's mesh address and back, over a connection
+/// with MSS `mss` (the kernel's choice if `None`): every byte comes back, unchanged.
+fn echo_across(lab: &Lab, len: usize, mss: Option<u32>) {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
     let b_ip = lab.mesh_ip(1);
-    let _echo = common::workloads::echo(lab.ns(1), std::net::SocketAddr::from((b_ip, 7000)));
-    // 16 MiB both ways through TSO on the TUN device, UDP GSO out and GRO in.
-    const LEN: usize = 16 << 20;
-    let data: Vec<u8> = (0..LEN)
+    let addr = std::net::SocketAddr::from((b_ip, 7000));
+    let _echo = common::workloads::echo(lab.ns(1), addr);
+    let data: Vec<u8> = (0..len)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let sent = Sha256::digest(&data);
     let got = lab
         .ns(0)
         .run(move || {
-            let addr = std::net::SocketAddr::from((b_ip, 7000));
-            let mut s =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut w = s.try_clone().unwrap();
-            let writer = std::thread::spawn(move || {
-                w.write_all(&data).unwrap();
-                w.shutdown(std::net::Shutdown::Write).unwrap();
-            });
-            let mut back = Vec::with_capacity(LEN);
-            s.read_to_end(&mut back).unwrap();
-            writer.join().unwrap();
-            back
-        })
-        .unwrap();
-    assert_eq!(got.len(), LEN, "every byte came back");
-    assert_eq!(Sha256::digest(&got), sent, "and unchanged");
-}
-
-/// A connection with a tiny MSS: the kernel would hand the tunnel 64 KiB super-packets of
-/// hundreds of segments, more than one read is split into. The TUN device's GSO limit keeps
-/// them within it, so nothing is dropped and the transfer is whole.
-#[test]
-fn tcp_with_a_tiny_mss_crosses_without_dropped_reads() {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Write};
-    let mut lab = Lab::new("mss", 2);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
-    let link = lab.sh(0, "ip", &["-d", "link", "show", "mesh0"]);
-    let link = String::from_utf8_lossy(&link.stdout);
-    assert!(link.contains("gso_max_segs 128"), "{link}");
-    let b_ip = lab.mesh_ip(1);
-    let _echo = common::workloads::echo(lab.ns(1), std::net::SocketAddr::from((b_ip, 7000)));
-    const LEN: usize = 4 << 20;
-    let data: Vec<u8> = (0..LEN)
-        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
-        .collect();
-    let sent = Sha256::digest(&data);
-    let got = lab
-        .ns(0)
-        .run(move || {
-            let addr = std::net::SocketAddr::from((b_ip, 7000));
             let sock = socket2::Socket::new(
                 socket2::Domain::IPV4,
                 socket2::Type::STREAM,
                 Some(socket2::Protocol::TCP),
             )
             .unwrap();
-            sock.set_mss(200).unwrap();
+            if let Some(mss) = mss {
+                sock.set_mss(mss).unwrap();
+            }
             sock.connect_timeout(&addr.into(), Duration::from_secs(5))
                 .unwrap();
             let mut s: std::net::TcpStream = sock.into();
@@ -319,14 +282,33 @@ fn tcp_with_a_tiny_mss_crosses_without_dropped_reads() {
                 w.write_all(&data).unwrap();
                 w.shutdown(std::net::Shutdown::Write).unwrap();
             });
-            let mut back = Vec::with_capacity(LEN);
+            let mut back = Vec::with_capacity(len);
             s.read_to_end(&mut back).unwrap();
             writer.join().unwrap();
             back
         })
         .unwrap();
-    assert_eq!(got.len(), LEN, "every byte came back");
+    assert_eq!(got.len(), len, "every byte came back");
     assert_eq!(Sha256::digest(&got), sent, "and unchanged");
+}
+
+#[test]
+fn bulk_tcp_crosses_the_mesh_intact() {
+    let lab = two_nodes("bulk");
+    // 16 MiB both ways through TSO on the TUN device, UDP GSO out and GRO in.
+    echo_across(&lab, 16 << 20, None);
+}
+
+/// A connection with a tiny MSS: the kernel would hand the tunnel 64 KiB super-packets of
+/// hundreds of segments, more than one read is split into. The TUN device's GSO limit keeps
+/// them within it, so nothing is dropped and the transfer is whole.
+#[test]
+fn tcp_with_a_tiny_mss_crosses_without_dropped_reads() {
+    let lab = two_nodes("mss");
+    let link = lab.sh(0, "ip", &["-d", "link", "show", "mesh0"]);
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("gso_max_segs 128"), "{link}");
+    echo_across(&lab, 4 << 20, Some(200));
     for h in 0..2 {
         assert_eq!(lab.status(h).drops.unsplittable, 0, "node {h}");
     }

@@ -50,15 +50,32 @@ fn node_with_lanes(
     }
 }
 
-fn spec(n: &TestNode, endpoints: Vec<SocketAddr>) -> PeerSpec {
+/// The node id the tests give the node on `slot`.
+fn node_id(slot: u32) -> NodeId {
     let mut id = [0u8; 8];
-    id[..4].copy_from_slice(&n.slot.to_le_bytes());
+    id[..4].copy_from_slice(&slot.to_le_bytes());
+    NodeId(id)
+}
+
+fn spec(n: &TestNode, endpoints: Vec<SocketAddr>) -> PeerSpec {
     PeerSpec {
-        node_id: NodeId(id),
+        node_id: node_id(n.slot),
         name: format!("n{}", n.slot),
         wg: n.wg,
         slot: n.slot,
         endpoints,
+    }
+}
+
+/// A peer on `slot` with a fresh key and an endpoint nobody is bound to.
+fn unreachable(slot: u32, name: &str) -> PeerSpec {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    PeerSpec {
+        node_id: node_id(slot),
+        name: name.to_string(),
+        wg: PublicKey::from(&secret).to_bytes(),
+        slot,
+        endpoints: vec![SocketAddr::from(([198, 51, 100, 9], 51820))],
     }
 }
 
@@ -400,19 +417,7 @@ async fn waiting_packets_across_peers_stay_within_the_budget() {
     let stop = CancellationToken::new();
     let a = node(&net, 1, 3, &stop);
     let peers: Vec<PeerSpec> = (0..40u32)
-        .map(|i| {
-            let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-            let mut id = [0u8; 8];
-            id[..4].copy_from_slice(&(100 + i).to_le_bytes());
-            PeerSpec {
-                node_id: NodeId(id),
-                name: format!("gone{i}"),
-                wg: PublicKey::from(&secret).to_bytes(),
-                slot: 100 + i,
-                // Nobody is bound there.
-                endpoints: vec![SocketAddr::from(([198, 51, 100, 9], 51820))],
-            }
-        })
+        .map(|i| unreachable(100 + i, &format!("gone{i}")))
         .collect();
     a.dev.set_peers(&peers);
     let per_packet = 1400usize;
@@ -647,10 +652,8 @@ async fn an_unsplittable_tun_read_is_dropped_and_counted_not_fatal() {
     let (a, _a_events) = Device::new(tun, net.bind(a_addr).unwrap(), secret, range(), 3);
     tokio::spawn(a.clone().run(stop.clone()));
     a.set_peers(&[spec(&b, vec![b.addr])]);
-    let mut a_id = [0u8; 8];
-    a_id[..4].copy_from_slice(&3u32.to_le_bytes());
     b.dev.set_peers(&[PeerSpec {
-        node_id: NodeId(a_id),
+        node_id: node_id(3),
         name: "n3".into(),
         wg: a_wg,
         slot: 3,
@@ -678,14 +681,7 @@ async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
     let net = MemNet::new();
     let stop = CancellationToken::new();
     let a = node(&net, 1, 3, &stop);
-    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-    let gone = PeerSpec {
-        node_id: NodeId([9; 8]),
-        name: "gone".into(),
-        wg: PublicKey::from(&secret).to_bytes(),
-        slot: 9,
-        endpoints: vec![SocketAddr::from(([198, 51, 100, 9], 51820))],
-    };
+    let gone = unreachable(9, "gone");
     a.dev.set_peers(std::slice::from_ref(&gone));
     let held = a
         .dev

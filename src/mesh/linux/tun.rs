@@ -126,10 +126,9 @@ impl TunIo for LinuxTun {
 
     fn send_batch(&self, w: &mut TunWriter, bufs: &mut [Vec<u8>]) -> io::Result<()> {
         if bufs.len() >= GRO_MIN_BATCH {
-            let (gro, used) = w
-                .gro
-                .get_or_insert_with(|| (tun_rs::GROTable::new(), Instant::now()));
-            *used = Instant::now();
+            let now = Instant::now();
+            let (gro, used) = w.gro.get_or_insert_with(|| (tun_rs::GROTable::new(), now));
+            *used = now;
             return self.dev.send_multiple(gro, bufs, TUN_HEADROOM).map(|_| ());
         }
         if w.gro

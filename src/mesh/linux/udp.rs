@@ -240,7 +240,6 @@ impl LinuxUdp {
     /// the data plane's own threads only (see [`may_wait`]).
     fn send_one(&self, datagram: &[u8], to: &socket2::SockAddr) -> io::Result<()> {
         let fd = self.sock.as_raw_fd();
-        let wait = may_wait();
         for _ in 0..2 {
             // SAFETY: `datagram` and `to` are live for the duration of the call.
             let n = unsafe {
@@ -257,7 +256,8 @@ impl LinuxUdp {
                 return Ok(());
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock || !wait || !writable(fd, SEND_WAIT_MS) {
+            // Which thread this is only matters once the buffer is full (not per datagram).
+            if e.kind() != io::ErrorKind::WouldBlock || !may_wait() || !writable(fd, SEND_WAIT_MS) {
                 return Err(e);
             }
         }
