@@ -36,8 +36,8 @@ pub struct Peer {
     pub wg: Key32,
     /// Local session index (boringtun uses `index << 8 | session`).
     pub index: u32,
-    /// The receive lane that decrypts for this peer under load (modulo the lane count).
-    pub(crate) lane: usize,
+    /// The order of this peer's reads in the receive lanes.
+    pub(crate) order: crate::mesh::device::Order,
     pub(crate) name: Mutex<String>,
     slot: AtomicU32,
     pub(crate) tunn: Mutex<Tunn>,
@@ -53,12 +53,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(spec: &PeerSpec, index: u32, lane: usize, tunn: Tunn) -> Peer {
+    pub(crate) fn new(spec: &PeerSpec, index: u32, tunn: Tunn) -> Peer {
         Peer {
             node_id: spec.node_id,
             wg: spec.wg,
             index,
-            lane,
+            order: Default::default(),
             name: Mutex::new(spec.name.clone()),
             slot: AtomicU32::new(spec.slot),
             tunn: Mutex::new(tunn),

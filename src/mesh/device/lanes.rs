@@ -1,23 +1,29 @@
-//! Receive lanes: decryption and delivery spread over the cores. The receive thread reads the
-//! socket; under load it hands whole reads (up to 64 KiB of one sender's datagrams, never single
-//! packets) to the lane of the peer they are for, a thread of its own, and reads on while the
-//! lane decrypts. Several peers' lanes run on several cores, and one busy peer's decryption runs
-//! beside the next read. Every peer belongs to one lane, and a read for a lane that still has
-//! work always joins its queue, so a peer's packets reach the TUN device in the order they
-//! arrived. A read taken when the socket had nothing more (light traffic) is handled by the
-//! receive thread itself: no hand-off, no added latency. Read buffers handed over are bounded
-//! ([`MAX_SPARE`]); when none is left, the receive thread waits for the lane to finish and does
-//! the work itself.
+//! Receive lanes: decryption spread over the cores, in order per peer (wireguard-go's scheme).
+//! The receive thread reads the socket; under load it hands whole reads (up to 64 KiB of one
+//! sender's datagrams, never single packets) to the lanes, threads of their own, and reads on.
+//! Any lane takes the next read, so one busy peer's reads are decrypted on several cores at once
+//! (its sessions are shared: `boringtun::noise::Session::open`). Each read handed over gets the
+//! next ticket of its peer ([`Order`]), and a lane writes what it decrypted to the TUN device
+//! only when the peer's earlier tickets are written: a peer's packets reach the kernel in the
+//! order they arrived, while different peers' writes go on side by side. A read for a peer with
+//! reads still in the lanes always takes a ticket too. A read taken when the socket had nothing
+//! more and its peer has nothing in the lanes (light traffic) is handled by the receive thread
+//! itself: no hand-off, no added latency. Read buffers handed over are bounded ([`MAX_SPARE`]);
+//! when none is left, the receive thread waits for a lane to give one back.
 
 use super::MAX_PACKET;
+use crate::mesh::peer::Peer;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Read buffers (64 KiB each) that can be in lanes at once, beyond the receive thread's own.
+/// It also bounds how far a peer's messages are opened out of order: 15 reads of at most 64
+/// datagrams (UDP GRO's limit) ahead, inside the replay window of 1024 counters.
 const MAX_SPARE: usize = 16;
-/// Lanes at most, whatever the core count (the receive thread keeps a bit per lane).
+/// Lanes at most, whatever the core count.
 const MAX_LANES: usize = 8;
 
 /// One read from the UDP socket: `n` bytes of datagrams from `from`, each `segment` bytes (the
@@ -45,26 +51,53 @@ impl Read {
     }
 }
 
+/// A read handed to the lanes: for `peer`, written to the TUN device in `ticket` order.
+pub(super) struct Handed {
+    pub read: Read,
+    pub peer: Arc<Peer>,
+    pub ticket: u64,
+}
+
+/// A peer's reads in the lanes: tickets are given in arrival order (by the receive thread
+/// alone) and written in that order (by whichever lane decrypted each).
+#[derive(Default)]
+pub(crate) struct Order {
+    turns: Mutex<Turns>,
+    /// A ticket was written.
+    next: Condvar,
+}
+
+#[derive(Default)]
+struct Turns {
+    /// Tickets given so far.
+    given: u64,
+    /// Tickets written so far: the one written next is `written`.
+    written: u64,
+}
+
+impl Order {
+    /// Reads of this peer are in the lanes, not yet written.
+    fn pending(&self) -> bool {
+        let t = self.turns.lock().unwrap();
+        t.given > t.written
+    }
+}
+
 #[derive(Default)]
 struct Queue {
-    reads: VecDeque<Read>,
-    /// The lane's thread is working on reads it took off the queue.
-    busy: bool,
+    reads: VecDeque<Handed>,
     stop: bool,
 }
 
-#[derive(Default)]
-struct Lane {
-    queue: Mutex<Queue>,
-    /// Reads were queued (or the lane is to stop).
-    work: Condvar,
-    /// The lane finished everything it had.
-    idle: Condvar,
-}
-
 pub(super) struct Lanes {
-    lanes: Vec<Lane>,
+    threads: usize,
+    stopped: AtomicBool,
+    queue: Mutex<Queue>,
+    /// Reads were queued (or the lanes are to stop).
+    work: Condvar,
     spare: Mutex<Spare>,
+    /// A buffer came back (or the lanes are to stop).
+    returned: Condvar,
     /// How long a lane waits for work before [`Lanes::take`] returns empty-handed (so its
     /// thread can give back what it keeps only for heavy traffic).
     idle_check: Duration,
@@ -72,12 +105,16 @@ pub(super) struct Lanes {
 
 /// See [`Lanes::idle_check`].
 const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// How often a lane waiting for its turn, or the receive thread waiting for a buffer, looks
+/// whether the lanes are stopping (the wait itself ends when the work ahead is done).
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct Spare {
     bufs: Vec<Vec<u8>>,
     /// Buffers made so far (in lanes or spare).
     made: usize,
+    stop: bool,
 }
 
 impl Lanes {
@@ -99,103 +136,150 @@ impl Lanes {
 
     fn with_idle_check(n: usize, idle_check: Duration) -> Lanes {
         Lanes {
-            lanes: (0..n).map(|_| Lane::default()).collect(),
+            threads: n,
+            stopped: AtomicBool::new(false),
+            queue: Mutex::new(Queue::default()),
+            work: Condvar::new(),
             spare: Mutex::new(Spare::default()),
+            returned: Condvar::new(),
             idle_check,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.lanes.len()
+        self.threads
     }
 
-    /// Hand `read` to lane `l` if it should go there: when more reads are waiting (`more`) or
-    /// the lane still has work for its peers (then it must, to keep their order). The read's
-    /// buffer goes with it and a spare one takes its place. False: the caller handles it.
-    pub fn hand_over(&self, l: usize, more: bool, read: &mut Read) -> bool {
-        let lane = &self.lanes[l];
-        let mut q = lane.queue.lock().unwrap();
-        if q.stop || !(more || q.busy || !q.reads.is_empty()) {
+    /// Hand `read` for `peer` to the lanes if it should go there: when more reads are waiting
+    /// (`more`) or the peer still has reads in the lanes (then it must, to keep their order).
+    /// The read's buffer goes with it and a spare one takes its place. False: the caller
+    /// handles it. Called by the receive thread only (it gives the tickets).
+    pub fn hand_over(&self, peer: &Arc<Peer>, more: bool, read: &mut Read) -> bool {
+        if self.threads == 0 || !(more || peer.order.pending()) {
             return false;
         }
         let Some(buf) = self.take_spare() else {
-            // Out of buffers: let the lane finish, then the caller goes on in order.
-            while (q.busy || !q.reads.is_empty()) && !q.stop {
-                q = lane.idle.wait(q).unwrap();
-            }
+            // Stopping: order no longer matters.
             return false;
         };
         let full = std::mem::replace(&mut read.buf, buf);
-        q.reads.push_back(Read {
-            buf: full,
-            n: read.n,
-            from: read.from,
-            segment: read.segment,
+        let ticket = {
+            let mut t = peer.order.turns.lock().unwrap();
+            t.given += 1;
+            t.given - 1
+        };
+        let mut q = self.queue.lock().unwrap();
+        q.reads.push_back(Handed {
+            read: Read {
+                buf: full,
+                n: read.n,
+                from: read.from,
+                segment: read.segment,
+            },
+            peer: peer.clone(),
+            ticket,
         });
-        lane.work.notify_one();
+        self.work.notify_one();
         true
     }
 
+    /// A spare buffer; when all are out, wait for a lane to give one back. None: stopping.
     fn take_spare(&self) -> Option<Vec<u8>> {
         let mut s = self.spare.lock().unwrap();
-        if let Some(b) = s.bufs.pop() {
-            return Some(b);
+        loop {
+            if s.stop {
+                return None;
+            }
+            if let Some(b) = s.bufs.pop() {
+                return Some(b);
+            }
+            if s.made < MAX_SPARE {
+                s.made += 1;
+                return Some(vec![0u8; MAX_PACKET]);
+            }
+            // Every buffer is in a lane, whose work never waits on this thread: one comes back.
+            s = self.returned.wait_timeout(s, STOP_CHECK).unwrap().0;
         }
-        if s.made < MAX_SPARE {
-            s.made += 1;
-            return Some(vec![0u8; MAX_PACKET]);
-        }
-        None
     }
 
-    /// Lane `l`'s thread: wait for reads, take all that are queued into `work`. None: stop.
-    pub fn take(&self, l: usize, work: &mut Vec<Read>) -> Option<()> {
-        let lane = &self.lanes[l];
-        let mut q = lane.queue.lock().unwrap();
+    /// A lane's thread: wait for the next read. Some(None): nothing came for `idle_check`
+    /// (time for the thread's idle work). None: stop.
+    pub fn take(&self) -> Option<Option<Handed>> {
+        let mut q = self.queue.lock().unwrap();
         let mut waited = false;
         loop {
             if q.stop {
-                q.busy = false;
-                lane.idle.notify_all();
                 return None;
             }
-            if !q.reads.is_empty() {
-                q.busy = true;
-                work.extend(q.reads.drain(..));
-                return Some(());
+            if let Some(h) = q.reads.pop_front() {
+                return Some(Some(h));
             }
             if waited {
-                // Nothing for `idle_check`: back empty-handed, for the thread's idle work.
-                return Some(());
+                return Some(None);
             }
-            q.busy = false;
-            lane.idle.notify_all();
             let timeout;
-            (q, timeout) = lane.work.wait_timeout(q, self.idle_check).unwrap();
+            (q, timeout) = self.work.wait_timeout(q, self.idle_check).unwrap();
             waited = timeout.timed_out();
         }
     }
 
-    /// Give the buffers of handled reads back.
-    pub fn done(&self, work: &mut Vec<Read>) {
-        let mut s = self.spare.lock().unwrap();
-        s.bufs.extend(work.drain(..).map(|r| r.buf));
+    /// Wait until `h` is its peer's next ticket to write (the earlier ones are being written
+    /// by other lanes, which never wait on this one), or the lanes stop.
+    pub fn wait_turn(&self, h: &Handed) {
+        let order = &h.peer.order;
+        let mut t = order.turns.lock().unwrap();
+        while t.written != h.ticket && !self.stopping() {
+            t = order.next.wait_timeout(t, STOP_CHECK).unwrap().0;
+        }
+    }
+
+    /// `h` was written (or dropped): the peer's next ticket may go, and its buffer comes back.
+    pub fn done(&self, h: Handed) {
+        {
+            let mut t = h.peer.order.turns.lock().unwrap();
+            t.written = t.written.max(h.ticket + 1);
+            h.peer.order.next.notify_all();
+        }
+        self.spare.lock().unwrap().bufs.push(h.read.buf);
+        self.returned.notify_one();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     /// Stop every lane (their threads return from [`Lanes::take`]).
     pub fn stop(&self) {
-        for lane in &self.lanes {
-            lane.queue.lock().unwrap().stop = true;
-            lane.work.notify_all();
-            lane.idle.notify_all();
-        }
+        self.stopped.store(true, Ordering::SeqCst);
+        self.queue.lock().unwrap().stop = true;
+        self.work.notify_all();
+        self.spare.lock().unwrap().stop = true;
+        self.returned.notify_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::mesh::PeerSpec;
+    use crate::trust::NodeId;
+    use boringtun::noise::Tunn;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    use std::sync::mpsc;
+
+    fn peer() -> Arc<Peer> {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let theirs = PublicKey::from(&StaticSecret::random_from_rng(rand_core::OsRng));
+        let spec = PeerSpec {
+            node_id: NodeId([7; 8]),
+            name: "p".into(),
+            wg: theirs.to_bytes(),
+            slot: 2,
+            endpoints: Vec::new(),
+        };
+        let tunn = Tunn::new(secret, theirs, None, None, 1 << 8, None);
+        Arc::new(Peer::new(&spec, 1, tunn))
+    }
 
     fn read(tag: u8) -> Read {
         let mut r = Read::new();
@@ -204,81 +288,131 @@ mod tests {
         r
     }
 
+    fn take(lanes: &Lanes) -> Handed {
+        lanes.take().expect("running").expect("a read")
+    }
+
     #[test]
-    fn a_lone_read_stays_with_the_caller_and_a_busy_lane_keeps_order() {
+    fn a_lone_read_stays_with_the_caller_and_a_peer_in_the_lanes_keeps_its_order() {
         let lanes = Lanes::new(1);
+        let p = peer();
         let mut r = read(1);
         assert!(
-            !lanes.hand_over(0, false, &mut r),
+            !lanes.hand_over(&p, false, &mut r),
             "nothing more waiting: inline"
         );
         assert!(
-            lanes.hand_over(0, true, &mut r),
+            lanes.hand_over(&p, true, &mut r),
             "more waiting: handed over"
         );
         assert_eq!(r.buf[0], 0, "a fresh buffer took its place");
-        // The lane has work now: even a lone read must queue behind it.
-        let mut r2 = read(2);
-        assert!(lanes.hand_over(0, false, &mut r2));
-        let mut work = Vec::new();
-        lanes.take(0, &mut work).unwrap();
-        assert_eq!(work.iter().map(|r| r.buf[0]).collect::<Vec<_>>(), [1, 2]);
-        lanes.done(&mut work);
-        assert!(work.is_empty());
+        // The peer has a read in the lanes: even a lone read must follow it there.
+        assert!(lanes.hand_over(&p, false, &mut read(2)));
+        // Another peer with nothing in the lanes is not held up.
+        assert!(!lanes.hand_over(&peer(), false, &mut read(3)));
+        let (a, b) = (take(&lanes), take(&lanes));
+        assert_eq!(
+            (a.read.buf[0], a.ticket, b.read.buf[0], b.ticket),
+            (1, 0, 2, 1)
+        );
+        lanes.wait_turn(&a);
+        lanes.done(a);
+        lanes.wait_turn(&b);
+        lanes.done(b);
+        assert!(
+            !lanes.hand_over(&p, false, &mut read(4)),
+            "all written: inline again"
+        );
+    }
+
+    #[test]
+    fn a_later_read_waits_for_its_peers_earlier_one_to_be_written() {
+        let lanes = Arc::new(Lanes::new(2));
+        let p = peer();
+        for tag in [1, 2] {
+            assert!(lanes.hand_over(&p, true, &mut read(tag)));
+        }
+        let (first, second) = (take(&lanes), take(&lanes));
+        let (tx, rx) = mpsc::channel();
+        let waiter = {
+            let lanes = lanes.clone();
+            std::thread::spawn(move || {
+                lanes.wait_turn(&second);
+                tx.send(()).unwrap();
+                lanes.done(second);
+            })
+        };
+        // Decrypted first, the second read still may not be written before the first.
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the second read's turn came before the first was written"
+        );
+        lanes.wait_turn(&first);
+        lanes.done(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the second read's turn after the first");
+        waiter.join().unwrap();
+        assert!(!p.order.pending());
     }
 
     #[test]
     fn an_idle_lane_comes_back_empty_handed_then_takes_work_again() {
         let lanes = Lanes::with_idle_check(1, Duration::from_millis(20));
-        let mut work = Vec::new();
-        lanes.take(0, &mut work).unwrap();
-        assert!(work.is_empty(), "nothing queued: back after the idle check");
-        assert!(lanes.hand_over(0, true, &mut read(7)));
-        lanes.take(0, &mut work).unwrap();
-        assert_eq!(work.iter().map(|r| r.buf[0]).collect::<Vec<_>>(), [7]);
-        lanes.done(&mut work);
+        assert!(
+            lanes.take().unwrap().is_none(),
+            "nothing queued: back after the idle check"
+        );
+        assert!(lanes.hand_over(&peer(), true, &mut read(7)));
+        let h = take(&lanes);
+        assert_eq!(h.read.buf[0], 7);
+        lanes.done(h);
         lanes.stop();
-        assert!(lanes.take(0, &mut work).is_none(), "stopped");
+        assert!(lanes.take().is_none(), "stopped");
     }
 
     #[test]
-    fn out_of_buffers_the_caller_waits_for_the_lane_then_goes_on() {
+    fn out_of_buffers_the_receive_thread_waits_for_one_to_come_back() {
         let lanes = Arc::new(Lanes::new(1));
+        let p = peer();
         for i in 0..MAX_SPARE {
-            assert!(lanes.hand_over(0, true, &mut read(i as u8)));
+            assert!(lanes.hand_over(&p, true, &mut read(i as u8)));
         }
         let worker = {
             let lanes = lanes.clone();
             std::thread::spawn(move || {
-                let mut work = Vec::new();
-                let mut seen = 0;
-                while lanes.take(0, &mut work).is_some() {
-                    seen += work.len();
-                    lanes.done(&mut work);
+                let mut seen = Vec::new();
+                while let Some(Some(h)) = lanes.take() {
+                    seen.push(h.ticket);
+                    lanes.wait_turn(&h);
+                    lanes.done(h);
+                    if seen.len() == MAX_SPARE + 1 {
+                        break;
+                    }
                 }
                 seen
             })
         };
-        // No spare buffer is left until the lane gives some back; either way the call returns
-        // only when the read can be handled in order.
-        let mut r = read(99);
-        if !lanes.hand_over(0, true, &mut r) {
-            let q = lanes.lanes[0].queue.lock().unwrap();
-            assert!(
-                q.reads.is_empty() && !q.busy,
-                "inline only once the lane is done"
-            );
-        }
-        lanes.stop();
+        // Every buffer is out: this returns once the lane gave one back, the read handed over.
+        assert!(lanes.hand_over(&p, true, &mut read(99)));
         let seen = worker.join().unwrap();
-        assert!(seen >= MAX_SPARE, "{seen}");
+        assert_eq!(
+            seen,
+            (0..=MAX_SPARE as u64).collect::<Vec<_>>(),
+            "every read, in order"
+        );
     }
 
     #[test]
-    fn stopped_lanes_take_nothing_more() {
+    fn stopped_lanes_take_nothing_more_and_no_one_waits() {
         let lanes = Lanes::new(2);
+        let p = peer();
+        assert!(lanes.hand_over(&p, true, &mut read(1)));
+        assert!(lanes.hand_over(&p, true, &mut read(2)));
+        let _first = take(&lanes);
+        let second = take(&lanes);
         lanes.stop();
-        assert!(!lanes.hand_over(1, true, &mut read(1)));
-        assert!(lanes.take(1, &mut Vec::new()).is_none());
+        lanes.wait_turn(&second);
+        assert!(!lanes.hand_over(&p, true, &mut read(3)));
+        assert!(lanes.take().is_none());
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admission;
 mod lanes;
+pub(crate) use lanes::Order;
 mod receive;
 mod send;
 #[cfg(test)]
@@ -135,10 +136,8 @@ pub struct Device<T, U> {
     relay: Mutex<RelayTable>,
     /// The send path: held for every read-encrypt-send run from the TUN device.
     tx: Mutex<send::TxState>,
-    /// Receive lanes (threads that decrypt for their peers under load) and the next one a new
-    /// peer joins.
+    /// Receive lanes: threads that decrypt under load, in order per peer.
     lanes: lanes::Lanes,
-    next_lane: AtomicUsize,
     /// Bytes of packets waiting for their peer's session, across peers.
     waiting_bytes: AtomicUsize,
     pub counters: DeviceCounters,
@@ -203,7 +202,6 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             relay: Mutex::new(RelayTable::default()),
             tx: Mutex::new(send::TxState::new()),
             lanes,
-            next_lane: AtomicUsize::new(0),
             waiting_bytes: AtomicUsize::new(0),
             counters: DeviceCounters::default(),
         };
@@ -245,10 +243,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         start("mesh-udp".into(), Box::new(move || dev.udp_thread()));
         for l in 0..self.lanes.len() {
             let dev = self.clone();
-            start(
-                format!("mesh-lane{l}"),
-                Box::new(move || dev.lane_thread(l)),
-            );
+            start(format!("mesh-lane{l}"), Box::new(move || dev.lane_thread()));
         }
         let mut timers = tokio::spawn(self.clone().timer_loop());
         tokio::select! {
@@ -326,8 +321,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     index,
                     Some(self.limiter.clone()),
                 );
-                let lane = self.next_lane.fetch_add(1, Ordering::Relaxed);
-                let p = Arc::new(Peer::new(s, index, lane, tunn));
+                let p = Arc::new(Peer::new(s, index, tunn));
                 info!(peer = %s.name, key = %short_key(&s.wg), slot = s.slot, endpoints = ?s.endpoints, "peer added");
                 t.by_key.insert(s.wg, p.clone());
                 t.by_node.insert(s.node_id, p.clone());

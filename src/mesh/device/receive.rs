@@ -4,7 +4,7 @@
 //! or under load by the lane of the peer ([`super::lanes`]).
 
 use super::admission::{admit, Admission};
-use super::lanes::Read;
+use super::lanes::{Handed, Read};
 use super::{
     transient, Device, DeviceEvent, REPLY_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH,
     UDP_ROUNDS_PER_WAIT,
@@ -16,7 +16,7 @@ use crate::mesh::peer::Peer;
 use crate::mesh::relay::{self, Refused};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Packet, Session, Tunn, TunnResult};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -32,6 +32,18 @@ enum Relayed {
     Forward(SocketAddr),
     /// Dropped (counted), or handled with nothing for the TUN device.
     Nothing,
+}
+
+/// A run of data messages of one read, from one session, opened with its shared keys; the
+/// tunnel and the peer's paths hear of it once, at its end ([`Device::end_run`]).
+struct Opened {
+    index: u32,
+    peer: Arc<Peer>,
+    session: Arc<Session>,
+    /// Messages that proved authentic (decrypted), keepalives included.
+    opened: usize,
+    /// Bytes of the packets inside.
+    bytes: usize,
 }
 
 /// What a thread that delivers to the TUN device keeps between batches.
@@ -98,25 +110,22 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 if k == 0 {
                     break;
                 }
-                // A full batch: more is waiting, so lanes take their peers' reads.
+                // A full batch: more is waiting, so the lanes take what they can. A read kept
+                // here is for a peer with nothing in the lanes (only this thread hands over, so
+                // that stays true this round): it cannot overtake one of its peer's.
                 let more = k == UDP_BATCH;
                 here.clear();
-                // A lane with a read kept here this round keeps the rest of its reads here too:
-                // they are handled after it, in order.
-                let mut kept = 0u64;
                 for (i, r) in reads[..k].iter_mut().enumerate() {
-                    match self.lane_of(r) {
-                        Some(l) if kept & (1 << l) == 0 && self.lanes.hand_over(l, more, r) => {
-                            self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(l) => {
-                            kept |= 1 << l;
-                            here.push(i);
-                        }
-                        None => here.push(i),
+                    let handed = self
+                        .peer_of(r)
+                        .is_some_and(|p| self.lanes.hand_over(&p, more, r));
+                    if handed {
+                        self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        here.push(i);
                     }
                 }
-                self.deliver(here.iter().map(|&i| &reads[i]), &mut dl);
+                self.deliver(here.iter().map(|&i| &reads[i]), &mut dl, None);
                 self.answer_inline();
                 if !more {
                     break;
@@ -125,32 +134,46 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    /// Lane `l`'s thread: decrypt and deliver the reads handed to it, in order.
-    pub(super) fn lane_thread(&self, l: usize) {
-        let mut work = Vec::new();
+    /// A lane's thread: decrypt the reads handed over, whoever's they are, each written to the
+    /// TUN device in its peer's turn.
+    pub(super) fn lane_thread(&self) {
         let mut dl = Deliver::new(self.tun.writer());
-        while self.lanes.take(l, &mut work).is_some() {
-            if work.is_empty() {
+        while let Some(next) = self.lanes.take() {
+            let Some(h) = next else {
                 // Idle a while: an empty batch lets the writer give back what it keeps only
                 // for heavy traffic (the TUN coalescing table).
                 let _ = self.tun.send_batch(&mut dl.writer, &mut []);
                 continue;
-            }
-            self.deliver(work.iter(), &mut dl);
+            };
+            self.deliver(std::iter::once(&h.read), &mut dl, Some(&h));
+            self.lanes.done(h);
             self.answer_inline();
-            self.lanes.done(&mut work);
         }
     }
 
-    /// The lane of the peer a read of data messages is for (data only: handshakes, relayed
-    /// and control frames are few and handled by the receive thread).
-    fn lane_of(&self, r: &Read) -> Option<usize> {
-        if self.lanes.len() == 0 || r.n < 16 || r.buf[..4] != [4, 0, 0, 0] {
+    /// The peer a read is for, when that shows without decrypting: data messages, handshake
+    /// answers and cookie replies by their receiver index, frames relayed to this node by
+    /// their relay session (the first datagram tells; the rest are from the same sender). None
+    /// for initiations (only a Diffie-Hellman shows whose) and frames relayed for others.
+    fn peer_of(&self, r: &Read) -> Option<Arc<Peer>> {
+        if self.lanes.len() == 0 {
             return None;
         }
-        let index = u32::from_le_bytes([r.buf[4], r.buf[5], r.buf[6], r.buf[7]]) >> 8;
+        let first = r.datagrams().next()?;
         let t = self.table.read().unwrap();
-        t.by_index.get(&index).map(|p| p.lane % self.lanes.len())
+        let (kind, wg) = match relay::parse(first) {
+            Some((session, _)) if classify(first) == FrameKind::Relay => {
+                return t.by_relay_session.get(&session).cloned();
+            }
+            _ => (classify(first), first),
+        };
+        let at = match (kind, wg.first()) {
+            (FrameKind::WireGuard, Some(2)) => 8,
+            (FrameKind::WireGuard, Some(3 | 4)) => 4,
+            _ => return None,
+        };
+        let index = u32::from_le_bytes(wg.get(at..at + 4)?.try_into().ok()?) >> 8;
+        t.by_index.get(&index).cloned()
     }
 
     /// What the kernel answered to the packets just delivered (TCP ACKs, echo replies) leaves
@@ -164,8 +187,14 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Handle reads: WireGuard datagrams decrypted for the TUN device, relayed frames
-    /// forwarded or opened, control frames passed to the node.
-    fn deliver<'r>(&self, reads: impl Iterator<Item = &'r Read>, dl: &mut Deliver<T::Writer>) {
+    /// forwarded or opened, control frames passed to the node. A read from the lanes (`turn`)
+    /// is written to the TUN device in its peer's turn.
+    fn deliver<'r>(
+        &self,
+        reads: impl Iterator<Item = &'r Read>,
+        dl: &mut Deliver<T::Writer>,
+        mut turn: Option<&Handed>,
+    ) {
         let Deliver {
             to_tun,
             out,
@@ -173,21 +202,34 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         } = dl;
         let mut ready = 0;
         for r in reads {
+            // Data messages straight from one session, opened with it (found once).
+            let mut run: Option<Opened> = None;
             let from = r.from;
             let segment = r.segment.max(1);
             // Frames this node relays, as a byte range of the read and where they go: a run of
             // them leaves in one system call (UDP GSO), as they came (UDP GRO).
-            let mut run: Option<(usize, usize, SocketAddr)> = None;
+            let mut relaying: Option<(usize, usize, SocketAddr)> = None;
             // With GRO one read may hold several datagrams of `segment` bytes.
             for (k, d) in r.datagrams().enumerate() {
                 if ready == to_tun.len() {
-                    self.write_tun(writer, &mut to_tun[..ready]);
+                    self.write_in_turn(&mut turn, writer, &mut to_tun[..ready]);
                     ready = 0;
                 }
                 let kind = classify(d);
                 if kind != FrameKind::Relay {
-                    self.forward_run(r, run.take());
+                    self.forward_run(r, relaying.take());
                 }
+                if kind == FrameKind::WireGuard {
+                    match self.open_direct(d, from, &mut run, &mut to_tun[ready]) {
+                        Some(true) => {
+                            ready += 1;
+                            continue;
+                        }
+                        Some(false) => continue,
+                        None => {}
+                    }
+                }
+                self.end_run(run.take(), from);
                 match kind {
                     FrameKind::WireGuard => {
                         if self.inbound(d, from, Via::Direct, None, &mut to_tun[ready], out) {
@@ -197,11 +239,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     FrameKind::Relay => match self.relayed(d, from, &mut to_tun[ready], out) {
                         Relayed::Forward(to) => {
                             let at = k * segment;
-                            match &mut run {
+                            match &mut relaying {
                                 Some((_, end, t)) if *t == to && *end == at => *end += d.len(),
                                 _ => {
-                                    self.forward_run(r, run.take());
-                                    run = Some((at, at + d.len(), to));
+                                    self.forward_run(r, relaying.take());
+                                    relaying = Some((at, at + d.len(), to));
                                 }
                             }
                         }
@@ -224,9 +266,88 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     }
                 }
             }
-            self.forward_run(r, run);
+            self.forward_run(r, relaying);
+            self.end_run(run, from);
         }
-        self.write_tun(writer, &mut to_tun[..ready]);
+        self.write_in_turn(&mut turn, writer, &mut to_tun[..ready]);
+        if let Some(h) = turn {
+            // Nothing was written: the turn still passes in order.
+            self.lanes.wait_turn(h);
+        }
+    }
+
+    /// Write to the TUN device, first waiting for the turn of the read from the lanes, if any.
+    fn write_in_turn(
+        &self,
+        turn: &mut Option<&Handed>,
+        writer: &mut T::Writer,
+        bufs: &mut [Vec<u8>],
+    ) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Some(h) = turn.take() {
+            self.lanes.wait_turn(h);
+        }
+        self.write_tun(writer, bufs);
+    }
+
+    /// A data message received directly, opened with its session's shared keys: found (one
+    /// lock of the tunnel) for the first of a run from one session, then used without the
+    /// tunnel's lock, so lanes can open one peer's messages side by side. True: a packet for
+    /// the TUN device in `to_tun` at `TUN_HEADROOM`. False: dropped or counted as upstream's
+    /// `decapsulate` would (or a keepalive). None: not for this path (not data, no such
+    /// session): the general one takes it, and reports why.
+    fn open_direct(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        run: &mut Option<Opened>,
+        to_tun: &mut Vec<u8>,
+    ) -> Option<bool> {
+        let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(datagram) else {
+            return None;
+        };
+        if run.as_ref().map(|o| o.index) != Some(p.receiver_idx) {
+            let peer = self
+                .table
+                .read()
+                .unwrap()
+                .by_index
+                .get(&(p.receiver_idx >> 8))
+                .cloned()?;
+            let session = peer.tunn.lock().unwrap().data_session(p.receiver_idx)?;
+            self.end_run(run.take(), from);
+            *run = Some(Opened {
+                index: p.receiver_idx,
+                peer,
+                session,
+                opened: 0,
+                bytes: 0,
+            });
+        }
+        let o = run.as_mut()?;
+        to_tun.resize(TUN_HEADROOM + datagram.len(), 0);
+        let (len, src) = match o.session.open(p, &mut to_tun[TUN_HEADROOM..]) {
+            TunnResult::WriteToTunnelV4(d, src) => (d.len(), IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(d, src) => (d.len(), IpAddr::V6(src)),
+            TunnResult::Done => {
+                o.opened += 1;
+                return Some(false);
+            }
+            TunnResult::Err(WireGuardError::DuplicateCounter) => return Some(false),
+            TunnResult::Err(e) => {
+                if matches!(e, WireGuardError::InvalidPacket) {
+                    o.opened += 1;
+                }
+                debug!(peer = %o.peer.name(), error = ?e, "decapsulate failed");
+                return Some(false);
+            }
+            TunnResult::WriteToNetwork(_) => return Some(false),
+        };
+        o.opened += 1;
+        o.bytes += len;
+        Some(self.admit_packet(&o.peer, src, len, to_tun))
     }
 
     /// Send a run of relayed frames of `r` (bytes `start..end`, equal frames but the last) on.
@@ -470,32 +591,60 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
                     self.release_waiting(&peer);
                 }
-                let packet = &to_tun[TUN_HEADROOM..TUN_HEADROOM + len];
-                let own = self.own_slot.load(Ordering::Relaxed);
-                match admit(&self.range, peer.slot(), own, src, ipv4_dst(packet)) {
-                    Admission::Deliver => {
-                        peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-                        to_tun.truncate(TUN_HEADROOM + len);
-                        true
-                    }
-                    Admission::BadSource => {
-                        peer.counters
-                            .dropped_bad_source
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.counters
-                            .dropped_bad_source
-                            .fetch_add(1, Ordering::Relaxed);
-                        debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
-                        false
-                    }
-                    Admission::BadDestination => {
-                        self.counters
-                            .dropped_bad_destination
-                            .fetch_add(1, Ordering::Relaxed);
-                        debug!(peer = %peer.name(), dst = ?ipv4_dst(packet), "dropped packet not addressed to this node's subnet");
-                        false
-                    }
-                }
+                self.admit_packet(&peer, src, len, to_tun)
+            }
+        }
+    }
+
+    /// The end of a run of opened data messages: the tunnel counts them (current session,
+    /// timers, bytes), the peer's paths hear from `from`, and what waited for the session goes.
+    fn end_run(&self, run: Option<Opened>, from: SocketAddr) {
+        let Some(o) = run.filter(|o| o.opened > 0) else {
+            return;
+        };
+        let peer = &o.peer;
+        peer.tunn.lock().unwrap().data_received(o.index, o.bytes);
+        let now = Instant::now();
+        if peer
+            .paths
+            .lock()
+            .unwrap()
+            .heard_from(Via::Direct, from, Heard::Data, now)
+        {
+            info!(peer = %peer.name(), endpoint = %from, "peer endpoint changed");
+        }
+        if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
+            self.release_waiting(peer);
+        }
+    }
+
+    /// A decrypted packet from `peer` (`len` bytes at `TUN_HEADROOM` in `to_tun`, from `src`):
+    /// true if the admission policy lets it through to the TUN device, else dropped and counted.
+    fn admit_packet(&self, peer: &Peer, src: IpAddr, len: usize, to_tun: &mut Vec<u8>) -> bool {
+        let packet = &to_tun[TUN_HEADROOM..TUN_HEADROOM + len];
+        let own = self.own_slot.load(Ordering::Relaxed);
+        match admit(&self.range, peer.slot(), own, src, ipv4_dst(packet)) {
+            Admission::Deliver => {
+                peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                to_tun.truncate(TUN_HEADROOM + len);
+                true
+            }
+            Admission::BadSource => {
+                peer.counters
+                    .dropped_bad_source
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .dropped_bad_source
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %peer.name(), %src, "dropped packet with a source outside the peer's subnet");
+                false
+            }
+            Admission::BadDestination => {
+                self.counters
+                    .dropped_bad_destination
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %peer.name(), dst = ?ipv4_dst(packet), "dropped packet not addressed to this node's subnet");
+                false
             }
         }
     }

@@ -5,6 +5,8 @@ use super::*;
 use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
 use crate::mesh::packet::{classify, FrameKind};
 use crate::testing::mem::{MemNet, MemTun, MemTunHandle, MemUdp};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::Packet;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use tokio::time::timeout;
@@ -253,8 +255,9 @@ async fn a_burst_arrives_complete_and_in_order_through_batching() {
     stop.cancel();
 }
 
-/// Two peers' bursts reach a receiver that fell behind: it hands full reads to each peer's lane
-/// (a thread of its own) and every packet of a peer is delivered in the order it was sent.
+/// Two peers' bursts reach a receiver that fell behind: it hands full reads to its two lanes,
+/// which take any peer's next read (so each peer's reads are decrypted on both at once), and
+/// every packet of a peer is delivered in the order it was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursts_from_two_peers_go_through_lanes_in_order() {
     let net = MemNet::new();
@@ -695,4 +698,109 @@ async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
     assert!(held.waiting.lock().unwrap().is_empty());
     assert_eq!(a.dev.counters.dropped_no_peer.load(Ordering::Relaxed), 1);
     stop.cancel();
+}
+
+/// The patched tunnel shares its sessions: one peer's data messages opened on two threads at
+/// once are each accepted once and intact, a replay is refused, and the tunnel hears of them
+/// (received bytes, the session current) once per run.
+#[test]
+fn a_shared_session_opens_one_peers_messages_on_two_threads() {
+    let (sa, sb) = (
+        StaticSecret::random_from_rng(rand_core::OsRng),
+        StaticSecret::random_from_rng(rand_core::OsRng),
+    );
+    let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
+    let mut a = Tunn::new(sa, pb, None, None, 1 << 8, None);
+    let mut b = Tunn::new(sb, pa, None, None, 2 << 8, None);
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+        panic!("initiation")
+    };
+    let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, init, &mut buf2) else {
+        panic!("response")
+    };
+    let resp = resp.to_vec();
+    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
+        panic!("keepalive")
+    };
+    let keepalive = keepalive.to_vec();
+    // Sealed by A in order; B opens odd and even counters on two threads.
+    let sealed: Vec<Vec<u8>> = (0..400u32)
+        .map(|i| {
+            let mut payload = vec![0u8; 1000];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
+            match a.encapsulate(&p, &mut buf) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("a session"),
+            }
+        })
+        .collect();
+    let index = |d: &[u8]| u32::from_le_bytes(d[4..8].try_into().unwrap());
+    let session = b
+        .data_session(index(&sealed[0]))
+        .expect("B's session for A's messages");
+    assert!(
+        b.data_session(index(&sealed[0]) ^ 1).is_none(),
+        "no session, no keys"
+    );
+    let opened: Vec<(u32, usize)> = std::thread::scope(|s| {
+        let halves: Vec<_> = (0..2)
+            .map(|half| {
+                let (session, sealed) = (&session, &sealed);
+                s.spawn(move || {
+                    let mut out = vec![0u8; 2048];
+                    let mut got = Vec::new();
+                    for d in sealed.iter().skip(half).step_by(2) {
+                        let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(d) else {
+                            panic!("data")
+                        };
+                        match session.open(p, &mut out) {
+                            TunnResult::WriteToTunnelV4(pk, src) => {
+                                assert_eq!(src, ip(3, 1));
+                                got.push((
+                                    u32::from_be_bytes(pk[28..32].try_into().unwrap()),
+                                    pk.len(),
+                                ));
+                            }
+                            other => panic!("not opened: {other:?}"),
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut seqs: Vec<u32> = opened.iter().map(|o| o.0).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..400).collect::<Vec<_>>(),
+        "each message opened once"
+    );
+    let Ok(Packet::PacketData(replay)) = Tunn::parse_incoming_packet(&sealed[7]) else {
+        panic!("data")
+    };
+    assert!(
+        matches!(
+            session.open(replay, &mut buf2),
+            TunnResult::Err(WireGuardError::DuplicateCounter)
+        ),
+        "a replay is refused"
+    );
+    let bytes: usize = opened.iter().map(|o| o.1).sum();
+    let rx_before = b.stats().2;
+    b.data_received(index(&sealed[0]), bytes);
+    assert_eq!(
+        b.stats().2 - rx_before,
+        bytes,
+        "the tunnel counts what was opened outside"
+    );
+    // The keepalive A sent at the handshake still opens through the tunnel as before.
+    assert!(matches!(
+        b.decapsulate(None, &keepalive, &mut buf2),
+        TunnResult::Done
+    ));
 }
