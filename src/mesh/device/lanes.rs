@@ -1,15 +1,19 @@
 //! Receive lanes: decryption spread over the cores, in order per peer (wireguard-go's scheme).
 //! The receive thread reads the socket; under load it hands whole reads (up to 64 KiB of one
 //! sender's datagrams, never single packets) to the lanes, threads of their own, and reads on.
-//! Any lane takes the next read, so one busy peer's reads are decrypted on several cores at once
-//! (its sessions are shared: `boringtun::noise::Session::open`). Each read handed over gets the
-//! next ticket of its peer ([`Order`]), and a lane writes what it decrypted to the TUN device
-//! only when the peer's earlier tickets are written: a peer's packets reach the kernel in the
-//! order they arrived, while different peers' writes go on side by side. A read for a peer with
-//! reads still in the lanes always takes a ticket too. A read taken when the socket had nothing
-//! more and its peer has nothing in the lanes (light traffic) is handled by the receive thread
-//! itself: no hand-off, no added latency. Read buffers handed over are bounded ([`MAX_SPARE`]);
-//! when none is left, the receive thread waits for a lane to give one back.
+//! Any lane takes the next read and decrypts its data messages at once, so one busy peer's reads
+//! are decrypted on several cores side by side (its sessions are shared:
+//! `boringtun::noise::Session::decrypt`). Each read handed over gets the next ticket of its
+//! peer ([`Order`]); in its turn, when the peer's earlier tickets are done, the lane does what
+//! decides (the replay window marks the counters, admission, roaming, the tunnel's timers) and
+//! writes to the TUN device. So a peer's packets are judged and reach the kernel in the order
+//! they arrived (of two copies of a message, the first to arrive wins), while different peers'
+//! turns go on side by side. A read for a peer with reads still in the lanes always takes a
+//! ticket too; a read holding several peers' datagrams waits until none of them has any there.
+//! A read taken when the socket had nothing more and its peer has nothing in the lanes (light
+//! traffic) is handled by the receive thread itself: no hand-off, no added latency. Read
+//! buffers handed over are bounded ([`MAX_SPARE`]); when none is left, the receive thread waits
+//! for a lane to give one back.
 
 use super::MAX_PACKET;
 use crate::mesh::peer::Peer;
@@ -20,8 +24,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Read buffers (64 KiB each) that can be in lanes at once, beyond the receive thread's own.
-/// It also bounds how far a peer's messages are opened out of order: 15 reads of at most 64
-/// datagrams (UDP GRO's limit) ahead, inside the replay window of 1024 counters.
 const MAX_SPARE: usize = 16;
 /// Lanes at most, whatever the core count.
 const MAX_LANES: usize = 8;
@@ -229,6 +231,16 @@ impl Lanes {
         let order = &h.peer.order;
         let mut t = order.turns.lock().unwrap();
         while t.written != h.ticket && !self.stopping() {
+            t = order.next.wait_timeout(t, STOP_CHECK).unwrap().0;
+        }
+    }
+
+    /// Wait until `peer` has no read in the lanes (or the lanes stop): its next read may then
+    /// be handled by the caller without overtaking any.
+    pub fn wait_idle(&self, peer: &Peer) {
+        let order = &peer.order;
+        let mut t = order.turns.lock().unwrap();
+        while t.given > t.written && !self.stopping() {
             t = order.next.wait_timeout(t, STOP_CHECK).unwrap().0;
         }
     }

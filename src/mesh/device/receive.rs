@@ -1,10 +1,10 @@
 //! Receiving: datagrams on the mesh port are demultiplexed (WireGuard or control frame),
 //! handshakes are matched to peers (rate-limited before any Diffie-Hellman), data is decrypted,
 //! checked by the admission policy and handed to the TUN device in batches: by the receive thread,
-//! or under load by the lane of the peer ([`super::lanes`]).
+//! or under load by the receive lanes, in order per peer ([`super::lanes`]).
 
 use super::admission::{admit, Admission};
-use super::lanes::{Handed, Read};
+use super::lanes::Read;
 use super::{
     transient, Device, DeviceEvent, REPLY_BUF, TUN_BATCH, TUN_PACKET_BUF, UDP_BATCH,
     UDP_ROUNDS_PER_WAIT,
@@ -34,6 +34,28 @@ enum Relayed {
     Nothing,
 }
 
+/// Whose a read is ([`Device::owner_of`]).
+enum Owner {
+    None,
+    One(Arc<Peer>),
+    Several(Vec<Arc<Peer>>),
+}
+
+impl Owner {
+    fn add(&mut self, p: &Arc<Peer>) {
+        match self {
+            Owner::None => *self = Owner::One(p.clone()),
+            Owner::One(q) if Arc::ptr_eq(q, p) => {}
+            Owner::One(q) => *self = Owner::Several(vec![q.clone(), p.clone()]),
+            Owner::Several(v) => {
+                if !v.iter().any(|q| Arc::ptr_eq(q, p)) {
+                    v.push(p.clone());
+                }
+            }
+        }
+    }
+}
+
 /// A run of data messages of one read, from one session, opened with its shared keys; the
 /// tunnel and the peer's paths hear of it once, at its end ([`Device::end_run`]).
 struct Opened {
@@ -46,9 +68,21 @@ struct Opened {
     bytes: usize,
 }
 
+/// A data message a lane decrypted ahead of its turn (into the TUN buffer of the same index as
+/// the datagram in its read): its receiver index, counter and plaintext length. It counts as
+/// received only in turn ([`Session::accept`]).
+#[derive(Clone, Copy)]
+struct Decrypted {
+    index: u32,
+    counter: u64,
+    len: usize,
+}
+
 /// What a thread that delivers to the TUN device keeps between batches.
 struct Deliver<W> {
     to_tun: Vec<Vec<u8>>,
+    /// Per datagram of the read in hand, what was decrypted ahead ([`Device::decrypt_ahead`]).
+    ahead: Vec<Option<Decrypted>>,
     out: Vec<u8>,
     writer: W,
 }
@@ -59,6 +93,7 @@ impl<W> Deliver<W> {
             to_tun: (0..TUN_BATCH)
                 .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
                 .collect(),
+            ahead: vec![None; TUN_BATCH],
             out: vec![0u8; REPLY_BUF],
             writer,
         }
@@ -67,7 +102,7 @@ impl<W> Deliver<W> {
 
 impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// The receive thread: wait for datagrams, then take what has arrived a batch of reads at a
-    /// time. Under load, reads for a peer go to its lane ([`super::lanes`]); the rest are
+    /// time. Under load, reads go to the receive lanes ([`super::lanes`]); the rest are
     /// decrypted here and handed to the kernel together, so it can coalesce TCP segments.
     pub(super) fn udp_thread(&self) {
         let mut reads: Vec<Read> = (0..UDP_BATCH).map(|_| Read::new()).collect();
@@ -110,22 +145,30 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 if k == 0 {
                     break;
                 }
-                // A full batch: more is waiting, so the lanes take what they can. A read kept
-                // here is for a peer with nothing in the lanes (only this thread hands over, so
-                // that stays true this round): it cannot overtake one of its peer's.
+                // A full batch: more is waiting, so the lanes take what they can. A read of one
+                // peer's kept here is for a peer with nothing in the lanes (only this thread
+                // hands over, so that stays true this round): it cannot overtake one of its own.
                 let more = k == UDP_BATCH;
                 here.clear();
-                for (i, r) in reads[..k].iter_mut().enumerate() {
-                    let handed = self
-                        .peer_of(r)
-                        .is_some_and(|p| self.lanes.hand_over(&p, more, r));
-                    if handed {
-                        self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        here.push(i);
+                for i in 0..k {
+                    match self.owner_of(&reads[i]) {
+                        Owner::One(p) if self.lanes.hand_over(&p, more, &mut reads[i]) => {
+                            self.counters.lane_reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Owner::Several(peers) => {
+                            // Several peers' datagrams in one read (a relay's sessions, coalesced):
+                            // after what each has in the lanes, and before anything later.
+                            for p in &peers {
+                                self.lanes.wait_idle(p);
+                            }
+                            here.push(i);
+                            self.deliver(here.iter().map(|&i| &reads[i]), &mut dl);
+                            here.clear();
+                        }
+                        _ => here.push(i),
                     }
                 }
-                self.deliver(here.iter().map(|&i| &reads[i]), &mut dl, None);
+                self.deliver(here.iter().map(|&i| &reads[i]), &mut dl);
                 self.answer_inline();
                 if !more {
                     break;
@@ -134,8 +177,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         }
     }
 
-    /// A lane's thread: decrypt the reads handed over, whoever's they are, each written to the
-    /// TUN device in its peer's turn.
+    /// A lane's thread: decrypt the reads handed over, whoever's they are, ahead of their turn
+    /// (several lanes at once for one peer); then, in the peer's turn, everything that decides
+    /// (replay window, admission, roaming, the tunnel's bookkeeping) and the write to the TUN
+    /// device, as the receive thread would have done it.
     pub(super) fn lane_thread(&self) {
         let mut dl = Deliver::new(self.tun.writer());
         while let Some(next) = self.lanes.take() {
@@ -145,35 +190,97 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 let _ = self.tun.send_batch(&mut dl.writer, &mut []);
                 continue;
             };
-            self.deliver(std::iter::once(&h.read), &mut dl, Some(&h));
+            self.decrypt_ahead(&h.read, &mut dl);
+            self.lanes.wait_turn(&h);
+            self.deliver(std::iter::once(&h.read), &mut dl);
             self.lanes.done(h);
             self.answer_inline();
         }
     }
 
-    /// The peer a read is for, when that shows without decrypting: data messages, handshake
-    /// answers and cookie replies by their receiver index, frames relayed to this node by
-    /// their relay session (the first datagram tells; the rest are from the same sender). None
-    /// for initiations (only a Diffie-Hellman shows whose) and frames relayed for others.
-    fn peer_of(&self, r: &Read) -> Option<Arc<Peer>> {
-        if self.lanes.len() == 0 {
-            return None;
-        }
-        let first = r.datagrams().next()?;
-        let t = self.table.read().unwrap();
-        let (kind, wg) = match relay::parse(first) {
-            Some((session, _)) if classify(first) == FrameKind::Relay => {
-                return t.by_relay_session.get(&session).cloned();
+    /// Decrypt the direct data messages of `r` into the TUN buffers of their index, without
+    /// counting them received (the part of the work that may run out of turn).
+    fn decrypt_ahead(&self, r: &Read, dl: &mut Deliver<T::Writer>) {
+        let mut session: Option<(u32, Arc<Session>)> = None;
+        for (k, d) in r.datagrams().enumerate().take(dl.to_tun.len()) {
+            dl.ahead[k] = None;
+            let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(d) else {
+                continue;
+            };
+            let index = p.receiver_idx;
+            if session.as_ref().map(|s| s.0) != Some(index) {
+                session = self.session_for(index).map(|(_, s)| (index, s));
             }
-            _ => (classify(first), first),
-        };
-        let at = match (kind, wg.first()) {
-            (FrameKind::WireGuard, Some(2)) => 8,
-            (FrameKind::WireGuard, Some(3 | 4)) => 4,
-            _ => return None,
-        };
-        let index = u32::from_le_bytes(wg.get(at..at + 4)?.try_into().ok()?) >> 8;
-        t.by_index.get(&index).cloned()
+            let Some((_, s)) = &session else {
+                continue;
+            };
+            let buf = &mut dl.to_tun[k];
+            buf.resize(TUN_HEADROOM + d.len(), 0);
+            if let Ok((counter, len)) = s.decrypt(p, &mut buf[TUN_HEADROOM..]) {
+                dl.ahead[k] = Some(Decrypted {
+                    index,
+                    counter,
+                    len,
+                });
+            }
+        }
+    }
+
+    /// The peer and session of data messages for `receiver_idx`, if there is one.
+    fn session_for(&self, receiver_idx: u32) -> Option<(Arc<Peer>, Arc<Session>)> {
+        let peer = self
+            .table
+            .read()
+            .unwrap()
+            .by_index
+            .get(&(receiver_idx >> 8))
+            .cloned()?;
+        let session = peer.tunn.lock().unwrap().data_session(receiver_idx)?;
+        Some((peer, session))
+    }
+
+    /// Whose a read is, as far as that shows without decrypting: data messages, handshake
+    /// answers and cookie replies by their receiver index, frames relayed to this node by their
+    /// relay session, every datagram looked at. Initiations (only a Diffie-Hellman shows whose),
+    /// control frames and frames relayed for others belong to no peer.
+    fn owner_of(&self, r: &Read) -> Owner {
+        if self.lanes.len() == 0 {
+            return Owner::None;
+        }
+        let t = self.table.read().unwrap();
+        let mut owner = Owner::None;
+        let mut last: Option<u64> = None;
+        for d in r.datagrams() {
+            // The key of the peer in the table it is found by: index, or relay session.
+            let (key, relayed) = match relay::parse(d) {
+                Some((session, _)) if classify(d) == FrameKind::Relay => (session, true),
+                _ => {
+                    let at = match (classify(d), d[0]) {
+                        (FrameKind::WireGuard, 2) => 8,
+                        (FrameKind::WireGuard, 3 | 4) => 4,
+                        _ => continue,
+                    };
+                    let Some(b) = d.get(at..at + 4) else {
+                        continue;
+                    };
+                    let index = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8;
+                    (u64::from(index) | 1 << 63, false)
+                }
+            };
+            if last == Some(key) {
+                continue;
+            }
+            last = Some(key);
+            let peer = if relayed {
+                t.by_relay_session.get(&key)
+            } else {
+                t.by_index.get(&((key & u64::from(u32::MAX)) as u32))
+            };
+            if let Some(p) = peer {
+                owner.add(p);
+            }
+        }
+        owner
     }
 
     /// What the kernel answered to the packets just delivered (TCP ACKs, echo replies) leaves
@@ -187,16 +294,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Handle reads: WireGuard datagrams decrypted for the TUN device, relayed frames
-    /// forwarded or opened, control frames passed to the node. A read from the lanes (`turn`)
-    /// is written to the TUN device in its peer's turn.
-    fn deliver<'r>(
-        &self,
-        reads: impl Iterator<Item = &'r Read>,
-        dl: &mut Deliver<T::Writer>,
-        mut turn: Option<&Handed>,
-    ) {
+    /// forwarded or opened, control frames passed to the node. Messages a lane decrypted
+    /// ahead (`dl.ahead`) are taken as they are.
+    fn deliver<'r>(&self, reads: impl Iterator<Item = &'r Read>, dl: &mut Deliver<T::Writer>) {
         let Deliver {
             to_tun,
+            ahead,
             out,
             writer,
         } = dl;
@@ -211,8 +314,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let mut relaying: Option<(usize, usize, SocketAddr)> = None;
             // With GRO one read may hold several datagrams of `segment` bytes.
             for (k, d) in r.datagrams().enumerate() {
+                let early = ahead.get_mut(k).and_then(Option::take);
                 if ready == to_tun.len() {
-                    self.write_in_turn(&mut turn, writer, &mut to_tun[..ready]);
+                    self.write_tun(writer, &mut to_tun[..ready]);
                     ready = 0;
                 }
                 let kind = classify(d);
@@ -220,7 +324,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     self.forward_run(r, relaying.take());
                 }
                 if kind == FrameKind::WireGuard {
-                    match self.open_direct(d, from, &mut run, &mut to_tun[ready]) {
+                    if early.is_some() {
+                        // Decrypted ahead into the buffer of this datagram's index (never
+                        // below `ready`): in place for delivery.
+                        to_tun.swap(ready, k);
+                    }
+                    match self.open_direct(d, from, &mut run, &mut to_tun[ready], early) {
                         Some(true) => {
                             ready += 1;
                             continue;
@@ -269,54 +378,29 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             self.forward_run(r, relaying);
             self.end_run(run, from);
         }
-        self.write_in_turn(&mut turn, writer, &mut to_tun[..ready]);
-        if let Some(h) = turn {
-            // Nothing was written: the turn still passes in order.
-            self.lanes.wait_turn(h);
-        }
-    }
-
-    /// Write to the TUN device, first waiting for the turn of the read from the lanes, if any.
-    fn write_in_turn(
-        &self,
-        turn: &mut Option<&Handed>,
-        writer: &mut T::Writer,
-        bufs: &mut [Vec<u8>],
-    ) {
-        if bufs.is_empty() {
-            return;
-        }
-        if let Some(h) = turn.take() {
-            self.lanes.wait_turn(h);
-        }
-        self.write_tun(writer, bufs);
+        self.write_tun(writer, &mut to_tun[..ready]);
     }
 
     /// A data message received directly, opened with its session's shared keys: found (one
     /// lock of the tunnel) for the first of a run from one session, then used without the
-    /// tunnel's lock, so lanes can open one peer's messages side by side. True: a packet for
-    /// the TUN device in `to_tun` at `TUN_HEADROOM`. False: dropped or counted as upstream's
-    /// `decapsulate` would (or a keepalive). None: not for this path (not data, no such
-    /// session): the general one takes it, and reports why.
+    /// tunnel's lock. `early`: a lane decrypted it ahead, into `to_tun`; it is only accepted
+    /// here (the replay window marks it, in arrival order). True: a packet for the TUN device
+    /// in `to_tun` at `TUN_HEADROOM`. False: dropped or counted as upstream's `decapsulate`
+    /// would (or a keepalive). None: not for this path (not data, no such session): the
+    /// general one takes it, and reports why.
     fn open_direct(
         &self,
         datagram: &[u8],
         from: SocketAddr,
         run: &mut Option<Opened>,
         to_tun: &mut Vec<u8>,
+        early: Option<Decrypted>,
     ) -> Option<bool> {
         let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(datagram) else {
             return None;
         };
         if run.as_ref().map(|o| o.index) != Some(p.receiver_idx) {
-            let peer = self
-                .table
-                .read()
-                .unwrap()
-                .by_index
-                .get(&(p.receiver_idx >> 8))
-                .cloned()?;
-            let session = peer.tunn.lock().unwrap().data_session(p.receiver_idx)?;
+            let (peer, session) = self.session_for(p.receiver_idx)?;
             self.end_run(run.take(), from);
             *run = Some(Opened {
                 index: p.receiver_idx,
@@ -327,15 +411,26 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             });
         }
         let o = run.as_mut()?;
-        to_tun.resize(TUN_HEADROOM + datagram.len(), 0);
-        let (len, src) = match o.session.open(p, &mut to_tun[TUN_HEADROOM..]) {
+        let result = match early {
+            Some(e) if e.index == p.receiver_idx => o
+                .session
+                .accept(e.counter, &mut to_tun[TUN_HEADROOM..TUN_HEADROOM + e.len]),
+            _ => {
+                to_tun.resize(TUN_HEADROOM + datagram.len(), 0);
+                o.session.open(p, &mut to_tun[TUN_HEADROOM..])
+            }
+        };
+        let (len, src) = match result {
             TunnResult::WriteToTunnelV4(d, src) => (d.len(), IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(d, src) => (d.len(), IpAddr::V6(src)),
             TunnResult::Done => {
                 o.opened += 1;
                 return Some(false);
             }
-            TunnResult::Err(WireGuardError::DuplicateCounter) => return Some(false),
+            // Seen already (a duplicate found when the counter is marked is "invalid").
+            TunnResult::Err(WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter) => {
+                return Some(false)
+            }
             TunnResult::Err(e) => {
                 if matches!(e, WireGuardError::InvalidPacket) {
                     o.opened += 1;

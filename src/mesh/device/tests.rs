@@ -700,11 +700,12 @@ async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
     stop.cancel();
 }
 
-/// The patched tunnel shares its sessions: one peer's data messages opened on two threads at
-/// once are each accepted once and intact, a replay is refused, and the tunnel hears of them
-/// (received bytes, the session current) once per run.
+/// The patched tunnel shares its sessions: one peer's data messages decrypted on two threads
+/// at once, each thread trying every message, are accepted exactly once each and intact (a
+/// decrypted message counts only when accepted, so a copy decrypted beside it is refused); the
+/// tunnel hands out only the session of the exact index, and hears of what was opened outside.
 #[test]
-fn a_shared_session_opens_one_peers_messages_on_two_threads() {
+fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
     let (sa, sb) = (
         StaticSecret::random_from_rng(rand_core::OsRng),
         StaticSecret::random_from_rng(rand_core::OsRng),
@@ -725,7 +726,6 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads() {
         panic!("keepalive")
     };
     let keepalive = keepalive.to_vec();
-    // Sealed by A in order; B opens odd and even counters on two threads.
     let sealed: Vec<Vec<u8>> = (0..400u32)
         .map(|i| {
             let mut payload = vec![0u8; 1000];
@@ -737,33 +737,35 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads() {
             }
         })
         .collect();
-    let index = |d: &[u8]| u32::from_le_bytes(d[4..8].try_into().unwrap());
-    let session = b
-        .data_session(index(&sealed[0]))
-        .expect("B's session for A's messages");
-    assert!(
-        b.data_session(index(&sealed[0]) ^ 1).is_none(),
-        "no session, no keys"
-    );
-    let opened: Vec<(u32, usize)> = std::thread::scope(|s| {
-        let halves: Vec<_> = (0..2)
-            .map(|half| {
+    let index = u32::from_le_bytes(sealed[0][4..8].try_into().unwrap());
+    let session = b.data_session(index).expect("B's session for A's messages");
+    // The same slot of the ring (index modulo 8), another index: not this session.
+    assert!(b.data_session(index ^ 8).is_none(), "only the exact index");
+    let accepted: Vec<(u32, usize)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
                 let (session, sealed) = (&session, &sealed);
                 s.spawn(move || {
                     let mut out = vec![0u8; 2048];
                     let mut got = Vec::new();
-                    for d in sealed.iter().skip(half).step_by(2) {
+                    for d in sealed {
                         let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(d) else {
                             panic!("data")
                         };
-                        match session.open(p, &mut out) {
+                        // The other thread may have accepted it already: then a duplicate.
+                        let Ok((counter, len)) = session.decrypt(p, &mut out) else {
+                            continue;
+                        };
+                        match session.accept(counter, &mut out[..len]) {
                             TunnResult::WriteToTunnelV4(pk, src) => {
                                 assert_eq!(src, ip(3, 1));
-                                got.push((
-                                    u32::from_be_bytes(pk[28..32].try_into().unwrap()),
-                                    pk.len(),
-                                ));
+                                let seq = u32::from_be_bytes(pk[28..32].try_into().unwrap());
+                                got.push((seq, pk.len()));
                             }
+                            // Seen already: at the quick look (duplicate) or when marking.
+                            TunnResult::Err(
+                                WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter,
+                            ) => {}
                             other => panic!("not opened: {other:?}"),
                         }
                     }
@@ -771,14 +773,17 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads() {
                 })
             })
             .collect();
-        halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
-    let mut seqs: Vec<u32> = opened.iter().map(|o| o.0).collect();
+    let mut seqs: Vec<u32> = accepted.iter().map(|o| o.0).collect();
     seqs.sort_unstable();
     assert_eq!(
         seqs,
         (0..400).collect::<Vec<_>>(),
-        "each message opened once"
+        "each message accepted exactly once"
     );
     let Ok(Packet::PacketData(replay)) = Tunn::parse_incoming_packet(&sealed[7]) else {
         panic!("data")
@@ -790,9 +795,9 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads() {
         ),
         "a replay is refused"
     );
-    let bytes: usize = opened.iter().map(|o| o.1).sum();
+    let bytes: usize = accepted.iter().map(|o| o.1).sum();
     let rx_before = b.stats().2;
-    b.data_received(index(&sealed[0]), bytes);
+    b.data_received(index, bytes);
     assert_eq!(
         b.stats().2 - rx_before,
         bytes,
@@ -803,4 +808,81 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads() {
         b.decapsulate(None, &keepalive, &mut buf2),
         TunnResult::Done
     ));
+}
+
+/// Under load, with lanes decrypting one peer's reads side by side, copies of its messages that
+/// arrive later from another address lose: the originals are delivered once each and in order,
+/// no copy is, and the peer's endpoint stays where the originals came from (the replay window
+/// and roaming see messages in arrival order, whichever lane decrypted first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_copies_neither_win_nor_move_the_endpoint_through_the_lanes() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let mut b = node_with_lanes(&net, 2, 7, &stop, 2);
+    let a = node(&net, 1, 3, &stop);
+    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
+    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
+    a.tun
+        .inject
+        .send(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"hello"))
+        .await
+        .unwrap();
+    expect_delivery(&mut b, b"hello").await;
+    const N: u32 = 300;
+    net.start_capture();
+    net.hold(b.addr, true);
+    for i in 0..N {
+        let mut payload = vec![0u8; 1300];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
+        a.tun.inject.send(p).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.held(b.addr) < N as usize {
+        assert!(Instant::now() < deadline, "the burst was not sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let copies: Vec<Vec<u8>> = net
+        .captured()
+        .into_iter()
+        .filter(|(from, to, d)| *from == a.addr && *to == b.addr && d.first() == Some(&4))
+        .map(|(_, _, d)| d)
+        .collect();
+    assert!(copies.len() >= N as usize, "captured {}", copies.len());
+    let thief = net
+        .bind(SocketAddr::from(([192, 0, 2, 66], 51820)))
+        .unwrap();
+    // The originals reach B's socket first, the copies right behind them.
+    net.hold(b.addr, false);
+    for d in &copies {
+        thief.send_to(d, b.addr).unwrap();
+    }
+    let mut next = 0u32;
+    while next < N {
+        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
+            .await
+            .expect("all packets within 10 s")
+            .expect("open");
+        if p.len() < 32 || u16::from_be_bytes([p[22], p[23]]) != 2 {
+            continue;
+        }
+        let seq = u32::from_be_bytes([p[28], p[29], p[30], p[31]]);
+        assert_eq!(seq, next, "in order, once each");
+        next += 1;
+    }
+    // Every copy is in B's hands soon after; none may come through.
+    if let Ok(Some(p)) = timeout(Duration::from_millis(500), b.tun.delivered.recv()).await {
+        panic!("a copy was delivered: {} bytes", p.len());
+    }
+    assert!(
+        b.dev.counters.lane_reads.load(Ordering::Relaxed) > 0,
+        "through the lanes"
+    );
+    let peer = b.dev.peer_by_node(&node_id(3)).unwrap();
+    assert_eq!(
+        peer.endpoint(),
+        Some(a.addr),
+        "the copies did not move the endpoint"
+    );
+    stop.cancel();
 }

@@ -238,6 +238,22 @@ impl Session {
         packet: PacketData,
         dst: &'a mut [u8],
     ) -> Result<&'a mut [u8], WireGuardError> {
+        let (counter, n) = self.decrypt(packet, dst)?;
+        // After decryption is done, check counter again, and mark as received
+        self.receiving_counter_mark(counter)?;
+        Ok(&mut dst[..n])
+    }
+
+    /// The half of receiving a data message that may run on any thread, in any order: check
+    /// that its counter was not seen (a quick look, without marking it) and decrypt it into
+    /// `dst`. Returns the counter and the length of the packet inside. The message counts as
+    /// received only once [`Session::accept`] marks the counter, which the caller does in the
+    /// order messages arrived, so that of two copies the first to arrive wins.
+    pub fn decrypt(
+        &self,
+        packet: PacketData,
+        dst: &mut [u8],
+    ) -> Result<(u64, usize), WireGuardError> {
         let ct_len = packet.encrypted_encapsulated_packet.len();
         if dst.len() < ct_len {
             // This is a very incorrect use of the library, therefore panic and not error
@@ -260,17 +276,24 @@ impl Session {
                     &mut dst[..ct_len],
                 )
                 .map_err(|_| WireGuardError::InvalidAeadTag)?
+                .len()
         };
+        Ok((packet.counter, ret))
+    }
 
-        // After decryption is done, check counter again, and mark as received
-        self.receiving_counter_mark(packet.counter)?;
-        Ok(ret)
+    /// The in-order half: mark `counter` (from [`Session::decrypt`]) as received, refusing a
+    /// duplicate, and check the packet inside, `plaintext`. `Done`: a keepalive.
+    pub fn accept<'a>(&self, counter: u64, plaintext: &'a mut [u8]) -> TunnResult<'a> {
+        match self.receiving_counter_mark(counter) {
+            Ok(()) => super::inner_packet(plaintext),
+            Err(e) => TunnResult::Err(e),
+        }
     }
 
     /// Decrypt a data message for this session into `dst` and check the packet inside: what
-    /// [`super::Tunn::decapsulate`] does for data, with `&self`, so that several threads can
-    /// open one peer's messages at once (the replay window is behind its own lock). The
-    /// tunnel is told afterwards with [`super::Tunn::data_received`]. `Done`: a keepalive.
+    /// [`super::Tunn::decapsulate`] does for data, with `&self` (the replay window is behind
+    /// its own lock): [`Session::decrypt`] then [`Session::accept`]. The tunnel is told
+    /// afterwards with [`super::Tunn::data_received`]. `Done`: a keepalive.
     pub fn open<'a>(&self, packet: PacketData, dst: &'a mut [u8]) -> TunnResult<'a> {
         match self.receive_packet_data(packet, dst) {
             Ok(inner) => super::inner_packet(inner),
