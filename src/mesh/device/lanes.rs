@@ -389,27 +389,36 @@ mod tests {
         for i in 0..MAX_SPARE {
             assert!(lanes.hand_over(&p, true, &mut read(i as u8)));
         }
-        let worker = {
-            let lanes = lanes.clone();
+        // Every buffer is out: the next hand-over waits until a lane gives one back.
+        let (tx, rx) = mpsc::channel();
+        let receiver = {
+            let (lanes, p) = (lanes.clone(), p.clone());
             std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                while let Some(Some(h)) = lanes.take() {
-                    seen.push(h.ticket);
-                    lanes.wait_turn(&h);
-                    lanes.done(h);
-                    if seen.len() == MAX_SPARE + 1 {
-                        break;
-                    }
-                }
-                seen
+                let handed = lanes.hand_over(&p, true, &mut read(99));
+                tx.send(()).unwrap();
+                handed
             })
         };
-        // Every buffer is out: this returns once the lane gave one back, the read handed over.
-        assert!(lanes.hand_over(&p, true, &mut read(99)));
-        let seen = worker.join().unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "handed over with no buffer to spare"
+        );
+        let first = take(&lanes);
+        lanes.wait_turn(&first);
+        lanes.done(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the hand-over went on once a buffer came back");
+        assert!(receiver.join().unwrap(), "and the read was handed over");
+        let mut tickets = Vec::new();
+        while tickets.len() < MAX_SPARE {
+            let h = take(&lanes);
+            tickets.push(h.ticket);
+            lanes.wait_turn(&h);
+            lanes.done(h);
+        }
         assert_eq!(
-            seen,
-            (0..=MAX_SPARE as u64).collect::<Vec<_>>(),
+            tickets,
+            (1..=MAX_SPARE as u64).collect::<Vec<_>>(),
             "every read, in order"
         );
     }
