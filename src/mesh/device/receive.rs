@@ -432,9 +432,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                 return Some(false)
             }
             TunnResult::Err(e) => {
-                if matches!(e, WireGuardError::InvalidPacket) {
-                    o.opened += 1;
-                }
+                // Not counted as heard from (an invalid packet inside included), as in
+                // `inbound`.
                 debug!(peer = %o.peer.name(), error = ?e, "decapsulate failed");
                 return Some(false);
             }

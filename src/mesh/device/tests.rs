@@ -98,6 +98,38 @@ async fn expect_delivery(n: &mut TestNode, payload: &[u8]) -> Vec<u8> {
     }
 }
 
+/// A and B peers of each other, with a session (a first packet crossed).
+async fn connect(a: &TestNode, b: &mut TestNode) {
+    a.dev.set_peers(&[spec(b, vec![b.addr])]);
+    b.dev.set_peers(&[spec(a, vec![a.addr])]);
+    a.tun
+        .inject
+        .send(build_ipv4_udp(ip(a.slot, 1), ip(b.slot, 1), 1, 1, b"hello"))
+        .await
+        .unwrap();
+    expect_delivery(b, b"hello").await;
+}
+
+/// Packet `i` of a numbered burst from `from`'s node to `to`'s (UDP port 2, `size` bytes of
+/// payload starting with `i`).
+fn numbered(from: u32, to: u32, i: u32, size: usize) -> Vec<u8> {
+    let mut payload = vec![0u8; size];
+    payload[..4].copy_from_slice(&i.to_be_bytes());
+    build_ipv4_udp(ip(from, 1), ip(to, 1), 1, 2, &payload)
+}
+
+/// Wait until `n` datagrams are held back for `addr` (bounded).
+async fn wait_held(net: &MemNet, addr: SocketAddr, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.held(addr) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the senders did not send the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn packets_cross_the_tunnel_both_ways_and_bad_sources_are_dropped() {
     let net = MemNet::new();
@@ -221,22 +253,9 @@ async fn a_burst_arrives_complete_and_in_order_through_batching() {
     let stop = CancellationToken::new();
     let a = node(&net, 1, 3, &stop);
     let mut b = node(&net, 2, 7, &stop);
-    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
-    // Establish the session first.
-    a.tun
-        .inject
-        .send(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"hello"))
-        .await
-        .unwrap();
-    expect_delivery(&mut b, b"hello").await;
+    connect(&a, &mut b).await;
     // 200 equal packets, then one short one: GSO runs and GRO-coalesced reads.
-    let mut sent = Vec::new();
-    for i in 0..200u32 {
-        let mut payload = vec![0u8; 1000];
-        payload[..4].copy_from_slice(&i.to_be_bytes());
-        sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload));
-    }
+    let mut sent: Vec<Vec<u8>> = (0..200).map(|i| numbered(3, 7, i, 1000)).collect();
     sent.push(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, b"last"));
     for p in &sent {
         a.tun.inject.send(p.clone()).await.unwrap();
@@ -282,18 +301,11 @@ async fn bursts_from_two_peers_go_through_lanes_in_order() {
     net.hold(b.addr, true);
     for i in 0..N {
         for (s, n) in [(&a, 3u32), (&c, 11)] {
-            let mut payload = vec![0u8; 1300];
-            payload[..4].copy_from_slice(&i.to_be_bytes());
-            let p = build_ipv4_udp(ip(n, 1), ip(7, 1), 1, 2, &payload);
-            s.tun.inject.send(p).await.unwrap();
+            s.tun.inject.send(numbered(n, 7, i, 1300)).await.unwrap();
         }
     }
     // Wait until both bursts are all waiting for B.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while net.held(b.addr) < 2 * N as usize {
-        assert!(Instant::now() < deadline, "senders did not send the bursts");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_held(&net, b.addr, 2 * N as usize).await;
     net.hold(b.addr, false);
     let mut next = HashMap::from([(ip(3, 1), 0u32), (ip(11, 1), 0u32)]);
     let mut got = 0;
@@ -380,10 +392,7 @@ async fn packets_wait_for_a_session_bounded_and_go_once_it_comes() {
     // A knows B; B does not know A yet, so A's handshakes go unanswered.
     a.dev.set_peers(&[spec(&b, vec![b.addr])]);
     for i in 0..100u32 {
-        let mut payload = vec![0u8; 200];
-        payload[..4].copy_from_slice(&i.to_be_bytes());
-        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
-        a.tun.inject.send(p).await.unwrap();
+        a.tun.inject.send(numbered(3, 7, i, 200)).await.unwrap();
     }
     let b_id = spec(&b, vec![]).node_id;
     let peer = a.dev.peer_by_node(&b_id).unwrap();
@@ -728,9 +737,7 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
     let keepalive = keepalive.to_vec();
     let sealed: Vec<Vec<u8>> = (0..400u32)
         .map(|i| {
-            let mut payload = vec![0u8; 1000];
-            payload[..4].copy_from_slice(&i.to_be_bytes());
-            let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
+            let p = numbered(3, 7, i, 1000);
             match a.encapsulate(&p, &mut buf) {
                 TunnResult::WriteToNetwork(d) => d.to_vec(),
                 _ => panic!("a session"),
@@ -820,28 +827,14 @@ async fn later_copies_neither_win_nor_move_the_endpoint_through_the_lanes() {
     let stop = CancellationToken::new();
     let mut b = node_with_lanes(&net, 2, 7, &stop, 2);
     let a = node(&net, 1, 3, &stop);
-    b.dev.set_peers(&[spec(&a, vec![a.addr])]);
-    a.dev.set_peers(&[spec(&b, vec![b.addr])]);
-    a.tun
-        .inject
-        .send(build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 1, b"hello"))
-        .await
-        .unwrap();
-    expect_delivery(&mut b, b"hello").await;
+    connect(&a, &mut b).await;
     const N: u32 = 300;
     net.start_capture();
     net.hold(b.addr, true);
     for i in 0..N {
-        let mut payload = vec![0u8; 1300];
-        payload[..4].copy_from_slice(&i.to_be_bytes());
-        let p = build_ipv4_udp(ip(3, 1), ip(7, 1), 1, 2, &payload);
-        a.tun.inject.send(p).await.unwrap();
+        a.tun.inject.send(numbered(3, 7, i, 1300)).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while net.held(b.addr) < N as usize {
-        assert!(Instant::now() < deadline, "the burst was not sent");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_held(&net, b.addr, N as usize).await;
     let copies: Vec<Vec<u8>> = net
         .captured()
         .into_iter()
