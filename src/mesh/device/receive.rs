@@ -183,26 +183,36 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// device, as the receive thread would have done it.
     pub(super) fn lane_thread(&self) {
         let mut dl = Deliver::new(self.tun.writer());
-        while let Some(next) = self.lanes.take() {
-            let Some(h) = next else {
+        let mut work = Vec::new();
+        while self.lanes.take(&mut work, dl.to_tun.len()).is_some() {
+            let Some(first) = work.first() else {
                 // Idle a while: an empty batch lets the writer give back what it keeps only
                 // for heavy traffic (the TUN coalescing table).
                 let _ = self.tun.send_batch(&mut dl.writer, &mut []);
                 continue;
             };
-            self.decrypt_ahead(&h.read, &mut dl);
-            self.lanes.wait_turn(&h);
-            self.deliver(std::iter::once(&h.read), &mut dl);
-            self.lanes.done(h);
+            self.decrypt_ahead(work.iter().map(|h| &h.read), &mut dl);
+            // The reads taken together are one peer's next tickets: one turn for all.
+            self.lanes.wait_turn(first);
+            self.deliver(work.iter().map(|h| &h.read), &mut dl);
+            for h in work.drain(..) {
+                self.lanes.done(h);
+            }
             self.answer_inline();
         }
     }
 
-    /// Decrypt the direct data messages of `r` into the TUN buffers of their index, without
-    /// counting them received (the part of the work that may run out of turn).
-    fn decrypt_ahead(&self, r: &Read, dl: &mut Deliver<T::Writer>) {
+    /// Decrypt the direct data messages of `reads` into the TUN buffers of their index (counted
+    /// across the reads), without counting them received (the part of the work that may run
+    /// out of turn).
+    fn decrypt_ahead<'r>(
+        &self,
+        reads: impl Iterator<Item = &'r Read>,
+        dl: &mut Deliver<T::Writer>,
+    ) {
         let mut session: Option<(u32, Arc<Session>)> = None;
-        for (k, d) in r.datagrams().enumerate().take(dl.to_tun.len()) {
+        let all = reads.flat_map(|r| r.datagrams());
+        for (k, d) in all.enumerate().take(dl.to_tun.len()) {
             dl.ahead[k] = None;
             let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(d) else {
                 continue;
@@ -304,6 +314,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             writer,
         } = dl;
         let mut ready = 0;
+        // Index of the datagram across the reads (where one decrypted ahead is).
+        let mut slot = 0;
         for r in reads {
             // Data messages straight from one session, opened with it (found once).
             let mut run: Option<Opened> = None;
@@ -314,7 +326,9 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let mut relaying: Option<(usize, usize, SocketAddr)> = None;
             // With GRO one read may hold several datagrams of `segment` bytes.
             for (k, d) in r.datagrams().enumerate() {
-                let early = ahead.get_mut(k).and_then(Option::take);
+                let early = ahead.get_mut(slot).and_then(Option::take);
+                let this = slot;
+                slot += 1;
                 if ready == to_tun.len() {
                     self.write_tun(writer, &mut to_tun[..ready]);
                     ready = 0;
@@ -327,7 +341,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
                     if early.is_some() {
                         // Decrypted ahead into the buffer of this datagram's index (never
                         // below `ready`): in place for delivery.
-                        to_tun.swap(ready, k);
+                        to_tun.swap(ready, this);
                     }
                     match self.open_direct(d, from, &mut run, &mut to_tun[ready], early) {
                         Some(true) => {
