@@ -711,7 +711,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             return;
         };
         let peer = &o.peer;
-        peer.tunn.lock().unwrap().data_received(o.index, o.bytes);
+        // A session replaced meanwhile is not counted (its messages were opened already).
+        peer.tunn.lock().unwrap().data_received(&o.session, o.bytes);
         let now = Instant::now();
         if peer
             .paths

@@ -804,12 +804,17 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
     );
     let bytes: usize = accepted.iter().map(|o| o.1).sum();
     let rx_before = b.stats().2;
-    b.data_received(index, bytes);
+    assert!(b.data_received(&session, bytes));
     assert_eq!(
         b.stats().2 - rx_before,
         bytes,
         "the tunnel counts what was opened outside"
     );
+    // A session that is not B's (A's own, for B's messages) is not counted.
+    let foreign = a.data_session(u32::from_le_bytes(resp[8..12].try_into().unwrap()));
+    let foreign = foreign.expect("A's session for B's messages");
+    assert!(!b.data_received(&foreign, 1000), "not one of B's sessions");
+    assert_eq!(b.stats().2 - rx_before, bytes);
     // The keepalive A sent at the handshake still opens through the tunnel as before.
     assert!(matches!(
         b.decapsulate(None, &keepalive, &mut buf2),

@@ -483,17 +483,26 @@ impl Tunn {
             .cloned()
     }
 
-    /// Account for data messages of session `receiver_idx` that were opened outside this
-    /// tunnel (at least one authenticated; `bytes` of inner packets, 0 for keepalives only):
-    /// what [`Tunn::decapsulate`] does for each, once. The session becomes current if it is
-    /// the newer one, and the timers see a packet (and data) received.
-    pub fn data_received(&mut self, receiver_idx: u32, bytes: usize) {
+    /// Account for data messages that were opened outside this tunnel with `session` (at least
+    /// one authenticated; `bytes` of inner packets, 0 for keepalives only): what
+    /// [`Tunn::decapsulate`] does for each, once. The session becomes current if it is the
+    /// newer one, and the timers see a packet (and data) received. False, and nothing counted:
+    /// `session` is not (or no longer) one of this tunnel's.
+    pub fn data_received(&mut self, session: &Session, bytes: usize) -> bool {
+        let receiver_idx = session.receiving_index;
+        let held = self.sessions[receiver_idx as usize % N_SESSIONS]
+            .as_ref()
+            .is_some_and(|s| std::ptr::eq(&**s, session));
+        if !held {
+            return false;
+        }
         self.set_current_session(receiver_idx as usize);
         self.timer_tick(TimerName::TimeLastPacketReceived);
         if bytes > 0 {
             self.timer_tick(TimerName::TimeLastDataPacketReceived);
             self.rx_bytes += bytes;
         }
+        true
     }
 
     /// Get a packet from the queue, and try to encapsulate it
