@@ -90,16 +90,10 @@ impl Order {
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    reads: VecDeque<Handed>,
-    stop: bool,
-}
-
 pub(super) struct Lanes {
     threads: usize,
     stopped: AtomicBool,
-    queue: Mutex<Queue>,
+    queue: Mutex<VecDeque<Handed>>,
     /// Reads were queued (or the lanes are to stop).
     work: Condvar,
     spare: Mutex<Spare>,
@@ -121,7 +115,6 @@ struct Spare {
     bufs: Vec<Vec<u8>>,
     /// Buffers made so far (in lanes or spare).
     made: usize,
-    stop: bool,
 }
 
 impl Lanes {
@@ -145,7 +138,7 @@ impl Lanes {
         Lanes {
             threads: n,
             stopped: AtomicBool::new(false),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(VecDeque::new()),
             work: Condvar::new(),
             spare: Mutex::new(Spare::default()),
             returned: Condvar::new(),
@@ -176,7 +169,7 @@ impl Lanes {
             t.given - 1
         };
         let mut q = self.queue.lock().unwrap();
-        q.reads.push_back(Handed {
+        q.push_back(Handed {
             read: Read {
                 buf: full,
                 n: read.n,
@@ -194,7 +187,7 @@ impl Lanes {
     fn take_spare(&self) -> Option<Vec<u8>> {
         let mut s = self.spare.lock().unwrap();
         loop {
-            if s.stop {
+            if self.stopping() {
                 return None;
             }
             if let Some(b) = s.bufs.pop() {
@@ -217,17 +210,17 @@ impl Lanes {
         let mut q = self.queue.lock().unwrap();
         let mut waited = false;
         loop {
-            if q.stop {
+            if self.stopping() {
                 return None;
             }
-            if let Some(h) = q.reads.pop_front() {
+            if let Some(h) = q.pop_front() {
                 let mut datagrams = h.read.count();
-                while let Some(next) = q.reads.front() {
+                while let Some(next) = q.front() {
                     datagrams += next.read.count();
                     if !Arc::ptr_eq(&next.peer, &h.peer) || datagrams > max_datagrams {
                         break;
                     }
-                    work.extend(q.reads.pop_front());
+                    work.extend(q.pop_front());
                 }
                 work.insert(0, h);
                 return Some(());
@@ -244,19 +237,20 @@ impl Lanes {
     /// Wait until `h` is its peer's next ticket to write (the earlier ones are being written
     /// by other lanes, which never wait on this one), or the lanes stop.
     pub fn wait_turn(&self, h: &Handed) {
-        let order = &h.peer.order;
-        let mut t = order.turns.lock().unwrap();
-        while t.written != h.ticket && !self.stopping() {
-            t = order.next.wait_timeout(t, STOP_CHECK).unwrap().0;
-        }
+        self.wait_for(&h.peer.order, |t| t.written == h.ticket);
     }
 
     /// Wait until `peer` has no read in the lanes (or the lanes stop): its next read may then
     /// be handled by the caller without overtaking any.
     pub fn wait_idle(&self, peer: &Peer) {
-        let order = &peer.order;
+        self.wait_for(&peer.order, |t| t.given == t.written);
+    }
+
+    /// Wait until `done` holds for the peer's tickets (tickets are only ever written, so it
+    /// comes as the work ahead ends), or the lanes stop.
+    fn wait_for(&self, order: &Order, done: impl Fn(&Turns) -> bool) {
         let mut t = order.turns.lock().unwrap();
-        while t.given > t.written && !self.stopping() {
+        while !done(&t) && !self.stopping() {
             t = order.next.wait_timeout(t, STOP_CHECK).unwrap().0;
         }
     }
@@ -279,9 +273,11 @@ impl Lanes {
     /// Stop every lane (their threads return from [`Lanes::take`]).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-        self.queue.lock().unwrap().stop = true;
+        // Each lock taken before the wake-up: a thread that saw the flag unset is waiting by
+        // then, and is woken.
+        drop(self.queue.lock().unwrap());
         self.work.notify_all();
-        self.spare.lock().unwrap().stop = true;
+        drop(self.spare.lock().unwrap());
         self.returned.notify_all();
     }
 }

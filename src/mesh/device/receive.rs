@@ -69,26 +69,25 @@ struct Opened {
 }
 
 /// A data message a lane decrypted ahead of its turn (into the TUN buffer of the same index as
-/// the datagram in its read): its receiver index, counter and plaintext length. It counts as
-/// received only in turn ([`Session::accept`]).
+/// the datagram in its reads): its counter and plaintext length. It counts as received only in
+/// turn ([`Session::accept`]).
 #[derive(Clone, Copy)]
-struct Decrypted {
-    index: u32,
+pub(super) struct Decrypted {
     counter: u64,
     len: usize,
 }
 
 /// What a thread that delivers to the TUN device keeps between batches.
-struct Deliver<W> {
+pub(super) struct Deliver<W> {
     to_tun: Vec<Vec<u8>>,
-    /// Per datagram of the read in hand, what was decrypted ahead ([`Device::decrypt_ahead`]).
-    ahead: Vec<Option<Decrypted>>,
+    /// Per datagram of the reads in hand, what was decrypted ahead ([`Device::decrypt_ahead`]).
+    pub ahead: Vec<Option<Decrypted>>,
     out: Vec<u8>,
     writer: W,
 }
 
 impl<W> Deliver<W> {
-    fn new(writer: W) -> Deliver<W> {
+    pub(super) fn new(writer: W) -> Deliver<W> {
         Deliver {
             to_tun: (0..TUN_BATCH)
                 .map(|_| Vec::with_capacity(TUN_PACKET_BUF))
@@ -205,7 +204,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// Decrypt the direct data messages of `reads` into the TUN buffers of their index (counted
     /// across the reads), without counting them received (the part of the work that may run
     /// out of turn).
-    fn decrypt_ahead<'r>(
+    pub(super) fn decrypt_ahead<'r>(
         &self,
         reads: impl Iterator<Item = &'r Read>,
         dl: &mut Deliver<T::Writer>,
@@ -227,11 +226,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let buf = &mut dl.to_tun[k];
             buf.resize(TUN_HEADROOM + d.len(), 0);
             if let Ok((counter, len)) = s.decrypt(p, &mut buf[TUN_HEADROOM..]) {
-                dl.ahead[k] = Some(Decrypted {
-                    index,
-                    counter,
-                    len,
-                });
+                dl.ahead[k] = Some(Decrypted { counter, len });
             }
         }
     }
@@ -257,34 +252,34 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         if self.lanes.len() == 0 {
             return Owner::None;
         }
+        /// What a datagram's peer is found by.
+        #[derive(PartialEq, Clone, Copy)]
+        enum Key {
+            Index(u32),
+            Relay(u64),
+        }
         let t = self.table.read().unwrap();
         let mut owner = Owner::None;
-        let mut last: Option<u64> = None;
+        let mut last = None;
         for d in r.datagrams() {
-            // The key of the peer in the table it is found by: index, or relay session.
-            let (key, relayed) = match relay::parse(d) {
-                Some((session, _)) if classify(d) == FrameKind::Relay => (session, true),
-                _ => {
-                    let at = match (classify(d), d[0]) {
-                        (FrameKind::WireGuard, 2) => 8,
-                        (FrameKind::WireGuard, 3 | 4) => 4,
-                        _ => continue,
-                    };
-                    let Some(b) = d.get(at..at + 4) else {
-                        continue;
-                    };
-                    let index = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8;
-                    (u64::from(index) | 1 << 63, false)
-                }
+            // A receiver index at `at`, as the table keeps it.
+            let index = |at: usize| {
+                d.get(at..at + 4)
+                    .map(|b| Key::Index(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8))
             };
-            if last == Some(key) {
+            let key = match (classify(d), d[0]) {
+                (FrameKind::Relay, _) => relay::parse(d).map(|(session, _)| Key::Relay(session)),
+                (FrameKind::WireGuard, 2) => index(8),
+                (FrameKind::WireGuard, 3 | 4) => index(4),
+                _ => None,
+            };
+            let Some(key) = key else { continue };
+            if last.replace(key) == Some(key) {
                 continue;
             }
-            last = Some(key);
-            let peer = if relayed {
-                t.by_relay_session.get(&key)
-            } else {
-                t.by_index.get(&((key & u64::from(u32::MAX)) as u32))
+            let peer = match key {
+                Key::Index(index) => t.by_index.get(&index),
+                Key::Relay(session) => t.by_relay_session.get(&session),
             };
             if let Some(p) = peer {
                 owner.add(p);
@@ -306,7 +301,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// Handle reads: WireGuard datagrams decrypted for the TUN device, relayed frames
     /// forwarded or opened, control frames passed to the node. Messages a lane decrypted
     /// ahead (`dl.ahead`) are taken as they are.
-    fn deliver<'r>(&self, reads: impl Iterator<Item = &'r Read>, dl: &mut Deliver<T::Writer>) {
+    pub(super) fn deliver<'r>(
+        &self,
+        reads: impl Iterator<Item = &'r Read>,
+        dl: &mut Deliver<T::Writer>,
+    ) {
         let Deliver {
             to_tun,
             ahead,
@@ -425,11 +424,12 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             });
         }
         let o = run.as_mut()?;
+        // Decrypted ahead with the session of this very index (indexes are not reused).
         let result = match early {
-            Some(e) if e.index == p.receiver_idx => o
+            Some(e) => o
                 .session
                 .accept(e.counter, &mut to_tun[TUN_HEADROOM..TUN_HEADROOM + e.len]),
-            _ => {
+            None => {
                 to_tun.resize(TUN_HEADROOM + datagram.len(), 0);
                 o.session.open(p, &mut to_tun[TUN_HEADROOM..])
             }

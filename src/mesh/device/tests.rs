@@ -1,5 +1,6 @@
 //! Device tests: two or more devices over the in-memory underlay.
 
+use super::receive::Deliver;
 use super::send::{MAX_WAITING_BYTES, MAX_WAITING_PER_PEER};
 use super::*;
 use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
@@ -899,5 +900,92 @@ async fn later_copies_neither_win_nor_move_the_endpoint_through_the_lanes() {
         Some(a.addr),
         "the copies did not move the endpoint"
     );
+    stop.cancel();
+}
+
+/// What a lane does, step by step and in a set order: copies of a peer's messages from another
+/// address are decrypted ahead first, the originals after them; in turn, the originals (which
+/// arrived first) are judged first. The originals are delivered, every copy is refused as seen,
+/// nothing is counted twice, and the endpoint stays. Decrypting ahead marks nothing: marked in
+/// decrypt order, the copies would have won.
+#[tokio::test]
+async fn decrypted_ahead_the_first_to_arrive_still_wins_in_turn() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    connect(&a, &mut b).await;
+    // Five messages that never reach B on their own.
+    const N: u32 = 5;
+    net.start_capture();
+    net.hold(b.addr, true);
+    for i in 0..N {
+        a.tun.inject.send(numbered(3, 7, i, 1000)).await.unwrap();
+    }
+    let data = || -> Vec<Vec<u8>> {
+        net.captured()
+            .into_iter()
+            .filter(|(from, _, d)| *from == a.addr && d.first() == Some(&4) && d.len() > 32)
+            .map(|(_, _, d)| d)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while data().len() < N as usize {
+        assert!(Instant::now() < deadline, "A did not send");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // One coalesced read of them, as the socket would give it.
+    let read = |from: SocketAddr| {
+        let mut r = lanes::Read::new();
+        let sent = data();
+        r.segment = sent[0].len();
+        for d in &sent {
+            r.buf[r.n..r.n + d.len()].copy_from_slice(d);
+            r.n += d.len();
+        }
+        r.from = from;
+        r
+    };
+    let originals = read(a.addr);
+    let copies = read(SocketAddr::from(([192, 0, 2, 66], 51820)));
+    let (mut lane_o, mut lane_c) = (Deliver::new(()), Deliver::new(()));
+    b.dev.decrypt_ahead(std::iter::once(&copies), &mut lane_c);
+    b.dev
+        .decrypt_ahead(std::iter::once(&originals), &mut lane_o);
+    for lane in [&lane_o, &lane_c] {
+        let ahead = lane.ahead.iter().filter(|e| e.is_some()).count();
+        assert_eq!(
+            ahead, N as usize,
+            "every message decrypted ahead, both times"
+        );
+    }
+    let peer = b.dev.peer_by_node(&node_id(3)).unwrap();
+    let rx = || peer.counters.rx_packets.load(Ordering::Relaxed);
+    let before = rx();
+    b.dev.deliver(std::iter::once(&originals), &mut lane_o);
+    assert_eq!(
+        rx() - before,
+        N as u64,
+        "the originals, judged first, are delivered"
+    );
+    let mut next = 0;
+    while next < N {
+        let p = expect_delivery(&mut b, &[]).await;
+        if p.len() > 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+            assert_eq!(
+                u32::from_be_bytes([p[28], p[29], p[30], p[31]]),
+                next,
+                "in order"
+            );
+            next += 1;
+        }
+    }
+    b.dev.deliver(std::iter::once(&copies), &mut lane_c);
+    assert_eq!(rx() - before, N as u64, "no copy is delivered");
+    assert!(
+        lane_c.ahead.iter().all(Option::is_none),
+        "what was decrypted ahead is used up in turn"
+    );
+    assert_eq!(peer.endpoint(), Some(a.addr), "the copies moved nothing");
     stop.cancel();
 }
