@@ -8,6 +8,7 @@ pub mod admission;
 mod lanes;
 pub(crate) use lanes::Order;
 mod receive;
+mod sealers;
 mod send;
 #[cfg(test)]
 mod tests;
@@ -88,6 +89,8 @@ pub struct DeviceCounters {
     pub relayed_bytes: AtomicU64,
     /// Reads (up to 64 KiB of datagrams each) the receive thread handed to a lane.
     pub lane_reads: AtomicU64,
+    /// TUN reads sealed on a seal lane.
+    pub sealed_on_lanes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -138,6 +141,8 @@ pub struct Device<T, U> {
     tx: Mutex<send::TxState>,
     /// Receive lanes: threads that decrypt under load, in order per peer.
     lanes: lanes::Lanes,
+    /// Seal lanes: threads that encrypt TUN reads when several are ready.
+    sealers: sealers::Sealers<send::OutRead>,
     /// Bytes of packets waiting for their peer's session, across peers.
     waiting_bytes: AtomicUsize,
     pub counters: DeviceCounters,
@@ -152,10 +157,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         own_slot: u32,
     ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
         let lanes = lanes::Lanes::for_this_machine();
-        Self::with_lanes(tun, udp, secret, range, own_slot, lanes)
+        let sealers = sealers::Sealers::for_this_machine();
+        Self::with_lanes(tun, udp, secret, range, own_slot, lanes, sealers)
     }
 
-    /// [`Device::new`] with a given number of receive lanes, whatever the machine.
+    /// [`Device::new`] with given numbers of receive and seal lanes, whatever the machine.
     #[cfg(test)]
     pub(crate) fn new_with_lanes(
         tun: T,
@@ -163,9 +169,10 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         secret: StaticSecret,
         range: MeshRange,
         own_slot: u32,
-        lanes: usize,
+        (rx, tx): (usize, usize),
     ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
-        Self::with_lanes(tun, udp, secret, range, own_slot, lanes::Lanes::new(lanes))
+        let (lanes, sealers) = (lanes::Lanes::new(rx), sealers::Sealers::new(tx));
+        Self::with_lanes(tun, udp, secret, range, own_slot, lanes, sealers)
     }
 
     fn with_lanes(
@@ -175,6 +182,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         range: MeshRange,
         own_slot: u32,
         lanes: lanes::Lanes,
+        sealers: sealers::Sealers<send::OutRead>,
     ) -> (Arc<Self>, mpsc::Receiver<DeviceEvent>) {
         let public = PublicKey::from(&secret);
         let (events, events_rx) = mpsc::channel(256);
@@ -202,6 +210,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             relay: Mutex::new(RelayTable::default()),
             tx: Mutex::new(send::TxState::new()),
             lanes,
+            sealers,
             waiting_bytes: AtomicUsize::new(0),
             counters: DeviceCounters::default(),
         };
@@ -217,7 +226,8 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Run the data plane until `shutdown` fires or an edge breaks for good: a thread for the
-    /// TUN device, one for the UDP socket, the receive lanes, and the timers on the runtime.
+    /// TUN device, one for the UDP socket, the receive and seal lanes, and the timers on the
+    /// runtime.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (ended_tx, mut ended) = mpsc::unbounded_channel::<String>();
         let mut threads = Vec::new();
@@ -245,6 +255,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let dev = self.clone();
             start(format!("mesh-lane{l}"), Box::new(move || dev.lane_thread()));
         }
+        for l in 0..self.sealers.len() {
+            let dev = self.clone();
+            start(
+                format!("mesh-seal{l}"),
+                Box::new(move || dev.sealers.lane()),
+            );
+        }
         let mut timers = tokio::spawn(self.clone().timer_loop());
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -256,6 +273,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         self.tun.wake();
         self.udp.wake();
         self.lanes.stop();
+        self.sealers.stop();
         // Woken, the threads return at once; wait for them off the runtime.
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {

@@ -4,28 +4,45 @@
 //! passing when its own delivery made the kernel answer (a TCP ACK, an echo reply), so the answer
 //! leaves without waking another thread. One [`TxState`] lock keeps every read-encrypt-send run
 //! whole, so packets leave in the order the kernel gave them.
+//!
+//! Each read goes in three steps. *Planning* (in read order, under the send lock) finds each
+//! packet's peer and takes the counters for a run of one peer's packets at once, under its
+//! tunnel's lock, and lays the messages out as the datagram runs they are sent in. *Sealing*
+//! encrypts them, on this thread or, when the kernel has several reads ready and seal lanes run
+//! ([`super::sealers`]), on a lane. *Sending* passes the runs to the socket, reads in the order
+//! they were read.
 
+use super::sealers::Sealable;
 use super::{transient, Device, MAX_PACKET, OUT_BUF, TUN_BATCH, TUN_PACKET_BUF};
 use crate::mesh::io::{TunIo, UdpIo};
 use crate::mesh::packet::{ipv4_dst, ipv4_src};
 use crate::mesh::path::Route;
 use crate::mesh::peer::Peer;
 use crate::mesh::relay::{self, RELAY_HEADER};
-use boringtun::noise::TunnResult;
+use boringtun::noise::{SendCounters, TunnResult};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, warn};
 
+/// Bytes a data message adds to its packet (header and tag).
+const DATA_OVERHEAD: usize = 32;
+/// Room for one packet's message in [`OutRead::out`]: the largest packet a TUN buffer holds,
+/// sealed, behind a relay header.
+const OUT_SLOT: usize = TUN_PACKET_BUF + DATA_OVERHEAD + RELAY_HEADER;
+
 /// Encrypted datagrams for one endpoint, all `seg` bytes but possibly the last, sent with one
 /// system call (UDP GSO). The kernel takes at most 64 segments and 64 KiB.
-pub(super) struct GsoBatch {
-    buf: Vec<u8>,
+#[derive(Debug)]
+struct Batch {
+    /// Where the run starts in [`OutRead::out`], and its bytes.
+    start: usize,
     len: usize,
     seg: usize,
     count: usize,
-    to: Option<SocketAddr>,
+    to: SocketAddr,
     /// A shorter datagram ended the run.
     closed: bool,
 }
@@ -33,50 +50,143 @@ pub(super) struct GsoBatch {
 const GSO_MAX_SEGMENTS: usize = 64;
 const GSO_MAX_BYTES: usize = 60_000;
 
-impl GsoBatch {
-    pub(super) fn new() -> GsoBatch {
-        GsoBatch {
-            buf: vec![0u8; GSO_MAX_BYTES + OUT_BUF],
-            len: 0,
-            seg: 0,
-            count: 0,
-            to: None,
+impl Batch {
+    fn first(start: usize, to: SocketAddr, len: usize) -> Batch {
+        Batch {
+            start,
+            len,
+            seg: len,
+            count: 1,
+            to,
             closed: false,
         }
     }
 
-    /// Where the next datagram is encrypted to (always at least OUT_BUF bytes).
-    fn spare(&mut self) -> &mut [u8] {
-        &mut self.buf[self.len..]
-    }
-
     fn fits(&self, to: SocketAddr, len: usize) -> bool {
-        self.count == 0
-            || (self.to == Some(to)
-                && !self.closed
-                && len <= self.seg
-                && self.count < GSO_MAX_SEGMENTS
-                && self.len + len <= GSO_MAX_BYTES)
+        self.to == to
+            && !self.closed
+            && len <= self.seg
+            && self.count < GSO_MAX_SEGMENTS
+            && self.len + len <= GSO_MAX_BYTES
     }
 
-    /// Take the datagram just written at `len` (or moved to 0 after a flush).
-    fn append(&mut self, to: SocketAddr, len: usize) {
-        if self.count == 0 {
-            self.to = Some(to);
-            self.seg = len;
-        } else if len < self.seg {
+    fn append(&mut self, len: usize) {
+        if len < self.seg {
             self.closed = true;
         }
         self.len += len;
         self.count += 1;
     }
+}
 
-    fn reset(&mut self) {
-        self.len = 0;
-        self.seg = 0;
-        self.count = 0;
-        self.to = None;
-        self.closed = false;
+/// One read from the TUN device on its way out: its packets, the counters they are sealed with
+/// and where each message goes, laid out as the runs the socket sends. Owned, so it can be
+/// sealed on another thread and come back.
+pub(super) struct OutRead {
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Packets read into `bufs`.
+    n: usize,
+    /// Each packet's destination slot (`NOWHERE`: not sent).
+    slots: Vec<u32>,
+    /// The messages, back to back in the order of `batches`.
+    out: Vec<u8>,
+    /// One peer's packets in a row: the counters taken for them, and their `seals`.
+    runs: Vec<(SendCounters, Range<usize>)>,
+    /// Each packet to seal: its index in `bufs`, and where its message starts in `out`.
+    seals: Vec<(usize, usize)>,
+    batches: Vec<Batch>,
+}
+
+const NOWHERE: u32 = u32::MAX;
+
+impl OutRead {
+    fn new() -> OutRead {
+        OutRead {
+            // Each its own zeroed allocation (not clones of one): pages only offload splits
+            // write to become resident.
+            bufs: (0..TUN_BATCH).map(|_| vec![0u8; TUN_PACKET_BUF]).collect(),
+            sizes: vec![0usize; TUN_BATCH],
+            n: 0,
+            slots: Vec::with_capacity(TUN_BATCH),
+            out: vec![0u8; TUN_BATCH * OUT_SLOT],
+            runs: Vec::new(),
+            seals: Vec::with_capacity(TUN_BATCH),
+            batches: Vec::new(),
+        }
+    }
+
+    /// A place holder while a read is away on a lane (nothing allocated).
+    fn away() -> OutRead {
+        OutRead {
+            bufs: Vec::new(),
+            sizes: Vec::new(),
+            n: 0,
+            slots: Vec::new(),
+            out: Vec::new(),
+            runs: Vec::new(),
+            seals: Vec::new(),
+            batches: Vec::new(),
+        }
+    }
+}
+
+impl Sealable for OutRead {
+    fn seal(&mut self) {
+        OutRead::seal(self)
+    }
+
+    fn clear(&mut self) {
+        OutRead::clear(self)
+    }
+}
+
+impl OutRead {
+    /// Forget the read: nothing of it is sealed or sent.
+    pub(super) fn clear(&mut self) {
+        self.n = 0;
+        self.slots.clear();
+        self.runs.clear();
+        self.seals.clear();
+        self.batches.clear();
+    }
+
+    /// Where a message of `len` bytes for `to` goes: behind the last run if it fits there.
+    fn place(&mut self, to: SocketAddr, len: usize) -> usize {
+        match self.batches.last_mut() {
+            Some(b) if b.fits(to, len) => {
+                let at = b.start + b.len;
+                b.append(len);
+                at
+            }
+            last => {
+                let at = last.map_or(0, |b| b.start + b.len);
+                self.batches.push(Batch::first(at, to, len));
+                at
+            }
+        }
+    }
+
+    /// Encrypt every planned message, each with the next of its run's counters (any thread).
+    pub(super) fn seal(&mut self) {
+        let OutRead {
+            bufs,
+            sizes,
+            out,
+            runs,
+            seals,
+            ..
+        } = self;
+        for (counters, range) in runs.iter_mut() {
+            for &(k, at) in &seals[range.clone()] {
+                // Planning took one counter per message of the run.
+                counters
+                    .seal(&bufs[k][..sizes[k]], &mut out[at..])
+                    .expect("a counter for each message");
+            }
+        }
+        // The counters are spent: none may be used again.
+        runs.clear();
     }
 }
 
@@ -90,20 +200,17 @@ pub const MAX_WAITING_BYTES: usize = 2 << 20;
 /// The send path's buffers, behind the device's one send lock.
 pub(super) struct TxState {
     scratch: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
-    gso: GsoBatch,
+    /// Reads in one drain step: one, or one more than the seal lanes.
+    reads: Vec<OutRead>,
+    handed: Vec<(usize, OutRead)>,
 }
 
 impl TxState {
     pub(super) fn new() -> TxState {
         TxState {
             scratch: vec![0u8; MAX_PACKET + 64],
-            // Each its own zeroed allocation (not clones of one): pages only offload splits
-            // write to become resident.
-            bufs: (0..TUN_BATCH).map(|_| vec![0u8; TUN_PACKET_BUF]).collect(),
-            sizes: vec![0usize; TUN_BATCH],
-            gso: GsoBatch::new(),
+            reads: vec![OutRead::new()],
+            handed: Vec::new(),
         }
     }
 }
@@ -152,48 +259,133 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Read, encrypt and send what the kernel has for the mesh until it has no more (a bounded
-    /// number of reads). Only a broken device is an error.
+    /// number of reads). Several reads at once when seal lanes can take them. Only a broken
+    /// device is an error.
     pub(super) fn drain_tun(&self, tx: &mut TxState) -> io::Result<()> {
-        let TxState {
-            scratch,
-            bufs,
-            sizes,
-            gso,
-        } = tx;
-        for _ in 0..TUN_DRAIN_READS {
-            let n = match self.tun.try_recv_batch(scratch, bufs, sizes) {
-                Ok(n) => n,
-                Err(e) if transient(&e) => break,
-                // Not from the system call: the read was taken but could not be split (more
-                // segments than `TUN_BATCH`, say, from a connection with a tiny MSS). That
-                // packet is lost, as the kernel's own path would have lost it; the rest go on.
-                Err(e) if e.raw_os_error().is_none() => {
-                    debug!(error = %e, "a TUN read could not be split; dropped");
-                    self.counters
-                        .dropped_unsplittable
-                        .fetch_add(1, Ordering::Relaxed);
-                    continue;
+        let mut reads = 0;
+        while reads < TUN_DRAIN_READS {
+            let want = self.sealers.reads_at_once();
+            let mut got = 0;
+            let mut broken = None;
+            while got < want && reads < TUN_DRAIN_READS {
+                if tx.reads.len() == got {
+                    tx.reads.push(OutRead::new());
+                } else if tx.reads[got].bufs.is_empty() {
+                    // Lost with a lane that died.
+                    tx.reads[got] = OutRead::new();
                 }
-                Err(e) => return Err(e),
-            };
-            let now = Instant::now();
-            for i in 0..n {
-                self.outbound(&bufs[i][..sizes[i]], gso, now);
+                let r = &mut tx.reads[got];
+                match self
+                    .tun
+                    .try_recv_batch(&mut tx.scratch, &mut r.bufs, &mut r.sizes)
+                {
+                    Ok(n) => {
+                        reads += 1;
+                        self.plan(r, n, Instant::now());
+                        got += 1;
+                    }
+                    Err(e) if transient(&e) => break,
+                    // Not from the system call: the read was taken but could not be split
+                    // (more segments than `TUN_BATCH`, say, from a connection with a tiny
+                    // MSS). That packet is lost, as the kernel's own path would have lost it;
+                    // the rest go on.
+                    Err(e) if e.raw_os_error().is_none() => {
+                        reads += 1;
+                        debug!(error = %e, "a TUN read could not be split; dropped");
+                        self.counters
+                            .dropped_unsplittable
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
+                }
             }
-            self.flush(gso);
+            // What was planned took its counters: it is sealed and sent in any case.
+            self.seal_and_send(tx, got);
+            if let Some(e) = broken {
+                return Err(e);
+            }
+            if got < want {
+                break;
+            }
         }
         Ok(())
     }
 
-    /// Encrypt one packet from the TUN device. Data messages join `gso` (sent together with
-    /// the others of the batch that go to the same endpoint); handshakes go out at once.
-    fn outbound(&self, packet: &[u8], gso: &mut GsoBatch, now: Instant) {
-        let Some(slot) = ipv4_dst(packet).and_then(|d| self.range.slot_of(d)) else {
+    /// Seal the first `got` reads (all but the last on the seal lanes, if there are several
+    /// and lanes run) and send them in the order they were read.
+    fn seal_and_send(&self, tx: &mut TxState, got: usize) {
+        if got == 0 {
             return;
-        };
+        }
+        let TxState { reads, handed, .. } = tx;
+        let mut inline = 0..got;
+        if got > 1 {
+            handed.extend(
+                (0..got - 1).map(|i| (i, std::mem::replace(&mut reads[i], OutRead::away()))),
+            );
+            if self.sealers.hand(handed) {
+                self.counters
+                    .sealed_on_lanes
+                    .fetch_add(got as u64 - 1, Ordering::Relaxed);
+                inline = got - 1..got;
+            }
+            // Not handed (the lanes are stopping): back in place, sealed here.
+            for (i, r) in handed.drain(..) {
+                reads[i] = r;
+            }
+        }
+        for r in &mut reads[inline.clone()] {
+            r.seal();
+        }
+        if inline.start > 0 {
+            self.sealers.take_back(inline.start, handed);
+            for (i, r) in handed.drain(..) {
+                reads[i] = r;
+            }
+        }
+        for r in &mut reads[..got] {
+            for b in &r.batches {
+                if let Err(e) = self
+                    .udp
+                    .send_gso(&r.out[b.start..b.start + b.len], b.seg, b.to)
+                {
+                    debug!(to = %b.to, error = %e, "send failed");
+                }
+            }
+            r.clear();
+        }
+    }
+
+    /// Plan a read: each packet's peer, the counters of each run of one peer's packets (taken
+    /// in order, once per run), and where each message goes. Packets for a peer without a
+    /// session wait for it; handshakes go out at once.
+    fn plan(&self, r: &mut OutRead, n: usize, now: Instant) {
+        r.clear();
+        r.n = n;
         let own = self.own_slot.load(Ordering::Relaxed);
+        for k in 0..r.n {
+            let slot = self.destination(&r.bufs[k][..r.sizes[k]], own);
+            r.slots.push(slot.unwrap_or(NOWHERE));
+        }
+        let mut i = 0;
+        while i < r.n {
+            let slot = r.slots[i];
+            let end = (i..r.n).find(|&k| r.slots[k] != slot).unwrap_or(r.n);
+            if slot != NOWHERE {
+                self.plan_run(r, slot, i..end, now);
+            }
+            i = end;
+        }
+    }
+
+    /// The mesh slot a packet from the TUN device goes to, if it goes anywhere.
+    fn destination(&self, packet: &[u8], own: u32) -> Option<u32> {
+        let slot = ipv4_dst(packet).and_then(|d| self.range.slot_of(d))?;
         if slot == own {
-            return;
+            return None;
         }
         // Only this node's /24 sends from here: a workload forging another node's address (or
         // one outside the mesh) gets nothing through. Peers would drop it too; this counts it
@@ -202,74 +394,78 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             self.counters
                 .dropped_forged_source
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
+        Some(slot)
+    }
+
+    /// Plan packets `run` of the read, all for `slot`.
+    fn plan_run(&self, r: &mut OutRead, slot: u32, run: Range<usize>, now: Instant) {
+        let count = run.len();
         let Some(peer) = self.table.read().unwrap().by_slot.get(&slot).cloned() else {
             self.counters
                 .dropped_no_peer
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(count as u64, Ordering::Relaxed);
             return;
         };
         let route = peer.paths.lock().unwrap().route_data(now);
-        // Through a relay, the session header goes in front of the datagram.
-        let head = match route {
-            Some(Route::Relay { .. }) => RELAY_HEADER,
-            _ => 0,
-        };
+        let bytes: usize = r.sizes[run.clone()].iter().sum();
         let mut tunn = peer.tunn.lock().unwrap();
-        if tunn.time_since_last_handshake().is_none() {
-            // No session yet: the packet waits here (bounded), and a handshake is on its way.
-            let mut init = [0u8; super::INITIATION_BUF];
-            let hs = match tunn.format_handshake_initiation(&mut init, false) {
-                TunnResult::WriteToNetwork(d) => Some(d.len()),
-                _ => None,
-            };
-            drop(tunn);
-            self.hold_for_session(&peer, packet);
-            if let Some(n) = hs {
-                self.send_to_peer(&peer, &init[..n]);
-            }
-            return;
-        }
-        if peer.counters.waiting.load(Ordering::Relaxed) > 0 {
+        let has_session = tunn.time_since_last_handshake().is_some();
+        if has_session && peer.counters.waiting.load(Ordering::Relaxed) > 0 {
             // Those that waited for the session go first.
             drop(tunn);
             self.release_waiting(&peer);
             tunn = peer.tunn.lock().unwrap();
         }
-        let start = gso.len;
-        let result = tunn.encapsulate(packet, &mut gso.spare()[head..]);
-        drop(tunn);
-        let len = match result {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            TunnResult::Err(e) => {
-                debug!(peer = %peer.name(), error = ?e, "encapsulate failed");
+        let counters = match route {
+            Some(_) if has_session => tunn.reserve_data(count, bytes),
+            _ => None,
+        };
+        let (route, counters) = match (route, counters) {
+            (Some(route), Some(counters)) => (route, counters),
+            (None, _) if has_session => {
+                drop(tunn);
+                debug!(peer = %peer.name(), "no endpoint known; packets dropped");
                 return;
             }
-            _ => return,
-        };
-        let is_data = gso.buf[start + head] == 4;
-        if !is_data {
-            // A handshake (the session needed one first): out at once, on its own.
-            let d = gso.buf[start + head..start + head + len].to_vec();
-            self.send_to_peer(&peer, &d);
-            return;
-        }
-        if let Some(Route::Relay { session, .. }) = route {
-            gso.buf[start..start + head].copy_from_slice(&relay::header(session));
-        }
-        let len = len + head;
-        match route.map(|r| r.to()) {
-            Some(to) => {
-                if !gso.fits(to, len) {
-                    self.flush(gso);
-                    gso.buf.copy_within(start..start + len, 0);
+            _ => {
+                // No session (yet, or any more): the packets wait here (bounded), and a
+                // handshake is on its way.
+                let mut init = [0u8; super::INITIATION_BUF];
+                let hs = match tunn.format_handshake_initiation(&mut init, false) {
+                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                    _ => None,
+                };
+                drop(tunn);
+                for k in run {
+                    self.hold_for_session(&peer, &r.bufs[k][..r.sizes[k]]);
                 }
-                gso.append(to, len);
-                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = hs {
+                    self.send_to_peer(&peer, &init[..n]);
+                }
+                return;
             }
-            None => debug!(peer = %peer.name(), "no endpoint known; packet dropped"),
+        };
+        drop(tunn);
+        // Through a relay, the session header goes in front of each message.
+        let head = match route {
+            Route::Relay { session, .. } => Some(relay::header(session)),
+            _ => None,
+        };
+        let head_len = head.map_or(0, |h| h.len());
+        let first = r.seals.len();
+        for k in run {
+            let at = r.place(route.to(), r.sizes[k] + DATA_OVERHEAD + head_len);
+            if let Some(h) = &head {
+                r.out[at..at + head_len].copy_from_slice(h);
+            }
+            r.seals.push((k, at + head_len));
         }
+        r.runs.push((counters, first..r.seals.len()));
+        peer.counters
+            .tx_packets
+            .fetch_add(count as u64, Ordering::Relaxed);
     }
 
     /// Keep `packet` until the peer's tunnel has a session: at most [`MAX_WAITING_PER_PEER`]
@@ -346,15 +542,6 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             .fetch_sub(packets.len() as u64, Ordering::Relaxed);
         packets
     }
-
-    fn flush(&self, gso: &mut GsoBatch) {
-        if let Some(to) = gso.to {
-            if let Err(e) = self.udp.send_gso(&gso.buf[..gso.len], gso.seg, to) {
-                debug!(%to, error = %e, "send failed");
-            }
-        }
-        gso.reset();
-    }
 }
 
 #[cfg(test)]
@@ -362,26 +549,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gso_batches_hold_equal_datagrams_for_one_endpoint() {
+    fn messages_are_laid_out_as_runs_of_equal_datagrams_for_one_endpoint() {
         let a = SocketAddr::from(([192, 0, 2, 1], 1));
         let b = SocketAddr::from(([192, 0, 2, 2], 1));
-        let mut g = GsoBatch::new();
-        assert!(g.fits(a, 100));
-        g.append(a, 100);
-        assert!(g.fits(a, 100));
-        assert!(!g.fits(b, 100), "another endpoint");
-        assert!(!g.fits(a, 120), "a larger datagram");
-        g.append(a, 100);
-        assert!(g.fits(a, 60));
-        g.append(a, 60);
-        assert!(!g.fits(a, 60), "a shorter datagram ends the run");
-        assert_eq!((g.len, g.seg, g.count), (260, 100, 3));
-        g.reset();
-        for _ in 0..GSO_MAX_SEGMENTS {
-            assert!(g.fits(a, 10));
-            g.append(a, 10);
+        let mut r = OutRead::away();
+        assert_eq!(r.place(a, 100), 0);
+        assert_eq!(r.place(a, 100), 100);
+        assert_eq!(r.place(b, 100), 200, "another endpoint starts a run");
+        assert_eq!(r.place(b, 120), 300, "a larger datagram starts a run");
+        assert_eq!(r.place(b, 120), 420);
+        assert_eq!(r.place(b, 60), 540, "a shorter one ends the run");
+        assert_eq!(r.place(b, 60), 600);
+        let runs: Vec<_> = r
+            .batches
+            .iter()
+            .map(|x| (x.start, x.len, x.seg, x.count, x.to))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (0, 200, 100, 2, a),
+                (200, 100, 100, 1, b),
+                (300, 300, 120, 3, b),
+                (600, 60, 60, 1, b)
+            ]
+        );
+        r.clear();
+        for i in 0..GSO_MAX_SEGMENTS {
+            assert_eq!(r.place(a, 10), i * 10);
         }
-        assert!(!g.fits(a, 10), "segment limit");
-        assert!(g.spare().len() >= OUT_BUF);
+        assert_eq!(r.batches.len(), 1);
+        r.place(a, 10);
+        assert_eq!(r.batches.len(), 2, "segment limit");
+        r.clear();
+        let big = 1500;
+        let per_run = GSO_MAX_BYTES / big;
+        for _ in 0..=per_run {
+            r.place(a, big);
+        }
+        assert_eq!(
+            r.batches.iter().map(|x| x.count).collect::<Vec<_>>(),
+            [per_run, 1],
+            "byte limit"
+        );
     }
 }

@@ -26,7 +26,7 @@ fn range() -> MeshRange {
 }
 
 fn node(net: &MemNet, host: u8, slot: u32, stop: &CancellationToken) -> TestNode {
-    node_with_lanes(net, host, slot, stop, 0)
+    node_with_lanes(net, host, slot, stop, (0, 0))
 }
 
 fn node_with_lanes(
@@ -34,7 +34,7 @@ fn node_with_lanes(
     host: u8,
     slot: u32,
     stop: &CancellationToken,
-    lanes: usize,
+    lanes: (usize, usize),
 ) -> TestNode {
     let secret = StaticSecret::random_from_rng(rand_core::OsRng);
     let wg = PublicKey::from(&secret).to_bytes();
@@ -282,7 +282,7 @@ async fn a_burst_arrives_complete_and_in_order_through_batching() {
 async fn bursts_from_two_peers_go_through_lanes_in_order() {
     let net = MemNet::new();
     let stop = CancellationToken::new();
-    let mut b = node_with_lanes(&net, 2, 7, &stop, 2);
+    let mut b = node_with_lanes(&net, 2, 7, &stop, (2, 0));
     let a = node(&net, 1, 3, &stop);
     let c = node(&net, 3, 11, &stop);
     b.dev
@@ -834,7 +834,7 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
 async fn later_copies_neither_win_nor_move_the_endpoint_through_the_lanes() {
     let net = MemNet::new();
     let stop = CancellationToken::new();
-    let mut b = node_with_lanes(&net, 2, 7, &stop, 2);
+    let mut b = node_with_lanes(&net, 2, 7, &stop, (2, 0));
     let a = node(&net, 1, 3, &stop);
     connect(&a, &mut b).await;
     // 47 datagrams of 1,360 bytes fill one coalesced read of the in-memory socket.
@@ -987,5 +987,171 @@ async fn decrypted_ahead_the_first_to_arrive_still_wins_in_turn() {
         "what was decrypted ahead is used up in turn"
     );
     assert_eq!(peer.endpoint(), Some(a.addr), "the copies moved nothing");
+    stop.cancel();
+}
+
+/// The counters a tunnel reserves for a run of messages are its own: sealed on two threads at
+/// once (the run split in two), every message opens on the other side exactly once and in
+/// counter order, no counter is used twice, a run seals no more than it holds, and what the
+/// tunnel sends next comes after the run.
+#[test]
+fn reserved_counters_seal_on_two_threads_each_once_and_in_order() {
+    let (sa, sb) = (
+        StaticSecret::random_from_rng(rand_core::OsRng),
+        StaticSecret::random_from_rng(rand_core::OsRng),
+    );
+    let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
+    let mut a = Tunn::new(sa, pb, None, None, 1 << 8, None);
+    let mut b = Tunn::new(sb, pa, None, None, 2 << 8, None);
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+        panic!("initiation")
+    };
+    let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, init, &mut buf2) else {
+        panic!("response")
+    };
+    let resp = resp.to_vec();
+    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
+        panic!("keepalive")
+    };
+    let keepalive = keepalive.to_vec();
+    assert!(matches!(
+        b.decapsulate(None, &keepalive, &mut buf2),
+        TunnResult::Done
+    ));
+    const N: usize = 400;
+    let packets: Vec<Vec<u8>> = (0..N as u32).map(|i| numbered(3, 7, i, 1000)).collect();
+    let tx_before = a.stats().1;
+    let bytes = packets.iter().map(|p| p.len()).sum();
+    let mut second = a.reserve_data(N, bytes).expect("a session");
+    assert_eq!(
+        a.stats().1 - tx_before,
+        bytes,
+        "the tunnel counts the run as sent"
+    );
+    let mut first = second.split_first(N / 2);
+    assert_eq!((first.len(), second.len()), (N / 2, N / 2));
+    let seal = |run: &mut boringtun::noise::SendCounters, packets: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        let mut out = vec![0u8; 2048];
+        let sealed = packets
+            .iter()
+            .map(|p| {
+                let n = run.seal(p, &mut out).expect("a counter for each");
+                out[..n].to_vec()
+            })
+            .collect();
+        assert!(run.is_empty());
+        assert!(
+            run.seal(&packets[0], &mut out).is_none(),
+            "no more than reserved"
+        );
+        sealed
+    };
+    let (one, two) = std::thread::scope(|s| {
+        let (lo, hi) = packets.split_at(N / 2);
+        let t1 = s.spawn(|| seal(&mut first, lo));
+        let t2 = s.spawn(|| seal(&mut second, hi));
+        (t1.join().unwrap(), t2.join().unwrap())
+    });
+    let TunnResult::WriteToNetwork(after) = a.encapsulate(&packets[0], &mut buf) else {
+        panic!("sealed")
+    };
+    let after = after.to_vec();
+    let counter = |d: &[u8]| u64::from_le_bytes(d[8..16].try_into().unwrap());
+    let sealed: Vec<Vec<u8>> = one.into_iter().chain(two).collect();
+    let counters: Vec<u64> = sealed.iter().map(|d| counter(d)).collect();
+    let first_counter = counters[0];
+    assert_eq!(
+        counters,
+        (first_counter..first_counter + N as u64).collect::<Vec<_>>(),
+        "the run's counters, each once, in packet order"
+    );
+    assert_eq!(
+        counter(&after),
+        first_counter + N as u64,
+        "the next send follows the run"
+    );
+    for (i, d) in sealed.iter().chain([&after]).enumerate() {
+        match b.decapsulate(None, d, &mut buf2) {
+            TunnResult::WriteToTunnelV4(p, _) => {
+                let seq = u32::from_be_bytes(p[28..32].try_into().unwrap());
+                assert_eq!(seq as usize, i % N, "opened intact and in order");
+            }
+            other => panic!("message {i} not opened: {other:?}"),
+        }
+    }
+}
+
+/// With seal lanes, a backlog of reads for two peers is sealed on the lanes and still leaves
+/// in order: each peer's messages carry consecutive counters in the order they went out, and
+/// each peer gets its packets once and in order.
+#[tokio::test]
+async fn a_backlog_sealed_on_lanes_leaves_in_order_with_consecutive_counters() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node_with_lanes(&net, 1, 3, &stop, (0, 2));
+    let mut b = node(&net, 2, 7, &stop);
+    let mut c = node(&net, 3, 11, &stop);
+    a.dev
+        .set_peers(&[spec(&b, vec![b.addr]), spec(&c, vec![c.addr])]);
+    for (n, s) in [(7u32, &mut b), (11, &mut c)] {
+        s.dev.set_peers(&[spec(&a, vec![a.addr])]);
+        let hello = format!("hello{n}");
+        a.tun
+            .inject
+            .send(build_ipv4_udp(ip(3, 1), ip(n, 1), 1, 1, hello.as_bytes()))
+            .await
+            .unwrap();
+        expect_delivery(s, hello.as_bytes()).await;
+    }
+    // A's sending waits while the backlog is queued, in blocks of 8 packets per peer, so its
+    // reads hold runs for both: then several reads are ready at once.
+    const N: u32 = 480;
+    {
+        let _held = a.dev.tx.lock().unwrap();
+        for i in 0..N {
+            let to = if (i / 8) % 2 == 0 { 7 } else { 11 };
+            a.tun.inject.try_send(numbered(3, to, i, 1200)).unwrap();
+        }
+        net.start_capture();
+    }
+    let mut got = Vec::new();
+    for s in [&mut b, &mut c] {
+        let mut seqs = Vec::new();
+        while seqs.len() < N as usize / 2 {
+            let p = timeout(Duration::from_secs(10), s.tun.delivered.recv())
+                .await
+                .expect("every packet within 10 s")
+                .expect("open");
+            if p.len() >= 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+                seqs.push(u32::from_be_bytes([p[28], p[29], p[30], p[31]]));
+            }
+        }
+        got.push(seqs);
+    }
+    let sent =
+        |to: u32| -> Vec<u32> { (0..N).filter(|i| ((i / 8) % 2 == 0) == (to == 7)).collect() };
+    assert_eq!(got[0], sent(7), "B gets its packets once and in order");
+    assert_eq!(got[1], sent(11), "C gets its packets once and in order");
+    for to in [b.addr, c.addr] {
+        let counters: Vec<u64> = net
+            .captured()
+            .iter()
+            .filter(|(from, dst, d)| *from == a.addr && *dst == to && d[0] == 4 && d.len() > 32)
+            .map(|(_, _, d)| u64::from_le_bytes(d[8..16].try_into().unwrap()))
+            .collect();
+        assert_eq!(counters.len(), N as usize / 2);
+        let start = counters[0];
+        assert_eq!(
+            counters,
+            (start..start + N as u64 / 2).collect::<Vec<_>>(),
+            "consecutive counters in the order they went out to {to}"
+        );
+    }
+    assert!(
+        a.dev.counters.sealed_on_lanes.load(Ordering::Relaxed) > 0,
+        "the backlog went through the seal lanes"
+    );
     stop.cancel();
 }

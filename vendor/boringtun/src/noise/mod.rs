@@ -8,7 +8,7 @@ pub mod rate_limiter;
 mod session;
 mod timers;
 
-pub use session::Session;
+pub use session::{SendCounters, Session};
 
 use crate::noise::errors::WireGuardError;
 use crate::noise::handshake::Handshake;
@@ -503,6 +503,22 @@ impl Tunn {
             self.rx_bytes += bytes;
         }
         true
+    }
+
+    /// Take `count` sending counters of the current session, in order, for data messages that
+    /// are sealed later, on any thread, with [`SendCounters::seal`] (`bytes` of inner packets
+    /// in all, 0 for keepalives only). The timers and byte count see the messages as sent
+    /// now: what [`Tunn::encapsulate`] does for each, once. `None`: no session to send with
+    /// (nothing is queued and no handshake started; the caller decides).
+    pub fn reserve_data(&mut self, count: usize, bytes: usize) -> Option<SendCounters> {
+        let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
+        let counters = session.reserve(count as u64);
+        self.timer_tick(TimerName::TimeLastPacketSent);
+        if bytes > 0 {
+            self.timer_tick(TimerName::TimeLastDataPacketSent);
+        }
+        self.tx_bytes += bytes;
+        Some(counters)
     }
 
     /// Get a packet from the queue, and try to encapsulate it

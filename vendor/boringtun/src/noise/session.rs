@@ -6,6 +6,7 @@ use crate::noise::errors::WireGuardError;
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU64, Ordering};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use std::sync::Arc;
 
 pub struct Session {
     pub(crate) receiving_index: u32,
@@ -194,11 +195,17 @@ impl Session {
     /// dst - pre-allocated space to hold the encapsulating UDP packet to send over the network
     /// returns the size of the formatted packet
     pub(super) fn format_packet_data<'a>(&self, src: &[u8], dst: &'a mut [u8]) -> &'a mut [u8] {
+        let sending_key_counter = self.sending_key_counter.fetch_add(1, Ordering::Relaxed) as u64;
+        let n = self.seal_at(sending_key_counter, src, dst);
+        &mut dst[..n]
+    }
+
+    /// Write the data message carrying `src` with `counter` into `dst` and return its length.
+    /// The caller owns `counter`: taken from `sending_key_counter`, used once.
+    fn seal_at(&self, sending_key_counter: u64, src: &[u8], dst: &mut [u8]) -> usize {
         if dst.len() < src.len() + super::DATA_OVERHEAD_SZ {
             panic!("The destination buffer is too small");
         }
-
-        let sending_key_counter = self.sending_key_counter.fetch_add(1, Ordering::Relaxed) as u64;
 
         let (message_type, rest) = dst.split_at_mut(4);
         let (receiver_index, rest) = rest.split_at_mut(4);
@@ -226,7 +233,18 @@ impl Session {
                 .unwrap()
         };
 
-        &mut dst[..DATA_OFFSET + n]
+        DATA_OFFSET + n
+    }
+
+    /// Take the next `count` sending counters, in order, for messages sealed later (on any
+    /// thread) with [`SendCounters::seal`].
+    pub(super) fn reserve(self: &Arc<Self>, count: u64) -> SendCounters {
+        let next = self.sending_key_counter.fetch_add(count, Ordering::Relaxed);
+        SendCounters {
+            session: self.clone(),
+            next,
+            end: next + count,
+        }
     }
 
     /// packet - a data packet we received from the network
@@ -305,6 +323,52 @@ impl Session {
     pub(super) fn current_packet_cnt(&self) -> (u64, u64) {
         let counter_validator = self.receiving_key_counter.lock();
         (counter_validator.next, counter_validator.receive_cnt)
+    }
+}
+
+/// A run of sending counters of one session, taken in order under the tunnel's lock by
+/// [`super::Tunn::reserve_data`]: each is used for one message and then gone. Neither `Clone`
+/// nor `Copy`, and only ever split: so no counter (no nonce) can be used twice, whichever
+/// thread seals the messages.
+#[derive(Debug)]
+pub struct SendCounters {
+    session: Arc<Session>,
+    next: u64,
+    end: u64,
+}
+
+impl SendCounters {
+    /// Counters left.
+    pub fn len(&self) -> usize {
+        (self.end - self.next) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next == self.end
+    }
+
+    /// Seal `src` as a data message into `dst` with the next counter and return its length;
+    /// `None` (and `dst` untouched) when none is left. `dst` holds at least `src.len() + 32`
+    /// bytes.
+    pub fn seal(&mut self, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        if self.next == self.end {
+            return None;
+        }
+        let counter = self.next;
+        self.next += 1;
+        Some(self.session.seal_at(counter, src, dst))
+    }
+
+    /// Give away the first `n` counters left (all of them if fewer) as a run of their own.
+    pub fn split_first(&mut self, n: usize) -> SendCounters {
+        let at = self.next + (n as u64).min(self.end - self.next);
+        let first = SendCounters {
+            session: self.session.clone(),
+            next: self.next,
+            end: at,
+        };
+        self.next = at;
+        first
     }
 }
 
