@@ -148,6 +148,10 @@ pub struct Device<T, U> {
     pub counters: DeviceCounters,
 }
 
+/// See [`Device::hold_sending`].
+#[cfg(feature = "testing")]
+pub struct SendingHeld<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, send::TxState>);
+
 impl<T: TunIo, U: UdpIo> Device<T, U> {
     pub fn new(
         tun: T,
@@ -219,6 +223,13 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
 
     pub fn udp(&self) -> &U {
         &self.udp
+    }
+
+    /// Hold the send path until the guard drops: what the kernel routes into the mesh
+    /// meanwhile waits in the TUN device, then goes out as one backlog (benchmarks).
+    #[cfg(feature = "testing")]
+    pub fn hold_sending(&self) -> SendingHeld<'_> {
+        SendingHeld(self.tx.lock().unwrap())
     }
 
     pub fn set_own_slot(&self, slot: u32) {

@@ -78,6 +78,9 @@ impl<W: Sealable> Sealers<W> {
 
     /// Reads worth reading ahead now: one more than the lanes that can take them.
     pub fn reads_at_once(&self) -> usize {
+        if self.threads == 0 {
+            return 1;
+        }
         let s = self.state.lock().unwrap();
         if s.stopped || s.lost {
             1
