@@ -89,7 +89,7 @@ pub struct DeviceCounters {
     pub relayed_bytes: AtomicU64,
     /// Reads (up to 64 KiB of datagrams each) the receive thread handed to a lane.
     pub lane_reads: AtomicU64,
-    /// TUN reads sealed on a seal lane.
+    /// TUN reads sealed and sent by a seal lane.
     pub sealed_on_lanes: AtomicU64,
 }
 
@@ -270,7 +270,7 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
             let dev = self.clone();
             start(
                 format!("mesh-seal{l}"),
-                Box::new(move || dev.sealers.lane()),
+                Box::new(move || dev.sealers.lane(|r| dev.send_read(r))),
             );
         }
         let mut timers = tokio::spawn(self.clone().timer_loop());

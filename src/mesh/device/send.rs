@@ -116,7 +116,8 @@ impl OutRead {
         }
     }
 
-    /// A place holder while a read is away on a lane (nothing allocated).
+    /// A read with no buffers (tests of the layout).
+    #[cfg(test)]
     fn away() -> OutRead {
         OutRead {
             bufs: Vec::new(),
@@ -200,17 +201,18 @@ pub const MAX_WAITING_BYTES: usize = 2 << 20;
 /// The send path's buffers, behind the device's one send lock.
 pub(super) struct TxState {
     scratch: Vec<u8>,
-    /// Reads in one drain step: one, or one more than the seal lanes.
-    reads: Vec<OutRead>,
-    handed: Vec<(usize, OutRead)>,
+    /// The read being planned or sealed here.
+    read: OutRead,
+    /// The one read into next, with seal lanes: kept between drains.
+    ahead: Option<OutRead>,
 }
 
 impl TxState {
     pub(super) fn new() -> TxState {
         TxState {
             scratch: vec![0u8; MAX_PACKET + 64],
-            reads: vec![OutRead::new()],
-            handed: Vec::new(),
+            read: OutRead::new(),
+            ahead: None,
         }
     }
 }
@@ -259,103 +261,100 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     }
 
     /// Read, encrypt and send what the kernel has for the mesh until it has no more (a bounded
-    /// number of reads). Several reads at once when seal lanes can take them. Only a broken
-    /// device is an error.
+    /// number of reads). When seal lanes run and the next read is ready behind a planned one,
+    /// the planned one goes to a lane; the last is sealed here. Only a broken device is an
+    /// error.
     pub(super) fn drain_tun(&self, tx: &mut TxState) -> io::Result<()> {
         let mut reads = 0;
-        while reads < TUN_DRAIN_READS {
-            let want = self.sealers.reads_at_once();
-            let mut got = 0;
+        if !self.read_tun(&mut tx.scratch, &mut tx.read, &mut reads)? {
+            return Ok(());
+        }
+        loop {
+            // `tx.read` is planned: its counters are taken, so it is sent in any case.
             let mut broken = None;
-            while got < want && reads < TUN_DRAIN_READS {
-                if tx.reads.len() == got {
-                    tx.reads.push(OutRead::new());
-                } else if tx.reads[got].bufs.is_empty() {
-                    // Lost with a lane that died.
-                    tx.reads[got] = OutRead::new();
-                }
-                let r = &mut tx.reads[got];
-                match self
-                    .tun
-                    .try_recv_batch(&mut tx.scratch, &mut r.bufs, &mut r.sizes)
-                {
-                    Ok(n) => {
-                        reads += 1;
-                        self.plan(r, n, Instant::now());
-                        got += 1;
+            if reads < TUN_DRAIN_READS && self.sealers.open() {
+                let mut ahead = match tx.ahead.take() {
+                    Some(r) => r,
+                    None => self.sealers.spare(OutRead::new),
+                };
+                match self.read_tun(&mut tx.scratch, &mut ahead, &mut reads) {
+                    Ok(true) => {
+                        let planned = std::mem::replace(&mut tx.read, ahead);
+                        match self.sealers.hand(planned) {
+                            Ok(()) => {
+                                self.counters
+                                    .sealed_on_lanes
+                                    .fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(mut planned) => {
+                                // The lanes are stopping: sealed here, in read order.
+                                self.seal_and_send(&mut planned);
+                                self.sealers.unused(planned);
+                                continue;
+                            }
+                        }
                     }
-                    Err(e) if transient(&e) => break,
-                    // Not from the system call: the read was taken but could not be split
-                    // (more segments than `TUN_BATCH`, say, from a connection with a tiny
-                    // MSS). That packet is lost, as the kernel's own path would have lost it;
-                    // the rest go on.
-                    Err(e) if e.raw_os_error().is_none() => {
-                        reads += 1;
-                        debug!(error = %e, "a TUN read could not be split; dropped");
-                        self.counters
-                            .dropped_unsplittable
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+                    Ok(false) => tx.ahead = Some(ahead),
                     Err(e) => {
+                        tx.ahead = Some(ahead);
                         broken = Some(e);
-                        break;
                     }
                 }
             }
-            // What was planned took its counters: it is sealed and sent in any case.
-            self.seal_and_send(tx, got);
+            self.seal_and_send(&mut tx.read);
             if let Some(e) = broken {
                 return Err(e);
             }
-            if got < want {
-                break;
+            if reads >= TUN_DRAIN_READS
+                || !self.read_tun(&mut tx.scratch, &mut tx.read, &mut reads)?
+            {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
-    /// Seal the first `got` reads (all but the last on the seal lanes, if there are several
-    /// and lanes run) and send them in the order they were read.
-    fn seal_and_send(&self, tx: &mut TxState, got: usize) {
-        if got == 0 {
-            return;
-        }
-        let TxState { reads, handed, .. } = tx;
-        let mut inline = 0..got;
-        if got > 1 {
-            handed.extend(
-                (0..got - 1).map(|i| (i, std::mem::replace(&mut reads[i], OutRead::away()))),
-            );
-            if self.sealers.hand(handed) {
-                self.counters
-                    .sealed_on_lanes
-                    .fetch_add(got as u64 - 1, Ordering::Relaxed);
-                inline = got - 1..got;
-            }
-            // Not handed (the lanes are stopping): back in place, sealed here.
-            for (i, r) in handed.drain(..) {
-                reads[i] = r;
-            }
-        }
-        for r in &mut reads[inline.clone()] {
-            r.seal();
-        }
-        if inline.start > 0 {
-            self.sealers.take_back(inline.start, handed);
-            for (i, r) in handed.drain(..) {
-                reads[i] = r;
-            }
-        }
-        for r in &mut reads[..got] {
-            for b in &r.batches {
-                if let Err(e) = self
-                    .udp
-                    .send_gso(&r.out[b.start..b.start + b.len], b.seg, b.to)
-                {
-                    debug!(to = %b.to, error = %e, "send failed");
+    /// Read the TUN device into `r` and plan it. False: nothing to read. Counts `reads`.
+    fn read_tun(&self, scratch: &mut [u8], r: &mut OutRead, reads: &mut usize) -> io::Result<bool> {
+        while *reads < TUN_DRAIN_READS {
+            *reads += 1;
+            match self.tun.try_recv_batch(scratch, &mut r.bufs, &mut r.sizes) {
+                Ok(n) => {
+                    self.plan(r, n, Instant::now());
+                    return Ok(true);
                 }
+                Err(e) if transient(&e) => return Ok(false),
+                // Not from the system call: the read was taken but could not be split (more
+                // segments than `TUN_BATCH`, say, from a connection with a tiny MSS). That
+                // packet is lost, as the kernel's own path would have lost it; the rest go on.
+                Err(e) if e.raw_os_error().is_none() => {
+                    debug!(error = %e, "a TUN read could not be split; dropped");
+                    self.counters
+                        .dropped_unsplittable
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
             }
-            r.clear();
+        }
+        Ok(false)
+    }
+
+    /// Seal a planned read here and send it in its turn (after the reads handed before it).
+    fn seal_and_send(&self, r: &mut OutRead) {
+        r.seal();
+        self.sealers.in_turn(r, |r| self.send_read(r));
+        r.clear();
+    }
+
+    /// Pass a sealed read's runs of datagrams to the socket.
+    pub(super) fn send_read(&self, r: &OutRead) {
+        for b in &r.batches {
+            if let Err(e) = self
+                .udp
+                .send_gso(&r.out[b.start..b.start + b.len], b.seg, b.to)
+            {
+                debug!(to = %b.to, error = %e, "send failed");
+            }
         }
     }
 
