@@ -710,12 +710,8 @@ async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
     stop.cancel();
 }
 
-/// The patched tunnel shares its sessions: one peer's data messages decrypted on two threads
-/// at once, each thread trying every message, are accepted exactly once each and intact (a
-/// decrypted message counts only when accepted, so a copy decrypted beside it is refused); the
-/// tunnel hands out only the session of the exact index, and hears of what was opened outside.
-#[test]
-fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
+/// Tunnels A and B after A's handshake: B's response and A's keepalive, not yet seen by B.
+fn handshaken() -> (Tunn, Tunn, Vec<u8>, Vec<u8>) {
     let (sa, sb) = (
         StaticSecret::random_from_rng(rand_core::OsRng),
         StaticSecret::random_from_rng(rand_core::OsRng),
@@ -723,8 +719,7 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
     let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
     let mut a = Tunn::new(sa, pb, None, None, 1 << 8, None);
     let mut b = Tunn::new(sb, pa, None, None, 2 << 8, None);
-    let mut buf = vec![0u8; 2048];
-    let mut buf2 = vec![0u8; 2048];
+    let (mut buf, mut buf2) = (vec![0u8; 2048], vec![0u8; 2048]);
     let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
         panic!("initiation")
     };
@@ -736,6 +731,18 @@ fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
         panic!("keepalive")
     };
     let keepalive = keepalive.to_vec();
+    (a, b, resp, keepalive)
+}
+
+/// The patched tunnel shares its sessions: one peer's data messages decrypted on two threads
+/// at once, each thread trying every message, are accepted exactly once each and intact (a
+/// decrypted message counts only when accepted, so a copy decrypted beside it is refused); the
+/// tunnel hands out only the session of the exact index, and hears of what was opened outside.
+#[test]
+fn a_shared_session_opens_one_peers_messages_on_two_threads_once_each() {
+    let (mut a, mut b, resp, keepalive) = handshaken();
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
     let sealed: Vec<Vec<u8>> = (0..400u32)
         .map(|i| {
             let p = numbered(3, 7, i, 1000);
@@ -996,26 +1003,9 @@ async fn decrypted_ahead_the_first_to_arrive_still_wins_in_turn() {
 /// tunnel sends next comes after the run.
 #[test]
 fn reserved_counters_seal_on_two_threads_each_once_and_in_order() {
-    let (sa, sb) = (
-        StaticSecret::random_from_rng(rand_core::OsRng),
-        StaticSecret::random_from_rng(rand_core::OsRng),
-    );
-    let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
-    let mut a = Tunn::new(sa, pb, None, None, 1 << 8, None);
-    let mut b = Tunn::new(sb, pa, None, None, 2 << 8, None);
+    let (mut a, mut b, _, keepalive) = handshaken();
     let mut buf = vec![0u8; 2048];
     let mut buf2 = vec![0u8; 2048];
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
-        panic!("initiation")
-    };
-    let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, init, &mut buf2) else {
-        panic!("response")
-    };
-    let resp = resp.to_vec();
-    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
-        panic!("keepalive")
-    };
-    let keepalive = keepalive.to_vec();
     assert!(matches!(
         b.decapsulate(None, &keepalive, &mut buf2),
         TunnResult::Done
