@@ -4,7 +4,8 @@
 //! its counters at once under the tunnel's lock). When the next read is ready behind it, the
 //! planned one goes to a lane with a ticket, and the drainer reads on; a lane seals its read,
 //! waits for the read's turn and sends it. A read with nothing ready behind it is sealed by the
-//! drainer itself and sent in its turn, so a lone packet never waits on a hand-off. Messages
+//! drainer itself and sent in its turn, so a lone packet never waits on a hand-off; so is a read
+//! while every lane is busy (the drainer seals beside them). Messages
 //! leave in the order they were read, no counter is used twice (each read owns its counters by
 //! value), and one busy peer is encrypted on several cores.
 
@@ -12,8 +13,13 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-/// Lanes at most, whatever the machine or `MESHD_TX_LANES` says.
-const MAX_LANES: usize = 16;
+/// Lanes at most, whatever the machine or `MESHD_TX_LANES` says. A peer's counters taken but
+/// not yet sent span at most the reads on their way (one per lane, the drainer's, and the one
+/// read ahead), 128 packets each; a message sent meanwhile outside the reads (a keepalive from
+/// the timers, packets that waited for the session) carries a later counter and may arrive
+/// first. The receiver's replay window keeps 1,024 counters behind the newest it saw, so
+/// (4 + 2) x 128 = 768 stays inside it.
+const MAX_LANES: usize = 4;
 /// How often a thread waiting for a turn or a spare read looks whether a lane died.
 const LOST_CHECK: Duration = Duration::from_millis(100);
 
@@ -49,7 +55,8 @@ struct State<W> {
     /// Lanes waiting for work.
     idle: usize,
     stopped: bool,
-    /// A lane ended in a panic: what it held is lost; order is no longer waited for.
+    /// A lane ended in a panic: what it held is lost; order is no longer waited for. (The
+    /// thread's end also stops the data plane: this only keeps the others from hanging.)
     lost: bool,
 }
 
@@ -89,10 +96,10 @@ impl<W: Sealable> Sealers<W> {
         self.threads
     }
 
-    /// Reads on their way at most (beyond the drainer's own): two per lane, so a lane finds
-    /// the next waiting when it is done.
+    /// Reads made at most (beyond the drainer's own): reads go only to an idle lane, so each
+    /// lane holds one at a time, and the drainer reads ahead into one more.
     fn max_reads(&self) -> usize {
-        2 * self.threads
+        self.threads + 1
     }
 
     /// A lane could take a read now.
@@ -348,7 +355,8 @@ mod tests {
         );
     }
 
-    /// At most two reads per lane are made; the next waits for one a lane sent.
+    /// At most one read per lane, and one read ahead, are made; the next waits for one a lane
+    /// sent.
     #[test]
     fn reads_made_are_bounded_and_come_back() {
         let sealers = Sealers::<Work>::new(1);

@@ -2,8 +2,9 @@
 //! destination /24 and sent to its endpoint, runs of equal datagrams in one system call (UDP GSO).
 //! The TUN thread does it when the kernel has packets for the mesh; a receive thread does it in
 //! passing when its own delivery made the kernel answer (a TCP ACK, an echo reply), so the answer
-//! leaves without waking another thread. One [`TxState`] lock keeps every read-encrypt-send run
-//! whole, so packets leave in the order the kernel gave them.
+//! leaves without waking another thread. One [`TxState`] lock keeps reads planned one at a time
+//! in the order the kernel gave them, and each read is sent in its turn (after every read
+//! planned before it, wherever it was sealed), so packets leave in that order.
 //!
 //! Each read goes in three steps. *Planning* (in read order, under the send lock) finds each
 //! packet's peer and takes the counters for a run of one peer's packets at once, under its
