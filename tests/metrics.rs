@@ -18,6 +18,10 @@ fn curl(lab: &Lab, h: usize, url: &str) -> Option<String> {
 #[test]
 fn prometheus_discovers_and_scrapes_the_whole_mesh_through_one_node() {
     let mut lab = Lab::new("metrics", 3);
+    // One receive lane and one seal lane on every node (none by default on two cores): the
+    // mesh works with them, and the metrics say so.
+    lab.env.push(("MESHD_RX_LANES".into(), "1".into()));
+    lab.env.push(("MESHD_TX_LANES".into(), "1".into()));
     let token = lab.init(0, "a", &[]);
     lab.join(1, "b", &token);
     lab.join(2, "c", &token);
@@ -55,6 +59,9 @@ fn prometheus_discovers_and_scrapes_the_whole_mesh_through_one_node() {
         "meshd_peer_receive_bytes_total{peer=\"b\"}",
         "meshd_peer_path{peer=\"c\",path=\"direct\"} 1",
         "meshd_dropped_packets_total{reason=\"bad_source\"}",
+        "meshd_lanes{direction=\"receive\"} 1",
+        "meshd_lanes{direction=\"seal\"} 1",
+        "meshd_lane_reads_total{direction=\"receive\"}",
         "meshd_dns_answers_total{result=\"noerror\"}",
     ] {
         assert!(text.contains(want), "{want} in:\n{text}");

@@ -505,6 +505,7 @@ mod tests {
             },
             edge: EdgeStatus::default(),
             drops: Default::default(),
+            lanes: Default::default(),
         };
         let out = status(&s);
         assert!(

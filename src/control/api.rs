@@ -14,6 +14,22 @@ pub struct StatusReport {
     /// What the data plane dropped since start, by reason.
     #[serde(default)]
     pub drops: DropStatus,
+    /// The threads the data plane spreads encryption and decryption over under load.
+    #[serde(default)]
+    pub lanes: LaneStatus,
+}
+
+/// Receive lanes (`MESHD_RX_LANES`) and seal lanes (`MESHD_TX_LANES`): threads beyond the
+/// receive and TUN threads that decrypt and encrypt under load, and the reads they took since
+/// the node started. None on two cores or fewer by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneStatus {
+    pub receive: usize,
+    pub seal: usize,
+    /// Reads of datagrams (up to 64 KiB each) the receive thread handed to a receive lane.
+    pub receive_reads: u64,
+    /// Reads from the TUN device (up to 128 packets each) sealed and sent by a seal lane.
+    pub seal_reads: u64,
 }
 
 /// Packets the data plane dropped, by reason (counters since the node started).

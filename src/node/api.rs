@@ -296,6 +296,8 @@ impl<P: Platform> Node<P> {
             self.edge.status(&self.settings),
             report::drops(&self.plane.device.counters),
         );
+        let device = &self.plane.device;
+        s.lanes = report::lanes(device.lanes(), &device.counters);
         // Round trips the path task measured (through each tunnel, every 15 s).
         let rtt: HashMap<String, f64> = self
             .nat

@@ -97,6 +97,27 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
             v as f64,
         );
     }
+    let l = &s.lanes;
+    t.family(
+        "meshd_lanes",
+        Kind::Gauge,
+        "Threads beyond the receive and TUN threads that decrypt (receive) and encrypt (seal) under load.",
+    );
+    for (direction, lanes) in [("receive", l.receive), ("seal", l.seal)] {
+        t.sample("meshd_lanes", &[("direction", direction)], lanes as f64);
+    }
+    t.family(
+        "meshd_lane_reads_total",
+        Kind::Counter,
+        "Reads the lanes took: datagram reads decrypted on receive lanes, TUN reads sealed on seal lanes.",
+    );
+    for (direction, reads) in [("receive", l.receive_reads), ("seal", l.seal_reads)] {
+        t.sample(
+            "meshd_lane_reads_total",
+            &[("direction", direction)],
+            reads as f64,
+        );
+    }
     let r = &n.relay;
     t.family(
         "meshd_relay_sessions",

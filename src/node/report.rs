@@ -3,7 +3,8 @@
 
 use super::snapshot::Snapshot;
 use crate::control::{
-    DnsStatus, DropStatus, EdgeStatus, MeshStatus, PeerReport, PeerState, SelfStatus, StatusReport,
+    DnsStatus, DropStatus, EdgeStatus, LaneStatus, MeshStatus, PeerReport, PeerState, SelfStatus,
+    StatusReport,
 };
 use crate::gossip::Liveness;
 use crate::id::NodeId;
@@ -102,6 +103,16 @@ pub fn drops(c: &DeviceCounters) -> DropStatus {
     }
 }
 
+/// The data plane's lanes: how many, and the reads they took.
+pub fn lanes(lanes: (usize, usize), c: &DeviceCounters) -> LaneStatus {
+    LaneStatus {
+        receive: lanes.0,
+        seal: lanes.1,
+        receive_reads: c.lane_reads.load(Ordering::Relaxed),
+        seal_reads: c.sealed_on_lanes.load(Ordering::Relaxed),
+    }
+}
+
 /// The whole report.
 pub fn status(
     me: SelfStatus,
@@ -126,5 +137,6 @@ pub fn status(
         dns,
         edge,
         drops,
+        lanes: LaneStatus::default(),
     }
 }

@@ -221,6 +221,11 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         (Arc::new(dev), events_rx)
     }
 
+    /// Receive lanes and seal lanes this device runs.
+    pub fn lanes(&self) -> (usize, usize) {
+        (self.lanes.len(), self.sealers.len())
+    }
+
     pub fn udp(&self) -> &U {
         &self.udp
     }
