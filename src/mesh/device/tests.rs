@@ -423,6 +423,50 @@ async fn packets_wait_for_a_session_bounded_and_go_once_it_comes() {
     stop.cancel();
 }
 
+/// Packets still waiting when the session is up leave before a newer packet from the TUN device:
+/// whichever thread releases them (the send path that finds them, the receive path, a timer),
+/// the newer one goes after them, and nothing is left counted.
+#[tokio::test]
+async fn packets_that_waited_leave_before_newer_ones_once_the_session_is_up() {
+    let net = MemNet::new();
+    let stop = CancellationToken::new();
+    let a = node(&net, 1, 3, &stop);
+    let mut b = node(&net, 2, 7, &stop);
+    connect(&a, &mut b).await;
+    let peer = a
+        .dev
+        .peer_by_node(&spec(&b, vec![]).node_id)
+        .expect("A knows B");
+    // As if they had come before the session (the handshake was just answered).
+    const WAITED: u32 = 20;
+    for i in 0..WAITED {
+        a.dev.hold_for_session(&peer, &numbered(3, 7, i, 300));
+    }
+    a.tun
+        .inject
+        .send(numbered(3, 7, WAITED, 300))
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() <= WAITED as usize {
+        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
+            .await
+            .expect("every packet within 10 s")
+            .expect("open");
+        if p.len() >= 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+            seqs.push(u32::from_be_bytes([p[28], p[29], p[30], p[31]]));
+        }
+    }
+    assert_eq!(
+        seqs,
+        (0..=WAITED).collect::<Vec<_>>(),
+        "the waiting first, in order"
+    );
+    assert_eq!(peer.counters.waiting.load(Ordering::Relaxed), 0);
+    assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
+    stop.cancel();
+}
+
 /// Many unreachable peers cannot make the waiting packets grow past the device's budget.
 #[tokio::test]
 async fn waiting_packets_across_peers_stay_within_the_budget() {
