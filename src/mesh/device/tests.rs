@@ -119,6 +119,22 @@ fn numbered(from: u32, to: u32, i: u32, size: usize) -> Vec<u8> {
     build_ipv4_udp(ip(from, 1), ip(to, 1), 1, 2, &payload)
 }
 
+/// The numbers of the next `n` numbered packets (see [`numbered`]) `node` delivers, in the order
+/// delivered (other packets skipped; each within 10 s).
+async fn delivered_numbers(node: &mut TestNode, n: usize) -> Vec<u32> {
+    let mut seqs = Vec::with_capacity(n);
+    while seqs.len() < n {
+        let p = timeout(Duration::from_secs(10), node.tun.delivered.recv())
+            .await
+            .expect("every packet within 10 s")
+            .expect("open");
+        if p.len() >= 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
+            seqs.push(u32::from_be_bytes([p[28], p[29], p[30], p[31]]));
+        }
+    }
+    seqs
+}
+
 /// Wait until `n` datagrams are held back for `addr` (bounded).
 async fn wait_held(net: &MemNet, addr: SocketAddr, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -408,16 +424,11 @@ async fn packets_wait_for_a_session_bounded_and_go_once_it_comes() {
     );
     // B learns of A and answers: the 64 newest arrive, in order.
     b.dev.set_peers(&[spec(&a, vec![a.addr])]);
-    let mut next = 36u32;
-    while next < 100 {
-        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
-            .await
-            .expect("the waiting packets within 10 s")
-            .expect("open");
-        let seq = u32::from_be_bytes([p[28], p[29], p[30], p[31]]);
-        assert_eq!(seq, next, "in order");
-        next += 1;
-    }
+    assert_eq!(
+        delivered_numbers(&mut b, 64).await,
+        (36..100).collect::<Vec<_>>(),
+        "in order"
+    );
     assert_eq!(peer.counters.waiting.load(Ordering::Relaxed), 0);
     assert_eq!(a.dev.waiting_bytes.load(Ordering::Relaxed), 0);
     stop.cancel();
@@ -447,16 +458,7 @@ async fn packets_that_waited_leave_before_newer_ones_once_the_session_is_up() {
         .send(numbered(3, 7, WAITED, 300))
         .await
         .unwrap();
-    let mut seqs = Vec::new();
-    while seqs.len() <= WAITED as usize {
-        let p = timeout(Duration::from_secs(10), b.tun.delivered.recv())
-            .await
-            .expect("every packet within 10 s")
-            .expect("open");
-        if p.len() >= 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
-            seqs.push(u32::from_be_bytes([p[28], p[29], p[30], p[31]]));
-        }
-    }
+    let seqs = delivered_numbers(&mut b, WAITED as usize + 1).await;
     assert_eq!(
         seqs,
         (0..=WAITED).collect::<Vec<_>>(),
@@ -1150,20 +1152,10 @@ async fn a_backlog_sealed_on_lanes_leaves_in_order_with_consecutive_counters() {
         }
         net.start_capture();
     }
-    let mut got = Vec::new();
-    for s in [&mut b, &mut c] {
-        let mut seqs = Vec::new();
-        while seqs.len() < N as usize / 2 {
-            let p = timeout(Duration::from_secs(10), s.tun.delivered.recv())
-                .await
-                .expect("every packet within 10 s")
-                .expect("open");
-            if p.len() >= 32 && u16::from_be_bytes([p[22], p[23]]) == 2 {
-                seqs.push(u32::from_be_bytes([p[28], p[29], p[30], p[31]]));
-            }
-        }
-        got.push(seqs);
-    }
+    let got = [
+        delivered_numbers(&mut b, N as usize / 2).await,
+        delivered_numbers(&mut c, N as usize / 2).await,
+    ];
     let sent =
         |to: u32| -> Vec<u32> { (0..N).filter(|i| ((i / 8) % 2 == 0) == (to == 7)).collect() };
     assert_eq!(got[0], sent(7), "B gets its packets once and in order");
