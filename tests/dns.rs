@@ -54,10 +54,7 @@ impl Drop for Killed {
 #[test]
 fn every_node_resolves_every_name_and_pointer_and_outsiders_get_nothing() {
     let mut lab = Lab::new("dnsnames", 4);
-    let token = lab.init(0, "db1", &[]);
-    lab.join(1, "web1", &token);
-    lab.join(2, "cache-7", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["db1", "web1", "cache-7"]);
     let names = ["db1", "web1", "cache-7"];
     let ips: Vec<Ipv4Addr> = (0..3).map(|h| lab.mesh_ip(h)).collect();
     for h in 0..3 {
@@ -125,10 +122,7 @@ fn every_node_resolves_every_name_and_pointer_and_outsiders_get_nothing() {
 #[test]
 fn services_answer_for_live_providers_only() {
     let mut lab = Lab::new("dnssvc", 3);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     let (ip_a, ip_b, ip_c) = (lab.mesh_ip(0), lab.mesh_ip(1), lab.mesh_ip(2));
     // b publishes a container address of its /24.
     let b_container = Ipv4Addr::from(u32::from(ip_b) + 6);

@@ -27,10 +27,7 @@ const FLOOD: Duration = Duration::from_secs(10);
 #[test]
 fn a_handshake_flood_from_a_stranger_does_not_disturb_the_members() {
     let mut lab = Lab::new("flood", 4);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     let ips: Vec<_> = (0..3).map(|h| lab.mesh_ip(h)).collect();
 
     // A thousand initiations to a from made-up keys: valid WireGuard messages a must look at.

@@ -76,10 +76,7 @@ fn three_nodes_form_a_mesh_and_every_node_reaches_every_other() {
 #[test]
 fn any_member_admits_joiners_while_the_first_node_is_down_and_it_rejoins() {
     let mut lab = Lab::new("boot", 5);
-    let token = lab.init(0, "n1", &[]);
-    lab.join(1, "n2", &token);
-    lab.join(2, "n3", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["n1", "n2", "n3"]);
     // A token listing live members as bootstrap endpoints.
     let token2 = lab.invite(0, &["--expires", "1h"]);
     lab.stop(0);
@@ -99,10 +96,7 @@ fn any_member_admits_joiners_while_the_first_node_is_down_and_it_rejoins() {
 #[test]
 fn kill9_then_run_comes_back_with_the_same_identity_and_subnet() {
     let mut lab = Lab::new("kill", 3);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     let before = lab.status(2).me;
 
     lab.kill9(2);
@@ -198,9 +192,7 @@ fn state_problems_are_clear_errors_and_never_reset_the_identity() {
 #[test]
 fn tunnels_follow_a_node_whose_underlay_address_changes() {
     let mut lab = Lab::new("roam", 2);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.form(&["a", "b"]);
     let (ip_a, ip_b) = (lab.mesh_ip(0), lab.mesh_ip(1));
     // b's machine gets a new address (DHCP renewal, a move to another network). The old one
     // goes first: removing a primary address also removes the secondaries of its subnet.
@@ -243,9 +235,7 @@ fn tunnels_follow_a_node_whose_underlay_address_changes() {
 /// Two nodes, `a` (host 0) and `b` (host 1), reaching each other.
 fn two_nodes(name: &str) -> Lab {
     let mut lab = Lab::new(name, 2);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.form(&["a", "b"]);
     lab
 }
 
@@ -307,9 +297,7 @@ fn bulk_tcp_crosses_the_mesh_intact_through_lanes() {
     let mut lab = Lab::new("lanes", 2);
     lab.env.push(("MESHD_RX_LANES".into(), "2".into()));
     lab.env.push(("MESHD_TX_LANES".into(), "2".into()));
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.form(&["a", "b"]);
     echo_across(&lab, 32 << 20, None);
     let lanes: Vec<_> = (0..2).map(|h| lab.status(h).lanes).collect();
     for l in &lanes {

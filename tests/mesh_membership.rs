@@ -63,10 +63,7 @@ fn leave_releases_the_subnet_for_the_next_joiner() {
 #[test]
 fn a_removed_node_loses_every_tunnel_and_cannot_come_back() {
     let mut lab = Lab::new("remove", 3);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     let c_ip = lab.mesh_ip(2);
     // Keep a copy of c's state as it was, to try coming back with the old identity later.
     let saved = lab.dir.path().join("c-saved");
@@ -129,9 +126,7 @@ fn a_removed_node_loses_every_tunnel_and_cannot_come_back() {
 #[test]
 fn bad_tokens_are_refused_with_a_clear_message_and_change_nothing() {
     let mut lab = Lab::new("tokens", 5);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    let token = lab.form(&["a", "b"]);
     assert_eq!(lab.status(0).mesh.members, 2);
     let refused = |lab: &Lab, o: &std::process::Output, needle: &str| {
         assert!(!o.status.success(), "expected a refusal");

@@ -10,9 +10,7 @@ use std::time::Duration;
 #[test]
 fn packets_with_a_source_outside_the_senders_subnet_are_dropped_and_counted() {
     let mut lab = Lab::new("spoof", 2);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.form(&["a", "b"]);
     let a_ip = lab.mesh_ip(0);
     let (a_sub, b_sub) = (lab.status(0).me.subnet, lab.status(1).me.subnet);
     // An address in the mesh range that belongs to neither node.
@@ -121,10 +119,7 @@ fn the_underlay_carries_only_wireguard_and_join_frames() {
         );
         std::fs::metadata(&pcap).is_ok_and(|m| m.len() > 24)
     });
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     // A marker payload through the mesh: ICMP with a pattern, and UDP.
     let marker = "meshd-secret-marker";
     let hex: String = marker

@@ -70,10 +70,7 @@ fn a_node_restarted_from_a_cache_without_records_comes_back() {
 #[test]
 fn a_node_restarted_after_every_member_moved_comes_back() {
     let mut lab = Lab::new("stale", 3);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.join(2, "c", &token);
-    lab.wait_all_pairs(&[0, 1, 2], Duration::from_secs(30));
+    lab.form(&["a", "b", "c"]);
     lab.stop(2);
     for (h, new) in [(0, "198.51.100.71/24"), (1, "198.51.100.72/24")] {
         let old = format!("{}/24", lab.addr(h));

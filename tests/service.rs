@@ -312,9 +312,7 @@ fn the_reader_group_may_read_but_not_change() {
 #[test]
 fn leave_works_with_the_daemon_stopped() {
     let mut lab = Lab::new("leaveoff", 2);
-    let token = lab.init(0, "a", &[]);
-    lab.join(1, "b", &token);
-    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+    lab.form(&["a", "b"]);
     lab.stop(1);
     let o = lab.meshd_cmd(1, &["leave"]).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);

@@ -240,6 +240,19 @@ impl Lab {
         }
     }
 
+    /// A mesh of the first `names.len()` hosts: `meshd init` on host 0 with the first name,
+    /// `meshd join` on the others, then wait (30 s at most) until every one reaches every
+    /// other. Returns the token.
+    pub fn form(&mut self, names: &[&str]) -> String {
+        let token = self.init(0, names[0], &[]);
+        for (h, name) in names.iter().enumerate().skip(1) {
+            self.join(h, name, &token);
+        }
+        let hosts: Vec<usize> = (0..names.len()).collect();
+        self.wait_all_pairs(&hosts, Duration::from_secs(30));
+        token
+    }
+
     pub fn join(&mut self, h: usize, name: &str, token: &str) {
         self.spawn(h, &["join", token, "--name", name]);
     }
