@@ -83,12 +83,11 @@ impl Batch {
 /// One read from the TUN device on its way out: its packets, the counters they are sealed with
 /// and where each message goes, laid out as the runs the socket sends. Owned, so it can be
 /// sealed on another thread and come back.
+#[derive(Default)]
 pub(super) struct OutRead {
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// Packets read into `bufs`.
-    n: usize,
-    /// Each packet's destination slot (`NOWHERE`: not sent).
+    /// Each packet of the read: its destination slot (`NOWHERE`: not sent).
     slots: Vec<u32>,
     /// The messages, back to back in the order of `batches`.
     out: Vec<u8>,
@@ -108,7 +107,6 @@ impl OutRead {
             // write to become resident.
             bufs: (0..TUN_BATCH).map(|_| vec![0u8; TUN_PACKET_BUF]).collect(),
             sizes: vec![0usize; TUN_BATCH],
-            n: 0,
             slots: Vec::with_capacity(TUN_BATCH),
             out: vec![0u8; TUN_BATCH * OUT_SLOT],
             runs: Vec::new(),
@@ -116,61 +114,11 @@ impl OutRead {
             batches: Vec::new(),
         }
     }
-
-    /// A read with no buffers (tests of the layout).
-    #[cfg(test)]
-    fn away() -> OutRead {
-        OutRead {
-            bufs: Vec::new(),
-            sizes: Vec::new(),
-            n: 0,
-            slots: Vec::new(),
-            out: Vec::new(),
-            runs: Vec::new(),
-            seals: Vec::new(),
-            batches: Vec::new(),
-        }
-    }
 }
 
 impl Sealable for OutRead {
-    fn seal(&mut self) {
-        OutRead::seal(self)
-    }
-
-    fn clear(&mut self) {
-        OutRead::clear(self)
-    }
-}
-
-impl OutRead {
-    /// Forget the read: nothing of it is sealed or sent.
-    pub(super) fn clear(&mut self) {
-        self.n = 0;
-        self.slots.clear();
-        self.runs.clear();
-        self.seals.clear();
-        self.batches.clear();
-    }
-
-    /// Where a message of `len` bytes for `to` goes: behind the last run if it fits there.
-    fn place(&mut self, to: SocketAddr, len: usize) -> usize {
-        match self.batches.last_mut() {
-            Some(b) if b.fits(to, len) => {
-                let at = b.start + b.len;
-                b.append(len);
-                at
-            }
-            last => {
-                let at = last.map_or(0, |b| b.start + b.len);
-                self.batches.push(Batch::first(at, to, len));
-                at
-            }
-        }
-    }
-
     /// Encrypt every planned message, each with the next of its run's counters (any thread).
-    pub(super) fn seal(&mut self) {
+    fn seal(&mut self) {
         let OutRead {
             bufs,
             sizes,
@@ -189,6 +137,32 @@ impl OutRead {
         }
         // The counters are spent: none may be used again.
         runs.clear();
+    }
+
+    /// Forget the read: nothing of it is sealed or sent.
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.runs.clear();
+        self.seals.clear();
+        self.batches.clear();
+    }
+}
+
+impl OutRead {
+    /// Where a message of `len` bytes for `to` goes: behind the last run if it fits there.
+    fn place(&mut self, to: SocketAddr, len: usize) -> usize {
+        match self.batches.last_mut() {
+            Some(b) if b.fits(to, len) => {
+                let at = b.start + b.len;
+                b.append(len);
+                at
+            }
+            last => {
+                let at = last.map_or(0, |b| b.start + b.len);
+                self.batches.push(Batch::first(at, to, len));
+                at
+            }
+        }
     }
 }
 
@@ -364,16 +338,15 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
     /// session wait for it; handshakes go out at once.
     fn plan(&self, r: &mut OutRead, n: usize, now: Instant) {
         r.clear();
-        r.n = n;
         let own = self.own_slot.load(Ordering::Relaxed);
-        for k in 0..r.n {
+        for k in 0..n {
             let slot = self.destination(&r.bufs[k][..r.sizes[k]], own);
             r.slots.push(slot.unwrap_or(NOWHERE));
         }
         let mut i = 0;
-        while i < r.n {
+        while i < n {
             let slot = r.slots[i];
-            let end = (i..r.n).find(|&k| r.slots[k] != slot).unwrap_or(r.n);
+            let end = (i..n).find(|&k| r.slots[k] != slot).unwrap_or(n);
             if slot != NOWHERE {
                 self.plan_run(r, slot, i..end, now);
             }
@@ -552,7 +525,7 @@ mod tests {
     fn messages_are_laid_out_as_runs_of_equal_datagrams_for_one_endpoint() {
         let a = SocketAddr::from(([192, 0, 2, 1], 1));
         let b = SocketAddr::from(([192, 0, 2, 2], 1));
-        let mut r = OutRead::away();
+        let mut r = OutRead::default();
         assert_eq!(r.place(a, 100), 0);
         assert_eq!(r.place(a, 100), 100);
         assert_eq!(r.place(b, 100), 200, "another endpoint starts a run");

@@ -328,8 +328,8 @@ impl Session {
 
 /// A run of sending counters of one session, taken in order under the tunnel's lock by
 /// [`super::Tunn::reserve_data`]: each is used for one message and then gone. Neither `Clone`
-/// nor `Copy`, and only ever split: so no counter (no nonce) can be used twice, whichever
-/// thread seals the messages.
+/// nor `Copy`: so no counter (no nonce) can be used twice, whichever thread seals the
+/// messages.
 #[derive(Debug)]
 pub struct SendCounters {
     session: Arc<Session>,
@@ -357,18 +357,6 @@ impl SendCounters {
         let counter = self.next;
         self.next += 1;
         Some(self.session.seal_at(counter, src, dst))
-    }
-
-    /// Give away the first `n` counters left (all of them if fewer) as a run of their own.
-    pub fn split_first(&mut self, n: usize) -> SendCounters {
-        let at = self.next + (n as u64).min(self.end - self.next);
-        let first = SendCounters {
-            session: self.session.clone(),
-            next: self.next,
-            end: at,
-        };
-        self.next = at;
-        first
     }
 }
 
