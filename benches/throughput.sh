@@ -22,8 +22,10 @@
 #
 # Per round and tunnel, one after another (so noise hits all alike): TCP with 1 stream and with 4
 # (iperf3, a -> b), idle ping p50/p99 (500 pings, 5 ms apart), ping p50/p99 during a 1-stream
-# transfer, the tunnel processes' CPU (both ends, from /proc, during the 1-stream run) and their
-# RSS (the larger end, after the round). Prints the medians and ratios against meshd. Each round
+# transfer, the tunnel processes' CPU (both ends, from /proc, during the 1-stream run; how much of
+# it in the kernel) and their RSS (the larger end, after the round). Prints the medians and
+# ratios against meshd, and meshd's floor per core: its kernel time plus the crypto for what it
+# carried (benches/crypto.rs, measured first), as if it did nothing else. Each round
 # also measures the latency floor: a UDP round trip between two plain processes over the same
 # veth (benches/udp_echo.rs), what waking processes costs on this machine before any tunnel.
 set -euo pipefail
@@ -32,6 +34,9 @@ ROUNDS=${2:-3}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 cargo build --release --quiet --example udp_echo
+# Sealing and opening one packet through meshd's session on one core, in microseconds: the
+# crypto part of meshd's CPU at a given rate (benches/crypto.rs), measured before any tunnel runs.
+read -r SEAL_US OPEN_US <<<"$(cargo bench --quiet --bench crypto --features testing -- --floor)"
 ECHO=$PWD/target/release/examples/udp_echo
 MESHD=$PWD/target/release/meshd
 MESHCTL=$PWD/target/release/meshctl
@@ -168,6 +173,10 @@ wait_for 10 ip netns exec $A bash -c "echo > /dev/tcp/198.51.100.2/5201"
 TCK=$(getconf CLK_TCK)
 ticks() { local t=0 p; for p in "$@"; do
   t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+# Only the time in the kernel (system time: TUN and socket calls, and the network stack's work
+# done in them).
+sys_ticks() { local t=0 p; for p in "$@"; do
+  t=$((t + $(awk '{print $15}' /proc/$p/stat))); done; echo $t; }
 rss_kb() { local m=0 p r; for p in "$@"; do
   r=$(awk '/^VmRSS/{print $2}' /proc/$p/status); [ "$r" -gt "$m" ] && m=$r; done; echo $m; }
 tput_mbit() { # tput_mbit DEST STREAMS
@@ -188,9 +197,11 @@ RES=$WORK/results; : >$RES
 for r in $(seq 1 "$ROUNDS"); do
   for n in "${NAMES[@]}"; do
     d=${DEST[$n]}; read -r pa pb <<<"${PIDS[$n]}"
-    t0=$(ticks $pa $pb); s0=$(date +%s.%N)
+    t0=$(ticks $pa $pb); k0=$(sys_ticks $pa $pb); s0=$(date +%s.%N)
     t1=$(tput_mbit "$d" 1)
-    cpu=$(python3 -c "print(($(ticks $pa $pb) - $t0) / $TCK / ($(date +%s.%N) - $s0))")
+    t_end=$(ticks $pa $pb); k_end=$(sys_ticks $pa $pb); s_end=$(date +%s.%N)
+    cpu=$(python3 -c "print(($t_end - $t0) / $TCK / ($s_end - $s0))")
+    sys=$(python3 -c "print(($k_end - $k0) / $TCK / ($s_end - $s0))")
     t4=$(tput_mbit "$d" 4)
     read -r i50 i99 <<<"$(pings "$d" 500)"
     # Ping under load: a transfer in the background, pings meanwhile.
@@ -199,9 +210,9 @@ for r in $(seq 1 "$ROUNDS"); do
     read -r l50 l99 <<<"$(pings "$d" 300)"
     wait $lp || true
     rss=$(rss_kb $pa $pb)
-    echo "$n $t1 $t4 $i50 $i99 $l50 $l99 $cpu $rss" >>$RES
-    printf 'round %d %-14s %6s / %6s Mbit/s  ping %s/%s ms  loaded %s/%s ms  cpu %.2f cores  rss %.1f MB\n' \
-      "$r" "$n" "$t1" "$t4" "$i50" "$i99" "$l50" "$l99" "$cpu" "$(awk "BEGIN{print $rss/1024}")"
+    echo "$n $t1 $t4 $i50 $i99 $l50 $l99 $cpu $rss $sys" >>$RES
+    printf 'round %d %-14s %6s / %6s Mbit/s  ping %s/%s ms  loaded %s/%s ms  cpu %.2f cores (%.2f kernel)  rss %.1f MB\n' \
+      "$r" "$n" "$t1" "$t4" "$i50" "$i99" "$l50" "$l99" "$cpu" "$sys" "$(awk "BEGIN{print $rss/1024}")"
   done
   read -r f50 f99 <<<"$(ip netns exec $A "$ECHO" ping 198.51.100.2:9999 500 5 || echo nan nan)"
   echo "$f50 $f99" >>$WORK/floor
@@ -209,7 +220,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 T_D=$(tput_mbit 198.51.100.2 1)
 
-python3 - "$RES" "$T_D" "$WORK/floor" <<'PY'
+python3 - "$RES" "$T_D" "$WORK/floor" "$SEAL_US" "$OPEN_US" <<'PY'
 import sys, statistics as st
 rows = {}
 for line in open(sys.argv[1]):
@@ -217,12 +228,22 @@ for line in open(sys.argv[1]):
     rows.setdefault(n, []).append([float(x) for x in v])
 med = {n: [st.median(c) for c in zip(*v)] for n, v in rows.items()}
 print()
-print(f"{'':14}{'TCP 1':>8}{'TCP 4':>8}{'ping p50/p99':>15}{'loaded p50/p99':>17}{'RSS MB':>8}{'CPU':>6}{'Mbit/s/core':>13}{'x meshd':>10}")
+print(f"{'':14}{'TCP 1':>8}{'TCP 4':>8}{'ping p50/p99':>15}{'loaded p50/p99':>17}{'RSS MB':>8}{'CPU':>6}{'kernel':>8}{'Mbit/s/core':>13}{'x meshd':>10}")
 m1 = med.get("meshd", [float("nan")])[0]
-for n, (t1, t4, i50, i99, l50, l99, cpu, rss) in med.items():
+for n, (t1, t4, i50, i99, l50, l99, cpu, rss, sys_) in med.items():
     per = t1 / cpu if cpu else float("nan")
-    print(f"{n:14}{t1:>8.0f}{t4:>8.0f}{f'{i50:.3f}/{i99:.3f}':>15}{f'{l50:.3f}/{l99:.3f}':>17}{rss/1024:>8.1f}{cpu:>6.2f}{per:>13.0f}{t1/m1:>10.2f}")
-print(f"(medians over rounds; TCP in Mbit/s a->b; CPU: tunnel processes of both ends, in cores, during the 1-stream run; no tunnel: {float(sys.argv[2]):.0f} Mbit/s)")
+    print(f"{n:14}{t1:>8.0f}{t4:>8.0f}{f'{i50:.3f}/{i99:.3f}':>15}{f'{l50:.3f}/{l99:.3f}':>17}{rss/1024:>8.1f}{cpu:>6.2f}{sys_:>8.2f}{per:>13.0f}{t1/m1:>10.2f}")
+print(f"(medians over rounds; TCP in Mbit/s a->b; CPU: tunnel processes of both ends, in cores, during the 1-stream run, and of it in the kernel; no tunnel: {float(sys.argv[2]):.0f} Mbit/s)")
+if "meshd" in med:
+    # What meshd's CPU would be if it did nothing in user space but seal and open: its kernel
+    # time plus the crypto for the packets it carried (TCP: 1,368 bytes of data per packet at
+    # MTU 1420), each packet sealed once and opened once.
+    t1, cpu, sys_ = med["meshd"][0], med["meshd"][6], med["meshd"][8]
+    seal_us, open_us = float(sys.argv[4]), float(sys.argv[5])
+    crypto = t1 * 1e6 / (1368 * 8) * (seal_us + open_us) * 1e-6
+    print(f"meshd's floor per core: kernel {sys_:.2f} + crypto {crypto:.2f} cores (seal {seal_us:.3f} + open {open_us:.3f} us "
+          f"per packet, benches/crypto.rs) of its {cpu:.2f} at {t1:.0f} Mbit/s: {t1 / (sys_ + crypto):.0f} Mbit/s per core "
+          f"if meshd did nothing else in user space (measured: {t1 / cpu:.0f})")
 fl = [st.median(c) for c in zip(*([float(x) for x in l.split()] for l in open(sys.argv[3])))]
 print(f"latency floor (UDP round trip between two plain processes, no tunnel): {fl[0]:.3f}/{fl[1]:.3f} ms p50/p99")
 if "meshd" in med:

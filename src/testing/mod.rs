@@ -1,4 +1,5 @@
-//! Test tooling: a mesh on paper ([`fixtures`]) and in-memory twins of the I/O edges ([`mem`]),
+//! Test tooling: a mesh on paper ([`fixtures`]), in-memory twins of the I/O edges ([`mem`]) and
+//! two tunnels with a session ([`tunnels`]),
 //! also for the benchmarks through the `testing` feature; compiled for the crate's own tests
 //! only, a whole-node harness on the twins ([`sim`]) and the multi-node scenarios run on it.
 
@@ -9,3 +10,4 @@ pub mod mem;
 mod scenarios;
 #[cfg(test)]
 pub mod sim;
+pub mod tunnels;

@@ -6,6 +6,7 @@ use super::*;
 use crate::mesh::packet::{build_ipv4_udp, ipv4_src};
 use crate::mesh::packet::{classify, FrameKind};
 use crate::testing::mem::{MemNet, MemTun, MemTunHandle, MemUdp};
+use crate::testing::tunnels::handshaken;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::Packet;
 use std::collections::HashMap;
@@ -754,30 +755,6 @@ async fn a_packet_for_a_peer_removed_meanwhile_does_not_keep_budget() {
     assert!(held.waiting.lock().unwrap().is_empty());
     assert_eq!(a.dev.counters.dropped_no_peer.load(Ordering::Relaxed), 1);
     stop.cancel();
-}
-
-/// Tunnels A and B after A's handshake: B's response and A's keepalive, not yet seen by B.
-fn handshaken() -> (Tunn, Tunn, Vec<u8>, Vec<u8>) {
-    let (sa, sb) = (
-        StaticSecret::random_from_rng(rand_core::OsRng),
-        StaticSecret::random_from_rng(rand_core::OsRng),
-    );
-    let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
-    let mut a = Tunn::new(sa, pb, None, None, 1 << 8, None);
-    let mut b = Tunn::new(sb, pa, None, None, 2 << 8, None);
-    let (mut buf, mut buf2) = (vec![0u8; 2048], vec![0u8; 2048]);
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
-        panic!("initiation")
-    };
-    let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, init, &mut buf2) else {
-        panic!("response")
-    };
-    let resp = resp.to_vec();
-    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
-        panic!("keepalive")
-    };
-    let keepalive = keepalive.to_vec();
-    (a, b, resp, keepalive)
 }
 
 /// The patched tunnel shares its sessions: one peer's data messages decrypted on two threads
