@@ -28,7 +28,7 @@ pub const TUN_HEADROOM: usize = 16;
 pub const TUN_READ_PACKETS: usize = 128;
 
 pub trait TunIo: Send + Sync + 'static {
-    /// What one writing thread keeps between writes (the offload coalescing table).
+    /// What one writing thread keeps between writes.
     type Writer: Send;
     fn writer(&self) -> Self::Writer;
 
@@ -45,9 +45,9 @@ pub trait TunIo: Send + Sync + 'static {
         sizes: &mut [usize],
     ) -> io::Result<usize>;
 
-    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, consecutive
-    /// segments of one TCP flow are coalesced first; the buffers may be modified. An empty batch
-    /// writes nothing: it tells the writer that traffic is light (see `LinuxTun`'s writer).
+    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, runs of
+    /// consecutive segments of one TCP flow go as one packet each; the buffers (their headers
+    /// and headroom) may be modified.
     fn send_batch(&self, writer: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()>;
 
     /// Make every `wait_readable`, now and later, return `Interrupted`.

@@ -99,13 +99,8 @@ pub(super) struct Lanes {
     spare: Mutex<Spare>,
     /// A buffer came back (or the lanes are to stop).
     returned: Condvar,
-    /// How long a lane waits for work before [`Lanes::take`] returns empty-handed (so its
-    /// thread can give back what it keeps only for heavy traffic).
-    idle_check: Duration,
 }
 
-/// See [`Lanes::idle_check`].
-const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// How often a lane waiting for its turn, or the receive thread waiting for a buffer, looks
 /// whether the lanes are stopping (the wait itself ends when the work ahead is done).
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -131,10 +126,6 @@ impl Lanes {
     }
 
     pub fn new(n: usize) -> Lanes {
-        Lanes::with_idle_check(n, IDLE_CHECK)
-    }
-
-    fn with_idle_check(n: usize, idle_check: Duration) -> Lanes {
         Lanes {
             threads: n,
             stopped: AtomicBool::new(false),
@@ -142,7 +133,6 @@ impl Lanes {
             work: Condvar::new(),
             spare: Mutex::new(Spare::default()),
             returned: Condvar::new(),
-            idle_check,
         }
     }
 
@@ -204,11 +194,9 @@ impl Lanes {
 
     /// A lane's thread: wait for the next read, and take the reads right behind it too while
     /// they are the same peer's (its next tickets) and all of them hold at most `max_datagrams`:
-    /// fewer turns to pass between lanes, larger batches for the TUN device. Empty: nothing came
-    /// for `idle_check` (time for the thread's idle work). None: stop.
+    /// fewer turns to pass between lanes, larger batches for the TUN device. None: stop.
     pub fn take(&self, work: &mut Vec<Handed>, max_datagrams: usize) -> Option<()> {
         let mut q = self.queue.lock().unwrap();
-        let mut waited = false;
         loop {
             if self.stopping() {
                 return None;
@@ -225,12 +213,8 @@ impl Lanes {
                 work.insert(0, h);
                 return Some(());
             }
-            if waited {
-                return Some(());
-            }
-            let timeout;
-            (q, timeout) = self.work.wait_timeout(q, self.idle_check).unwrap();
-            waited = timeout.timed_out();
+            // `stop` wakes this wait (it takes the queue's lock first).
+            q = self.work.wait(q).unwrap();
         }
     }
 
@@ -408,20 +392,6 @@ mod tests {
         }
         lanes.take(&mut work, 64).unwrap();
         assert_eq!(work[0].read.buf[0], 4);
-    }
-
-    #[test]
-    fn an_idle_lane_comes_back_empty_handed_then_takes_work_again() {
-        let lanes = Lanes::with_idle_check(1, Duration::from_millis(20));
-        let mut work = Vec::new();
-        lanes.take(&mut work, 64).unwrap();
-        assert!(work.is_empty(), "nothing queued: back after the idle check");
-        assert!(lanes.hand_over(&peer(), true, &mut read(7)));
-        let h = take(&lanes);
-        assert_eq!(h.read.buf[0], 7);
-        lanes.done(h);
-        lanes.stop();
-        assert!(lanes.take(&mut work, 64).is_none(), "stopped");
     }
 
     #[test]

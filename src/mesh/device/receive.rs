@@ -185,9 +185,6 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         let mut work = Vec::new();
         while self.lanes.take(&mut work, dl.to_tun.len()).is_some() {
             let Some(first) = work.first() else {
-                // Idle a while: an empty batch lets the writer give back what it keeps only
-                // for heavy traffic (the TUN coalescing table).
-                let _ = self.tun.send_batch(&mut dl.writer, &mut []);
                 continue;
             };
             self.decrypt_ahead(work.iter().map(|h| &h.read), &mut dl);

@@ -2,6 +2,7 @@
 //! configuration, `udp` the mesh UDP socket, `ifaddr` the machine's own addresses,
 //! `sockets` listeners bound to the TUN device, `wait` the data-plane threads' blocking waits.
 
+mod gro;
 mod ifaddr;
 mod netlink;
 mod sockets;

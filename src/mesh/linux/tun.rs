@@ -1,11 +1,12 @@
 //! The kernel TUN device (tun-rs), with TCP segmentation offload where the kernel has it.
 
+use super::gro;
 use super::wait::Waiter;
 use super::NetError;
 use crate::mesh::io::{TunIo, TUN_HEADROOM};
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
 use tracing::info;
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
@@ -21,20 +22,14 @@ pub struct LinuxTun {
     offload: bool,
 }
 
-/// What one writing thread keeps: the offload coalescing table, while traffic is heavy. tun-rs
-/// preallocates slots for 128 flows (about 1.7 MB, half of it touched by the allocator), which
-/// an idle node, writing a few packets at a time, does not need: the table is made for the
-/// first batch of [`GRO_MIN_BATCH`] packets and given back after [`GRO_IDLE`] without one.
+/// What one writing thread keeps between writes: the plan of its last batch (the groups of
+/// packets written together), and how many segments it merged into others, for the tests.
 #[derive(Default)]
 pub struct TunWriter {
-    gro: Option<(tun_rs::GROTable, Instant)>,
+    groups: Vec<Range<usize>>,
+    #[cfg(test)]
+    merged: usize,
 }
-
-/// Batches smaller than this are written a packet at a time: coalescing would save a few
-/// system calls at rates where they do not matter.
-const GRO_MIN_BATCH: usize = 8;
-/// How long the coalescing table outlives the last batch that used it.
-const GRO_IDLE: Duration = Duration::from_secs(30);
 
 impl LinuxTun {
     /// Create the TUN device `name`. It disappears when this process exits, however it exits.
@@ -104,6 +99,49 @@ impl LinuxTun {
     }
 }
 
+impl LinuxTun {
+    /// Write planned segments as one packet: the first one's headers made the coalesced
+    /// packet's, then every payload after it, in one `writev` (nothing copied here).
+    fn write_coalesced(&self, segs: &mut [Vec<u8>]) -> io::Result<()> {
+        let payload: usize = segs
+            .iter()
+            .map(|b| gro::payload(&b[TUN_HEADROOM..]).len())
+            .sum();
+        let last_psh = segs.last().is_some_and(|b| gro::psh(&b[TUN_HEADROOM..]));
+        gro::finish(&mut segs[0], TUN_HEADROOM, payload, last_psh);
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iov = [empty; gro::MAX_SEGMENTS];
+        let head = &segs[0][TUN_HEADROOM - VIRTIO_NET_HDR_LEN..];
+        iov[0] = libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        };
+        for (v, b) in iov[1..].iter_mut().zip(&segs[1..]) {
+            let data = gro::payload(&b[TUN_HEADROOM..]);
+            *v = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
+        }
+        // SAFETY: the first `segs.len()` (at most MAX_SEGMENTS, as planned) entries point into
+        // buffers borrowed for the whole call; the kernel only reads them.
+        let n = unsafe {
+            libc::writev(
+                self.dev.as_raw_fd(),
+                iov.as_ptr(),
+                segs.len().min(gro::MAX_SEGMENTS) as libc::c_int,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl TunIo for LinuxTun {
     type Writer = TunWriter;
 
@@ -125,29 +163,32 @@ impl TunIo for LinuxTun {
     }
 
     fn send_batch(&self, w: &mut TunWriter, bufs: &mut [Vec<u8>]) -> io::Result<()> {
-        if bufs.len() >= GRO_MIN_BATCH {
-            let now = Instant::now();
-            let (gro, used) = w.gro.get_or_insert_with(|| (tun_rs::GROTable::new(), now));
-            *used = now;
-            return self.dev.send_multiple(gro, bufs, TUN_HEADROOM).map(|_| ());
-        }
-        if w.gro
-            .as_ref()
-            .is_some_and(|(_, used)| used.elapsed() > GRO_IDLE)
-        {
-            w.gro = None;
-        }
-        // A packet at a time, each behind an empty virtio-net header (no offload asked: what
-        // the coalescing path writes for a packet it leaves alone). Every packet is tried.
         let mut result = Ok(());
-        for buf in bufs.iter_mut() {
-            let start = if self.offload {
-                buf[TUN_HEADROOM - VIRTIO_NET_HDR_LEN..TUN_HEADROOM].fill(0);
-                TUN_HEADROOM - VIRTIO_NET_HDR_LEN
+        if !self.offload {
+            for buf in bufs.iter() {
+                if let Err(e) = self.dev.send(&buf[TUN_HEADROOM..]) {
+                    result = Err(e);
+                }
+            }
+            return result;
+        }
+        // Runs of one TCP flow's segments go as one packet each; every other packet as it is,
+        // behind an empty virtio-net header (no offload asked). Every group is tried.
+        gro::plan(bufs, TUN_HEADROOM, &mut w.groups);
+        let start = TUN_HEADROOM - VIRTIO_NET_HDR_LEN;
+        for g in &w.groups {
+            let written = if g.len() == 1 {
+                let buf = &mut bufs[g.start];
+                buf[start..TUN_HEADROOM].fill(0);
+                self.dev.send(&buf[start..]).map(drop)
             } else {
-                TUN_HEADROOM
+                #[cfg(test)]
+                {
+                    w.merged += g.len() - 1;
+                }
+                self.write_coalesced(&mut bufs[g.clone()])
             };
-            if let Err(e) = self.dev.send(&buf[start..]) {
+            if let Err(e) = written {
                 result = Err(e);
             }
         }
@@ -164,6 +205,7 @@ mod tests {
     use super::*;
     use crate::mesh::linux::netns::Netns;
     use std::net::UdpSocket;
+    use std::time::Duration;
 
     /// An IPv4/UDP packet 192.0.2.2:`sport` -> 192.0.2.1:7000 behind `TUN_HEADROOM` bytes of
     /// garbage (the writer owns the headroom: a header it forgets to write shows).
@@ -192,34 +234,37 @@ mod tests {
         p
     }
 
-    /// Packets written to the device reach a socket in its namespace, in order and unchanged,
-    /// whether written one at a time (small batches) or through the coalescing table (a big
-    /// batch of one flow); the table exists only after a big batch and goes after `GRO_IDLE`.
-    #[test]
-    fn writes_every_batch_size_and_gives_the_coalescing_table_back_when_idle() {
-        let ns = Netns::create(&format!("mt{}-tunw", std::process::id())).unwrap();
-        let setup = |args: &[&str]| {
+    /// A namespace with the TUN device `name` at 192.0.2.1/24, up.
+    fn device(name: &'static str) -> (Netns, LinuxTun) {
+        let ns = Netns::create(&format!("mt{}-{name}", std::process::id())).unwrap();
+        let tun = ns.run(|| LinuxTun::create(name)).unwrap().unwrap();
+        for args in [
+            &["addr", "add", "192.0.2.1/24", "dev", name][..],
+            &["link", "set", name, "up"][..],
+        ] {
             let st = ns.command("ip").args(args).status().unwrap();
             assert!(st.success(), "ip {args:?}");
-        };
-        let (tun, sock) = {
-            let ns_tun = ns.run(|| LinuxTun::create("mtw0")).unwrap().unwrap();
-            setup(&["addr", "add", "192.0.2.1/24", "dev", "mtw0"]);
-            setup(&["link", "set", "mtw0", "up"]);
-            let sock = ns
-                .run(|| UdpSocket::bind("192.0.2.1:7000"))
-                .unwrap()
-                .unwrap();
-            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            (ns_tun, sock)
-        };
+        }
+        (ns, tun)
+    }
+
+    /// Packets that coalescing does not take (UDP) are written one at a time and reach a socket
+    /// in the device's namespace, in order and unchanged, in batches of every size.
+    #[test]
+    fn writes_every_batch_size_a_packet_at_a_time_when_nothing_coalesces() {
+        let (ns, tun) = device("mtw0");
+        let sock = ns
+            .run(|| UdpSocket::bind("192.0.2.1:7000"))
+            .unwrap()
+            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut w = tun.writer();
         let mut seq = 0u32;
-        let mut send_and_check = |w: &mut TunWriter, n: usize| {
+        for n in [1, 7, 24, 2, 128] {
             let mut bufs: Vec<Vec<u8>> = (0..n)
                 .map(|i| udp_packet(40000, &(seq + i as u32).to_be_bytes().repeat(100)))
                 .collect();
-            tun.send_batch(w, &mut bufs).unwrap();
+            tun.send_batch(&mut w, &mut bufs).unwrap();
             for _ in 0..n {
                 let mut got = [0u8; 2048];
                 let len = sock
@@ -228,30 +273,135 @@ mod tests {
                 assert_eq!(&got[..len], &seq.to_be_bytes().repeat(100)[..]);
                 seq += 1;
             }
+        }
+        assert_eq!(w.merged, 0, "UDP is never merged");
+    }
+
+    /// The timestamp value in TCP options `o`, 0 without one.
+    fn tsval(mut o: &[u8]) -> u32 {
+        while let [kind, rest @ ..] = o {
+            match kind {
+                0 => break,
+                1 => o = rest,
+                _ => {
+                    let len = usize::from(*rest.first().unwrap_or(&0)).max(2);
+                    if *kind == 8 && o.len() >= 10 {
+                        return u32::from_be_bytes(o[2..6].try_into().unwrap());
+                    }
+                    o = o.get(len..).unwrap_or(&[]);
+                }
+            }
+        }
+        0
+    }
+
+    /// A run of one connection's segments is written as one coalesced packet, and the kernel
+    /// takes it: a real TCP socket in the namespace receives every byte, in order. The peer's
+    /// side of the connection is played through the device (handshake, then 40 segments in
+    /// one batch, with timestamps as Linux sends them).
+    #[test]
+    fn a_run_of_tcp_segments_goes_as_one_packet_and_a_real_socket_gets_every_byte() {
+        use crate::mesh::linux::gro::tcp4;
+        use std::io::Read;
+        use std::net::TcpListener;
+        let (ns, tun) = device("mtw1");
+        let listener = ns
+            .run(|| TcpListener::bind("192.0.2.1:7001"))
+            .unwrap()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (peer, me) = (([192, 0, 2, 2], 40001), ([192, 0, 2, 1], 7001));
+        let mut w = tun.writer();
+        let send =
+            |w: &mut TunWriter, mut bufs: Vec<Vec<u8>>| tun.send_batch(w, &mut bufs).unwrap();
+        let (syn, ack, psh) = (0x02, 0x10, 0x08);
+        // NOP NOP timestamps (value, echo).
+        let ts = |v: u32, e: u32| {
+            let mut o = vec![1, 1, 8, 10];
+            o.extend(v.to_be_bytes());
+            o.extend(e.to_be_bytes());
+            o
         };
-        send_and_check(&mut w, 1);
-        send_and_check(&mut w, GRO_MIN_BATCH - 1);
-        assert!(w.gro.is_none(), "small batches need no coalescing table");
-        send_and_check(&mut w, 3 * GRO_MIN_BATCH);
-        assert!(
-            w.gro.is_some(),
-            "a big batch goes through the coalescing table"
+        let isn = 1000u32;
+        send(
+            &mut w,
+            vec![tcp4(TUN_HEADROOM, peer, me, isn, 0, syn, &ts(1, 0), &[])],
         );
-        send_and_check(&mut w, 2);
-        assert!(w.gro.is_some(), "kept while traffic was heavy a moment ago");
-        w.gro.as_mut().unwrap().1 = Instant::now() - GRO_IDLE - Duration::from_secs(1);
-        send_and_check(&mut w, 1);
-        assert!(
-            w.gro.is_none(),
-            "given back after GRO_IDLE without a big batch"
+        // The kernel's SYN-ACK, read from the device (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (mut scratch, mut bufs, mut sizes) =
+            (vec![0u8; 70000], vec![vec![0u8; 2048]; 8], [0usize; 8]);
+        let (server_isn, their_ts) = 'found: loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no SYN-ACK from the kernel"
+            );
+            if let Ok(n) = tun.try_recv_batch(&mut scratch, &mut bufs, &mut sizes) {
+                for (b, &len) in bufs.iter().zip(&sizes).take(n) {
+                    let p = &b[..len];
+                    if len >= 40 && p[9] == 6 && p[33] == syn | ack {
+                        break 'found (
+                            u32::from_be_bytes(p[24..28].try_into().unwrap()),
+                            tsval(&p[40..20 + usize::from(p[32] >> 4) * 4]),
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let their = server_isn.wrapping_add(1);
+        send(
+            &mut w,
+            vec![tcp4(
+                TUN_HEADROOM,
+                peer,
+                me,
+                isn + 1,
+                their,
+                ack,
+                &ts(2, 1),
+                &[],
+            )],
         );
-        // An idle thread's empty batch (a lane's) gives it back too.
-        send_and_check(&mut w, GRO_MIN_BATCH);
-        w.gro.as_mut().unwrap().1 = Instant::now() - GRO_IDLE - Duration::from_secs(1);
-        tun.send_batch(&mut w, &mut []).unwrap();
-        assert!(
-            w.gro.is_none(),
-            "an empty batch gives it back after GRO_IDLE"
-        );
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let segs: Vec<Vec<u8>> = data
+            .chunks(1000)
+            .enumerate()
+            .map(|(k, chunk)| {
+                let flags = if k == 39 { ack | psh } else { ack };
+                let seq = isn + 1 + (k as u32) * 1000;
+                tcp4(
+                    TUN_HEADROOM,
+                    peer,
+                    me,
+                    seq,
+                    their,
+                    flags,
+                    &ts(3, their_ts),
+                    chunk,
+                )
+            })
+            .collect();
+        send(&mut w, segs);
+        assert_eq!(w.merged, 39, "40 segments, one packet");
+        let mut conn = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection accepted"
+            );
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![0u8; data.len()];
+        conn.read_exact(&mut got)
+            .expect("every byte of the coalesced packet");
+        assert!(got == data, "the bytes arrive in order and unchanged");
     }
 }
