@@ -287,6 +287,20 @@ fn bulk_tcp_crosses_the_mesh_intact() {
     let lab = two_nodes("bulk");
     // 16 MiB both ways through TSO on the TUN device, UDP GSO out and GRO in.
     echo_across(&lab, 16 << 20, None);
+    tcp_was_coalesced(&lab);
+}
+
+/// Both nodes received the bulk transfer (data one way, the echo the other): the receive path
+/// handed the kernel runs of each connection's segments in single writes, several packets per
+/// write on average (one per write when nothing coalesces).
+fn tcp_was_coalesced(lab: &Lab) {
+    let tun: Vec<_> = (0..2).map(|h| lab.status(h).tun).collect();
+    for t in &tun {
+        assert!(
+            t.packets > 10_000 && t.packets >= 3 * t.writes,
+            "segments into the TUN device are coalesced: {tun:?}"
+        );
+    }
 }
 
 /// The same with two receive lanes and two seal lanes on both nodes (none by default on two
@@ -299,6 +313,7 @@ fn bulk_tcp_crosses_the_mesh_intact_through_lanes() {
     lab.env.push(("MESHD_TX_LANES".into(), "2".into()));
     lab.form(&["a", "b"]);
     echo_across(&lab, 32 << 20, None);
+    tcp_was_coalesced(&lab);
     let lanes: Vec<_> = (0..2).map(|h| lab.status(h).lanes).collect();
     for l in &lanes {
         assert_eq!((l.receive, l.seal), (2, 2), "{l:?}");

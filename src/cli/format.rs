@@ -506,6 +506,7 @@ mod tests {
             edge: EdgeStatus::default(),
             drops: Default::default(),
             lanes: Default::default(),
+            tun: Default::default(),
         };
         let out = status(&s);
         assert!(

@@ -17,6 +17,18 @@ pub struct StatusReport {
     /// The threads the data plane spreads encryption and decryption over under load.
     #[serde(default)]
     pub lanes: LaneStatus,
+    /// What the data plane handed the TUN device.
+    #[serde(default)]
+    pub tun: TunStatus,
+}
+
+/// Packets the data plane handed to the TUN device since start, and the writes they took:
+/// with TUN offload, runs of one TCP flow's segments go in one write (coalesced), so under
+/// bulk TCP there are several packets per write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunStatus {
+    pub packets: u64,
+    pub writes: u64,
 }
 
 /// Receive lanes (`MESHD_RX_LANES`) and seal lanes (`MESHD_TX_LANES`): threads beyond the

@@ -45,10 +45,10 @@ pub trait TunIo: Send + Sync + 'static {
         sizes: &mut [usize],
     ) -> io::Result<usize>;
 
-    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`. With offload, runs of
-    /// consecutive segments of one TCP flow go as one packet each; the buffers (their headers
-    /// and headroom) may be modified.
-    fn send_batch(&self, writer: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()>;
+    /// Hand packets to the kernel, each at `bufs[i][TUN_HEADROOM..]`, and say in how many
+    /// writes. With offload, runs of consecutive segments of one TCP flow go as one packet
+    /// each; the buffers (their headers and headroom) may be modified.
+    fn send_batch(&self, writer: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> io::Result<usize>;
 
     /// Make every `wait_readable`, now and later, return `Interrupted`.
     fn wake(&self);
@@ -103,7 +103,7 @@ impl<T: TunIo> TunIo for Arc<T> {
     ) -> io::Result<usize> {
         (**self).try_recv_batch(scratch, bufs, sizes)
     }
-    fn send_batch(&self, writer: &mut T::Writer, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+    fn send_batch(&self, writer: &mut T::Writer, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
         (**self).send_batch(writer, bufs)
     }
     fn wake(&self) {

@@ -298,6 +298,7 @@ impl<P: Platform> Node<P> {
         );
         let device = &self.plane.device;
         s.lanes = report::lanes(device.lanes(), &device.counters);
+        s.tun = report::tun(&device.counters);
         // Round trips the path task measured (through each tunnel, every 15 s).
         let rtt: HashMap<String, f64> = self
             .nat

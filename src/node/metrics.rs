@@ -118,6 +118,18 @@ pub fn render(s: &StatusReport, n: &NetcheckReport, rtt: &BTreeMap<String, f64>)
             reads as f64,
         );
     }
+    t.family(
+        "meshd_tun_packets_total",
+        Kind::Counter,
+        "Packets the data plane handed to the TUN device.",
+    )
+    .sample("meshd_tun_packets_total", &[], s.tun.packets as f64);
+    t.family(
+        "meshd_tun_writes_total",
+        Kind::Counter,
+        "Writes to the TUN device those packets took (runs of one TCP flow's segments go in one).",
+    )
+    .sample("meshd_tun_writes_total", &[], s.tun.writes as f64);
     let r = &n.relay;
     t.family(
         "meshd_relay_sessions",

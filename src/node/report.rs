@@ -4,7 +4,7 @@
 use super::snapshot::Snapshot;
 use crate::control::{
     DnsStatus, DropStatus, EdgeStatus, LaneStatus, MeshStatus, PeerReport, PeerState, SelfStatus,
-    StatusReport,
+    StatusReport, TunStatus,
 };
 use crate::gossip::Liveness;
 use crate::id::NodeId;
@@ -113,6 +113,14 @@ pub fn lanes(lanes: (usize, usize), c: &DeviceCounters) -> LaneStatus {
     }
 }
 
+/// What the data plane handed the TUN device.
+pub fn tun(c: &DeviceCounters) -> TunStatus {
+    TunStatus {
+        packets: c.tun_packets.load(Ordering::Relaxed),
+        writes: c.tun_writes.load(Ordering::Relaxed),
+    }
+}
+
 /// The whole report.
 pub fn status(
     me: SelfStatus,
@@ -138,5 +146,6 @@ pub fn status(
         edge,
         drops,
         lanes: LaneStatus::default(),
+        tun: TunStatus::default(),
     }
 }

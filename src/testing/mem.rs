@@ -90,11 +90,11 @@ impl TunIo for MemTun {
         Ok(k)
     }
 
-    fn send_batch(&self, _: &mut (), bufs: &mut [Vec<u8>]) -> io::Result<()> {
+    fn send_batch(&self, _: &mut (), bufs: &mut [Vec<u8>]) -> io::Result<usize> {
         for b in bufs.iter() {
             let _ = self.to_kernel.try_send(b[TUN_HEADROOM..].to_vec());
         }
-        Ok(())
+        Ok(bufs.len())
     }
 
     fn wake(&self) {

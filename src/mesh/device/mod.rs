@@ -91,6 +91,10 @@ pub struct DeviceCounters {
     pub lane_reads: AtomicU64,
     /// TUN reads sealed and sent by a seal lane.
     pub sealed_on_lanes: AtomicU64,
+    /// Packets handed to the TUN device, and the writes they took (fewer when TCP segments
+    /// are coalesced).
+    pub tun_packets: AtomicU64,
+    pub tun_writes: AtomicU64,
 }
 
 #[derive(Default)]

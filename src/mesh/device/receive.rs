@@ -474,8 +474,14 @@ impl<T: TunIo, U: UdpIo> Device<T, U> {
         if bufs.is_empty() {
             return;
         }
-        if let Err(e) = self.tun.send_batch(writer, bufs) {
-            debug!(error = %e, "writing to the TUN device failed");
+        match self.tun.send_batch(writer, bufs) {
+            Ok(writes) => {
+                let c = &self.counters;
+                c.tun_packets
+                    .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+                c.tun_writes.fetch_add(writes as u64, Ordering::Relaxed);
+            }
+            Err(e) => debug!(error = %e, "writing to the TUN device failed"),
         }
     }
 

@@ -579,8 +579,8 @@ impl TunIo for PanickingTun {
     ) -> std::io::Result<usize> {
         Err(std::io::ErrorKind::WouldBlock.into())
     }
-    fn send_batch(&self, _: &mut (), _: &mut [Vec<u8>]) -> std::io::Result<()> {
-        Ok(())
+    fn send_batch(&self, _: &mut (), bufs: &mut [Vec<u8>]) -> std::io::Result<usize> {
+        Ok(bufs.len())
     }
     fn wake(&self) {}
 }
@@ -686,7 +686,7 @@ impl TunIo for UnsplittableOnce {
         }
         Ok(n)
     }
-    fn send_batch(&self, w: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> std::io::Result<()> {
+    fn send_batch(&self, w: &mut Self::Writer, bufs: &mut [Vec<u8>]) -> std::io::Result<usize> {
         self.inner.send_batch(w, bufs)
     }
     fn wake(&self) {

@@ -162,7 +162,7 @@ impl TunIo for LinuxTun {
         self.dev.recv_multiple(scratch, bufs, sizes, 0)
     }
 
-    fn send_batch(&self, w: &mut TunWriter, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+    fn send_batch(&self, w: &mut TunWriter, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
         let mut result = Ok(());
         if !self.offload {
             for buf in bufs.iter() {
@@ -170,7 +170,7 @@ impl TunIo for LinuxTun {
                     result = Err(e);
                 }
             }
-            return result;
+            return result.map(|()| bufs.len());
         }
         // Runs of one TCP flow's segments go as one packet each; every other packet as it is,
         // behind an empty virtio-net header (no offload asked). Every group is tried.
@@ -192,7 +192,7 @@ impl TunIo for LinuxTun {
                 result = Err(e);
             }
         }
-        result
+        result.map(|()| w.groups.len())
     }
 
     fn wake(&self) {
