@@ -6,10 +6,11 @@
 //!
 //! Nothing is copied: the first segment's headers are rewritten in place and the others'
 //! payloads follow it in the same `writev`. The rules are the kernel's own (`tcp_gro_receive`):
-//! same addresses, ports, acknowledgement, header options, TTL, TOS and DF; flags ACK (PSH only
-//! on the last); sequence numbers contiguous; every segment but the last of the first one's
-//! size. A segment whose checksum is wrong is never merged (it goes alone, for the kernel to
-//! drop), since a merged packet's checksum is the kernel's to compute.
+//! same addresses, ports, acknowledgement, window, header options, TTL, TOS and DF; IP IDs
+//! counting up by one (or, with DF, all the same); flags ACK (PSH only on the last); sequence
+//! numbers contiguous; every segment but the last of the first one's size. A segment whose IP
+//! or TCP checksum is wrong is never merged (it goes alone, for the kernel to drop), since a
+//! merged packet's checksums are the kernel's to trust.
 
 use std::ops::Range;
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4};
@@ -43,8 +44,8 @@ fn segment(p: &[u8]) -> Option<Seg> {
     if usize::from(u16::from_be_bytes([p[2], p[3]])) != p.len() {
         return None;
     }
-    // More fragments, or a fragment offset.
-    if p[6] & 0x3f != 0 || p[7] != 0 {
+    // The reserved bit, more fragments, or a fragment offset.
+    if p[6] & 0xbf != 0 || p[7] != 0 {
         return None;
     }
     let thl = usize::from(p[IP_HDR + 12] >> 4) * 4;
@@ -69,19 +70,27 @@ fn segment(p: &[u8]) -> Option<Seg> {
     })
 }
 
-/// Whether segment `q` may join the packet headed by `head`: the same flow and headers
-/// (everything but the IP ID and checksum, the sequence number, the window, PSH and the TCP
-/// checksum), which the caller checks first as the cheap part.
-fn same_flow(head: &[u8], h: &Seg, q: &[u8], s: &Seg) -> bool {
+/// Whether segment `q`, the `k`th after the head, may join the packet headed by `head`: the
+/// same flow and headers (everything but the IP length and checksum, the sequence number,
+/// PSH and the TCP checksum; IP IDs counting up, or fixed with DF), which the caller checks
+/// before the checksums.
+fn same_flow(head: &[u8], h: &Seg, q: &[u8], s: &Seg, k: usize) -> bool {
+    let id = |p: &[u8]| u16::from_be_bytes([p[4], p[5]]);
+    let df = head[6] & 0x40 != 0;
     s.hdr == h.hdr
-        // TOS, DF (and the reserved bit), TTL.
+        // TOS, DF, TTL.
         && head[1] == q[1]
-        && head[6] >> 5 == q[6] >> 5
+        && head[6] == q[6]
         && head[8] == q[8]
+        // IDs one up per segment; with DF also all the same (what the kernel's GRO takes).
+        && (id(q) == id(head).wrapping_add(k as u16) || (df && id(q) == id(head)))
         // Addresses and ports.
         && head[12..IP_HDR + 4] == q[12..IP_HDR + 4]
         // Acknowledgement.
         && head[IP_HDR + 8..IP_HDR + 12] == q[IP_HDR + 8..IP_HDR + 12]
+        // Data offset and reserved bits (the flags are ACK, PSH aside), window.
+        && head[IP_HDR + 12] == q[IP_HDR + 12]
+        && head[IP_HDR + 14..IP_HDR + 16] == q[IP_HDR + 14..IP_HDR + 16]
         // Options (timestamps).
         && head[IP_HDR + 20..h.hdr] == q[IP_HDR + 20..s.hdr]
 }
@@ -95,8 +104,10 @@ fn tcp_sum(p: &[u8], tcp_len: usize, data: &[u8]) -> u16 {
     tun_rs::checksum(data, pseudo)
 }
 
+/// Whether the IP header's and the TCP segment's checksums are right.
 fn checksum_ok(p: &[u8]) -> bool {
-    tcp_sum(p, p.len() - IP_HDR, &p[IP_HDR..]) == 0xffff
+    tun_rs::checksum(&p[..IP_HDR], 0) == 0xffff
+        && tcp_sum(p, p.len() - IP_HDR, &p[IP_HDR..]) == 0xffff
 }
 
 /// Split the packets `bufs[i][offset..]` into groups of consecutive indexes, in order, each
@@ -121,7 +132,7 @@ pub fn plan(bufs: &[Vec<u8>], offset: usize, groups: &mut Vec<Range<usize>>) {
                 if s.seq != next_seq
                     || s.payload > h.payload
                     || len + s.payload > MAX_IP_LEN
-                    || !same_flow(head, &h, q, &s)
+                    || !same_flow(head, &h, q, &s, end - i)
                 {
                     break;
                 }
@@ -201,7 +212,8 @@ pub(crate) fn tcp4(
     let p = &mut b[headroom..];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
+    // DF and ID 0 in every packet (a fixed ID, which GRO takes with DF; the tests set IDs
+    // where they matter).
     p[6] = 0x40;
     p[8] = 64;
     p[9] = 6;
@@ -237,6 +249,19 @@ mod tests {
         let ts = [1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9];
         let (a, b) = (([10, 0, 0, 1], 4000), ([10, 0, 0, 2], 5000));
         tcp4(OFF, a, b, seq, ack, flags, &ts, data)
+    }
+
+    /// Change the packet in `b` (after OFF) with `f`, then make both checksums right again.
+    fn edit(b: &mut [u8], f: impl FnOnce(&mut [u8])) {
+        let p = &mut b[OFF..];
+        f(p);
+        p[10..12].fill(0);
+        let ip_sum = !tun_rs::checksum(&p[..IP_HDR], 0);
+        p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        p[IP_HDR + 16..IP_HDR + 18].fill(0);
+        let len = p.len() - IP_HDR;
+        let sum = !tcp_sum(p, len, &p[IP_HDR..]);
+        p[IP_HDR + 16..IP_HDR + 18].copy_from_slice(&sum.to_be_bytes());
     }
 
     fn flow(n: usize, size: usize) -> Vec<Vec<u8>> {
@@ -284,22 +309,69 @@ mod tests {
         let mut b = flow(2, 500);
         b[1] = seg(1500, &[1; 1000], false, 1);
         assert_eq!(planned(&b), vec![0..1, 1..2]);
-        // Another TTL, another flow (ports), not TCP data (a pure ACK).
-        let mut b = flow(3, 1000);
-        b[1][OFF + 8] = 63;
-        assert_eq!(planned(&b), vec![0..1, 1..2, 2..3]);
-        let mut b = flow(3, 1000);
-        b[1][OFF + IP_HDR + 1] ^= 1;
-        assert_eq!(planned(&b), vec![0..1, 1..2, 2..3]);
+        // Another TTL, TOS, window, timestamp or port (checksums made right again): apart.
+        for (at, what) in [
+            (8, "TTL"),
+            (1, "TOS"),
+            (IP_HDR + 15, "window"),
+            (IP_HDR + 27, "timestamp"),
+            (IP_HDR + 1, "source port"),
+        ] {
+            let mut b = flow(3, 1000);
+            edit(&mut b[1], |p| p[at] ^= 1);
+            assert_eq!(planned(&b), vec![0..1, 1..2, 2..3], "{what}");
+        }
+        // Not TCP data: a pure ACK.
         let b = vec![seg(1000, &[], false, 1), seg(1000, &[], false, 1)];
         assert_eq!(planned(&b), vec![0..1, 1..2]);
-        // A wrong checksum: never merged, on either side.
+        // Fragments and the reserved bit are never taken.
+        for bits in [0x20, 0x80] {
+            let mut b = flow(2, 1000);
+            edit(&mut b[1], |p| p[6] |= bits);
+            assert_eq!(planned(&b), vec![0..1, 1..2], "flags {bits:#x}");
+        }
+        // IP IDs: counting up merges, with or without DF; a fixed ID only with DF; any other
+        // step never.
+        let ids = |df: bool, step: u16| {
+            let mut b = flow(3, 1000);
+            for (k, p) in b.iter_mut().enumerate() {
+                edit(p, |p| {
+                    p[6] = if df { 0x40 } else { 0 };
+                    p[4..6].copy_from_slice(&(7 + step * k as u16).to_be_bytes());
+                });
+            }
+            planned(&b)
+        };
+        assert_eq!(ids(false, 1), vec![0..3]);
+        assert_eq!(ids(true, 1), vec![0..3]);
+        assert_eq!(ids(true, 0), vec![0..3]);
+        assert_eq!(ids(false, 0), vec![0..1, 1..2, 2..3]);
+        assert_eq!(ids(true, 1000), vec![0..1, 1..2, 2..3]);
+        // A wrong checksum, TCP or IP: never merged, on either side.
         let mut b = flow(4, 1000);
         b[2][OFF + IP_HDR + 40] ^= 0xff;
         assert_eq!(planned(&b), vec![0..2, 2..3, 3..4]);
         let mut b = flow(3, 1000);
         b[0][OFF + IP_HDR + 40] ^= 0xff;
         assert_eq!(planned(&b), vec![0..1, 1..3]);
+        let mut b = flow(3, 1000);
+        b[1][OFF + 10] ^= 0xff;
+        assert_eq!(planned(&b), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_around_within_a_packet() {
+        let b: Vec<Vec<u8>> = (0..3u32)
+            .map(|k| {
+                seg(
+                    (u32::MAX - 1500).wrapping_add(k * 1000),
+                    &[k as u8; 1000],
+                    false,
+                    1,
+                )
+            })
+            .collect();
+        assert_eq!(planned(&b), vec![0..3]);
     }
 
     /// The coalesced packet is what the kernel's segmentation would split back into the

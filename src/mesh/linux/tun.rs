@@ -7,7 +7,8 @@ use crate::mesh::io::{TunIo, TUN_HEADROOM};
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use tracing::info;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::{info, warn};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// The kernel TUN device, with TCP segmentation offload when the kernel supports it: the
@@ -20,6 +21,9 @@ pub struct LinuxTun {
     waiter: Waiter,
     /// Whether packets to and from the kernel carry a virtio-net header.
     offload: bool,
+    /// Whether runs of TCP segments are written coalesced: with offload, until the kernel
+    /// refuses such a write as invalid (then every packet goes alone, as offload allows).
+    coalesce: AtomicBool,
 }
 
 /// What one writing thread keeps between writes: the plan of its last batch (the groups of
@@ -95,19 +99,27 @@ impl LinuxTun {
             index,
             waiter,
             offload,
+            coalesce: AtomicBool::new(offload),
         })
     }
 }
 
 impl LinuxTun {
     /// Write planned segments as one packet: the first one's headers made the coalesced
-    /// packet's, then every payload after it, in one `writev` (nothing copied here).
-    fn write_coalesced(&self, segs: &mut [Vec<u8>]) -> io::Result<()> {
+    /// packet's, then every payload after it, in one `writev` (nothing copied here). Returns
+    /// the writes made. If the kernel refuses it, the first segment's headers are put back and
+    /// every segment goes alone; refused as invalid, coalescing stops for good.
+    fn write_coalesced(&self, segs: &mut [Vec<u8>]) -> io::Result<usize> {
+        debug_assert!((2..=gro::MAX_SEGMENTS).contains(&segs.len()));
         let payload: usize = segs
             .iter()
             .map(|b| gro::payload(&b[TUN_HEADROOM..]).len())
             .sum();
         let last_psh = segs.last().is_some_and(|b| gro::psh(&b[TUN_HEADROOM..]));
+        // The head's headers as they were (IP and TCP headers are at most 80 bytes).
+        let mut saved = [0u8; 80];
+        let kept = (segs[0].len() - TUN_HEADROOM).min(saved.len());
+        saved[..kept].copy_from_slice(&segs[0][TUN_HEADROOM..TUN_HEADROOM + kept]);
         gro::finish(&mut segs[0], TUN_HEADROOM, payload, last_psh);
         let empty = libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -126,19 +138,32 @@ impl LinuxTun {
                 iov_len: data.len(),
             };
         }
-        // SAFETY: the first `segs.len()` (at most MAX_SEGMENTS, as planned) entries point into
-        // buffers borrowed for the whole call; the kernel only reads them.
-        let n = unsafe {
-            libc::writev(
-                self.dev.as_raw_fd(),
-                iov.as_ptr(),
-                segs.len().min(gro::MAX_SEGMENTS) as libc::c_int,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        let count = segs.len().min(gro::MAX_SEGMENTS);
+        // SAFETY: the first `count` entries point into buffers borrowed for the whole call;
+        // the kernel only reads them.
+        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
+        if n >= 0 {
+            return Ok(1);
         }
-        Ok(())
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) && self.coalesce.swap(false, Ordering::Relaxed) {
+            warn!(error = %e, "the kernel refused a coalesced TCP packet; writing segments one at a time from now on");
+        }
+        segs[0][TUN_HEADROOM..TUN_HEADROOM + kept].copy_from_slice(&saved[..kept]);
+        let mut result = Ok(segs.len());
+        for b in segs.iter_mut() {
+            if let Err(e) = self.write_one(b) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Write one packet behind an empty virtio-net header (no offload asked).
+    fn write_one(&self, buf: &mut [u8]) -> io::Result<()> {
+        let start = TUN_HEADROOM - VIRTIO_NET_HDR_LEN;
+        buf[start..TUN_HEADROOM].fill(0);
+        self.dev.send(&buf[start..]).map(drop)
     }
 }
 
@@ -174,13 +199,16 @@ impl TunIo for LinuxTun {
         }
         // Runs of one TCP flow's segments go as one packet each; every other packet as it is,
         // behind an empty virtio-net header (no offload asked). Every group is tried.
-        gro::plan(bufs, TUN_HEADROOM, &mut w.groups);
-        let start = TUN_HEADROOM - VIRTIO_NET_HDR_LEN;
+        if self.coalesce.load(Ordering::Relaxed) {
+            gro::plan(bufs, TUN_HEADROOM, &mut w.groups);
+        } else {
+            w.groups.clear();
+            w.groups.extend((0..bufs.len()).map(|i| i..i + 1));
+        }
+        let mut writes = 0;
         for g in &w.groups {
             let written = if g.len() == 1 {
-                let buf = &mut bufs[g.start];
-                buf[start..TUN_HEADROOM].fill(0);
-                self.dev.send(&buf[start..]).map(drop)
+                self.write_one(&mut bufs[g.start]).map(|()| 1)
             } else {
                 #[cfg(test)]
                 {
@@ -188,11 +216,12 @@ impl TunIo for LinuxTun {
                 }
                 self.write_coalesced(&mut bufs[g.clone()])
             };
-            if let Err(e) = written {
-                result = Err(e);
+            match written {
+                Ok(n) => writes += n,
+                Err(e) => result = Err(e),
             }
         }
-        result.map(|()| w.groups.len())
+        result.map(|()| writes)
     }
 
     fn wake(&self) {
