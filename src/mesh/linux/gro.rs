@@ -110,16 +110,32 @@ fn checksum_ok(p: &[u8]) -> bool {
         && tcp_sum(p, p.len() - IP_HDR, &p[IP_HDR..]) == 0xffff
 }
 
+/// One planned write: the packets `range`. A group of one is a packet as it is; a longer one
+/// is a run of TCP segments, written as one packet (see [`finish`]), with what planning
+/// learned of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Group {
+    pub range: Range<usize>,
+    /// IP and TCP header bytes of every segment (the payloads start there).
+    pub hdr: usize,
+    /// The first segment's payload: the size the kernel divides the packet into.
+    gso_size: usize,
+    /// Payload bytes of all the segments.
+    payload: usize,
+    /// Whether the last segment has PSH.
+    psh: bool,
+}
+
 /// Split the packets `bufs[i][offset..]` into groups of consecutive indexes, in order, each
-/// written as one packet: a group of one is a packet as it is, a longer one a coalesced TCP
-/// packet (see [`finish`]).
-pub fn plan(bufs: &[Vec<u8>], offset: usize, groups: &mut Vec<Range<usize>>) {
+/// written as one packet.
+pub fn plan(bufs: &[Vec<u8>], offset: usize, groups: &mut Vec<Group>) {
     groups.clear();
     let n = bufs.len();
     let mut i = 0;
     while i < n {
         let head = &bufs[i][offset..];
         let mut end = i + 1;
+        let mut group = Group::default();
         if let Some(h) = segment(head) {
             let mut next_seq = h.seq.wrapping_add(h.payload as u32);
             let mut len = head.len();
@@ -144,26 +160,33 @@ pub fn plan(bufs: &[Vec<u8>], offset: usize, groups: &mut Vec<Range<usize>>) {
                 last = s;
                 end += 1;
             }
+            group = Group {
+                range: 0..0,
+                hdr: h.hdr,
+                gso_size: h.payload,
+                payload: len - h.hdr,
+                psh: last.psh,
+            };
         }
-        groups.push(i..end);
+        group.range = i..end;
+        groups.push(group);
         i = end;
     }
 }
 
-/// Make the head of a planned group of `segments` (their payloads `payload` bytes in all, the
-/// last one with PSH or not) the header of the coalesced packet: IP total length and header
-/// checksum, PSH, the pseudo header's sum in the TCP checksum for the kernel to finish, and
-/// the virtio-net header in the `VIRTIO_NET_HDR_LEN` bytes before it. The payloads of the
-/// other segments follow the head's own in the write.
-pub fn finish(buf: &mut [u8], offset: usize, payload: usize, last_psh: bool) {
-    let h = segment(&buf[offset..]).expect("a planned head is a TCP segment");
-    let total = h.hdr + payload;
+/// Make the head of planned group `g` (its first packet, in `buf` at `offset`) the header of
+/// the coalesced packet: IP total length and header checksum, PSH, the pseudo header's sum in
+/// the TCP checksum for the kernel to finish, and the virtio-net header in the
+/// `VIRTIO_NET_HDR_LEN` bytes before it. The payloads of the other segments (each from
+/// `g.hdr`) follow the head's own in the write.
+pub fn finish(buf: &mut [u8], offset: usize, g: &Group) {
+    let total = g.hdr + g.payload;
     let p = &mut buf[offset..];
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     p[10..12].fill(0);
     let ip_sum = !tun_rs::checksum(&p[..IP_HDR], 0);
     p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    if last_psh {
+    if g.psh {
         p[IP_HDR + 13] |= TCP_PSH;
     }
     let pseudo = tcp_sum(p, total - IP_HDR, &[]);
@@ -171,23 +194,13 @@ pub fn finish(buf: &mut [u8], offset: usize, payload: usize, last_psh: bool) {
     let vnet = VirtioNetHdr {
         flags: NEEDS_CSUM,
         gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
-        hdr_len: h.hdr as u16,
-        gso_size: h.payload as u16,
+        hdr_len: g.hdr as u16,
+        gso_size: g.gso_size as u16,
         csum_start: IP_HDR as u16,
         csum_offset: 16,
     };
     vnet.encode(&mut buf[offset - tun_rs::VIRTIO_NET_HDR_LEN..offset])
         .expect("room for the virtio-net header");
-}
-
-/// The bytes of segment `p` after its headers (what follows the head in a coalesced write).
-pub fn payload(p: &[u8]) -> &[u8] {
-    segment(p).map_or(&[][..], |s| &p[s.hdr..])
-}
-
-/// Whether segment `p` has PSH set.
-pub fn psh(p: &[u8]) -> bool {
-    segment(p).is_some_and(|s| s.psh)
 }
 
 /// A TCP/IPv4 packet `from` -> `to` (address and port) behind `headroom` bytes of garbage,
@@ -273,7 +286,7 @@ mod tests {
     fn planned(bufs: &[Vec<u8>]) -> Vec<Range<usize>> {
         let mut g = Vec::new();
         plan(bufs, OFF, &mut g);
-        g
+        g.into_iter().map(|g| g.range).collect()
     }
 
     #[test]
@@ -382,12 +395,18 @@ mod tests {
     fn a_finished_head_describes_the_whole_packet() {
         let mut b = flow(3, 1000);
         b[2] = seg(3000, &[2; 600], true, 1);
-        assert_eq!(planned(&b), vec![0..3]);
-        let total_payload: usize = b.iter().map(|p| payload(&p[OFF..]).len()).sum();
-        assert_eq!(total_payload, 2600);
-        assert!(psh(&b[2][OFF..]));
+        let mut groups = Vec::new();
+        plan(&b, OFF, &mut groups);
+        let [g] = &groups[..] else {
+            panic!("one group: {groups:?}")
+        };
+        assert_eq!(g.range, 0..3);
+        assert_eq!(
+            (g.hdr, g.gso_size, g.payload, g.psh),
+            (52, 1000, 2600, true)
+        );
         let mut head = b[0].clone();
-        finish(&mut head, OFF, total_payload, true);
+        finish(&mut head, OFF, g);
         let p = &head[OFF..];
         let total = IP_HDR + 32 + 2600;
         assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), total);
@@ -400,8 +419,8 @@ mod tests {
         // The whole packet's TCP checksum, finished as the kernel does (the sum over the TCP
         // header with the pseudo header's sum in place, and every payload), comes out right.
         let mut whole = p.to_vec();
-        whole.extend(payload(&b[1][OFF..]));
-        whole.extend(payload(&b[2][OFF..]));
+        whole.extend(&b[1][OFF + g.hdr..]);
+        whole.extend(&b[2][OFF + g.hdr..]);
         let partial = tun_rs::checksum(&whole[IP_HDR..], 0);
         whole[IP_HDR + 16..IP_HDR + 18].copy_from_slice(&(!partial).to_be_bytes());
         assert!(checksum_ok(&whole), "the finished checksum verifies");

@@ -5,7 +5,6 @@ use super::wait::Waiter;
 use super::NetError;
 use crate::mesh::io::{TunIo, TUN_HEADROOM};
 use std::io;
-use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{info, warn};
@@ -22,17 +21,15 @@ pub struct LinuxTun {
     /// Whether packets to and from the kernel carry a virtio-net header.
     offload: bool,
     /// Whether runs of TCP segments are written coalesced: with offload, until the kernel
-    /// refuses such a write as invalid (then every packet goes alone, as offload allows).
+    /// refuses such a write as invalid (then every packet goes alone).
     coalesce: AtomicBool,
 }
 
 /// What one writing thread keeps between writes: the plan of its last batch (the groups of
-/// packets written together), and how many segments it merged into others, for the tests.
+/// packets written together), so planning allocates nothing.
 #[derive(Default)]
 pub struct TunWriter {
-    groups: Vec<Range<usize>>,
-    #[cfg(test)]
-    merged: usize,
+    groups: Vec<gro::Group>,
 }
 
 impl LinuxTun {
@@ -109,18 +106,13 @@ impl LinuxTun {
     /// packet's, then every payload after it, in one `writev` (nothing copied here). Returns
     /// the writes made. If the kernel refuses it, the first segment's headers are put back and
     /// every segment goes alone; refused as invalid, coalescing stops for good.
-    fn write_coalesced(&self, segs: &mut [Vec<u8>]) -> io::Result<usize> {
+    fn write_coalesced(&self, g: &gro::Group, segs: &mut [Vec<u8>]) -> io::Result<usize> {
         debug_assert!((2..=gro::MAX_SEGMENTS).contains(&segs.len()));
-        let payload: usize = segs
-            .iter()
-            .map(|b| gro::payload(&b[TUN_HEADROOM..]).len())
-            .sum();
-        let last_psh = segs.last().is_some_and(|b| gro::psh(&b[TUN_HEADROOM..]));
         // The head's headers as they were (IP and TCP headers are at most 80 bytes).
         let mut saved = [0u8; 80];
         let kept = (segs[0].len() - TUN_HEADROOM).min(saved.len());
         saved[..kept].copy_from_slice(&segs[0][TUN_HEADROOM..TUN_HEADROOM + kept]);
-        gro::finish(&mut segs[0], TUN_HEADROOM, payload, last_psh);
+        gro::finish(&mut segs[0], TUN_HEADROOM, g);
         let empty = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -132,7 +124,7 @@ impl LinuxTun {
             iov_len: head.len(),
         };
         for (v, b) in iov[1..].iter_mut().zip(&segs[1..]) {
-            let data = gro::payload(&b[TUN_HEADROOM..]);
+            let data = &b[TUN_HEADROOM + g.hdr..];
             *v = libc::iovec {
                 iov_base: data.as_ptr() as *mut libc::c_void,
                 iov_len: data.len(),
@@ -159,8 +151,11 @@ impl LinuxTun {
         result
     }
 
-    /// Write one packet behind an empty virtio-net header (no offload asked).
+    /// Write one packet, with offload behind an empty virtio-net header (no offload asked).
     fn write_one(&self, buf: &mut [u8]) -> io::Result<()> {
+        if !self.offload {
+            return self.dev.send(&buf[TUN_HEADROOM..]).map(drop);
+        }
         let start = TUN_HEADROOM - VIRTIO_NET_HDR_LEN;
         buf[start..TUN_HEADROOM].fill(0);
         self.dev.send(&buf[start..]).map(drop)
@@ -189,32 +184,25 @@ impl TunIo for LinuxTun {
 
     fn send_batch(&self, w: &mut TunWriter, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
         let mut result = Ok(());
-        if !self.offload {
-            for buf in bufs.iter() {
-                if let Err(e) = self.dev.send(&buf[TUN_HEADROOM..]) {
+        // Without offload (or once the kernel refused a coalesced packet) every packet goes
+        // alone.
+        if !self.coalesce.load(Ordering::Relaxed) {
+            for buf in bufs.iter_mut() {
+                if let Err(e) = self.write_one(buf) {
                     result = Err(e);
                 }
             }
             return result.map(|()| bufs.len());
         }
         // Runs of one TCP flow's segments go as one packet each; every other packet as it is,
-        // behind an empty virtio-net header (no offload asked). Every group is tried.
-        if self.coalesce.load(Ordering::Relaxed) {
-            gro::plan(bufs, TUN_HEADROOM, &mut w.groups);
-        } else {
-            w.groups.clear();
-            w.groups.extend((0..bufs.len()).map(|i| i..i + 1));
-        }
+        // behind an empty virtio-net header. Every group is tried.
+        gro::plan(bufs, TUN_HEADROOM, &mut w.groups);
         let mut writes = 0;
         for g in &w.groups {
-            let written = if g.len() == 1 {
-                self.write_one(&mut bufs[g.start]).map(|()| 1)
+            let written = if g.range.len() == 1 {
+                self.write_one(&mut bufs[g.range.start]).map(|()| 1)
             } else {
-                #[cfg(test)]
-                {
-                    w.merged += g.len() - 1;
-                }
-                self.write_coalesced(&mut bufs[g.clone()])
+                self.write_coalesced(g, &mut bufs[g.range.clone()])
             };
             match written {
                 Ok(n) => writes += n,
@@ -233,33 +221,16 @@ impl TunIo for LinuxTun {
 mod tests {
     use super::*;
     use crate::mesh::linux::netns::Netns;
-    use std::net::UdpSocket;
+    use crate::mesh::packet::build_ipv4_udp;
+    use std::net::{Ipv4Addr, UdpSocket};
     use std::time::Duration;
 
     /// An IPv4/UDP packet 192.0.2.2:`sport` -> 192.0.2.1:7000 behind `TUN_HEADROOM` bytes of
     /// garbage (the writer owns the headroom: a header it forgets to write shows).
     fn udp_packet(sport: u16, payload: &[u8]) -> Vec<u8> {
-        let total = 20 + 8 + payload.len();
+        let (from, to) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 1));
         let mut p = vec![0xa5u8; TUN_HEADROOM];
-        p.resize(TUN_HEADROOM + total, 0);
-        let ip = &mut p[TUN_HEADROOM..];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[12..16].copy_from_slice(&[192, 0, 2, 2]);
-        ip[16..20].copy_from_slice(&[192, 0, 2, 1]);
-        let sum = ip[..20]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum::<u32>();
-        let sum = (sum & 0xffff) + (sum >> 16);
-        ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
-        ip[20..22].copy_from_slice(&sport.to_be_bytes());
-        ip[22..24].copy_from_slice(&7000u16.to_be_bytes());
-        ip[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        // UDP checksum 0: none, allowed over IPv4.
-        ip[28..].copy_from_slice(payload);
+        p.extend(build_ipv4_udp(from, to, sport, 7000, payload));
         p
     }
 
@@ -293,7 +264,8 @@ mod tests {
             let mut bufs: Vec<Vec<u8>> = (0..n)
                 .map(|i| udp_packet(40000, &(seq + i as u32).to_be_bytes().repeat(100)))
                 .collect();
-            tun.send_batch(&mut w, &mut bufs).unwrap();
+            let writes = tun.send_batch(&mut w, &mut bufs).unwrap();
+            assert_eq!(writes, n, "UDP is never merged: a write per packet");
             for _ in 0..n {
                 let mut got = [0u8; 2048];
                 let len = sock
@@ -303,7 +275,6 @@ mod tests {
                 seq += 1;
             }
         }
-        assert_eq!(w.merged, 0, "UDP is never merged");
     }
 
     /// The timestamp value in TCP options `o`, 0 without one.
@@ -411,8 +382,7 @@ mod tests {
                 )
             })
             .collect();
-        send(&mut w, segs);
-        assert_eq!(w.merged, 39, "40 segments, one packet");
+        assert_eq!(send(&mut w, segs), 1, "40 segments, one packet");
         let mut conn = loop {
             assert!(
                 std::time::Instant::now() < deadline,
