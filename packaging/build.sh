@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 MESHD_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 export MESHD_COMMIT
+# The shipped binaries are stripped, so the release profile's debug info (kept for profiling
+# local builds) would only cost disk and link time here.
+export CARGO_PROFILE_RELEASE_DEBUG=0
 if [ $# -gt 0 ]; then ARCHS=("$@"); else ARCHS=(x86_64 aarch64); fi
 # This machine's own architecture first: its binaries make the man pages and completions.
 host=$(uname -m)
