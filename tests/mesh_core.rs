@@ -239,47 +239,11 @@ fn two_nodes(name: &str) -> Lab {
     lab
 }
 
-/// `len` bytes from host 0 to an echo on host 1's mesh address and back, over a connection
-/// with MSS `mss` (the kernel's choice if `None`): every byte comes back, unchanged.
+/// `len` bytes from host 0 to an echo on host 1's mesh address and back (see
+/// [`common::workloads::echo_bulk`]).
 fn echo_across(lab: &Lab, len: usize, mss: Option<u32>) {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Write};
-    let b_ip = lab.mesh_ip(1);
-    let addr = std::net::SocketAddr::from((b_ip, 7000));
-    let _echo = common::workloads::echo(lab.ns(1), addr);
-    let data: Vec<u8> = (0..len)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let sent = Sha256::digest(&data);
-    let got = lab
-        .ns(0)
-        .run(move || {
-            let sock = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )
-            .unwrap();
-            if let Some(mss) = mss {
-                sock.set_mss(mss).unwrap();
-            }
-            sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-                .unwrap();
-            let mut s: std::net::TcpStream = sock.into();
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut w = s.try_clone().unwrap();
-            let writer = std::thread::spawn(move || {
-                w.write_all(&data).unwrap();
-                w.shutdown(std::net::Shutdown::Write).unwrap();
-            });
-            let mut back = Vec::with_capacity(len);
-            s.read_to_end(&mut back).unwrap();
-            writer.join().unwrap();
-            back
-        })
-        .unwrap();
-    assert_eq!(got.len(), len, "every byte came back");
-    assert_eq!(Sha256::digest(&got), sent, "and unchanged");
+    let to = std::net::SocketAddr::from((lab.mesh_ip(1), 7000));
+    common::workloads::echo_bulk(lab.ns(0), lab.ns(1), to, len, mss);
 }
 
 #[test]

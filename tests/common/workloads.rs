@@ -212,3 +212,44 @@ pub fn echo(ns: &Netns, addr: SocketAddr) -> Workload {
         let _ = w.shutdown().await;
     })
 }
+
+/// `len` bytes from namespace `from` to an echo server at `to` in namespace `server`, and back,
+/// over a connection with MSS `mss` (the kernel's choice if `None`): every byte comes back,
+/// unchanged.
+pub fn echo_bulk(from: &Netns, server: &Netns, to: SocketAddr, len: usize, mss: Option<u32>) {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    let _echo = echo(server, to);
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let sent = Sha256::digest(&data);
+    let got = from
+        .run(move || {
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .unwrap();
+            if let Some(mss) = mss {
+                sock.set_mss(mss).unwrap();
+            }
+            sock.connect_timeout(&to.into(), Duration::from_secs(5))
+                .unwrap();
+            let mut s: std::net::TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                w.write_all(&data).unwrap();
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut back = Vec::with_capacity(len);
+            s.read_to_end(&mut back).unwrap();
+            writer.join().unwrap();
+            back
+        })
+        .unwrap();
+    assert_eq!(got.len(), len, "every byte came back");
+    assert_eq!(Sha256::digest(&got), sent, "and unchanged");
+}
