@@ -1,8 +1,7 @@
 //! Workloads on the node's /24 with real meshd processes: namespaces on two nodes talk with
 //! their own addresses (no NAT inside the mesh; bulk TCP whole, coalesced segments forwarded
-//! onto the bridge), reach outside masqueraded, resolve each other
-//! by name, cannot forge another node's address; the bridge and rules go with meshd and come
-//! back with it.
+//! onto the bridge), reach outside masqueraded, resolve each other by name, cannot forge
+//! another node's address; the bridge and rules go with meshd and come back with it.
 
 mod common;
 
