@@ -23,6 +23,9 @@ pub struct LinuxTun {
     /// Whether runs of TCP segments are written coalesced: with offload, until the kernel
     /// refuses such a write as invalid (then every packet goes alone).
     coalesce: AtomicBool,
+    /// Tests: the error number the next coalesced write fails with instead of being made.
+    #[cfg(test)]
+    refuse_next: std::sync::atomic::AtomicI32,
 }
 
 /// What one writing thread keeps between writes: the plan of its last batch (the groups of
@@ -97,6 +100,8 @@ impl LinuxTun {
             waiter,
             offload,
             coalesce: AtomicBool::new(offload),
+            #[cfg(test)]
+            refuse_next: Default::default(),
         })
     }
 }
@@ -131,13 +136,9 @@ impl LinuxTun {
             };
         }
         let count = segs.len().min(gro::MAX_SEGMENTS);
-        // SAFETY: the first `count` entries point into buffers borrowed for the whole call;
-        // the kernel only reads them.
-        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
-        if n >= 0 {
+        let Err(e) = self.writev(&iov[..count]) else {
             return Ok(1);
-        }
-        let e = io::Error::last_os_error();
+        };
         if e.raw_os_error() == Some(libc::EINVAL) && self.coalesce.swap(false, Ordering::Relaxed) {
             warn!(error = %e, "the kernel refused a coalesced TCP packet; writing segments one at a time from now on");
         }
@@ -149,6 +150,22 @@ impl LinuxTun {
             }
         }
         result
+    }
+
+    /// One `writev` of `iov`, whose entries point into buffers borrowed for the whole call.
+    fn writev(&self, iov: &[libc::iovec]) -> io::Result<()> {
+        #[cfg(test)]
+        if let e @ 1.. = self.refuse_next.swap(0, Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        // SAFETY: every entry points into a buffer the caller keeps borrowed for the call;
+        // the kernel only reads them.
+        let n =
+            unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Write one packet, with offload behind an empty virtio-net header (no offload asked).
@@ -295,112 +312,186 @@ mod tests {
         0
     }
 
-    /// A run of one connection's segments is written as one coalesced packet, and the kernel
-    /// takes it: a real TCP socket in the namespace receives every byte, in order. The peer's
-    /// side of the connection is played through the device (handshake, then 40 segments in
-    /// one batch, with timestamps as Linux sends them).
-    #[test]
-    fn a_run_of_tcp_segments_goes_as_one_packet_and_a_real_socket_gets_every_byte() {
-        use crate::mesh::linux::gro::tcp4;
-        use std::io::Read;
-        use std::net::TcpListener;
-        let (ns, tun) = device("mtw1");
-        let listener = ns
-            .run(|| TcpListener::bind("192.0.2.1:7001"))
-            .unwrap()
-            .unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (peer, me) = (([192, 0, 2, 2], 40001), ([192, 0, 2, 1], 7001));
-        let mut w = tun.writer();
-        let send =
-            |w: &mut TunWriter, mut bufs: Vec<Vec<u8>>| tun.send_batch(w, &mut bufs).unwrap();
-        let (syn, ack, psh) = (0x02, 0x10, 0x08);
-        // NOP NOP timestamps (value, echo).
-        let ts = |v: u32, e: u32| {
-            let mut o = vec![1, 1, 8, 10];
-            o.extend(v.to_be_bytes());
-            o.extend(e.to_be_bytes());
-            o
-        };
-        let isn = 1000u32;
-        send(
-            &mut w,
-            vec![tcp4(TUN_HEADROOM, peer, me, isn, 0, syn, &ts(1, 0), &[])],
-        );
-        // The kernel's SYN-ACK, read from the device (bounded).
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let (mut scratch, mut bufs, mut sizes) =
-            (vec![0u8; 70000], vec![vec![0u8; 2048]; 8], [0usize; 8]);
-        let (server_isn, their_ts) = 'found: loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no SYN-ACK from the kernel"
-            );
-            if let Ok(n) = tun.try_recv_batch(&mut scratch, &mut bufs, &mut sizes) {
-                for (b, &len) in bufs.iter().zip(&sizes).take(n) {
-                    let p = &b[..len];
-                    if len >= 40 && p[9] == 6 && p[33] == syn | ack {
-                        break 'found (
-                            u32::from_be_bytes(p[24..28].try_into().unwrap()),
-                            tsval(&p[40..20 + usize::from(p[32] >> 4) * 4]),
-                        );
+    /// A TCP connection to a real socket in the device's namespace, the peer's side played
+    /// through the device (192.0.2.2:40001 -> 192.0.2.1:`port`), with timestamps as Linux
+    /// sends them.
+    struct Played<'a> {
+        tun: &'a LinuxTun,
+        w: TunWriter,
+        conn: std::net::TcpStream,
+        port: u16,
+        /// The peer's next sequence number and timestamp value.
+        seq: u32,
+        ts: u32,
+        /// The socket's next sequence number and its last timestamp value.
+        their: u32,
+        their_ts: u32,
+    }
+
+    const PEER: ([u8; 4], u16) = ([192, 0, 2, 2], 40001);
+    const ACK: u8 = 0x10;
+
+    impl<'a> Played<'a> {
+        /// The handshake, played through the device, and the connection accepted. Bounded.
+        fn connect(ns: &Netns, tun: &'a LinuxTun, port: u16) -> Played<'a> {
+            use crate::mesh::linux::gro::tcp4;
+            use std::net::TcpListener;
+            let listener = ns
+                .run(move || TcpListener::bind(("192.0.2.1", port)))
+                .unwrap()
+                .unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let me = ([192, 0, 2, 1], port);
+            let mut w = tun.writer();
+            let syn = 0x02;
+            let isn = 1000u32;
+            let syn_packet = tcp4(TUN_HEADROOM, PEER, me, isn, 0, syn, &ts(1, 0), &[]);
+            tun.send_batch(&mut w, &mut [syn_packet]).unwrap();
+            // The kernel's SYN-ACK, read from the device.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let (mut scratch, mut bufs, mut sizes) =
+                (vec![0u8; 70000], vec![vec![0u8; 2048]; 8], [0usize; 8]);
+            let (server_isn, their_ts) = 'found: loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no SYN-ACK from the kernel"
+                );
+                if let Ok(n) = tun.try_recv_batch(&mut scratch, &mut bufs, &mut sizes) {
+                    for (b, &len) in bufs.iter().zip(&sizes).take(n) {
+                        let p = &b[..len];
+                        if len >= 40 && p[9] == 6 && p[33] == syn | ACK {
+                            break 'found (
+                                u32::from_be_bytes(p[24..28].try_into().unwrap()),
+                                tsval(&p[40..20 + usize::from(p[32] >> 4) * 4]),
+                            );
+                        }
                     }
                 }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        let their = server_isn.wrapping_add(1);
-        send(
-            &mut w,
-            vec![tcp4(
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let their = server_isn.wrapping_add(1);
+            let ack_packet = tcp4(
                 TUN_HEADROOM,
-                peer,
+                PEER,
                 me,
                 isn + 1,
                 their,
-                ack,
-                &ts(2, 1),
+                ACK,
+                &ts(2, their_ts),
                 &[],
-            )],
-        );
-        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let segs: Vec<Vec<u8>> = data
-            .chunks(1000)
-            .enumerate()
-            .map(|(k, chunk)| {
-                let flags = if k == 39 { ack | psh } else { ack };
-                let seq = isn + 1 + (k as u32) * 1000;
-                tcp4(
-                    TUN_HEADROOM,
-                    peer,
-                    me,
-                    seq,
-                    their,
-                    flags,
-                    &ts(3, their_ts),
-                    chunk,
-                )
-            })
-            .collect();
-        assert_eq!(send(&mut w, segs), 1, "40 segments, one packet");
-        let mut conn = loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no connection accepted"
             );
-            match listener.accept() {
-                Ok((c, _)) => break c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
+            tun.send_batch(&mut w, &mut [ack_packet]).unwrap();
+            let conn = loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection accepted"
+                );
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("accept: {e}"),
                 }
-                Err(e) => panic!("accept: {e}"),
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            Played {
+                tun,
+                w,
+                conn,
+                port,
+                seq: isn + 1,
+                ts: 3,
+                their,
+                their_ts,
             }
-        };
-        conn.set_nonblocking(false).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut got = vec![0u8; data.len()];
-        conn.read_exact(&mut got)
-            .expect("every byte of the coalesced packet");
-        assert!(got == data, "the bytes arrive in order and unchanged");
+        }
+
+        /// `data` as 1,000-byte segments in one batch, PSH on the last; the writes it took.
+        fn send(&mut self, data: &[u8]) -> usize {
+            use crate::mesh::linux::gro::tcp4;
+            let psh = 0x08;
+            let n = data.len().div_ceil(1000);
+            let mut segs: Vec<Vec<u8>> = data
+                .chunks(1000)
+                .enumerate()
+                .map(|(k, chunk)| {
+                    let flags = if k + 1 == n { ACK | psh } else { ACK };
+                    let seq = self.seq.wrapping_add(k as u32 * 1000);
+                    let o = ts(self.ts, self.their_ts);
+                    let me = ([192, 0, 2, 1], self.port);
+                    tcp4(TUN_HEADROOM, PEER, me, seq, self.their, flags, &o, chunk)
+                })
+                .collect();
+            self.seq = self.seq.wrapping_add(data.len() as u32);
+            self.ts += 1;
+            self.tun.send_batch(&mut self.w, &mut segs).unwrap()
+        }
+
+        /// The socket reads exactly `data`, in order and unchanged.
+        fn receive(&mut self, data: &[u8]) {
+            use std::io::Read;
+            let mut got = vec![0u8; data.len()];
+            self.conn
+                .read_exact(&mut got)
+                .expect("every byte that was written");
+            assert!(got == data, "the bytes arrive in order and unchanged");
+        }
+    }
+
+    /// TCP options NOP NOP timestamps (value, echo).
+    fn ts(v: u32, e: u32) -> Vec<u8> {
+        let mut o = vec![1, 1, 8, 10];
+        o.extend(v.to_be_bytes());
+        o.extend(e.to_be_bytes());
+        o
+    }
+
+    /// 40,000 bytes of a pattern that shows a byte out of place; `round` changes it.
+    fn stream(round: u32) -> Vec<u8> {
+        (0..40_000u32)
+            .map(|i| ((i * 7 + round) % 251) as u8)
+            .collect()
+    }
+
+    /// A run of one connection's segments is written as one coalesced packet, and the kernel
+    /// takes it: a real TCP socket in the namespace receives every byte, in order.
+    #[test]
+    fn a_run_of_tcp_segments_goes_as_one_packet_and_a_real_socket_gets_every_byte() {
+        let (ns, tun) = device("mtw1");
+        let mut c = Played::connect(&ns, &tun, 7001);
+        for round in 0..3 {
+            let data = stream(round);
+            assert_eq!(c.send(&data), 1, "40 segments, one packet");
+            c.receive(&data);
+        }
+    }
+
+    /// A coalesced write the kernel refuses puts the first segment's headers back and sends
+    /// every segment alone, so nothing is lost. Refused as invalid, every later run goes a
+    /// segment at a time; refused for a passing reason (no buffer space), the next run is
+    /// coalesced again.
+    #[test]
+    fn a_refused_coalesced_write_sends_every_segment_alone_and_loses_nothing() {
+        let (ns, tun) = device("mtw2");
+        let mut c = Played::connect(&ns, &tun, 7002);
+        tun.refuse_next.store(libc::ENOBUFS, Ordering::Relaxed);
+        let data = stream(0);
+        assert_eq!(c.send(&data), 40, "refused: each of 40 segments alone");
+        c.receive(&data);
+        assert!(tun.coalesce.load(Ordering::Relaxed), "a passing refusal");
+        let data = stream(1);
+        assert_eq!(c.send(&data), 1, "coalesced again");
+        c.receive(&data);
+
+        tun.refuse_next.store(libc::EINVAL, Ordering::Relaxed);
+        let data = stream(2);
+        assert_eq!(c.send(&data), 40, "refused as invalid: each segment alone");
+        c.receive(&data);
+        assert!(!tun.coalesce.load(Ordering::Relaxed), "coalescing stops");
+        let data = stream(3);
+        assert_eq!(c.send(&data), 40, "and stays stopped");
+        c.receive(&data);
     }
 }
