@@ -443,6 +443,40 @@ mod tests {
         assert!(blank.is_empty(), "no help text: {blank:#?}");
     }
 
+    /// Every command path (`meshctl service add`) and option (`--json`) under `c` that the
+    /// README does not name.
+    fn undocumented(c: &clap::Command, path: &str, readme: &str, missing: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            if let Some(long) = a.get_long() {
+                let builtin = matches!(long, "help" | "version");
+                if !builtin && !a.is_hide_set() && !readme.contains(&format!("--{long}")) {
+                    missing.push(format!("{path} --{long}"));
+                }
+            }
+        }
+        for s in c.get_subcommands() {
+            if s.get_name() == "help" || s.is_hide_set() {
+                continue;
+            }
+            let p = format!("{path} {}", s.get_name());
+            if !readme.contains(&p) {
+                missing.push(p.clone());
+            }
+            undocumented(s, &p, readme, missing);
+        }
+    }
+
+    /// The README is where a newcomer looks: it names every command and every option.
+    #[test]
+    fn the_readme_names_every_command_and_option() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let mut missing = Vec::new();
+        undocumented(&MeshdCli::command(), "meshd", &readme, &mut missing);
+        undocumented(&MeshctlCli::command(), "meshctl", &readme, &mut missing);
+        assert!(missing.is_empty(), "not in the README: {missing:#?}");
+    }
+
     #[test]
     fn the_version_names_the_commit() {
         assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
