@@ -430,6 +430,9 @@ fn busybox_image(d: &Dockerd, dir: &std::path::Path) -> &'static str {
 #[test]
 fn a_docker_container_gets_a_mesh_address() {
     let mut lab = Lab::new("dk", 2);
+    // meshd asks the test's private dockerd (see Dockerd::start) for the containers' names.
+    let docker_host = format!("unix://{}/docker0/docker.sock", lab.dir.path().display());
+    lab.env.push(("DOCKER_HOST".into(), docker_host));
     let token = lab.init(0, "a", &[]);
     lab.join(1, "b", &token);
     lab.wait_all_pairs(&[0, 1], Duration::from_secs(60));
@@ -480,6 +483,24 @@ fn a_docker_container_gets_a_mesh_address() {
     let a_sub = lab.mesh_ip(0).octets();
     assert_eq!(c1.octets()[..3], a_sub[..3], "in a's /24");
     assert!(c1.octets()[3] >= 128, "Docker's half of the /24: {c1}");
+
+    // Its name, from Docker, in mesh DNS on every node and in `meshctl workload ls`.
+    let fqdn = "c1.a.mesh.internal";
+    for h in [0, 1] {
+        let server = format!("@{}", lab.mesh_ip(h));
+        lab.wait_for("the container's name", Duration::from_secs(20), || {
+            let o = lab.sh(h, "dig", &["+short", &server, fqdn]);
+            String::from_utf8_lossy(&o.stdout).trim() == c1.to_string()
+        });
+    }
+    let listed = workloads(&lab, 0);
+    let listed = &listed["workloads"].as_array().unwrap()[..];
+    assert!(
+        listed
+            .iter()
+            .any(|w| w["name"] == "c1" && w["container"] == true && w["ip"] == c1.to_string()),
+        "{listed:?}"
+    );
 
     let reach = |lab: &Lab| {
         let o = lab.sh(
@@ -550,4 +571,16 @@ fn a_docker_container_gets_a_mesh_address() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // The container gone, its name goes too.
+    assert!(ok(&d.docker(&["rm", "-f", "c1"])));
+    let server = format!("@{}", lab.mesh_ip(1));
+    lab.wait_for(
+        "the container's name withdrawn",
+        Duration::from_secs(20),
+        || {
+            let o = lab.sh(1, "dig", &["+short", &server, fqdn]);
+            o.status.success() && String::from_utf8_lossy(&o.stdout).trim().is_empty()
+        },
+    );
 }

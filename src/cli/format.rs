@@ -206,11 +206,16 @@ pub fn workloads(r: &crate::control::WorkloadsReport) -> String {
                     w.name.clone(),
                     w.ip.clone(),
                     w.dns.clone(),
-                    if w.present { "ready" } else { "missing" }.to_string(),
+                    match (w.container, w.present) {
+                        (true, _) => "docker container",
+                        (false, true) => "namespace",
+                        (false, false) => "namespace (missing)",
+                    }
+                    .to_string(),
                 ]
             })
             .collect();
-        o += &table(&["NAME", "ADDRESS", "DNS", "NAMESPACE"], &rows);
+        o += &table(&["NAME", "ADDRESS", "DNS", "WHAT"], &rows);
     }
     o
 }

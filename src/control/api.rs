@@ -514,8 +514,11 @@ pub struct WorkloadView {
     pub ip: String,
     /// `NAME.NODE.<domain>`.
     pub dns: String,
-    /// Its namespace exists (`ip netns exec NAME ...` works).
+    /// Its namespace exists (`ip netns exec NAME ...` works); a container is there.
     pub present: bool,
+    /// A Docker container on the bridge (named from Docker), not a namespace of meshd's.
+    #[serde(default)]
+    pub container: bool,
 }
 
 /// Workloads on this node's /24 (`meshctl workload ls`, `meshctl docker-network`).

@@ -495,6 +495,7 @@ impl<P: Platform> Node<P> {
         let mut rescan = tokio::time::interval(ENDPOINT_RESCAN);
         rescan.tick().await;
         let mut observed = self.nat.candidates.subscribe();
+        let mut containers = self.workloads.containers.subscribe();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
@@ -526,6 +527,7 @@ impl<P: Platform> Node<P> {
                     self.keep_docker_rule();
                 }
                 Ok(()) = observed.changed() => self.refresh_endpoints().await,
+                Ok(()) = containers.changed() => self.publish_workloads().await,
             }
         }
     }

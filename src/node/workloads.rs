@@ -14,18 +14,88 @@ use crate::mesh::linux::{NetConfig, NetError};
 use crate::state::WorkloadsHost;
 use crate::trust::WorkloadName;
 use crate::util::unix_now_ms;
+use crate::workloads::docker::{self, Container};
 use crate::workloads::linux as wl;
 use crate::workloads::{self, BridgePlan, WorkloadDef, WorkloadSettings, DEFAULT_BRIDGE};
 use std::net::Ipv4Addr;
-use tracing::{info, warn};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 /// What is in place on the host.
-#[derive(Default)]
 pub struct WorkloadRole {
     /// The plan last carried out (the bridge and the table exist).
     active: Option<BridgePlan>,
     /// Why the last attempt failed, for `meshctl workload ls`.
     error: Option<String>,
+    /// The bridge whose Docker containers are watched (none with workloads off), and whether
+    /// the watcher runs.
+    docker_bridge: watch::Sender<Option<String>>,
+    docker_watched: bool,
+    /// The containers found on it; the node's loop publishes their names when they change.
+    pub(super) containers: Arc<watch::Sender<Vec<Container>>>,
+}
+
+impl Default for WorkloadRole {
+    fn default() -> Self {
+        WorkloadRole {
+            active: None,
+            error: None,
+            docker_bridge: watch::channel(None).0,
+            docker_watched: false,
+            containers: Arc::new(watch::channel(Vec::new()).0),
+        }
+    }
+}
+
+/// How often Docker is asked for the containers on the bridge.
+const DOCKER_SCAN: Duration = Duration::from_secs(3);
+
+/// Ask Docker for the containers on `bridge` every [`DOCKER_SCAN`] (and when the bridge
+/// changes) into `out`, until the node is gone (`bridge`'s sender dropped). Docker not
+/// running, or not there, is no containers.
+async fn watch_docker(
+    mut bridge: watch::Receiver<Option<String>>,
+    out: Arc<watch::Sender<Vec<Container>>>,
+) {
+    let Some(sock) = docker::socket() else {
+        info!("DOCKER_HOST is not a Unix socket: Docker containers are not named in mesh DNS");
+        return;
+    };
+    let mut every = tokio::time::interval(DOCKER_SCAN);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            changed = bridge.changed() => if changed.is_err() { return },
+        }
+        let Some(b) = bridge.borrow_and_update().clone() else {
+            out.send_if_modified(|v| !std::mem::take(v).is_empty());
+            continue;
+        };
+        let sock = sock.clone();
+        let found = tokio::task::spawn_blocking(move || docker::containers_on(&sock, &b)).await;
+        let found = match found {
+            Ok(Ok(found)) => {
+                failing = false;
+                found
+            }
+            Ok(Err(e)) => {
+                if !std::mem::replace(&mut failing, true) {
+                    debug!(error = %e, "cannot ask Docker for the containers on the bridge");
+                }
+                Vec::new()
+            }
+            Err(_) => continue,
+        };
+        out.send_if_modified(|v| {
+            let changed = *v != found;
+            *v = found;
+            changed
+        });
+    }
 }
 
 /// Whether `iptables` shows Docker's `DOCKER-USER` chain (Docker's own rules would drop what
@@ -100,6 +170,15 @@ impl<P: Platform> Node<P> {
         }
         self.workloads.active = Some(plan.clone());
         self.keep_docker_rule();
+        self.workloads
+            .docker_bridge
+            .send_replace(Some(plan.bridge.clone()));
+        if !std::mem::replace(&mut self.workloads.docker_watched, true) {
+            tokio::spawn(watch_docker(
+                self.workloads.docker_bridge.subscribe(),
+                self.workloads.containers.clone(),
+            ));
+        }
         for port in std::mem::take(&mut host.bridge_ports) {
             if let Err(e) = wl::attach(&nc, &port, bridge).await {
                 warn!(port = %port, error = %e, "could not put an interface back on the bridge");
@@ -165,6 +244,7 @@ impl<P: Platform> Node<P> {
         let Some(plan) = self.workloads.active.take() else {
             return;
         };
+        self.workloads.docker_bridge.send_replace(None);
         let mut host = self.load_workloads_host();
         if let Ok(nc) = NetConfig::new() {
             if let Ok(Some(i)) = nc.link_index(&plan.bridge).await {
@@ -216,9 +296,33 @@ impl<P: Platform> Node<P> {
                 name: w.name.clone(),
                 ip: w.ip(&range, self.local.slot),
             })
+            .chain(self.container_names())
             .collect();
         let p = self.publisher.workloads(names, unix_now_ms());
         self.publish(p).await;
+    }
+
+    /// The Docker containers on the bridge that can be named: an address of this node's /24
+    /// (not .0, .1 or .255), a name that is a DNS label once lower-cased and no namespace's.
+    fn container_names(&self) -> Vec<WorkloadName> {
+        let Some(ws) = &self.settings.workloads else {
+            return Vec::new();
+        };
+        let range = self.view.m().params.range;
+        let mut names: Vec<WorkloadName> = Vec::new();
+        for c in self.workloads.containers.borrow().iter() {
+            let name = c.name.to_ascii_lowercase();
+            let ours = range.slot_of(c.ip) == Some(self.local.slot)
+                && !matches!(c.ip.octets()[3], 0 | 1 | 255);
+            if ours
+                && workloads::valid_name(&name)
+                && !ws.namespaces.iter().any(|n| n.name == name)
+                && !names.iter().any(|n| n.name == name)
+            {
+                names.push(WorkloadName { name, ip: c.ip });
+            }
+        }
+        names
     }
 
     pub(super) fn workloads_report(&self) -> WorkloadsReport {
@@ -245,7 +349,15 @@ impl<P: Platform> Node<P> {
                             ip: n.ip(&range, self.local.slot).to_string(),
                             dns: format!("{}.{me}.{}", n.name, m.params.domain),
                             present: wl::netns_exists(&n.name),
+                            container: false,
                         })
+                        .chain(self.container_names().into_iter().map(|c| WorkloadView {
+                            dns: format!("{}.{me}.{}", c.name, m.params.domain),
+                            name: c.name,
+                            ip: c.ip.to_string(),
+                            present: true,
+                            container: true,
+                        }))
                         .collect()
                 })
                 .unwrap_or_default(),

@@ -11,6 +11,7 @@
 //! for Docker's address management on the same bridge (`meshctl docker-network`), so the two
 //! never hand out the same address.
 
+pub mod docker;
 pub mod linux;
 
 use crate::id::MeshRange;
