@@ -6,7 +6,7 @@ use crate::mesh::io::UdpIo;
 use crate::trust::{Cert, Context, Key32, MeshId, NodeKeys, Signed, Token, TrustError};
 use crate::wire::{decode_frame, encode_frame, Frame, JoinAccept, JoinRequest, RefuseReason};
 use std::net::SocketAddr;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// What a successful join yields.
 pub struct JoinOutcome {
@@ -114,16 +114,26 @@ pub async fn join<U: UdpIo>(
     let mut pass = 0u32;
     let mut unreadable = None;
     let mut unreadable_from = std::collections::HashSet::new();
+    // Why a request could not be sent (no route, say), per endpoint: said once as it happens
+    // and in the end, and a pass that sent nothing still waits before the next.
+    let mut unsent: std::collections::HashMap<SocketAddr, String> = Default::default();
     while Instant::now() < give_up {
         if pass > 0 {
             tracing::info!(pass, "no answer to the join request yet; retrying");
         }
         pass += 1;
+        let mut sent = false;
         for (addr, wg) in &targets {
             if let Err(e) = udp.send_to(&frame, *addr) {
-                tracing::debug!(%addr, error = %e, "join request not sent");
+                let e = e.to_string();
+                if unsent.get(addr) != Some(&e) {
+                    tracing::warn!(%addr, error = %e, "cannot send the join request");
+                }
+                unsent.insert(*addr, e);
                 continue;
             }
+            unsent.remove(addr);
+            sent = true;
             let deadline = (Instant::now() + wait).min(give_up);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -182,6 +192,9 @@ pub async fn join<U: UdpIo>(
         if unreadable_from.len() == targets.len() {
             break; // every seed says the same; retrying will not change it
         }
+        if !sent {
+            tokio::time::sleep_until((Instant::now() + wait).min(give_up)).await;
+        }
         wait = (wait * 3 / 2).min(JOIN_ATTEMPT_MAX);
     }
     if let Some(e) = unreadable {
@@ -190,7 +203,10 @@ pub async fn join<U: UdpIo>(
     Err(JoinError::NoAnswer {
         tried: targets
             .iter()
-            .map(|(a, _)| a.to_string())
+            .map(|(a, _)| match unsent.get(a) {
+                Some(e) => format!("{a}: not sent: {e}"),
+                None => a.to_string(),
+            })
             .collect::<Vec<_>>()
             .join(", "),
     })
@@ -202,6 +218,71 @@ mod tests {
     use crate::trust::cert::tests::cert;
     use crate::trust::RootKey;
     use crate::wire::JoinRefuse;
+
+    /// A socket that sends nothing (no route to the endpoint): every send fails and is counted.
+    struct Unroutable(crate::testing::mem::MemUdp, std::sync::atomic::AtomicUsize);
+
+    impl UdpIo for Unroutable {
+        fn local_addr(&self) -> SocketAddr {
+            self.0.local_addr()
+        }
+        fn wait_readable(&self) -> std::io::Result<()> {
+            self.0.wait_readable()
+        }
+        fn try_recv_gro(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+            self.0.try_recv_gro(buf)
+        }
+        fn send_to(&self, _: &[u8], _: SocketAddr) -> std::io::Result<()> {
+            let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert!(n < 1000, "the join loop spins on failing sends");
+            Err(std::io::Error::from_raw_os_error(libc::ENETUNREACH))
+        }
+        fn wake(&self) {
+            self.0.wake()
+        }
+        async fn recv_gro_async(
+            &self,
+            buf: &mut [u8],
+        ) -> std::io::Result<(usize, SocketAddr, usize)> {
+            self.0.recv_gro_async(buf).await
+        }
+    }
+
+    /// Sends that fail do not spin: each pass waits as when nothing answers (a few dozen
+    /// sends in the whole deadline, not millions), and the error names why.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_be_sent_is_retried_at_the_usual_pace() {
+        use crate::testing::mem::MemNet;
+        let net = MemNet::new();
+        let udp = Unroutable(
+            net.bind("192.0.2.2:51820".parse().unwrap()).unwrap(),
+            Default::default(),
+        );
+        let seed: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let root = RootKey::generate();
+        let now = crate::util::unix_now();
+        let token = crate::node::setup::make_token(
+            &root,
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            std::time::Duration::from_secs(3600),
+            None,
+            vec![],
+            now,
+        );
+        let keys = NodeKeys::generate();
+        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let e = match join(&udp, &token, &keys, &c, vec![], &[seed], now).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("joined without sending"),
+        };
+        let sends = udp.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((5..=30).contains(&sends), "{sends} sends in the deadline");
+        assert!(
+            e.contains("192.0.2.1:51820: not sent:") && e.contains("unreachable"),
+            "{e}"
+        );
+    }
 
     /// A seed that cannot parse a request (another meshd version) answers without a nonce; the
     /// joiner reports that instead of "nobody answered", and gives up once every seed said so.
