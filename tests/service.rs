@@ -157,6 +157,74 @@ fn a_damaged_token_says_what_is_wrong() {
     assert!(!lab.state_dir(1).join("node.json").exists());
 }
 
+/// A value meshd cannot use is refused before anything is written or asked of the mesh, with
+/// exit status 78 and what to give instead; the seed never hears of the join (no member left
+/// behind to hold the name), and the same command fixed works.
+#[test]
+fn values_meshd_cannot_use_are_refused_at_once() {
+    let mut lab = Lab::new("badvalue", 2);
+    let token = lab.init(0, "a", &[]);
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["join", &token, "--name", "Web_1"],
+            "not a valid node name",
+        ),
+        (
+            &["join", &token, "--name", "b", "--tun", "Bad Tun"],
+            "not an interface name",
+        ),
+        (
+            &["join", &token, "--name", "b", "--tun", "eth0eth0eth0eth0"],
+            "not an interface name",
+        ),
+        (
+            &["join", &token, "--name", "b", "--dns-upstream", "foo"],
+            "203.0.113.7:53",
+        ),
+        (
+            &["join", &token, "--name", "b", "--endpoint", "a:b:c"],
+            "not an address",
+        ),
+        (
+            &["join", "-", "--name", "b"],
+            "no join token on standard input",
+        ),
+        (&["init", "--name", "c", "--cidr", "10.0.0.0/25"], "--cidr"),
+        (
+            &["init", "--name", "c", "--domain", "com"],
+            "--domain \"com\"",
+        ),
+        (
+            &["init", "--name", "c", "--tun", "Bad Tun"],
+            "not an interface name",
+        ),
+    ];
+    for (args, says) in cases {
+        let o = lab
+            .meshd_cmd(1, args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!lab.state_dir(1).join("node.json").exists(), "{args:?}");
+    }
+    // A name the kernel cannot make a TUN device with (an Ethernet interface has it): found
+    // before the join is asked for.
+    let o = lab
+        .meshd_cmd(1, &["join", &token, "--name", "b", "--tun", "eth0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("eth0 is another kind of interface"), "{err}");
+    assert!(!lab.state_dir(1).join("node.json").exists());
+    assert_eq!(lab.status(0).peers.len(), 0, "the seed heard of no join");
+    lab.join(1, "b", &token);
+    lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+}
+
 /// The shipped unit's hardening, as systemd rates it: exposure 3.0 or less.
 #[test]
 fn the_systemd_unit_is_hardened() {

@@ -1,7 +1,7 @@
 //! `meshd`: init, join, run, leave, demo.
 
 use super::args::{MeshdCli, MeshdCommand, NodeArgs, Paths};
-use super::service;
+use super::service::{self, BadInput};
 use crate::control::client::Client;
 use crate::control::LeaveResponse;
 use crate::id::MeshRange;
@@ -70,15 +70,31 @@ async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A value given to meshd that it cannot use (exit status 78).
+fn bad(message: impl Into<String>) -> anyhow::Error {
+    BadInput(message.into()).into()
+}
+
+/// `--tun`: an interface name the kernel takes, checked before anything is written or asked.
+fn tun_name(node: &NodeArgs) -> anyhow::Result<String> {
+    if !crate::util::is_ifname(&node.tun) {
+        return Err(bad(format!(
+            "--tun {:?} is not an interface name: 1-15 of a-z, 0-9, '-' and '_'",
+            node.tun
+        )));
+    }
+    Ok(node.tun.clone())
+}
+
 /// The node's name: `--name`, else the hostname, validated as a DNS label.
 fn node_name(arg: &Option<String>) -> anyhow::Result<String> {
     match arg {
         Some(n) => {
             if !is_dns_label(n) {
-                anyhow::bail!(
+                return Err(bad(format!(
                     "--name {n:?} is not a valid node name: use 1-63 lowercase letters, digits and '-', \
                      not starting or ending with '-'"
-                );
+                )));
             }
             Ok(n.clone())
         }
@@ -89,10 +105,10 @@ fn node_name(arg: &Option<String>) -> anyhow::Result<String> {
                 .to_lowercase();
             let h = h.split('.').next().unwrap_or("").to_string();
             if !is_dns_label(&h) {
-                anyhow::bail!(
+                return Err(bad(format!(
                     "the hostname {h:?} is not a valid node name (a DNS label: 1-63 of a-z, 0-9 and '-'); \
                      pass --name NAME"
-                );
+                )));
             }
             Ok(h)
         }
@@ -102,16 +118,14 @@ fn node_name(arg: &Option<String>) -> anyhow::Result<String> {
 fn endpoints(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     node.endpoints
         .iter()
-        .map(|e| {
-            setup::parse_endpoint(e, node.port).map_err(|m| anyhow::anyhow!("--endpoint: {m}"))
-        })
+        .map(|e| setup::parse_endpoint(e, node.port).map_err(|m| bad(format!("--endpoint: {m}"))))
         .collect()
 }
 
 fn dns_upstreams(node: &NodeArgs) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     node.dns_upstream
         .iter()
-        .map(|e| setup::parse_endpoint(e, 53).map_err(|m| anyhow::anyhow!("--dns-upstream: {m}")))
+        .map(|e| setup::parse_endpoint(e, 53).map_err(|m| bad(format!("--dns-upstream: {m}"))))
         .collect()
 }
 
@@ -130,7 +144,7 @@ async fn init(
     let name = node_name(&node.name)?;
     let range: MeshRange = cidr
         .parse()
-        .map_err(|e: String| anyhow::anyhow!("--cidr: {e}"))?;
+        .map_err(|e: String| bad(format!("--cidr: {e}")))?;
     validate_domain(&domain)?;
     let state = StateDir::new(&paths.state_dir);
     let p = InitParams {
@@ -139,7 +153,7 @@ async fn init(
         domain,
         port: node.port,
         endpoints: endpoints(&node)?,
-        tun: node.tun.clone(),
+        tun: tun_name(&node)?,
         dns_upstream: dns_upstreams(&node)?,
         keys: None,
     };
@@ -198,10 +212,10 @@ fn undo_if_never_ran(
 fn validate_domain(d: &str) -> anyhow::Result<()> {
     let labels: Vec<&str> = d.split('.').collect();
     if labels.len() < 2 || !labels.iter().all(|l| is_dns_label(l)) {
-        anyhow::bail!(
+        return Err(bad(format!(
             "--domain {d:?} is not usable: give at least two DNS labels such as mesh.internal \
              (never a whole top-level domain)"
-        );
+        )));
     }
     Ok(())
 }
@@ -222,10 +236,10 @@ fn read_token_from_stdin() -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("reading the join token from standard input: {e}"))?;
     let line = line.trim();
     if line.is_empty() {
-        anyhow::bail!(
+        return Err(bad(
             "no join token on standard input; pipe it in (meshd join - < token.txt) or pass it as \
-             the argument"
-        );
+             the argument",
+        ));
     }
     Ok(line.to_string())
 }
@@ -252,7 +266,7 @@ async fn join(
         .iter()
         .map(|b| {
             setup::parse_endpoint(b, crate::constants::DEFAULT_PORT)
-                .map_err(|m| anyhow::anyhow!("--bootstrap: {m}"))
+                .map_err(|m| bad(format!("--bootstrap: {m}")))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let state = StateDir::new(&paths.state_dir);
@@ -260,7 +274,7 @@ async fn join(
         name,
         port: node.port,
         endpoints: endpoints(&node)?,
-        tun: node.tun.clone(),
+        tun: tun_name(&node)?,
         bootstrap,
         dns_upstream: dns_upstreams(&node)?,
         keys: None,

@@ -106,11 +106,20 @@ pub fn check_net_admin() -> Result<(), NoPermission> {
 )]
 pub struct NoPermission;
 
+/// A value on the command line (or standard input) meshd cannot use: exit status
+/// [`EXIT_CONFIG`], which the unit does not restart on (the same input fails the same way).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
 /// The exit status for an error: [`EXIT_NO_PERMISSION`], [`EXIT_CONFIG`] or 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if cause.is::<NoPermission>() {
             return EXIT_NO_PERMISSION;
+        }
+        if cause.is::<BadInput>() {
+            return EXIT_CONFIG;
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::PermissionDenied {

@@ -26,6 +26,12 @@ pub trait Platform: Send + Sync + 'static {
         mtu: u16,
     ) -> impl Future<Output = Result<(Self::Tun, u32), NetError>> + Send;
 
+    /// Whether a TUN device `name` can be made here (made and removed again): checked before a
+    /// join asks the mesh for anything, so a name that cannot work leaves no member behind.
+    fn check_tun(&self, _name: &str) -> Result<(), NetError> {
+        Ok(())
+    }
+
     /// Give the TUN device a new address (the node's slot moved).
     fn readdress(
         &self,
@@ -70,6 +76,10 @@ impl Platform for LinuxPlatform {
             .configure_tun(index, addr, prefix, mtu)
             .await?;
         Ok((tun, index))
+    }
+
+    fn check_tun(&self, name: &str) -> Result<(), NetError> {
+        LinuxTun::create(name).map(drop)
     }
 
     async fn readdress(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {

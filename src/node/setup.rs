@@ -259,6 +259,7 @@ pub async fn join_mesh<P: Platform>(
     )
     .sign(&token.invite_secret);
     let udp = platform.bind_udp(p.port)?;
+    platform.check_tun(&p.tun)?;
     let endpoints = effective_endpoints(
         &p.endpoints,
         p.port,
@@ -349,7 +350,8 @@ pub fn parse_endpoint(s: &str, default_port: u16) -> Result<SocketAddr, String> 
         }
     }
     Err(format!(
-        "{s:?} is not an endpoint: write ADDRESS:PORT, e.g. 203.0.113.7:51820 or [2001:db8::7]:51820"
+        "{s:?} is not an address: write ADDRESS or ADDRESS:PORT, e.g. 203.0.113.7:{default_port} \
+         or [2001:db8::7]:{default_port} (the port is {default_port} when left out)"
     ))
 }
 

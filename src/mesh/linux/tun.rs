@@ -55,6 +55,13 @@ impl LinuxTun {
             Some(libc::ENOENT) | Some(libc::ENODEV) => {
                 "/dev/net/tun is missing: load the tun module (modprobe tun)".to_string()
             }
+            // The name is taken by an interface that is no TUN device (eth0, a bridge).
+            Some(libc::EINVAL) if std::path::Path::new("/sys/class/net").join(name).exists() => {
+                format!(
+                    "{name} is another kind of interface on this machine; pick a free name \
+                     with --tun"
+                )
+            }
             _ => "check that /dev/net/tun exists and meshd runs as root".to_string(),
         };
         let fatal = |e: &io::Error| {
