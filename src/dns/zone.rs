@@ -142,7 +142,12 @@ pub fn build(input: &ZoneInput, serial: u32) -> Result<ZoneRecords, ProtoError> 
     let origin = fqdn(&input.domain)?;
     let under =
         |label: &str| -> Result<Name, ProtoError> { fqdn(&format!("{label}.{}", input.domain)) };
-    let mname = under(&input.serving)?;
+    // A node that is no member any more (it left; its own row is gone) still serves the
+    // rest of the zone until it stops: the apex names the primary then.
+    let mname = match input.serving.as_str() {
+        "" => origin.clone(),
+        serving => under(serving)?,
+    };
     let hostmaster = under("hostmaster")?;
     let mut forward: Vec<Record> = soa_ns(&origin, &mname, &hostmaster, serial).into();
     let mut reverse: BTreeMap<Name, Vec<Record>> = reverse_origins(&input.range)
@@ -303,6 +308,24 @@ mod tests {
         rs.iter()
             .filter(|r| r.name == n && r.record_type() == t)
             .collect()
+    }
+
+    /// The zone of a node that just left (no row of its own): built, with the apex as SOA
+    /// primary, not an error logged at every update until it stops.
+    #[test]
+    fn a_node_without_a_name_of_its_own_still_builds_the_zone() {
+        let mut i = input();
+        i.serving.clear();
+        let z = build(&i, 7).unwrap();
+        let soa = find(&z.forward, "mesh.internal", RecordType::SOA);
+        match &soa[0].data {
+            RData::SOA(s) => assert_eq!(&s.mname, &fqdn("mesh.internal").unwrap()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            find(&z.forward, "db1.mesh.internal", RecordType::A).len(),
+            1
+        );
     }
 
     #[test]
