@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Lab, MESHD};
+use common::{Lab, MESHCTL, MESHD};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
@@ -223,6 +223,30 @@ fn values_meshd_cannot_use_are_refused_at_once() {
     assert_eq!(lab.status(0).peers.len(), 0, "the seed heard of no join");
     lab.join(1, "b", &token);
     lab.wait_all_pairs(&[0, 1], Duration::from_secs(30));
+}
+
+/// Completions into a pipe whose reader is gone (`| head`, `| true`) end quietly with success,
+/// not a panic; meshctl with no meshd to talk to says why once.
+#[test]
+fn command_line_output_ends_cleanly() {
+    for bin in [MESHD, MESHCTL] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(bin)
+            .args(["completions", "zsh"])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.is_empty(), "{bin}: {err}");
+    }
+    let o = Command::new(MESHCTL)
+        .args(["--socket", "/nonexistent/meshd.sock", "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
 /// The shipped unit's hardening, as systemd rates it: exposure 3.0 or less.

@@ -4,7 +4,7 @@ use super::args::{
     GatewayCommand, MeshctlCli, MeshctlCommand, ProxyCommand, ServiceCommand, ToggleCommand,
     WorkloadCommand, WorkloadsCommand,
 };
-use crate::control::client::Client;
+use crate::control::client::{Client, ClientError};
 use crate::control::{
     ConnectRequest, DnsReport, ExitNodeResponse, ExposeRequest, ExposeResponse, GatewayResponse,
     InviteRequest, InviteResponse, ListenRequest, NetcheckReport, PingRequest, PingResponse,
@@ -30,7 +30,7 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshctl: {e:#}");
+            eprintln!("meshctl: {}", super::service::describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -118,9 +118,7 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                 );
             }
         }
-        MeshctlCommand::Completions { shell } => {
-            super::docs::completions("meshctl", shell, &mut std::io::stdout())
-        }
+        MeshctlCommand::Completions { shell } => super::docs::print_completions("meshctl", shell)?,
         MeshctlCommand::Set {
             port,
             endpoints,
@@ -206,8 +204,7 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
             );
         }
         MeshctlCommand::Ping { node, count, json } => {
-            let mut answered = 0;
-            let mut last_err = None;
+            let (mut answered, mut unanswered) = (0, 0);
             for i in 0..count.max(1) {
                 if i > 0 {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -224,16 +221,20 @@ async fn run(cli: MeshctlCli) -> anyhow::Result<()> {
                             println!("{}", super::format::pong(&r));
                         }
                     }
-                    Err(e) => {
-                        eprintln!("{e}");
-                        last_err = Some(e);
+                    // A round trip unanswered is said as it happens, as ping does; a ping
+                    // that cannot be made (no such member, this node) ends it at once.
+                    Err(ClientError::Api {
+                        status: 504,
+                        message,
+                    }) => {
+                        eprintln!("{message}");
+                        unanswered += 1;
                     }
+                    Err(e) => return Err(e.into()),
                 }
             }
             if answered == 0 {
-                return Err(last_err
-                    .map(anyhow::Error::from)
-                    .unwrap_or_else(|| anyhow::anyhow!("no answer")));
+                anyhow::bail!("{node}: none of {unanswered} round trips answered");
             }
         }
         MeshctlCommand::Netcheck { json } => {

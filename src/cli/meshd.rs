@@ -58,7 +58,7 @@ async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
         MeshdCommand::Leave { paths } => leave(&paths).await,
         MeshdCommand::Demo { nodes, once } => super::demo::run(nodes, once).await,
         MeshdCommand::Completions { shell } => {
-            super::docs::completions("meshd", shell, &mut std::io::stdout());
+            super::docs::print_completions("meshd", shell)?;
             Ok(ExitCode::SUCCESS)
         }
         MeshdCommand::Manpages { dir } => {

@@ -32,6 +32,20 @@ pub mod docs {
         clap_complete::generate(shell, &mut cmd, bin, out);
     }
 
+    /// The completion script of `bin` for `shell` on standard output. A reader that closes
+    /// early (`| head`) ends it quietly, as it does for other tools.
+    pub fn print_completions(bin: &str, shell: clap_complete::Shell) -> std::io::Result<()> {
+        use std::io::Write;
+        // clap_complete panics when a write fails: it writes into memory, the copy out may fail.
+        let mut script = Vec::new();
+        completions(bin, shell, &mut script);
+        let mut out = std::io::stdout().lock();
+        match out.write_all(&script).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
+
     /// Write `meshd.1`, `meshctl.1` and a page per subcommand (`meshctl-status.1`, ...) into
     /// `dir`; the names written.
     pub fn manpages(dir: &Path) -> std::io::Result<Vec<String>> {
