@@ -124,6 +124,30 @@ fn a_failed_first_run_leaves_nothing_and_the_retry_works() {
     let token = lab.init(0, "a", &["--port", "51821"]);
     assert!(token.starts_with("mj2_"));
     assert_eq!(lab.status(0).me.port, 51821);
+
+    // Later its port is taken while it is stopped: `meshd run` says so and how to move, and
+    // `meshd run --port` moves it for good (no running meshd needed to be told).
+    lab.stop(0);
+    let _busy2 = lab
+        .ns(0)
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:51821").unwrap())
+        .unwrap();
+    let o = lab.meshd_cmd(0, &["run"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("51821") && err.contains("run saves it"),
+        "{err}"
+    );
+    lab.spawn(0, &["run", "--port", "51822"]);
+    lab.wait_for("the node on its new port", Duration::from_secs(20), || {
+        lab.try_status(0).is_some_and(|s| s.me.port == 51822)
+    });
+    lab.stop(0);
+    lab.run(0);
+    lab.wait_for("the new port kept", Duration::from_secs(20), || {
+        lab.try_status(0).is_some_and(|s| s.me.port == 51822)
+    });
 }
 
 /// A truncated or mistyped token is refused in words, with exit status 78 (not restarted),

@@ -85,6 +85,10 @@ pub enum MeshdCommand {
     },
     /// Run an existing node (what the systemd unit calls).
     Run {
+        /// Listen on this UDP port from now on (saved, as `meshctl set --port` does); for when
+        /// the node's port is taken and meshd cannot start to be told.
+        #[arg(long)]
+        port: Option<u16>,
         #[command(flatten)]
         paths: Paths,
     },

@@ -54,7 +54,7 @@ async fn run(cli: MeshdCli) -> anyhow::Result<ExitCode> {
             bootstrap,
             paths,
         } => join(token, node, bootstrap, paths).await,
-        MeshdCommand::Run { paths } => run_node(&paths, None, |_| {}).await,
+        MeshdCommand::Run { port, paths } => run_node(&paths, port, None, |_| {}).await,
         MeshdCommand::Leave { paths } => leave(&paths).await,
         MeshdCommand::Demo { nodes, once } => super::demo::run(nodes, once).await,
         MeshdCommand::Completions { shell } => {
@@ -171,7 +171,7 @@ async fn init(
     }
     let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ran2 = ran.clone();
-    let result = run_node(&paths, None, move |r: &Ready| {
+    let result = run_node(&paths, None, None, move |r: &Ready| {
         ran2.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!(
             "created mesh {}; this node is {} at {} ({}). On every other machine run:",
@@ -290,7 +290,7 @@ async fn join(
     }
     let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ran2 = ran.clone();
-    let result = run_node(&paths, Some(udp), move |r: &Ready| {
+    let result = run_node(&paths, None, Some(udp), move |r: &Ready| {
         ran2.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!(
             "joined mesh {} as {} at {} ({})",
@@ -306,12 +306,14 @@ async fn join(
 
 async fn run_node(
     paths: &Paths,
+    port: Option<u16>,
     udp: Option<crate::mesh::linux::LinuxUdp>,
     ready: impl FnOnce(&Ready),
 ) -> anyhow::Result<ExitCode> {
     let opts = NodeOptions {
         state_dir: paths.state_dir.clone(),
         socket: paths.socket.clone(),
+        port,
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
@@ -353,6 +355,7 @@ async fn leave_stopped(paths: &Paths) -> anyhow::Result<ExitCode> {
         let opts = NodeOptions {
             state_dir: run_paths.state_dir.clone(),
             socket: run_paths.socket.clone(),
+            port: None,
         };
         node::run(&opts, None, CancellationToken::new(), move |_: &Ready| {
             let _ = ready_tx.send(());

@@ -35,7 +35,16 @@ pub fn load(opts: &NodeOptions) -> Result<Result<Loaded, Exit>, NodeError> {
     }
     state.lock()?;
     let keys = state.load_keys()?;
-    let config = state.load_node()?;
+    let mut config = state.load_node()?;
+    if let Some(port) = opts.port.filter(|p| *p != config.port) {
+        tracing::info!(
+            from = config.port,
+            to = port,
+            "UDP port changed (--port) and saved"
+        );
+        config.port = port;
+        state.save_node(&config)?;
+    }
     let root = state.load_root()?;
     let settings: Settings = state.load_settings()?;
     let corrupt = |reason: String| StateError::Corrupt {

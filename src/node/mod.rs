@@ -68,6 +68,8 @@ use view::View;
 pub struct NodeOptions {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// A new UDP port, saved before the node starts (`meshd run --port`).
+    pub port: Option<u16>,
 }
 
 /// How the node ended.

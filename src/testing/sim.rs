@@ -258,6 +258,7 @@ impl Sim {
         let opts = NodeOptions {
             state_dir: self.dir.path().join(format!("n{i}")),
             socket: self.dir.path().join(format!("n{i}.sock")),
+            port: None,
         };
         (i, platform, opts)
     }

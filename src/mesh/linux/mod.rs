@@ -31,7 +31,8 @@ pub enum NetError {
     },
     #[error(
         "UDP port {port} is already in use ({error}): another meshd or WireGuard may be running; \
-         stop it or choose another port with --port"
+         stop it or choose another port with --port (meshd init, join and run take it; run \
+         saves it)"
     )]
     PortInUse { port: u16, error: io::Error },
     #[error("cannot bind UDP port {port}: {error}")]
