@@ -234,6 +234,14 @@ fn workloads_on_two_nodes_talk_with_their_own_addresses() {
             format!("{fqdn}.")
         );
     }
+    // The proxy and `meshctl nc` take the names DNS answers: a's node reaches b's workload.
+    let o = lab.meshctl(0, &["nc", &format!("{wb}.b.mesh.internal"), "7000"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        lab.mesh_ip(0).to_string(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = in_ns(wa, "dig", &["+short", &format!("{wb}.b.mesh.internal")]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),

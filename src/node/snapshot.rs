@@ -342,6 +342,12 @@ fn mesh_view(params: &MeshParams, members: &[MemberRow]) -> MeshView {
                     .or_default()
                     .push((r.dns_name.clone(), s.ip));
             }
+            // As the zone names them (a node called `svc` would collide with the services).
+            for (name, ip) in r.workloads.iter().filter(|_| r.dns_name != "svc") {
+                if crate::util::is_dns_label(name) {
+                    v.workloads.insert(format!("{name}.{}", r.dns_name), *ip);
+                }
+            }
         }
     }
     v.hostnames

@@ -31,8 +31,8 @@ pub struct DialRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error(
-        "{0} is not a mesh name or address; to reach it through an exit node, give the exit node's \
-         name as SOCKS5 username or proxy user"
+        "{0} is not a mesh name or address; to reach it through an exit node, name the exit node \
+         (the proxy's SOCKS5 username or proxy user; meshctl nc --exit NODE)"
     )]
     NotInMesh(String),
     #[error("no member named {0:?} to use as exit node")]

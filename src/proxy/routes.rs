@@ -32,6 +32,8 @@ pub struct MeshView {
     /// Service name -> live providers: (node name, the service's address on it).
     pub services: HashMap<String, Vec<(String, Ipv4Addr)>>,
     pub hostnames: Vec<HostRoute>,
+    /// `NAME.NODE` -> a live member's workload (namespace or container), as mesh DNS answers.
+    pub workloads: HashMap<String, Ipv4Addr>,
 }
 
 /// Whether `pattern` (`name` or `*.name`) covers `host`. A wildcard covers exactly one more
@@ -65,7 +67,8 @@ impl MeshView {
     }
 
     /// A mesh name or address to an address: `NODE`, `NODE.<domain>`, `NAME.svc.<domain>` (a live
-    /// provider), an IP in the mesh range. `None` if it is not in the mesh.
+    /// provider), `NAME.NODE.<domain>` (a workload), an IP in the mesh range. `None` if it is
+    /// not in the mesh.
     pub fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Ok(ip) = name.parse::<IpAddr>() {
@@ -96,7 +99,10 @@ impl MeshView {
                     .map(|(_, ip)| *ip),
             };
         }
-        self.nodes.get(&local).map(|n| n.ip)
+        match self.nodes.get(&local) {
+            Some(n) => Some(n.ip),
+            None => self.workloads.get(&local).copied(),
+        }
     }
 
     /// Whether `ip` is a member node's own address (its `.1`), not just any address in a
@@ -184,7 +190,7 @@ mod tests {
 
     #[test]
     fn resolves_mesh_names_only() {
-        let v = view();
+        let mut v = view();
         assert_eq!(v.resolve("db1"), Some(Ipv4Addr::new(10, 210, 4, 1)));
         assert_eq!(
             v.resolve("DB1.mesh.internal."),
@@ -201,6 +207,14 @@ mod tests {
             Some(Ipv4Addr::new(10, 210, 4, 7))
         );
         assert_eq!(v.resolve("gw.api.svc.mesh.internal"), None);
+        // Workloads: NAME.NODE.<domain>.
+        v.workloads
+            .insert("web.db1".into(), Ipv4Addr::new(10, 210, 4, 2));
+        assert_eq!(
+            v.resolve("WEB.db1.mesh.internal."),
+            Some(Ipv4Addr::new(10, 210, 4, 2))
+        );
+        assert_eq!(v.resolve("web.gw.mesh.internal"), None);
         assert_eq!(v.resolve("10.210.9.9"), Some(Ipv4Addr::new(10, 210, 9, 9)));
         assert_eq!(v.resolve("192.0.2.1"), None);
         assert_eq!(v.resolve("example.com"), None);
