@@ -46,7 +46,7 @@ pub struct NodeArgs {
     #[arg(long, default_value = DEFAULT_TUN)]
     pub tun: String,
     /// DNS server for names outside the mesh domain, IP[:PORT]; repeat for several
-    /// (default: the host's resolvers from /etc/resolv.conf).
+    /// (default: systemd-resolved's upstreams, else the resolvers in /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]")]
     pub dns_upstream: Vec<String>,
     /// Create the node's state and exit instead of running it (then start it with
@@ -93,7 +93,7 @@ pub enum MeshdCommand {
         paths: Paths,
     },
     /// Leave the mesh for good: announce the departure, release the subnet, delete this node's
-    /// identity. Talks to the running meshd.
+    /// identity. Talks to the running meshd (or starts it to announce the departure).
     Leave {
         #[command(flatten)]
         paths: Paths,
@@ -101,7 +101,7 @@ pub enum MeshdCommand {
     /// Start a real mesh of several nodes in network namespaces on this machine (needs root),
     /// show it working, and clean everything up on Ctrl-C.
     Demo {
-        /// Number of nodes.
+        /// Number of nodes, 2 to 16.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         /// Stop after showing the mesh instead of waiting for Ctrl-C.
