@@ -509,6 +509,14 @@ fn a_docker_container_gets_a_mesh_address() {
             .any(|w| w["name"] == "c1" && w["container"] == true && w["ip"] == c1.to_string()),
         "{listed:?}"
     );
+    // Listed, but Docker's to remove: said so, and meshd carries on.
+    let o = lab.meshctl(0, &["workload", "rm", "c1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!ok(&o) && err.contains("docker rm"), "{err}");
+    assert!(
+        lab.is_running(0),
+        "meshd survives `workload rm` of a container"
+    );
 
     let reach = |lab: &Lab| {
         let o = lab.sh(
@@ -580,9 +588,20 @@ fn a_docker_container_gets_a_mesh_address() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // After the restart the name is published again (the watcher found it before the node's
+    // loop listened).
+    let server = format!("@{}", lab.mesh_ip(1));
+    lab.wait_for(
+        "the container's name after a restart",
+        Duration::from_secs(20),
+        || {
+            let o = lab.sh(1, "dig", &["+short", &server, fqdn]);
+            String::from_utf8_lossy(&o.stdout).trim() == c1.to_string()
+        },
+    );
+
     // The container gone, its name goes too.
     assert!(ok(&d.docker(&["rm", "-f", "c1"])));
-    let server = format!("@{}", lab.mesh_ip(1));
     lab.wait_for(
         "the container's name withdrawn",
         Duration::from_secs(20),

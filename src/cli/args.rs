@@ -87,7 +87,7 @@ pub enum MeshdCommand {
     Run {
         /// Listen on this UDP port from now on (saved, as `meshctl set --port` does); for when
         /// the node's port is taken and meshd cannot start to be told.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         #[command(flatten)]
         paths: Paths,

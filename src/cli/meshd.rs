@@ -79,7 +79,7 @@ fn bad(message: impl Into<String>) -> anyhow::Error {
 fn tun_name(node: &NodeArgs) -> anyhow::Result<String> {
     if !crate::util::is_ifname(&node.tun) {
         return Err(bad(format!(
-            "--tun {:?} is not an interface name: 1-15 of a-z, 0-9, '-' and '_'",
+            "--tun {:?} is not an interface name: 1-15 letters, digits, '-' and '_'",
             node.tun
         )));
     }

@@ -122,8 +122,12 @@ pub async fn join<U: UdpIo>(
             tracing::info!(pass, "no answer to the join request yet; retrying");
         }
         pass += 1;
-        let mut sent = false;
+        let pass_started = Instant::now();
         for (addr, wg) in &targets {
+            // A seed that could not read the request will not read it again.
+            if unreadable_from.contains(addr) {
+                continue;
+            }
             if let Err(e) = udp.send_to(&frame, *addr) {
                 let e = e.to_string();
                 if unsent.get(addr) != Some(&e) {
@@ -133,7 +137,6 @@ pub async fn join<U: UdpIo>(
                 continue;
             }
             unsent.remove(addr);
-            sent = true;
             let deadline = (Instant::now() + wait).min(give_up);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -192,9 +195,8 @@ pub async fn join<U: UdpIo>(
         if unreadable_from.len() == targets.len() {
             break; // every seed says the same; retrying will not change it
         }
-        if !sent {
-            tokio::time::sleep_until((Instant::now() + wait).min(give_up)).await;
-        }
+        // A pass takes at least `wait`, however quickly its sends failed or were refused.
+        tokio::time::sleep_until((pass_started + wait).min(give_up)).await;
         wait = (wait * 3 / 2).min(JOIN_ATTEMPT_MAX);
     }
     if let Some(e) = unreadable {
@@ -219,8 +221,13 @@ mod tests {
     use crate::trust::RootKey;
     use crate::wire::JoinRefuse;
 
-    /// A socket that sends nothing (no route to the endpoint): every send fails and is counted.
-    struct Unroutable(crate::testing::mem::MemUdp, std::sync::atomic::AtomicUsize);
+    /// A socket with no route to some endpoints (all of them with `None`): sends there fail.
+    /// Every send is counted.
+    struct Unroutable(
+        crate::testing::mem::MemUdp,
+        std::sync::atomic::AtomicUsize,
+        Option<SocketAddr>,
+    );
 
     impl UdpIo for Unroutable {
         fn local_addr(&self) -> SocketAddr {
@@ -232,10 +239,13 @@ mod tests {
         fn try_recv_gro(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
             self.0.try_recv_gro(buf)
         }
-        fn send_to(&self, _: &[u8], _: SocketAddr) -> std::io::Result<()> {
+        fn send_to(&self, d: &[u8], to: SocketAddr) -> std::io::Result<()> {
             let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            assert!(n < 1000, "the join loop spins on failing sends");
-            Err(std::io::Error::from_raw_os_error(libc::ENETUNREACH))
+            assert!(n < 1000, "the join loop spins");
+            match self.2 {
+                Some(unroutable) if unroutable != to => self.0.send_to(d, to),
+                _ => Err(std::io::Error::from_raw_os_error(libc::ENETUNREACH)),
+            }
         }
         fn wake(&self) {
             self.0.wake()
@@ -257,6 +267,7 @@ mod tests {
         let udp = Unroutable(
             net.bind("192.0.2.2:51820".parse().unwrap()).unwrap(),
             Default::default(),
+            None,
         );
         let seed: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let root = RootKey::generate();
@@ -282,6 +293,64 @@ mod tests {
             e.contains("192.0.2.1:51820: not sent:") && e.contains("unreachable"),
             "{e}"
         );
+    }
+
+    /// One seed that cannot read the request (it answers at once) and one that cannot be sent
+    /// to: passes still take their time, and the unreadable seed is not asked again.
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_refusal_beside_an_unroutable_seed_does_not_spin() {
+        use crate::testing::mem::MemNet;
+        let net = MemNet::new();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:51820".parse().unwrap(),
+            "198.51.100.9:51820".parse().unwrap(),
+        );
+        let seed = net.bind(a).unwrap();
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let asked2 = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
+                asked2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let no = JoinRefuse {
+                    nonce: [0; 16],
+                    reason: RefuseReason::Malformed,
+                    message: "unknown field wg_sig".into(),
+                };
+                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from);
+            }
+        });
+        let udp = Unroutable(
+            net.bind("192.0.2.2:51820".parse().unwrap()).unwrap(),
+            Default::default(),
+            Some(b),
+        );
+        let root = RootKey::generate();
+        let now = crate::util::unix_now();
+        let token = crate::node::setup::make_token(
+            &root,
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            std::time::Duration::from_secs(3600),
+            None,
+            vec![],
+            now,
+        );
+        let keys = NodeKeys::generate();
+        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let r = join(&udp, &token, &keys, &c, vec![], &[a, b], now).await;
+        assert!(
+            matches!(r, Err(JoinError::Unreadable { .. })),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "asked once"
+        );
+        let sends = udp.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sends <= 30, "{sends} sends in the deadline");
     }
 
     /// A seed that cannot parse a request (another meshd version) answers without a nonce; the

@@ -538,7 +538,7 @@ impl<P: Platform> Node<P> {
         if let Some(tun) = r.tun {
             if !crate::util::is_ifname(&tun) {
                 return Err(ApiFailure::bad_request(format!(
-                    "--tun {tun:?} is not an interface name: 1-15 of a-z, 0-9, '-' and '_'"
+                    "--tun {tun:?} is not an interface name: 1-15 letters, digits, '-' and '_'"
                 )));
             }
             if tun != c.tun {

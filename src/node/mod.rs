@@ -498,6 +498,11 @@ impl<P: Platform> Node<P> {
         rescan.tick().await;
         let mut observed = self.nat.candidates.subscribe();
         let mut containers = self.workloads.containers.subscribe();
+        // Containers found before this subscription (the watcher starts with the workloads,
+        // earlier in the start) are published now; later changes through `containers`.
+        if !self.workloads.containers.borrow().is_empty() {
+            self.publish_workloads().await;
+        }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Exit::Shutdown),

@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// What is in place on the host.
 pub struct WorkloadRole {
@@ -49,6 +49,18 @@ impl Default for WorkloadRole {
     }
 }
 
+/// Whether bridge `name` has ports that are not meshd's namespaces' (`mw-*`): containers. Yes
+/// when that cannot be told.
+async fn has_foreign_ports(nc: &NetConfig, name: &str) -> bool {
+    match nc.link_index(name).await {
+        Ok(Some(i)) => wl::bridge_ports(nc, i)
+            .await
+            .map_or(true, |ports| ports.iter().any(|p| !p.starts_with("mw-"))),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// How often Docker is asked for the containers on the bridge.
 const DOCKER_SCAN: Duration = Duration::from_secs(3);
 
@@ -66,6 +78,9 @@ async fn watch_docker(
     let mut every = tokio::time::interval(DOCKER_SCAN);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // Docker is asked only while something other than meshd's namespaces is on the bridge: a
+    // Docker that is stopped (or only socket-activated) is never started by asking.
+    let nc = NetConfig::new().ok();
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -75,18 +90,28 @@ async fn watch_docker(
             out.send_if_modified(|v| !std::mem::take(v).is_empty());
             continue;
         };
+        if let Some(nc) = &nc {
+            if !has_foreign_ports(nc, &b).await {
+                out.send_if_modified(|v| !std::mem::take(v).is_empty());
+                continue;
+            }
+        }
         let sock = sock.clone();
         let found = tokio::task::spawn_blocking(move || docker::containers_on(&sock, &b)).await;
         let found = match found {
             Ok(Ok(found)) => {
-                failing = false;
+                if std::mem::replace(&mut failing, false) {
+                    info!("Docker answers again");
+                }
                 found
             }
+            // A busy or restarting Docker keeps the names it had: withdrawing them would
+            // spread through the mesh and back for every hiccup.
             Ok(Err(e)) => {
                 if !std::mem::replace(&mut failing, true) {
-                    debug!(error = %e, "cannot ask Docker for the containers on the bridge");
+                    warn!(error = %e, "cannot ask Docker for the containers on the bridge; their names stay as they were");
                 }
-                Vec::new()
+                continue;
             }
             Err(_) => continue,
         };
@@ -388,7 +413,7 @@ impl<P: Platform> Node<P> {
             });
             if !crate::util::is_ifname(&bridge) || bridge == self.local.config.tun {
                 return Err(ApiFailure::bad_request(format!(
-                    "--bridge {bridge:?} is not a free interface name: 1-15 of a-z, 0-9, '-' and '_', not the TUN device's"
+                    "--bridge {bridge:?} is not a free interface name: 1-15 letters, digits, '-' and '_', not the TUN device's"
                 )));
             }
             let namespaces = self
@@ -509,12 +534,13 @@ impl<P: Platform> Node<P> {
     ) -> Result<WorkloadView, ApiFailure> {
         let view = self.workload_view(&r.name)?;
         let ws = self.workloads_on()?;
-        let def = ws
-            .namespaces
-            .iter()
-            .find(|w| w.name == r.name)
-            .cloned()
-            .expect("in the report, so in settings");
+        // The report lists Docker's containers too; those are Docker's to remove.
+        let Some(def) = ws.namespaces.iter().find(|w| w.name == r.name).cloned() else {
+            return Err(ApiFailure::conflict(format!(
+                "{} is a Docker container, not a namespace of meshd's: remove it with docker rm",
+                r.name
+            )));
+        };
         let nc = NetConfig::new().map_err(|e| ApiFailure::internal(e.to_string()))?;
         wl::remove_workload(&nc, &def)
             .await

@@ -48,15 +48,35 @@ pub fn containers_on(sock: &Path, bridge: &str) -> io::Result<Vec<Container>> {
     containers(&get(sock, &format!("/networks/{id}"))?)
 }
 
-/// The body of a `GET path`, which must answer 200.
+/// The body of a `GET path`, which must answer 200 within [`TIMEOUT`] in all.
 fn get(sock: &Path, path: &str) -> io::Result<Vec<u8>> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
     let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     // HTTP/1.0: the daemon closes the connection after one answer, never chunked.
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n").as_bytes())?;
     let mut answer = Vec::new();
-    s.take(MAX_ANSWER).read_to_end(&mut answer)?;
+    let mut chunk = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "Docker answered too slowly",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk)? {
+            0 => break,
+            n if (answer.len() + n) as u64 > MAX_ANSWER => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "Docker's answer is too large",
+                ));
+            }
+            n => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
     body(&answer).map(<[u8]>::to_vec)
 }
 
