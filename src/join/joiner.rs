@@ -221,6 +221,48 @@ mod tests {
     use crate::trust::RootKey;
     use crate::wire::JoinRefuse;
 
+    /// A token of a new mesh, and a joiner's keys and certificate under it.
+    fn joiner() -> (Token, NodeKeys, Signed, u64) {
+        let root = RootKey::generate();
+        let now = crate::util::unix_now();
+        let token = crate::node::setup::make_token(
+            &root,
+            "10.210.0.0/16".parse().unwrap(),
+            "mesh.internal",
+            std::time::Duration::from_secs(3600),
+            None,
+            vec![],
+            now,
+        );
+        let keys = NodeKeys::generate();
+        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        (token, keys, c, now)
+    }
+
+    /// A seed at `addr` that cannot read join requests (another meshd version): it answers
+    /// each without a nonce. How many it was sent.
+    fn unreadable_seed(
+        net: &crate::testing::mem::MemNet,
+        addr: SocketAddr,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let seed = net.bind(addr).unwrap();
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let no = JoinRefuse {
+                    nonce: [0; 16],
+                    reason: RefuseReason::Malformed,
+                    message: "unknown field wg_sig".into(),
+                };
+                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from);
+            }
+        });
+        asked
+    }
+
     /// A socket with no route to some endpoints (all of them with `None`): sends there fail.
     /// Every send is counted.
     struct Unroutable(
@@ -270,19 +312,7 @@ mod tests {
             None,
         );
         let seed: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-        let root = RootKey::generate();
-        let now = crate::util::unix_now();
-        let token = crate::node::setup::make_token(
-            &root,
-            "10.210.0.0/16".parse().unwrap(),
-            "mesh.internal",
-            std::time::Duration::from_secs(3600),
-            None,
-            vec![],
-            now,
-        );
-        let keys = NodeKeys::generate();
-        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let (token, keys, c, now) = joiner();
         let e = match join(&udp, &token, &keys, &c, vec![], &[seed], now).await {
             Err(e) => e.to_string(),
             Ok(_) => panic!("joined without sending"),
@@ -305,39 +335,13 @@ mod tests {
             "192.0.2.1:51820".parse().unwrap(),
             "198.51.100.9:51820".parse().unwrap(),
         );
-        let seed = net.bind(a).unwrap();
-        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let asked2 = asked.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
-                asked2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let no = JoinRefuse {
-                    nonce: [0; 16],
-                    reason: RefuseReason::Malformed,
-                    message: "unknown field wg_sig".into(),
-                };
-                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from);
-            }
-        });
+        let asked = unreadable_seed(&net, a);
         let udp = Unroutable(
             net.bind("192.0.2.2:51820".parse().unwrap()).unwrap(),
             Default::default(),
             Some(b),
         );
-        let root = RootKey::generate();
-        let now = crate::util::unix_now();
-        let token = crate::node::setup::make_token(
-            &root,
-            "10.210.0.0/16".parse().unwrap(),
-            "mesh.internal",
-            std::time::Duration::from_secs(3600),
-            None,
-            vec![],
-            now,
-        );
-        let keys = NodeKeys::generate();
-        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        let (token, keys, c, now) = joiner();
         let r = join(&udp, &token, &keys, &c, vec![], &[a, b], now).await;
         assert!(
             matches!(r, Err(JoinError::Unreadable { .. })),
@@ -360,35 +364,12 @@ mod tests {
         use crate::testing::mem::MemNet;
         let net = MemNet::new();
         let seed_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-        let seed = net.bind(seed_addr).unwrap();
-        let joiner = net.bind("192.0.2.2:51820".parse().unwrap()).unwrap();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((_, from)) = seed.recv_from(&mut buf).await {
-                let no = JoinRefuse {
-                    nonce: [0; 16],
-                    reason: RefuseReason::Malformed,
-                    message: "unknown field wg_sig".into(),
-                };
-                let _ = seed.send_to(&encode_frame(&Frame::Refuse(no)), from);
-            }
-        });
-        let root = RootKey::generate();
-        let now = crate::util::unix_now();
-        let token = crate::node::setup::make_token(
-            &root,
-            "10.210.0.0/16".parse().unwrap(),
-            "mesh.internal",
-            std::time::Duration::from_secs(3600),
-            None,
-            vec![],
-            now,
-        );
-        let keys = NodeKeys::generate();
-        let c = cert(&token.invite_raw, &token.invite_secret, &keys, "j", now);
+        unreadable_seed(&net, seed_addr);
+        let udp = net.bind("192.0.2.2:51820".parse().unwrap()).unwrap();
+        let (token, keys, c, now) = joiner();
         let r = tokio::time::timeout(
             JOIN_DEADLINE * 2,
-            join(&joiner, &token, &keys, &c, vec![], &[seed_addr], now),
+            join(&udp, &token, &keys, &c, vec![], &[seed_addr], now),
         )
         .await
         .expect("join gives up by its deadline");
