@@ -125,6 +125,16 @@ pub fn is_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// [`is_ifname`], with what to give instead for option `flag` (`--tun`).
+pub fn check_ifname(flag: &str, name: &str) -> Result<(), String> {
+    if is_ifname(name) {
+        return Ok(());
+    }
+    Err(format!(
+        "{flag} {name:?} is not an interface name: 1-15 letters, digits, '-' and '_'"
+    ))
+}
+
 /// At most `burst` events per `window` for each key, remembering at most `capacity` keys: what
 /// unauthenticated senders can make this node do (log, look up, answer) is bounded per sender
 /// and in total. When the table is full of live windows, keys not in it share one overflow

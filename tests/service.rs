@@ -157,28 +157,32 @@ fn a_damaged_token_says_what_is_wrong() {
     let mut lab = Lab::new("badtoken", 2);
     let token = lab.init(0, "a", &[]);
     let cut = &token[..token.len() - 7];
-    let o = lab
-        .meshd_cmd(1, &["join", cut, "--name", "b"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(78), "{err}");
+    let (code, err) = meshd_once(&lab, 1, &["join", cut, "--name", "b"]);
+    assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("truncated"), "{err}");
     assert!(!err.contains("Unexpected") && !err.contains('{'), "{err}");
     let mut typo = token.clone().into_bytes();
     let i = token.len() / 2;
     typo[i] = if typo[i] == b'x' { b'y' } else { b'x' };
-    let o = lab
-        .meshd_cmd(
-            1,
-            &["join", std::str::from_utf8(&typo).unwrap(), "--name", "b"],
-        )
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(78), "{err}");
+    let typo = std::str::from_utf8(&typo).unwrap();
+    let (code, err) = meshd_once(&lab, 1, &["join", typo, "--name", "b"]);
+    assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("checksum"), "{err}");
     assert!(!lab.state_dir(1).join("node.json").exists());
+}
+
+/// `meshd ARGS` on host `h` run to its end with no input: its exit status and what it said on
+/// standard error.
+fn meshd_once(lab: &Lab, h: usize, args: &[&str]) -> (Option<i32>, String) {
+    let o = lab
+        .meshd_cmd(h, args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// A value meshd cannot use is refused before anything is written or asked of the mesh, with
@@ -224,24 +228,15 @@ fn values_meshd_cannot_use_are_refused_at_once() {
         ),
     ];
     for (args, says) in cases {
-        let o = lab
-            .meshd_cmd(1, args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(78), "{args:?}: {err}");
+        let (code, err) = meshd_once(&lab, 1, args);
+        assert_eq!(code, Some(78), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
         assert!(!lab.state_dir(1).join("node.json").exists(), "{args:?}");
     }
     // A name the kernel cannot make a TUN device with (an Ethernet interface has it): found
     // before the join is asked for.
-    let o = lab
-        .meshd_cmd(1, &["join", &token, "--name", "b", "--tun", "eth0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let (code, err) = meshd_once(&lab, 1, &["join", &token, "--name", "b", "--tun", "eth0"]);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("eth0 is another kind of interface"), "{err}");
     assert!(!lab.state_dir(1).join("node.json").exists());
     assert_eq!(lab.status(0).peers.len(), 0, "the seed heard of no join");

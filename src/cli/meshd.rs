@@ -77,12 +77,7 @@ fn bad(message: impl Into<String>) -> anyhow::Error {
 
 /// `--tun`: an interface name the kernel takes, checked before anything is written or asked.
 fn tun_name(node: &NodeArgs) -> anyhow::Result<String> {
-    if !crate::util::is_ifname(&node.tun) {
-        return Err(bad(format!(
-            "--tun {:?} is not an interface name: 1-15 letters, digits, '-' and '_'",
-            node.tun
-        )));
-    }
+    crate::util::check_ifname("--tun", &node.tun).map_err(bad)?;
     Ok(node.tun.clone())
 }
 

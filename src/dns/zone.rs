@@ -74,6 +74,12 @@ pub struct ZoneRecords {
     pub skipped: Vec<String>,
 }
 
+/// `NAME.NODE`, how workload `name` of `node` is named under the mesh domain; `None` when it
+/// cannot be (not a DNS label, or a node called `svc`, which would collide with the services).
+pub fn workload_label(name: &str, node: &str) -> Option<String> {
+    (node != "svc" && crate::util::is_dns_label(name)).then(|| format!("{name}.{node}"))
+}
+
 pub fn fqdn(s: &str) -> Result<Name, ProtoError> {
     let mut n = Name::from_ascii(s)?;
     n.set_fqdn(true);
@@ -184,11 +190,9 @@ pub fn build(input: &ZoneInput, serial: u32) -> Result<ZoneRecords, ProtoError> 
         add_ptr(n.ip, &name, &mut reverse);
     }
     for w in &input.workloads {
-        // Under its node's name; a node called `svc` would collide with the services.
-        let name = if w.node == "svc" || !crate::util::is_dns_label(&w.name) {
-            Err(ProtoError::from("not a DNS label under a node's name"))
-        } else {
-            under(&format!("{}.{}", w.name, w.node))
+        let name = match workload_label(&w.name, &w.node) {
+            Some(label) => under(&label),
+            None => Err(ProtoError::from("not a DNS label under a node's name")),
         };
         match name {
             Ok(name) => {

@@ -536,11 +536,7 @@ impl<P: Platform> Node<P> {
         replace(r.endpoints, &mut c.endpoints, port, "endpoint")?;
         replace(r.dns_upstream, &mut c.dns_upstream, 53, "dns-upstream")?;
         if let Some(tun) = r.tun {
-            if !crate::util::is_ifname(&tun) {
-                return Err(ApiFailure::bad_request(format!(
-                    "--tun {tun:?} is not an interface name: 1-15 letters, digits, '-' and '_'"
-                )));
-            }
+            crate::util::check_ifname("--tun", &tun).map_err(ApiFailure::bad_request)?;
             if tun != c.tun {
                 changed.push(format!("tun: {} -> {tun}", c.tun));
                 c.tun = tun;

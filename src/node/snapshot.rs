@@ -342,10 +342,10 @@ fn mesh_view(params: &MeshParams, members: &[MemberRow]) -> MeshView {
                     .or_default()
                     .push((r.dns_name.clone(), s.ip));
             }
-            // As the zone names them (a node called `svc` would collide with the services).
-            for (name, ip) in r.workloads.iter().filter(|_| r.dns_name != "svc") {
-                if crate::util::is_dns_label(name) {
-                    v.workloads.insert(format!("{name}.{}", r.dns_name), *ip);
+            // As the zone names them.
+            for (name, ip) in &r.workloads {
+                if let Some(label) = crate::dns::zone::workload_label(name, &r.dns_name) {
+                    v.workloads.insert(label, *ip);
                 }
             }
         }

@@ -49,13 +49,13 @@ impl Default for WorkloadRole {
     }
 }
 
-/// Whether bridge `name` has ports that are not meshd's namespaces' (`mw-*`): containers. Yes
+/// Whether bridge `name` has ports that are not meshd's namespaces': containers. Yes
 /// when that cannot be told.
 async fn has_foreign_ports(nc: &NetConfig, name: &str) -> bool {
     match nc.link_index(name).await {
-        Ok(Some(i)) => wl::bridge_ports(nc, i)
-            .await
-            .map_or(true, |ports| ports.iter().any(|p| !p.starts_with("mw-"))),
+        Ok(Some(i)) => wl::bridge_ports(nc, i).await.map_or(true, |ports| {
+            ports.iter().any(|p| !p.starts_with(workloads::VETH_PREFIX))
+        }),
         Ok(None) => false,
         Err(_) => true,
     }
@@ -86,34 +86,35 @@ async fn watch_docker(
             _ = every.tick() => {}
             changed = bridge.changed() => if changed.is_err() { return },
         }
-        let Some(b) = bridge.borrow_and_update().clone() else {
-            out.send_if_modified(|v| !std::mem::take(v).is_empty());
-            continue;
+        let b = bridge.borrow_and_update().clone();
+        let containers_possible = match (&b, &nc) {
+            (None, _) => false,
+            (Some(b), Some(nc)) => has_foreign_ports(nc, b).await,
+            (Some(_), None) => true,
         };
-        if let Some(nc) = &nc {
-            if !has_foreign_ports(nc, &b).await {
-                out.send_if_modified(|v| !std::mem::take(v).is_empty());
-                continue;
-            }
-        }
-        let sock = sock.clone();
-        let found = tokio::task::spawn_blocking(move || docker::containers_on(&sock, &b)).await;
-        let found = match found {
-            Ok(Ok(found)) => {
-                if std::mem::replace(&mut failing, false) {
-                    info!("Docker answers again");
+        // Workloads off, or nothing but meshd's namespaces on the bridge: no containers.
+        let found = match b.filter(|_| containers_possible) {
+            None => Vec::new(),
+            Some(b) => {
+                let sock = sock.clone();
+                match tokio::task::spawn_blocking(move || docker::containers_on(&sock, &b)).await {
+                    Ok(Ok(found)) => {
+                        if std::mem::replace(&mut failing, false) {
+                            info!("Docker answers again");
+                        }
+                        found
+                    }
+                    // A busy or restarting Docker keeps the names it had: withdrawing them
+                    // would spread through the mesh and back for every hiccup.
+                    Ok(Err(e)) => {
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(error = %e, "cannot ask Docker for the containers on the bridge; their names stay as they were");
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
                 }
-                found
             }
-            // A busy or restarting Docker keeps the names it had: withdrawing them would
-            // spread through the mesh and back for every hiccup.
-            Ok(Err(e)) => {
-                if !std::mem::replace(&mut failing, true) {
-                    warn!(error = %e, "cannot ask Docker for the containers on the bridge; their names stay as they were");
-                }
-                continue;
-            }
-            Err(_) => continue,
         };
         out.send_if_modified(|v| {
             let changed = *v != found;
@@ -367,22 +368,25 @@ impl<P: Platform> Node<P> {
             gateway: range.node_ip(self.local.slot).to_string(),
             workloads: ws
                 .map(|w| {
+                    let view =
+                        |name: &str, ip: Ipv4Addr, present: bool, container: bool| WorkloadView {
+                            name: name.to_string(),
+                            ip: ip.to_string(),
+                            dns: format!("{name}.{me}.{}", m.params.domain),
+                            present,
+                            container,
+                        };
                     w.namespaces
                         .iter()
-                        .map(|n| WorkloadView {
-                            name: n.name.clone(),
-                            ip: n.ip(&range, self.local.slot).to_string(),
-                            dns: format!("{}.{me}.{}", n.name, m.params.domain),
-                            present: wl::netns_exists(&n.name),
-                            container: false,
+                        .map(|n| {
+                            let ip = n.ip(&range, self.local.slot);
+                            view(&n.name, ip, wl::netns_exists(&n.name), false)
                         })
-                        .chain(self.container_names().into_iter().map(|c| WorkloadView {
-                            dns: format!("{}.{me}.{}", c.name, m.params.domain),
-                            name: c.name,
-                            ip: c.ip.to_string(),
-                            present: true,
-                            container: true,
-                        }))
+                        .chain(
+                            self.container_names()
+                                .iter()
+                                .map(|c| view(&c.name, c.ip, true, true)),
+                        )
                         .collect()
                 })
                 .unwrap_or_default(),

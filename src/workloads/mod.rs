@@ -25,6 +25,10 @@ pub const DEFAULT_BRIDGE: &str = "meshbr0";
 pub const NFT_TABLE: &str = "meshd";
 /// Host octets meshd hands to namespaces when no address is asked for.
 pub const AUTO_HOSTS: std::ops::RangeInclusive<u8> = 2..=127;
+/// How the host sides of meshd's namespaces' veth pairs begin ([`WorkloadDef::veth`]); any
+/// other port on the bridge is someone else's (Docker's containers).
+pub const VETH_PREFIX: &str = "mw-";
+
 /// Host octets left to Docker's address management (`--ip-range .128/25`).
 pub const DOCKER_HOSTS: std::ops::RangeInclusive<u8> = 128..=254;
 
@@ -45,7 +49,7 @@ impl WorkloadDef {
     /// The host side of its veth pair: `mw-<octet>` (interface names are at most 15 bytes,
     /// workload names may be 63).
     pub fn veth(&self) -> String {
-        format!("mw-{}", self.host)
+        format!("{VETH_PREFIX}{}", self.host)
     }
 }
 
